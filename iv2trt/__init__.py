@@ -1,0 +1,6 @@
+"""iv2trt: InternVideo2-CLIP video embeddings with ONNX and TensorRT.
+
+One module per stage of the data's path: settings -> transforms -> onnx_export -> engine_build ->
+trt_runtime -> video -> job. The model itself lives in the top-level `models` package.
+"""
+__version__ = "0.1.0"

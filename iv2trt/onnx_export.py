@@ -1,0 +1,120 @@
+"""Stage 1: PyTorch vision tower -> ONNX with dynamic batch and frame axes, checked with ONNX Runtime."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .compare import Comparison, compare
+from .errors import PipelineError, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME, OUTPUT_NAME = "frames", "features"
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """'4x8' -> (batch 4, frames 8)."""
+    try:
+        batch, frames = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise PipelineError(f"shape {text!r} is not BATCHxFRAMES (for example 4x8)") from None
+    if batch < 1 or frames < 1:
+        raise PipelineError(f"shape {text!r} must be positive")
+    return batch, frames
+
+
+def export_onnx(model: torch.nn.Module, output: str | Path, precision: str = "fp32", opset: int = 18,
+                max_batch: int = 64, max_frames: int = 32, metadata: dict[str, str] | None = None) -> Path:
+    """Write `model` as ONNX (input `frames` [B, T, 3, H, W], output `features` [B, D]) to `output`.
+
+    precision fp16 exports an FP16 copy: weights and matmuls in half, norms, softmax and reductions
+    in float32 (the model casts around them), as TensorRT strongly typed networks want.
+    """
+    import onnx
+
+    if precision not in ("fp32", "fp16"):
+        raise PipelineError(f"precision must be fp32 or fp16, got {precision!r}")
+    cfg = model.cfg
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    export_model = _copy_for_export(model, dtype)
+    sample = torch.randn(2, max(2, min(cfg.num_frames, max_frames)), cfg.in_chans, cfg.img_size, cfg.img_size,
+                         dtype=dtype)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    frames = torch.export.Dim("frames", min=1, max=max_frames)
+    output = Path(output)
+    started = time.perf_counter()
+    program = torch.onnx.export(export_model, (sample,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                dynamic_shapes={"frames": {0: batch, 1: frames}}, opset_version=opset,
+                                dynamo=True, verbose=False)
+    proto = program.model_proto
+    props = {"producer": f"iv2trt {__version__}", "variant": cfg.name, "precision": precision,
+             "trained_frames": str(cfg.num_frames), "min_frames": "1", "max_frames": str(max_frames),
+             "max_batch": str(max_batch), "input_layout": "B,T,C,H,W float, ImageNet-normalised RGB",
+             "output": "encode_vision features, not L2-normalised", **(metadata or {})}
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=str(value))
+    onnx.save(proto, str(output))
+    onnx.checker.check_model(str(output))
+    log.info("wrote %s (%s, opset %d, %.1f MB) in %.1fs", output, precision, opset,
+             output.stat().st_size / 1e6, time.perf_counter() - started)
+    return output
+
+
+def _copy_for_export(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    clone = copy.deepcopy(model).to(dtype=dtype).eval()
+    return clone.set_fused_attention(False)
+
+
+@dataclass(frozen=True)
+class ShapeCheck:
+    batch: int
+    frames: int
+    comparison: Comparison
+    passed: bool
+
+
+def validate_onnx(model: torch.nn.Module, onnx_path: str | Path, precision: str, shapes: list[tuple[int, int]],
+                  seed: int | None = None) -> list[ShapeCheck]:
+    """Run the ONNX graph in ONNX Runtime and the fp32 PyTorch model on fresh random inputs per shape."""
+    from .runners import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"])
+    reference = _copy_for_export(model, torch.float32).set_fused_attention(True)
+    rng = np.random.default_rng(seed)
+    cfg = model.cfg
+    results = []
+    for batch, frames in shapes:
+        x = rng.standard_normal((batch, frames, cfg.in_chans, cfg.img_size, cfg.img_size), dtype=np.float32)
+        with torch.inference_mode():
+            ref = reference(torch.from_numpy(x)).numpy()
+        out = runner.infer(x)
+        comparison = compare(ref, out)
+        results.append(ShapeCheck(batch, frames, comparison, comparison.passes(precision)))
+    return results
+
+
+def report_validation(results: list[ShapeCheck], precision: str) -> str:
+    lines = [f"validation: ONNX Runtime ({precision}) vs PyTorch fp32, fresh random inputs; "
+             f"pass if {Comparison.threshold(precision)}",
+             f"{'B x T':>8} {'max abs err':>12} {'rel err':>10} {'min cosine':>11}  result"]
+    for r in results:
+        c = r.comparison
+        lines.append(f"{f'{r.batch}x{r.frames}':>8} {c.max_abs_error:12.3e} {c.max_rel_error:10.2e} "
+                     f"{c.min_cosine:11.7f}  {'ok' if r.passed else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def check_validation(results: list[ShapeCheck]) -> None:
+    failed = [f"{r.batch}x{r.frames}" for r in results if not r.passed]
+    if failed:
+        raise ValidationFailed(f"ONNX output disagrees with PyTorch at {failed}; no ONNX file was written. "
+                               "Try --precision fp32, or report the table above")

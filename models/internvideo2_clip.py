@@ -1,0 +1,233 @@
+"""InternVideo2-CLIP vision tower: the ViT backbone of InternVideo2 with its attention-pooling
+head, followed by CLIP's `vision_align` projection.
+
+Module and parameter names follow upstream's state dict (`vision_encoder.*`, `vision_align.*`)
+so released checkpoints load without renaming. Norms, softmax and reductions run in float32
+whatever the parameter dtype, so an FP16 copy of the model exports the graph TensorRT's
+strongly typed mode needs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VisionConfig
+from .pos_embed import pos_embed_for_frames, sincos_pos_embed_3d
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32, returned in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
+    """softmax(q k^T * scale) v over [B, heads, N, head_dim] tensors.
+
+    fused=True uses torch's scaled_dot_product_attention (fast kernels in PyTorch);
+    fused=False writes MatMul -> Softmax(float32) -> MatMul, the form exported to ONNX.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    scores = (q * scale) @ k.transpose(-2, -1)
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+
+
+class PatchEmbed(nn.Module):
+    """Frames [B, C, T, H, W] -> patch tokens [B, T, H/p * W/p, dim] with a (1, p, p) Conv3d."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        kernel = (cfg.tubelet_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_chans, cfg.embed_dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # [B, dim, T, h, w]
+        return x.flatten(3).permute(0, 2, 3, 1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RMS qk-normalisation over the full width."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.num_heads = cfg.num_heads
+        self.scale = (dim // cfg.num_heads) ** -0.5
+        self.fused = True
+        self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
+        self.q_norm = RMSNorm(dim, cfg.norm_eps) if cfg.qk_normalization else nn.Identity()
+        self.k_norm = RMSNorm(dim, cfg.norm_eps) if cfg.qk_normalization else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.reshape(B, N, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        x = attend(q, k, v, self.scale, self.fused)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, gelu_approximate: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate=gelu_approximate)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = RMSNorm(dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ls1 = LayerScale(dim, cfg.init_values)
+        self.norm2 = RMSNorm(dim, cfg.norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.gelu_approximate)
+        self.ls2 = LayerScale(dim, cfg.init_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class CrossAttention(nn.Module):
+    """Single-query attention of the pooling head: separate q/k/v projections with free biases."""
+
+    def __init__(self, dim: int, num_heads: int, out_dim: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.k_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        B = query.shape[0]
+        q = F.linear(query, self.q.weight, self.q_bias)
+        k = F.linear(key, self.k.weight, self.k_bias)
+        v = F.linear(value, self.v.weight, self.v_bias)
+        q, k, v = (t.reshape(B, t.shape[1], self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        x = attend(q, k, v, self.scale, fused=False)  # one query: nothing for a fused kernel to win
+        return self.proj(x.transpose(1, 2).reshape(B, q.shape[2], -1))
+
+
+class AttentionPoolingHead(nn.Module):
+    """Pools all tokens into one vector: the token mean queries the (normalised) tokens."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1_q = LayerNorm32(dim, eps=1e-5)
+        self.norm1_k = LayerNorm32(dim, eps=1e-5)
+        self.norm1_v = LayerNorm32(dim, eps=1e-5)
+        self.cross_attn = CrossAttention(dim, cfg.attn_pool_num_heads, cfg.clip_embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = x.float().mean(dim=1, keepdim=True).to(x.dtype)
+        pooled = self.cross_attn(self.norm1_q(query), self.norm1_k(x), self.norm1_v(x))
+        return pooled.squeeze(1)
+
+
+class InternVideo2Backbone(nn.Module):
+    """Patch embedding + cls token + joint (time x space) position embedding + blocks + pooling head."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_frames * cfg.patches_per_frame, cfg.embed_dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.clip_projector = AttentionPoolingHead(cfg)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [B, C, T, H, W] -> pooled features [B, clip_embed_dim]."""
+        x = self.patch_embed(frames.to(self.patch_embed.proj.weight.dtype))
+        B, T, L, C = x.shape
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, T * L, C)], dim=1)
+        frame_index = torch.arange(T, dtype=torch.float32, device=x.device)
+        pos = pos_embed_for_frames(self.pos_embed.float(), self.cfg.num_frames, frame_index)
+        x = x + pos.to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.clip_projector(x)
+
+
+class InternVideo2CLIPVision(nn.Module):
+    """`encode_vision` of upstream InternVideo2_CLIP_small: frames [B, T, C, H, W] -> [B, align_dim].
+
+    The output is not normalised; callers that want unit vectors L2-normalise it.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_encoder = InternVideo2Backbone(cfg)
+        self.vision_align = nn.Sequential(LayerNorm32(cfg.clip_embed_dim), nn.Linear(cfg.clip_embed_dim, cfg.align_dim))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        features = self.vision_encoder(frames.permute(0, 2, 1, 3, 4))
+        return self.vision_align(features)
+
+    def set_fused_attention(self, fused: bool) -> "InternVideo2CLIPVision":
+        """SDPA kernels (fused=True, for PyTorch inference) or explicit attention (for ONNX export)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fused = fused
+        return self
+
+    def init_random_weights(self, seed: int = 0) -> "InternVideo2CLIPVision":
+        """Upstream's initialisation: truncated-normal linears, sin-cos positions, LayerScale at init_values."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("pos_embed"):
+                    p.copy_(sincos_pos_embed_3d(self.cfg.embed_dim, self.cfg.grid_size, self.cfg.num_frames)[None])
+                elif p.ndim >= 2 or name.endswith("cls_token"):
+                    p.copy_(torch.randn(p.shape, generator=gen).clamp_(-2, 2) * 0.02)
+                elif name.endswith("gamma"):
+                    p.fill_(self.cfg.init_values)
+                elif name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+        return self
