@@ -1,0 +1,423 @@
+"""Stage 2: ONNX -> serialized TensorRT engine (TensorRT 10.x, 11.x or TensorRT-RTX), plus `<engine>.json`.
+
+Small pieces in the Polygraphy manner: import the TensorRT flavour, read what the ONNX declares,
+check the optimisation profile against it, parse, configure, build, describe. One code path serves
+every flavour: networks are strongly typed (the ONNX file decides fp16 vs fp32), nothing removed in
+TensorRT 10 or 11 is called. This module builds engines only; running them is trt_runtime.py's job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import BackendUnavailable, PipelineError
+from .fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
+from .onnx_export import INPUT_NAME, parse_shape
+
+log = logging.getLogger(__name__)
+
+# backend name -> (python module, pip package)
+FLAVOURS = {"tensorrt": ("tensorrt", "tensorrt"), "tensorrt-rtx": ("tensorrt_rtx", "tensorrt-rtx-cu13")}
+
+
+# ---------------------------------------------------------------- TensorRT flavour
+
+@dataclass(frozen=True)
+class TensorRT:
+    """An imported TensorRT Python module and which flavour it is."""
+
+    module: Any
+    flavour: str  # "tensorrt" or "tensorrt-rtx"
+
+    @property
+    def version(self) -> str:
+        return str(self.module.__version__)
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+
+def import_tensorrt(backend: str = "auto") -> TensorRT:
+    """The TensorRT module for `backend` (tensorrt | tensorrt-rtx | auto: tensorrt, then tensorrt-rtx)."""
+    if backend not in (*FLAVOURS, "auto"):
+        raise PipelineError(f"backend must be auto, tensorrt or tensorrt-rtx, got {backend!r}")
+    candidates = list(FLAVOURS) if backend == "auto" else [backend]
+    errors = []
+    for flavour in candidates:
+        module_name, package = FLAVOURS[flavour]
+        try:
+            return TensorRT(importlib.import_module(module_name), flavour)
+        except ImportError as exc:  # the package, or its CUDA libraries, are missing
+            errors.append(f"{module_name}: {exc}")
+    packages = " or ".join(f"pip install {FLAVOURS[f][1]}" for f in candidates)
+    raise BackendUnavailable(f"no TensorRT Python module could be imported ({'; '.join(errors)}): {packages}")
+
+
+def network_flags(trt: TensorRT) -> int:
+    """Creation flags for a strongly typed network: the flag where it exists (10.x, RTX), none in 11.x+.
+
+    TensorRT 11 networks are always strongly typed and the 10.x EXPLICIT_BATCH flag is gone, so
+    neither is passed there.
+    """
+    flags = trt.module.NetworkDefinitionCreationFlag
+    if trt.flavour == "tensorrt" and trt.major >= 11:
+        return 0
+    if not hasattr(flags, "STRONGLY_TYPED"):
+        raise BackendUnavailable(f"{trt.flavour} {trt.version} has no strongly typed networks: "
+                                 "install TensorRT 10.x or newer (pip install tensorrt)")
+    return 1 << int(flags.STRONGLY_TYPED)
+
+
+def make_logger(trt: TensorRT, verbose: bool = False):
+    return trt.module.Logger(trt.module.Logger.INFO if verbose else trt.module.Logger.WARNING)
+
+
+# ---------------------------------------------------------------- what the ONNX declares
+
+@dataclass(frozen=True)
+class OnnxInfo:
+    """The ONNX file's input declaration and metadata, read without parsing it for TensorRT."""
+
+    path: Path
+    precision: str                        # fp32 | fp16 | other
+    input_name: str
+    input_dims: tuple[int | str, ...]     # ints for fixed axes, dim_param names (or "?") for dynamic ones
+    metadata: dict[str, str]
+
+    @property
+    def max_batch(self) -> int | None:
+        return int(self.metadata["max_batch"]) if "max_batch" in self.metadata else None
+
+    @property
+    def max_frames(self) -> int | None:
+        return int(self.metadata["max_frames"]) if "max_frames" in self.metadata else None
+
+
+def read_onnx_info(path: str | Path) -> OnnxInfo:
+    """Input name, shape, precision and metadata of an ONNX file; PipelineError if it cannot be read."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from .onnx_fp16 import onnx_precision
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"ONNX file {path} not found: run export_onnx.py first or pass --onnx PATH")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
+        raise PipelineError(f"{path} is not a readable ONNX file ({type(exc).__name__}: {exc}); "
+                            "re-export it with export_onnx.py") from exc
+    if not model.graph.input:
+        raise PipelineError(f"{path} has no graph inputs: it is truncated or not a model; re-export it")
+    inp = model.graph.input[0]
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                 for d in inp.type.tensor_type.shape.dim)
+    if inp.name != INPUT_NAME or len(dims) != 5:
+        raise PipelineError(f"{path}: expected input '{INPUT_NAME}' [batch, frames, 3, H, W], found "
+                            f"'{inp.name}' {list(dims)}; export it with export_onnx.py")
+    return OnnxInfo(path, onnx_precision(model), inp.name, dims, {p.key: p.value for p in model.metadata_props})
+
+
+# ---------------------------------------------------------------- optimisation profile
+
+@dataclass(frozen=True)
+class Profile:
+    """min/opt/max (batch, frames) of the `frames` input."""
+
+    min: tuple[int, int]
+    opt: tuple[int, int]
+    max: tuple[int, int]
+
+    @classmethod
+    def parse(cls, min_shape: str, opt_shape: str, max_shape: str) -> "Profile":
+        return cls(parse_shape(min_shape), parse_shape(opt_shape), parse_shape(max_shape))
+
+    def as_text(self) -> dict[str, str]:
+        return {k: f"{b}x{t}" for k, (b, t) in (("min", self.min), ("opt", self.opt), ("max", self.max))}
+
+
+def check_profile(profile: Profile, info: OnnxInfo) -> None:
+    """Refuse, before any build, a profile the ONNX graph cannot serve. The message names the fix."""
+    shapes = {"min": profile.min, "opt": profile.opt, "max": profile.max}
+    for name, shape in shapes.items():
+        if min(shape) < 1:
+            raise PipelineError(f"--{name} {shape[0]}x{shape[1]}: batch and frames must be positive")
+    for axis, label in ((0, "batch"), (1, "frames")):
+        lo, mid, hi = profile.min[axis], profile.opt[axis], profile.max[axis]
+        if not lo <= mid <= hi:
+            raise PipelineError(f"profile {label} must satisfy min <= opt <= max, got {lo}, {mid}, {hi}: "
+                                f"fix --min/--opt/--max (BATCHxFRAMES)")
+        declared = info.input_dims[axis]
+        if isinstance(declared, int) and (lo, mid, hi) != (declared, declared, declared):
+            raise PipelineError(f"{info.path.name} has a FIXED {label} axis of {declared}, but the profile asks "
+                                f"for {label} {lo}..{hi}: re-export with export_onnx.py (dynamic axes) or set "
+                                f"{label} to {declared} in --min, --opt and --max")
+    onnx_max = {"batch": info.max_batch, "frames": info.max_frames}
+    for axis, label in ((0, "batch"), (1, "frames")):
+        limit = onnx_max[label]
+        if limit is not None and profile.max[axis] > limit:
+            raise PipelineError(f"--max {label} {profile.max[axis]} exceeds the {limit} the ONNX was exported for "
+                                f"(metadata max_{label}): lower --max or re-export with --max-{label}")
+    for axis in (2, 3, 4):
+        if not isinstance(info.input_dims[axis], int):
+            raise PipelineError(f"{info.path.name}: input axis {axis} ({info.input_dims[axis]}) is dynamic; only "
+                                "batch and frames may be: re-export with export_onnx.py")
+
+
+def full_shapes(profile: Profile, info: OnnxInfo) -> dict[str, tuple[int, ...]]:
+    """The profile as full 5-D input shapes (channels and size from the ONNX)."""
+    chw = tuple(int(d) for d in info.input_dims[2:])
+    return {"min": (*profile.min, *chw), "opt": (*profile.opt, *chw), "max": (*profile.max, *chw)}
+
+
+# ---------------------------------------------------------------- parse, configure, build
+
+def parse_onnx(trt: TensorRT, builder, logger, onnx_path: Path):
+    """(network, parser) for an ONNX file; PipelineError listing each parser error with its node and op."""
+    network = builder.create_network(network_flags(trt))
+    parser = trt.module.OnnxParser(network, logger)
+    if parser.parse_from_file(str(onnx_path)):
+        return network, parser
+    problems = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        problems.append(f"node {err.node()} '{err.node_name()}' (op {err.node_operator() or '?'}): {err.desc()}")
+    raise PipelineError(f"TensorRT's ONNX parser rejected {onnx_path.name}:\n  " + "\n  ".join(problems or ["?"])
+                        + "\nFix the graph (re-export with export_onnx.py) or use a TensorRT version that supports "
+                        "these ops")
+
+
+def describe_io(network) -> list[dict[str, Any]]:
+    """Name, direction, dtype and shape (-1 for dynamic) of the network's inputs and outputs."""
+    io = []
+    for mode, count, get in (("input", network.num_inputs, network.get_input),
+                             ("output", network.num_outputs, network.get_output)):
+        for i in range(count):
+            tensor = get(i)
+            io.append({"name": tensor.name, "mode": mode, "dtype": str(tensor.dtype).split(".")[-1].lower(),
+                       "shape": [int(d) for d in tensor.shape]})
+    return io
+
+
+def uses_timing_cache(trt: TensorRT, config) -> bool:
+    """TensorRT has timing caches; in TensorRT-RTX (>= 1.2) they are deprecated no-ops."""
+    return trt.flavour == "tensorrt" and hasattr(config, "create_timing_cache")
+
+
+def load_timing_cache(trt: TensorRT, config, path: Path | None) -> Any:
+    """Attach a timing cache (read from `path` when it exists); None where the flavour has none."""
+    if path is None:
+        return None
+    if not uses_timing_cache(trt, config):
+        log.info("timing cache: not used by %s %s (no tactic timing to cache)", trt.flavour, trt.version)
+        return None
+    data = path.read_bytes() if path.is_file() else b""
+    try:
+        cache = config.create_timing_cache(data)
+        if cache is None or not config.set_timing_cache(cache, False):
+            raise RuntimeError("rejected")
+    except Exception as exc:  # noqa: BLE001 - a stale or foreign cache must not stop the build
+        log.warning("timing cache %s not used (%s); building without it", path, exc)
+        return None
+    log.info("timing cache: %s (%s)", path, f"{len(data)} bytes loaded" if data else "new")
+    return cache
+
+
+def save_timing_cache(trt: TensorRT, config, path: Path | None) -> None:
+    if path is None or not uses_timing_cache(trt, config):
+        return
+    cache = config.get_timing_cache()
+    if cache is None:
+        return
+    write_bytes_atomic(path, bytes(cache.serialize()))
+    log.info("timing cache saved: %s", path)
+
+
+class ProgressTicker:
+    """Prints 'building... Ns' every `every` seconds from a thread while a build runs."""
+
+    def __init__(self, label: str, every: float = 10.0):
+        self.label, self.every = label, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.started = 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            print(f"{self.label}... {time.perf_counter() - self.started:.0f}s", flush=True)
+
+    def __enter__(self) -> "ProgressTicker":
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+# ---------------------------------------------------------------- GPU description
+
+def gpu_info(device: int = 0) -> dict[str, str]:
+    """Name and compute capability of the build GPU, via torch or cuda-python; "none" without one."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(device)
+            return {"name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
+    except Exception:  # noqa: BLE001 - torch without CUDA, or a broken driver: try the next way
+        pass
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+
+        err, props = cudart.cudaGetDeviceProperties(device)
+        if int(err) == 0:
+            name = props.name.decode(errors="replace").rstrip("\0")
+            return {"name": name, "compute_capability": f"{props.major}.{props.minor}"}
+    except Exception:  # noqa: BLE001
+        pass
+    return {"name": "none", "compute_capability": "none"}
+
+
+def rtx_targets(trt: TensorRT, config) -> list[str]:
+    """The compute capabilities a TensorRT-RTX engine is built for ([] = every one RTX supports)."""
+    if not hasattr(config, "num_compute_capabilities"):
+        return []
+    return [str(config.get_compute_capability(i)).split(".")[-1] for i in range(config.num_compute_capabilities)]
+
+
+# ---------------------------------------------------------------- the whole build
+
+@dataclass
+class BuildRequest:
+    onnx: Path
+    output: Path
+    precision: str = "fp16"
+    profile: Profile = field(default_factory=lambda: Profile((1, 1), (32, 8), (64, 16)))
+    workspace_gb: float = 0.0
+    optimization_level: int = 3
+    timing_cache: Path | None = None
+    backend: str = "auto"
+    verbose: bool = False
+
+
+def metadata_path(engine_path: str | Path) -> Path:
+    return Path(str(engine_path) + ".json")
+
+
+def prepare_onnx(request: BuildRequest, info: OnnxInfo, workdir: Path) -> Path:
+    """The ONNX file to parse: the given one, or its FP16 conversion when fp16 is asked of an FP32 graph."""
+    if info.precision == request.precision:
+        return info.path
+    if info.precision == "fp32" and request.precision == "fp16":
+        from .onnx_fp16 import convert_file
+
+        log.info("%s is FP32: converting it to FP16 (norms/softmax/reductions stay fp32)", info.path.name)
+        return convert_file(info.path, workdir / (info.path.stem + "_fp16.onnx"))
+    raise PipelineError(f"{info.path.name} is {info.precision} but --precision {request.precision} was asked: "
+                        f"build with --precision {info.precision} or export an FP32 graph "
+                        "(export_onnx.py --precision fp32)")
+
+
+def build_engine_file(request: BuildRequest) -> dict[str, Any]:
+    """Build `request.output` and `<output>.json`; return the metadata. No engine file is left on failure."""
+    if request.precision not in ("fp16", "fp32"):
+        raise PipelineError(f"precision must be fp16 or fp32, got {request.precision!r}")
+    if not 0 <= request.optimization_level <= 5:
+        raise PipelineError(f"optimization level must be 0..5, got {request.optimization_level}")
+    info = read_onnx_info(request.onnx)
+    check_profile(request.profile, info)
+    trt = import_tensorrt(request.backend)
+    log.info("%s %s, ONNX %s (%s), profile %s", trt.flavour, trt.version, info.path, info.precision,
+             request.profile.as_text())
+    logger = make_logger(trt, request.verbose)
+    builder = trt.module.Builder(logger)
+    with tempfile.TemporaryDirectory(prefix="iv2trt_build_") as workdir:
+        onnx_path = prepare_onnx(request, info, Path(workdir))
+        network, _parser = parse_onnx(trt, builder, logger, onnx_path)
+        io = describe_io(network)
+        config = builder.create_builder_config()
+        if request.workspace_gb > 0:
+            config.set_memory_pool_limit(trt.module.MemoryPoolType.WORKSPACE, int(request.workspace_gb * (1 << 30)))
+        config.builder_optimization_level = request.optimization_level
+        tf32 = getattr(trt.module.BuilderFlag, "TF32", None)
+        if request.precision == "fp32" and tf32 is not None:
+            config.clear_flag(tf32)  # fp32 means fp32 matmuls, not TF32 (on by default in TensorRT 10)
+        shapes = full_shapes(request.profile, info)
+        profile = builder.create_optimization_profile()
+        profile.set_shape(info.input_name, shapes["min"], shapes["opt"], shapes["max"])
+        config.add_optimization_profile(profile)
+        load_timing_cache(trt, config, request.timing_cache)
+        with ProgressTicker(f"building {request.output.name} ({trt.flavour} {trt.version})") as ticker:
+            serialized = builder.build_serialized_network(network, config)
+        build_seconds = ticker.elapsed
+    if serialized is None:
+        raise PipelineError(f"TensorRT could not build {request.output} (its errors are logged above); no engine "
+                            "was written. Out of memory: free memory or change --workspace-gb (0: no limit); "
+                            "otherwise try --optimization-level 2 or --precision fp32")
+    save_timing_cache(trt, config, request.timing_cache)
+    metadata = engine_metadata(trt, request, info, io, rtx_targets(trt, config), build_seconds)
+    with atomic_path(request.output) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(serialized)
+            f.flush()
+            os.fsync(f.fileno())
+        metadata["engine_bytes"] = tmp.stat().st_size
+        write_text_atomic(metadata_path(request.output), json.dumps(metadata, indent=2) + "\n")
+    log.info("engine ready: %s (%.1f MB, built in %.1fs)", request.output, metadata["engine_bytes"] / 1e6,
+             build_seconds)
+    return metadata
+
+
+def engine_metadata(trt: TensorRT, request: BuildRequest, info: OnnxInfo, io: list[dict[str, Any]],
+                    targets: list[str], build_seconds: float) -> dict[str, Any]:
+    """What `<engine>.json` holds: enough for trt_runtime.py to refuse a foreign engine and to rebuild it."""
+    gpu = gpu_info()
+    meta: dict[str, Any] = {
+        "producer": f"iv2trt {__version__}",
+        "tensorrt": {"flavour": trt.flavour, "module": trt.module.__name__, "version": trt.version},
+        "gpu": gpu,
+        "precision": request.precision,
+        "profile": {"input": info.input_name, **request.profile.as_text()},
+        "io": io,
+        "onnx": {"path": str(info.path), "sha256": sha256_file(info.path), "precision": info.precision,
+                 "converted_to_fp16": info.precision != request.precision,
+                 "variant": info.metadata.get("variant", "unknown"),
+                 "random_init": info.metadata.get("random_init", "unknown"),
+                 "max_batch": info.max_batch, "max_frames": info.max_frames},
+        "build": {"seconds": round(build_seconds, 2),
+                  "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "workspace_gb": request.workspace_gb, "optimization_level": request.optimization_level,
+                  "timing_cache": str(request.timing_cache) if request.timing_cache else None},
+    }
+    if trt.flavour == "tensorrt-rtx":
+        meta["rtx_compute_capabilities"] = targets or ["all supported by TensorRT-RTX"]
+    return meta
+
+
+def request_from(settings: Any) -> BuildRequest:
+    """A BuildRequest from build_cmd's settings (same field names)."""
+    values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(BuildRequest)
+              if hasattr(settings, f.name) and f.name != "profile"}
+    values["onnx"] = Path(values["onnx"])
+    values["output"] = Path(values["output"])
+    values["timing_cache"] = Path(values["timing_cache"]) if values.get("timing_cache") else None
+    return BuildRequest(profile=Profile.parse(settings.min, settings.opt, settings.max), **values)

@@ -1,0 +1,253 @@
+"""Stage 3's TensorRT runner: the only module that touches TensorRT's execution API and pycuda.
+
+Written against the TensorRT 10/11 name-based API (num_io_tensors, get_tensor_*, set_input_shape,
+set_tensor_address, execute_async_v3). pycuda uses the device's PRIMARY context (no pycuda.autoinit),
+the one PyTorch and TensorRT use too, pushed around every call. The pure logic (metadata checks,
+batch plans, shape checks, dtypes) is in plain functions testable without a GPU.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendUnavailable, EngineMismatch, PipelineError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float": np.float32, "float32": np.float32, "half": np.float16, "float16": np.float16,
+          "bf16": None, "int32": np.int32, "int64": np.int64, "int8": np.int8, "bool": np.bool_}
+
+
+# ---------------------------------------------------------------- pure logic
+
+def numpy_dtype(trt_dtype: Any) -> type:
+    """numpy dtype for a TensorRT DataType (or its name): DataType.HALF -> np.float16."""
+    name = str(trt_dtype).split(".")[-1].lower()
+    dtype = DTYPES.get(name)
+    if dtype is None:
+        raise PipelineError(f"engine tensor type {trt_dtype} is not supported here (fp32/fp16 engines only): "
+                            "rebuild with build_engine.py --precision fp16 or fp32")
+    return dtype
+
+
+def load_engine_metadata(engine_path: str | Path) -> dict[str, Any]:
+    """`<engine>.json` written by build_engine.py; PipelineError when missing or unreadable."""
+    path = Path(str(engine_path) + ".json")
+    if not Path(engine_path).is_file():
+        raise PipelineError(f"engine {engine_path} not found: build it with python build_engine.py --onnx ONNX "
+                            f"--output {engine_path}")
+    if not path.is_file():
+        raise PipelineError(f"{path} (the engine's metadata) is missing: rebuild the engine with build_engine.py, "
+                            "which writes both files")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise PipelineError(f"{path} is not readable JSON ({exc}): rebuild the engine with build_engine.py") from exc
+
+
+def rebuild_command(metadata: dict[str, Any], engine_path: str | Path, backend: str | None = None) -> str:
+    """The build_engine.py command line that rebuilds this engine here."""
+    profile = metadata.get("profile", {})
+    args = ["python", "build_engine.py", "--onnx", metadata.get("onnx", {}).get("path", "ONNX"),
+            "--output", str(engine_path), "--precision", metadata.get("precision", "fp16")]
+    for key in ("min", "opt", "max"):
+        if key in profile:
+            args += [f"--{key}", profile[key]]
+    if backend:
+        args += ["--backend", backend]
+    return shlex.join(args)
+
+
+def check_engine_metadata(metadata: dict[str, Any], engine_path: str | Path, flavour: str, version: str,
+                          gpu_name: str, compute_capability: str) -> None:
+    """EngineMismatch (with the rebuild command) unless the engine was built for this TensorRT and GPU.
+
+    TensorRT engines are bound to the exact TensorRT version and the GPU model; TensorRT-RTX engines
+    to the RTX version and the compute capabilities they target (JIT-compiled at load).
+    """
+    built = metadata.get("tensorrt", {})
+    problems = []
+    if built.get("flavour") != flavour:
+        problems.append(f"built with {built.get('flavour')}, this runtime is {flavour}")
+    elif built.get("version") != version:
+        problems.append(f"built with {flavour} {built.get('version')}, this runtime is {version}")
+    if flavour == "tensorrt-rtx":
+        targets = metadata.get("rtx_compute_capabilities") or []
+        explicit = [t for t in targets if t.upper().startswith("SM")]
+        here = "SM" + compute_capability.replace(".", "")
+        if explicit and here not in [t.upper() for t in explicit]:
+            problems.append(f"built for {', '.join(explicit)}, this GPU ({gpu_name}) is {here}")
+    else:
+        gpu = metadata.get("gpu", {})
+        if gpu.get("compute_capability") != compute_capability:
+            problems.append(f"built on {gpu.get('name')} (compute capability {gpu.get('compute_capability')}), "
+                            f"this GPU is {gpu_name} ({compute_capability})")
+        elif gpu.get("name") != gpu_name:
+            problems.append(f"built on {gpu.get('name')}, this GPU is {gpu_name}")
+    if problems:
+        raise EngineMismatch(f"engine {engine_path} does not fit this machine: {'; '.join(problems)}. Rebuild it "
+                             f"here: {rebuild_command(metadata, engine_path, flavour)}")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [start, stop) of a batch, run as an engine batch of `run_batch` (>= rows; extra rows zero)."""
+
+    start: int
+    stop: int
+    run_batch: int
+
+
+def plan_batches(batch: int, min_batch: int, max_batch: int) -> list[Chunk]:
+    """Split `batch` rows into engine-sized chunks; a chunk under the profile minimum is zero-padded."""
+    if batch < 1:
+        raise PipelineError("empty batch: pass at least one clip")
+    chunks = []
+    for start in range(0, batch, max_batch):
+        stop = min(start + max_batch, batch)
+        chunks.append(Chunk(start, stop, max(stop - start, min_batch)))
+    return chunks
+
+
+def check_frames_shape(shape: tuple[int, ...], frame_range: tuple[int, int], chw: tuple[int, int, int]) -> None:
+    """Refuse input the engine cannot take: not [B, T, C, H, W], T outside the profile, another size."""
+    if len(shape) != 5:
+        raise PipelineError(f"frames must be [batch, frames, 3, H, W], got shape {tuple(shape)}")
+    lo, hi = frame_range
+    if not lo <= shape[1] <= hi:
+        raise PipelineError(f"{shape[1]} frames per clip is outside this engine's profile range {lo}..{hi}: "
+                            f"sample {lo}..{hi} frames or rebuild the engine with another --min/--max")
+    if tuple(shape[2:]) != tuple(chw):
+        raise PipelineError(f"frames are {tuple(shape[2:])} per frame, the engine takes {tuple(chw)}: fix the "
+                            "preprocessing size")
+
+
+# ---------------------------------------------------------------- GPU part
+
+def _import_pycuda():
+    try:
+        import pycuda.driver as cuda
+    except ImportError as exc:
+        raise BackendUnavailable("pycuda is not installed: pip install -r requirements-gpu.txt (needs a CUDA GPU)") \
+            from exc
+    cuda.init()
+    if cuda.Device.count() == 0:
+        raise BackendUnavailable("no CUDA GPU visible: the TensorRT backend needs an NVIDIA GPU")
+    return cuda
+
+
+class TensorRTRunner:
+    """A TensorRT engine as a runner: float32 frames [B, T, 3, H, W] -> float32 features [B, D] (raw)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, device: int = 0):
+        from .engine_build import import_tensorrt
+
+        self.engine_path = Path(engine_path)
+        self.metadata = load_engine_metadata(self.engine_path)
+        try:
+            trt = import_tensorrt(self.metadata.get("tensorrt", {}).get("flavour", "auto"))
+        except BackendUnavailable:  # the other flavour may be here: check_engine_metadata says rebuild
+            trt = import_tensorrt("auto")
+        cuda = _import_pycuda()
+        self.cuda, self.trt = cuda, trt.module
+        dev = cuda.Device(device)
+        cc = "{}.{}".format(*dev.compute_capability())
+        check_engine_metadata(self.metadata, self.engine_path, trt.flavour, trt.version, dev.name(), cc)
+        self.context_cuda = dev.retain_primary_context()
+        self.context_cuda.push()
+        try:
+            self._load(trt)
+        finally:
+            self.context_cuda.pop()
+        log.info("TensorRT engine %s on %s: input %s %s, batch <= %d, frames %d..%d", self.engine_path.name,
+                 dev.name(), self.input_name, np.dtype(self.input_dtype).name, self.max_batch, *self.frame_range)
+
+    def _load(self, trt) -> None:
+        cuda, module = self.cuda, trt.module
+        self.logger = module.Logger(module.Logger.WARNING)
+        self.runtime = module.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        if self.engine is None:
+            raise EngineMismatch(f"{trt.flavour} {trt.version} could not deserialise {self.engine_path} (corrupt, or "
+                                 f"built by another version). Rebuild it: "
+                                 f"{rebuild_command(self.metadata, self.engine_path, trt.flavour)}")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == module.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == module.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise PipelineError(f"{self.engine_path} has inputs {inputs} and outputs {outputs}; expected one each "
+                                "(frames -> features): rebuild it from export_onnx.py's ONNX")
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        self.input_dtype = numpy_dtype(self.engine.get_tensor_dtype(self.input_name))
+        self.output_dtype = numpy_dtype(self.engine.get_tensor_dtype(self.output_name))
+        lo, _opt, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
+        self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+        self.frame_range = (int(lo[1]), int(hi[1]))
+        self.chw = tuple(int(d) for d in hi[2:])
+        out_dims = [int(d) for d in self.engine.get_tensor_shape(self.output_name)]
+        self.feature_dim = out_dims[-1]
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise PipelineError(f"TensorRT could not create an execution context for {self.engine_path} "
+                                "(out of GPU memory?): free GPU memory or rebuild with a smaller --max")
+        # buffers for the profile maximum, allocated once
+        self.host_in = cuda.pagelocked_empty((self.max_batch, self.frame_range[1], *self.chw), self.input_dtype)
+        self.host_out = cuda.pagelocked_empty((self.max_batch, self.feature_dim), self.output_dtype)
+        self.device_in = cuda.mem_alloc(self.host_in.nbytes)
+        self.device_out = cuda.mem_alloc(self.host_out.nbytes)
+        self.stream = cuda.Stream()
+        self.context.set_tensor_address(self.input_name, int(self.device_in))
+        self.context.set_tensor_address(self.output_name, int(self.device_out))
+
+    def infer(self, frames: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames)
+        check_frames_shape(frames.shape, self.frame_range, self.chw)
+        out = np.empty((frames.shape[0], self.feature_dim), np.float32)
+        self.context_cuda.push()
+        try:
+            for chunk in plan_batches(frames.shape[0], self.min_batch, self.max_batch):
+                out[chunk.start:chunk.stop] = self._run(frames[chunk.start:chunk.stop], chunk.run_batch)
+        finally:
+            self.context_cuda.pop()
+        return out
+
+    def _run(self, frames: np.ndarray, run_batch: int) -> np.ndarray:
+        """One engine call on rows that fit the profile (zero-padded up to run_batch)."""
+        rows, n_frames = frames.shape[0], frames.shape[1]
+        shape = (run_batch, n_frames, *self.chw)
+        host_in = self.host_in.reshape(-1)[:int(np.prod(shape))].reshape(shape)  # a view of the pinned buffer
+        np.copyto(host_in[:rows], frames, casting="unsafe")  # fp32 -> engine dtype on the host
+        if run_batch > rows:
+            host_in[rows:] = 0
+        if not self.context.set_input_shape(self.input_name, shape):
+            raise PipelineError(f"the engine refused input shape {shape}: profile is batch {self.min_batch}.."
+                                f"{self.max_batch}, frames {self.frame_range[0]}..{self.frame_range[1]}")
+        self.cuda.memcpy_htod_async(self.device_in, host_in, self.stream)
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise PipelineError(f"TensorRT execution failed for shape {shape} (see its log above)")
+        host_out = self.host_out[:run_batch]
+        self.cuda.memcpy_dtoh_async(host_out, self.device_out, self.stream)
+        self.stream.synchronize()
+        return host_out[:rows].astype(np.float32)
+
+    def close(self) -> None:
+        """Free the engine and its buffers in the primary context."""
+        if getattr(self, "context_cuda", None) is None:
+            return
+        self.context_cuda.push()
+        try:
+            for attr in ("context", "engine", "runtime", "device_in", "device_out", "host_in", "host_out", "stream"):
+                if hasattr(self, attr):
+                    delattr(self, attr)
+        finally:
+            self.context_cuda.pop()
+            self.context_cuda.detach()
+            self.context_cuda = None
