@@ -1,0 +1,100 @@
+"""Choosing and creating the runner for feature extraction (tensorrt | onnxruntime | torch | auto)."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from .errors import BackendUnavailable, PipelineError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+
+
+def tensorrt_missing(engine: str | None) -> str | None:
+    """Why the TensorRT backend cannot run here, or None when it can."""
+    if not any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx")):
+        return "neither tensorrt nor tensorrt_rtx is installed (pip install -r requirements-gpu.txt)"
+    if importlib.util.find_spec("pycuda") is None:
+        return "python package 'pycuda' is not installed (pip install -r requirements-gpu.txt)"
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        if cuda.Device.count() < 1:
+            return "no CUDA GPU found"
+    except Exception as exc:  # driver missing or broken
+        return f"CUDA is not usable ({exc})"
+    if not engine or not Path(engine).is_file():
+        return f"engine file {engine!r} not found (build it with build_engine.py)"
+    return None
+
+
+def resolve_backend(backend: str, engine: str | None) -> tuple[str, str]:
+    """(backend, why) for a requested backend; `auto` prefers TensorRT when it can run."""
+    if backend != "auto":
+        return backend, "asked for"
+    reason = tensorrt_missing(engine)
+    if reason is None:
+        return "tensorrt", f"auto: TensorRT, a GPU and {engine} are present"
+    return "onnxruntime", f"auto: TensorRT unavailable ({reason})"
+
+
+def create_runner(s) -> object:
+    """The runner named by settings `s` (fields backend, engine, onnx and the model settings)."""
+    backend, why = resolve_backend(s.backend, s.engine)
+    if backend == "tensorrt":
+        reason = tensorrt_missing(s.engine)
+        if reason:
+            raise BackendUnavailable(f"backend tensorrt cannot run: {reason}; or pass --backend onnxruntime")
+        from .trt_runtime import TensorRTRunner
+
+        runner = TensorRTRunner(s.engine)
+        log.info("backend tensorrt (%s): engine %s", why, s.engine)
+    elif backend == "onnxruntime":
+        from .runners import OnnxRuntimeRunner
+
+        if not s.onnx:
+            raise PipelineError("backend onnxruntime needs --onnx PATH (made by export_onnx.py)")
+        runner = OnnxRuntimeRunner(s.onnx)
+        log.info("backend onnxruntime (%s): %s on %s", why, s.onnx, ", ".join(runner.providers))
+    elif backend == "torch":
+        from .cli import load_model
+        from .runners import TorchRunner
+
+        if not s.checkpoint and not s.random_init:
+            raise PipelineError("backend torch needs --checkpoint PATH (or --random-init to try the pipeline)")
+        runner = TorchRunner(load_model(s))
+        log.info("backend torch (%s): %s %s on %s", why, s.variant, runner.precision, runner.device)
+    else:
+        raise PipelineError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return runner
+
+
+def runner_img_size(runner, default: int = 224) -> int:
+    """The square input size a runner expects (from the model, the ONNX input shape, or `img_size`)."""
+    size = getattr(runner, "img_size", None) or (getattr(runner, "chw", None) or (None,))[-1]
+    if size:
+        return int(size)
+    model = getattr(runner, "model", None)
+    if model is not None and hasattr(model, "cfg"):
+        return int(model.cfg.img_size)
+    session = getattr(runner, "session", None)
+    if session is not None:
+        last = session.get_inputs()[0].shape[-1]
+        if isinstance(last, int):
+            return last
+    return default
+
+
+def runner_precision(runner) -> str:
+    """fp16 or fp32: the precision the runner computes in (decides the comparison threshold)."""
+    precision = getattr(runner, "precision", None)
+    if precision in ("fp16", "fp32"):
+        return precision
+    if getattr(runner, "input_dtype", None) is not None:
+        import numpy as np
+
+        return "fp16" if runner.input_dtype == np.float16 else "fp32"
+    return "fp16" if getattr(runner, "name", "") == "tensorrt" else "fp32"  # engines are built fp16 by default

@@ -1,0 +1,140 @@
+"""`trt_inference.py`: settings and orchestration of stage 3 (videos -> L2-normalised clip features)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .backends import BACKENDS, create_runner, runner_img_size, runner_precision
+from .cli import ModelSettings
+from .errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, PipelineError, ValidationFailed
+from .fileio import sha256_file
+from .settings import parse_settings, setting
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferSettings(ModelSettings):
+    inputs: list[str] = setting([], "directories (recursive), globs, list files (.txt; .csv/.jsonl with path[,id]), "
+                                "video/image files, folders of frames, or .npy preprocessed frames [B,T,3,H,W]")
+    output: str = setting("outputs/features", "output directory (shards, manifests, failures.jsonl, summary.json)")
+    backend: str = setting("auto", "tensorrt | onnxruntime | torch | auto (TensorRT when it can run, "
+                           "else onnxruntime)", choices=BACKENDS)
+    engine: str = setting("build/internvideo2_clip_s14_fp16.engine", "TensorRT engine (backend tensorrt/auto)")
+    onnx: str = setting("build/internvideo2_clip_s14_fp16.onnx", "ONNX file (backend onnxruntime/auto)")
+    frames: int = setting(8, "frames per clip (T), sampled as upstream: middle frame of T equal segments")
+    batch_size: int = setting(32, "clips per inference call (capped by the engine's/graph's max batch)")
+    workers: int = setting(max(1, min(4, (os.cpu_count() or 2) - 1)), "decoding processes")
+    window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
+                                           "per video)")
+    window_frames: int | None = setting(None, "one clip per window of this many frames")
+    stride: float | None = setting(None, "window step, in the window's unit (default: the window size)")
+    frame_folders: bool = setting(True, "a folder holding only images is one video (frames in name order)")
+    dtype: str = setting("float16", "feature file dtype", choices=("float16", "float32"))
+    shard_size: int = setting(4096, "feature rows per shard (a shard holds whole videos)")
+    per_video_npy: bool = setting(False, "one videos/<id>.npy per input instead of shards of features")
+    decode_timeout_s: float = setting(120.0, "an input whose decoder makes no progress this long is failed")
+    overwrite: bool = setting(False, "delete the features already in --output instead of resuming")
+    compare_pytorch: str | None = setting(None, "also run the PyTorch fp32 model (a checkpoint path, or 'random' "
+                                          "for --random-init weights) and check agreement (exit 3 if off)")
+    progress: bool = setting(True, "progress bar")
+    make_samples: str | None = setting(None, "write a few small sample videos into this folder and exit")
+
+
+DESCRIPTION = """Stage 3: extract L2-normalised InternVideo2-CLIP features from videos, images and frame folders.
+
+Decodes in worker processes (PyAV), samples T frames per clip as upstream does, batches clips
+across videos for the backend and writes sharded .npy features with a Parquet manifest per shard.
+Rerunning with the same --output resumes: finished inputs are skipped (a killed run loses nothing
+committed and duplicates nothing); a different model or settings there is refused."""
+
+EPILOG = """exit codes:
+  0    every input extracted
+  2    bad settings or input paths (the message says which)
+  3    --compare-pytorch: the backend disagrees with PyTorch beyond tolerance
+  4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing)
+  6    some inputs failed (unreadable, truncated, timed out); they are listed in <output>/failures.jsonl
+  130  interrupted (rerun the same command to resume)
+
+example: python trt_inference.py --inputs videos/ --output outputs/feats --backend onnxruntime --onnx build/x.onnx"""
+
+
+def job_identity(s: InferSettings, backend: str, img_size: int) -> dict[str, Any]:
+    """What decides the features: resuming into an output dir requires all of it to match."""
+    if backend == "torch":
+        model = {"checkpoint_sha256": sha256_file(s.checkpoint) if s.checkpoint else None,
+                 "random_init_seed": None if s.checkpoint else s.seed, "variant": s.variant}
+    else:
+        path = s.engine if backend == "tensorrt" else s.onnx
+        model = {"model_file": os.path.basename(path), "model_sha256": sha256_file(path)}
+    return {"backend": backend, **model, "frames": s.frames, "img_size": img_size,
+            "window_seconds": s.window_seconds, "window_frames": s.window_frames, "stride": s.stride,
+            "frame_folders": s.frame_folders, "dtype": s.dtype, "per_video_npy": s.per_video_npy}
+
+
+def reference_runner(s: InferSettings):
+    """The PyTorch fp32 model that --compare-pytorch checks the backend against."""
+    from .cli import load_model
+    from .runners import TorchRunner
+
+    if s.compare_pytorch == "random":
+        ref = ModelSettings(variant=s.variant, random_init=True, seed=s.seed)
+    else:
+        if not Path(s.compare_pytorch).is_file():
+            raise PipelineError(f"--compare-pytorch {s.compare_pytorch}: no such checkpoint (or pass 'random')")
+        ref = ModelSettings(variant=s.variant, checkpoint=s.compare_pytorch, align_checkpoint=s.align_checkpoint)
+    return TorchRunner(load_model(ref), precision="fp32")
+
+
+def check_comparison(summary: dict[str, Any], precision: str) -> None:
+    from .compare import FP16_MIN_COSINE, FP32_MAX_REL_ERROR
+
+    c = summary["compare_pytorch"]
+    ok = c["max_rel_error"] <= FP32_MAX_REL_ERROR if precision == "fp32" else c["min_cosine"] >= FP16_MIN_COSINE
+    line = (f"compare with PyTorch fp32 ({precision} backend, {c['clips']} clips): min cosine {c['min_cosine']:.6f}, "
+            f"max abs error {c['max_abs_error']:.3e}, max rel error {c['max_rel_error']:.3e}")
+    print(line, flush=True)
+    if not ok:
+        limit = f"rel error <= {FP32_MAX_REL_ERROR:g}" if precision == "fp32" else f"cosine >= {FP16_MIN_COSINE}"
+        raise ValidationFailed(f"{line}: outside {limit}; features were written but do not match the PyTorch model "
+                               "(wrong checkpoint for this engine/graph, or a broken build)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    s = parse_settings(InferSettings, ("model", "infer"), DESCRIPTION, argv, epilog=EPILOG)
+    if s.make_samples:
+        from .samples import make_samples
+
+        for path in make_samples(s.make_samples):
+            print(path)
+        return EXIT_OK
+    from .inputs import discover
+    from .job import JobOptions, run_job
+    from .video import Windowing
+    from .writer import FeatureWriter, prepare_output
+
+    if not s.inputs:
+        raise PipelineError("no inputs: pass --inputs DIR|GLOB|LIST|FILE ... (or set infer.inputs in the config)")
+    if s.batch_size < 1 or s.workers < 1 or s.shard_size < 1 or s.decode_timeout_s <= 0:
+        raise PipelineError("batch_size, workers, shard_size and decode_timeout_s must be positive")
+    try:
+        windowing = Windowing(s.frames, s.window_seconds, s.window_frames, s.stride)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+    items = discover(s.inputs, s.frame_folders)
+    runner = create_runner(s)
+    img_size = runner_img_size(runner)
+    done = prepare_output(s.output, job_identity(s, runner.name, img_size), s.overwrite)
+    todo = [item for item in items if item.id not in done]
+    log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),
+             s.output)
+    reference = reference_runner(s) if s.compare_pytorch else None
+    writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy)
+    options = JobOptions(windowing, img_size, s.batch_size, s.workers, s.decode_timeout_s, s.progress)
+    summary = run_job(todo, runner, s.output, writer, options, reference, skipped=len(items) - len(todo))
+    if reference is not None and summary["compare_pytorch"]["clips"]:
+        check_comparison(summary, runner_precision(runner))
+    return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK

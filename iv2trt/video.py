@@ -1,0 +1,297 @@
+"""Decoding clips with PyAV: upstream's test-time frame sampling, optional sliding windows.
+
+A clip is T frames (uint8 RGB [T, H, W, 3]) sampled from the whole video or from one window of it.
+Frame timestamps come from a demux-only pass over the packets (cheap: nothing is decoded), so
+frame counts never rely on container headers and variable frame rate works (pts * time_base).
+Needed frames are then decoded by seeking to the keyframe before them when that skips work.
+Images are one-frame clips; a folder of images is a video (frames in name order).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
+                              ".ts", ".mts", ".3gp", ".ogv", ".gif", ".y4m"})
+FOLDER_FPS = 30.0  # frame rate assumed for folders of frames (window_seconds)
+
+
+class DecodeError(Exception):
+    """An input that cannot be turned into frames; `reason` says why in one line."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Windowing:
+    """How clips are cut: the whole video (default), or windows of `size` seconds or frames every `stride`."""
+
+    frames: int = 8                 # T: frames per clip
+    window_seconds: float | None = None
+    window_frames: int | None = None
+    stride: float | None = None     # in the window's unit; default: the window size (no overlap)
+
+    def __post_init__(self):
+        if self.frames < 1:
+            raise ValueError("frames must be >= 1")
+        if self.window_seconds is not None and self.window_frames is not None:
+            raise ValueError("set window_seconds or window_frames, not both")
+        size = self.window_seconds or self.window_frames
+        if size is not None and size <= 0 or self.stride is not None and self.stride <= 0:
+            raise ValueError("window size and stride must be positive")
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray              # uint8 [T, H, W, 3] RGB
+    indices: list[int]              # frame numbers in presentation order
+    start_s: float                  # window in seconds
+    end_s: float
+    extra: dict = field(default_factory=dict)
+
+
+def sample_indices(num_frames: int, clip_frames: int) -> list[int]:
+    """Upstream's test-time sampling: middle frame of T equal segments, last frame repeated if n < T."""
+    if num_frames < 1:
+        raise ValueError("no frames to sample from")
+    segments = min(clip_frames, num_frames)
+    bounds = np.linspace(0, num_frames, segments + 1).astype(int)
+    picked = [int((bounds[i] + bounds[i + 1] - 1) // 2) for i in range(segments)]
+    return picked + [picked[-1]] * (clip_frames - segments)
+
+
+def window_ranges(times: np.ndarray, duration: float, w: Windowing) -> list[tuple[int, int, float, float]]:
+    """[(first frame, end frame exclusive, start s, end s)] for each window; one window when not windowed.
+
+    Windows start every stride; a last window aligned to the end is added so every frame is covered.
+    """
+    n = len(times)
+    if w.window_frames is None and w.window_seconds is None:
+        return [(0, n, 0.0, duration)]
+    if w.window_frames is not None:
+        size, stride = int(w.window_frames), int(w.stride or w.window_frames)
+        starts = list(range(0, max(n - size, 0) + 1, stride))
+        if starts[-1] + size < n:
+            starts.append(n - size)
+        out = []
+        for a in starts:
+            b = min(a + size, n)
+            out.append((a, b, float(times[a]), float(times[b]) if b < n else duration))
+        return out
+    size, stride = float(w.window_seconds), float(w.stride or w.window_seconds)
+    count = max(1, math.floor((duration - size) / stride + 1e-9) + 1) if duration > size else 1
+    starts_s = [i * stride for i in range(count)]
+    if duration > size and starts_s[-1] + size < duration - 1e-9:
+        starts_s.append(duration - size)
+    out = []
+    for t0 in starts_s:
+        t1 = min(t0 + size, duration)
+        a = bisect.bisect_left(times.tolist(), t0 - 1e-9)
+        b = bisect.bisect_left(times.tolist(), t1 - 1e-9)
+        if b <= a:  # a window between two frames of a sparse video: take the nearest frame
+            a, b = min(a, n - 1), min(a, n - 1) + 1
+        out.append((a, b, t0, t1))
+    return out
+
+
+def plan_clips(times: np.ndarray, duration: float, w: Windowing) -> list[tuple[list[int], float, float]]:
+    """[(frame indices, start s, end s)] of every clip of a video whose frames are at `times`."""
+    return [([a + i for i in sample_indices(b - a, w.frames)], t0, t1)
+            for a, b, t0, t1 in window_ranges(times, duration, w)]
+
+
+def _rotate(rgb: np.ndarray, ccw_degrees: float) -> np.ndarray:
+    k = int(round(ccw_degrees / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+
+def _stream_rotation(stream) -> float:
+    """Counter-clockwise rotation from the legacy `rotate` tag (clockwise degrees) when frames carry none."""
+    try:
+        return -float(stream.metadata.get("rotate", 0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class _Assembler:
+    """Collects decoded frames and yields each clip as soon as all of its frames are there (memory flat)."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.next_clip = 0
+        self.frames: dict[int, np.ndarray] = {}
+
+    def add(self, index: int, rgb: np.ndarray) -> Iterator[Clip]:
+        self.frames[index] = rgb
+        while self.next_clip < len(self.plan) and all(i in self.frames for i in self.plan[self.next_clip][0]):
+            idx, t0, t1 = self.plan[self.next_clip]
+            self.next_clip += 1
+            yield Clip(np.stack([self.frames[i] for i in idx]), idx, t0, t1)
+            keep = min((min(p[0]) for p in self.plan[self.next_clip:]), default=None)
+            self.frames = {i: f for i, f in self.frames.items() if keep is not None and i >= keep}
+
+    def needed(self) -> list[int]:
+        return sorted({i for p in self.plan for i in p[0]})
+
+
+def _open(path: str):
+    import av
+
+    if not os.path.exists(path):
+        raise DecodeError("file not found")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        container = av.open(path)
+    except av.FFmpegError as exc:
+        raise DecodeError(f"not a readable video or image ({exc.__class__.__name__}: {exc})") from None
+    if not container.streams.video:
+        container.close()
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        raise DecodeError(f"no video stream (has: {', '.join(kinds)})")
+    return container
+
+
+def _scan(container, stream) -> tuple[list[int | None], list[int]]:
+    """pts of every video packet (presentation order not guaranteed) and of keyframes, without decoding."""
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # flush packet
+            continue
+        pts.append(packet.pts)
+        if packet.is_keyframe and packet.pts is not None:
+            keys.append(packet.pts)
+    return pts, sorted(keys)
+
+
+def read_video_clips(path: str, w: Windowing) -> Iterator[Clip]:
+    """Yield the clips of one video or image file in window order. Raises DecodeError."""
+    import av
+
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            packet_pts, keyframes = _scan(container, stream)
+        except av.FFmpegError as exc:
+            raise DecodeError(f"unreadable stream ({exc})") from None
+        if not packet_pts:
+            raise DecodeError("no video frames")
+        tb = float(stream.time_base) if stream.time_base else None
+        seekable = len(packet_pts) > 1 and all(p is not None for p in packet_pts)
+        if tb and seekable and len(set(packet_pts)) == len(packet_pts):
+            yielded = 0
+            try:
+                for clip in _clips_by_pts(container, stream, sorted(packet_pts), keyframes, tb, w):
+                    yielded += 1
+                    yield clip
+                return
+            except DecodeError:
+                if yielded:
+                    raise
+            # seeking failed before any clip came out: decode the file from its start instead
+        container.close()
+        container = _open(path)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        yield from _clips_sequential(container, stream, len(packet_pts), w)
+    except av.FFmpegError as exc:
+        raise DecodeError(f"decoding failed ({exc.__class__.__name__}: {exc})") from None
+    finally:
+        container.close()
+
+
+def _duration(times: np.ndarray, rate_fps: float | None) -> float:
+    step = float(np.median(np.diff(times))) if len(times) > 1 else (1.0 / rate_fps if rate_fps else 0.0)
+    return float(times[-1] + step)
+
+
+def _clips_by_pts(container, stream, pts: list[int], keyframes: list[int], tb: float, w: Windowing):
+    times = (np.asarray(pts, np.float64) - pts[0]) * tb
+    rate = float(stream.average_rate) if stream.average_rate else None
+    asm = _Assembler(plan_clips(times, _duration(times, rate), w))
+    index_of = {p: i for i, p in enumerate(pts)}
+    key_index = sorted(index_of[k] for k in keyframes if k in index_of)
+    rotation = _stream_rotation(stream)
+    frames_iter, cur_i, cur_frame = None, -1, None
+    for target in asm.needed():
+        k = bisect.bisect_right(key_index, target) - 1
+        keyframe = key_index[k] if k >= 0 else 0
+        if frames_iter is None or keyframe > cur_i:  # a keyframe lies ahead: seeking skips decoding work
+            container.seek(pts[keyframe], stream=stream, backward=True)
+            frames_iter, cur_i, cur_frame = container.decode(stream), -1, None
+        while cur_i < target:
+            frame = next(frames_iter, None)
+            if frame is None:
+                raise DecodeError(f"truncated: frame {target} of {len(pts)} could not be decoded")
+            if frame.pts in index_of:
+                cur_i, cur_frame = index_of[frame.pts], frame
+        # cur_i > target only when the decoder never output `target`: the next frame stands in
+        yield from asm.add(target, _rotate(cur_frame.to_ndarray(format="rgb24"), cur_frame.rotation or rotation))
+
+
+def _clips_sequential(container, stream, packet_count: int, w: Windowing):
+    """Streams whose packets lack timestamps: decode everything once, frame numbers by order."""
+    rate = float(stream.average_rate or 0) or FOLDER_FPS
+    times = np.arange(packet_count) / rate
+    plan = plan_clips(times, packet_count / rate, w)
+    asm = _Assembler(plan)
+    needed = set(asm.needed())
+    rotation = _stream_rotation(stream)
+    last = None
+    count = 0
+    for i, frame in enumerate(container.decode(stream)):
+        count = i + 1
+        if i in needed:
+            last = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation or rotation)
+            yield from asm.add(i, last)
+    if count == 0:
+        raise DecodeError("no decodable video frames")
+    for i in sorted(needed):  # fewer decoded frames than packets: repeat the last decoded one
+        if i >= count and last is not None:
+            yield from asm.add(i, last)
+
+
+def list_frame_folder(folder: str) -> list[str]:
+    return sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def read_folder_clips(folder: str, w: Windowing) -> Iterator[Clip]:
+    """A folder of images as a video at FOLDER_FPS; only the sampled images are decoded."""
+    files = list_frame_folder(folder)
+    if not files:
+        raise DecodeError("folder has no image frames")
+    times = np.arange(len(files)) / FOLDER_FPS
+    for idx, t0, t1 in plan_clips(times, len(files) / FOLDER_FPS, w):
+        cache = {i: read_image(files[i]) for i in sorted(set(idx))}
+        shapes = {f.shape for f in cache.values()}
+        if len(shapes) > 1:
+            raise DecodeError(f"frames of different sizes in one folder: {sorted(shapes)}")
+        yield Clip(np.stack([cache[i] for i in idx]), idx, t0, t1)
+
+
+def read_image(path: str) -> np.ndarray:
+    """One image file -> uint8 RGB [H, W, 3] (PyAV's image demuxers; EXIF orientation is not applied)."""
+    clips = list(read_video_clips(path, Windowing(frames=1)))
+    return clips[0].frames[0]
+
+
+def read_clips(path: str, w: Windowing) -> Iterator[Clip]:
+    """Clips of a video file, an image (one clip of one frame) or a folder of frames."""
+    if os.path.isdir(path):
+        yield from read_folder_clips(path, w)
+    elif Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+        rgb = read_image(path)
+        yield Clip(rgb[None], [0], 0.0, 0.0)
+    else:
+        yield from read_video_clips(path, w)

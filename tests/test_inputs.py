@@ -1,0 +1,62 @@
+"""Input discovery: directories, frame folders, globs, list files, ids."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from iv2trt.errors import PipelineError
+from iv2trt.inputs import discover
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "data"
+    for rel in ("a.mp4", "sub/b.MKV", "sub/deeper/c.webm", "img.jpg", "pre.npy", "readme.txt", ".hidden.mp4",
+                "frames/0001.png", "frames/0002.png", "frames/0003.png"):
+        _touch(root / rel)
+    return root
+
+
+def test_directory_is_scanned_recursively_with_relative_ids(tree):
+    items = discover([str(tree)])
+    assert [(i.id, i.kind) for i in items] == [
+        ("a.mp4", "video"), ("frames", "frames"), ("img.jpg", "image"), ("pre.npy", "npy"),
+        ("sub/b.MKV", "video"), ("sub/deeper/c.webm", "video")]
+    assert [i.id for i in discover([str(tree)], frame_folders=False)].count("frames/0002.png") == 1
+
+
+def test_glob_ids_are_relative_to_its_fixed_prefix(tree):
+    items = discover([str(tree / "sub" / "**" / "*.*")])
+    assert [i.id for i in items] == ["b.MKV", "deeper/c.webm"]
+    with pytest.raises(PipelineError, match="matches nothing"):
+        discover([str(tree / "*.avi")])
+
+
+def test_list_files(tree, tmp_path):
+    (tree / "list.txt").write_text("# comment\na.mp4\n\nsub/b.MKV\n")
+    assert [(i.id, i.path) for i in discover([str(tree / "list.txt")])] == [
+        ("a.mp4", str(tree / "a.mp4")), ("sub/b.MKV", str(tree / "sub/b.MKV"))]
+    (tmp_path / "l.csv").write_text(f"path,id\n{tree / 'a.mp4'},clip-1\ndata/img.jpg,\n")
+    assert [(i.id, i.kind) for i in discover([str(tmp_path / "l.csv")])] == [("clip-1", "video"),
+                                                                             ("data/img.jpg", "image")]
+    (tmp_path / "l.jsonl").write_text(json.dumps({"path": "data/frames", "id": "f"}) + "\n")
+    assert [(i.id, i.kind) for i in discover([str(tmp_path / "l.jsonl")])] == [("f", "frames")]
+    (tmp_path / "bad.csv").write_text("file\nx.mp4\n")
+    with pytest.raises(PipelineError, match="'path' column"):
+        discover([str(tmp_path / "bad.csv")])
+
+
+def test_single_files_missing_inputs_and_clashing_ids(tree, tmp_path):
+    assert [i.id for i in discover([str(tree / "sub" / "b.MKV")])] == ["b.MKV"]
+    with pytest.raises(PipelineError, match="does not exist"):
+        discover([str(tmp_path / "nope")])
+    _touch(tmp_path / "other" / "a.mp4")
+    with pytest.raises(PipelineError, match="share the id 'a.mp4'"):
+        discover([str(tree), str(tmp_path / "other")])

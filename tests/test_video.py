@@ -1,0 +1,152 @@
+"""Decoding: sampling formula, codecs, seeking vs full decode, rotation, VFR, short clips, broken files."""
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+
+from iv2trt.samples import pattern_frames, write_image, write_video
+from iv2trt.video import DecodeError, Windowing, read_clips, sample_indices, window_ranges
+
+
+def upstream_middle_indices(vlen: int, num_frames: int) -> list[int]:
+    """Upstream InternVideo2 get_frame_indices(sample='middle') (dataset/video_utils.py), copied."""
+    acc_samples = min(num_frames, vlen)
+    intervals = np.linspace(start=0, stop=vlen, num=acc_samples + 1).astype(int)
+    ranges = [(interv, intervals[idx + 1] - 1) for idx, interv in enumerate(intervals[:-1])]
+    frame_indices = [(x[0] + x[1]) // 2 for x in ranges]
+    if len(frame_indices) < num_frames:
+        padded = [frame_indices[-1]] * num_frames
+        padded[:len(frame_indices)] = frame_indices
+        frame_indices = padded
+    return frame_indices
+
+
+def full_decode(path) -> list[np.ndarray]:
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+@pytest.mark.parametrize("n", list(range(1, 40)) + [100, 301, 1000])
+@pytest.mark.parametrize("t", [1, 4, 8, 16])
+def test_sample_indices_match_upstream(n, t):
+    assert sample_indices(n, t) == upstream_middle_indices(n, t)
+
+
+def _has_encoder(name: str) -> bool:
+    try:
+        av.codec.Codec(name, "w")
+        return True
+    except Exception:
+        return False
+
+
+CODECS = [("libx264", ".mp4", None), ("mpeg4", ".avi", None), ("libvpx-vp9", ".webm", None),
+          ("mjpeg", ".avi", None), ("ffv1", ".mkv", "yuv444p"), ("libx264", ".mkv", "yuv444p")]
+
+
+@pytest.mark.parametrize("codec,ext,pix_fmt", CODECS)
+@pytest.mark.parametrize("size", [(48, 64), (90, 160), (120, 72)])
+def test_codecs_and_sizes_match_full_decode(tmp_path, codec, ext, pix_fmt, size):
+    if not _has_encoder(codec):
+        pytest.skip(f"no {codec} encoder in this FFmpeg build")
+    path = write_video(tmp_path / f"v{ext}", pattern_frames(37, *size), codec=codec, pix_fmt=pix_fmt, gop=6)
+    reference = full_decode(path)
+    clips = list(read_clips(str(path), Windowing(frames=8)))
+    assert len(clips) == 1
+    assert clips[0].indices == sample_indices(len(reference), 8)
+    np.testing.assert_array_equal(clips[0].frames, np.stack([reference[i] for i in clips[0].indices]))
+    assert clips[0].frames.dtype == np.uint8 and clips[0].frames.shape[1:] == (*size, 3)
+
+
+def test_windows_with_seeking_match_full_decode(tmp_path):
+    """Long GOP-structured H.264 with B-frames: every windowed clip equals the full decode's frames."""
+    path = write_video(tmp_path / "long.mp4", pattern_frames(250, 48, 64), gop=12, fps=25)
+    reference = full_decode(path)
+    for w in (Windowing(frames=4, window_seconds=2.0, stride=3.0), Windowing(frames=8, window_frames=50),
+              Windowing(frames=3, window_frames=16, stride=40)):
+        clips = list(read_clips(str(path), w))
+        ranges = window_ranges(np.arange(250) / 25, 10.0, w)
+        assert len(clips) == len(ranges)
+        for clip, (a, b, t0, t1) in zip(clips, ranges):
+            assert clip.indices == [a + i for i in sample_indices(b - a, w.frames)]
+            assert (clip.start_s, clip.end_s) == pytest.approx((t0, t1))
+            np.testing.assert_array_equal(clip.frames, np.stack([reference[i] for i in clip.indices]))
+    assert ranges[-1][1] == 250  # the last window reaches the end
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_rotation_metadata_is_applied(tmp_path, rotation):
+    frames = pattern_frames(6, 32, 64)
+    path = write_video(tmp_path / "rot.mp4", frames, rotation=rotation)
+    raw = full_decode(path)
+    clip = next(read_clips(str(path), Windowing(frames=2)))
+    expected_shape = (32, 64) if rotation == 180 else (64, 32)
+    assert clip.frames.shape[1:3] == expected_shape
+    np.testing.assert_array_equal(clip.frames[0], np.rot90(raw[clip.indices[0]], rotation // 90))
+
+
+def test_portrait_video(tmp_path):
+    path = write_video(tmp_path / "portrait.mp4", pattern_frames(10, 96, 54))
+    assert next(read_clips(str(path), Windowing(frames=4))).frames.shape == (4, 96, 54, 3)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_short_videos_repeat_last_frame(tmp_path, count):
+    path = write_video(tmp_path / "short.mp4", pattern_frames(count, 32, 32))
+    clip = next(read_clips(str(path), Windowing(frames=8)))
+    assert clip.indices == upstream_middle_indices(count, 8)
+    assert clip.frames.shape == (8, 32, 32, 3)
+
+
+def test_variable_frame_rate_windows_use_timestamps(tmp_path):
+    # 10 frames 0.1 s apart, then 10 frames 0.5 s apart: t = 0..0.9, then 1.0, 1.5, ..., 5.5
+    times = [i * 0.1 for i in range(10)] + [1.0 + i * 0.5 for i in range(10)]
+    path = write_video(tmp_path / "vfr.mkv", pattern_frames(20, 32, 48), fps=10, pts=[round(t * 1000) for t in times])
+    reference = full_decode(path)
+    assert len(reference) == 20
+    clips = list(read_clips(str(path), Windowing(frames=2, window_seconds=1.0)))
+    assert clips[0].indices == [a for a in sample_indices(10, 2)]  # the first second holds frames 0..9
+    assert clips[1].indices == [10 + i for i in sample_indices(2, 2)]  # 1.0 and 1.5
+    for clip in clips:
+        np.testing.assert_array_equal(clip.frames, np.stack([reference[i] for i in clip.indices]))
+
+
+def test_images_and_frame_folders(tmp_path):
+    frames = pattern_frames(12, 40, 56)
+    png = write_image(tmp_path / "one.png", frames[0])
+    clip = list(read_clips(str(png), Windowing(frames=8)))
+    assert len(clip) == 1 and clip[0].frames.shape == (1, 40, 56, 3)
+    np.testing.assert_array_equal(clip[0].frames[0], frames[0])  # PNG is lossless
+    assert next(read_clips(str(write_image(tmp_path / "one.jpg", frames[0])), Windowing())).frames.shape[0] == 1
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, rgb in enumerate(frames):
+        write_image(folder / f"{i:04d}.png", rgb)
+    clip = next(read_clips(str(folder), Windowing(frames=4)))
+    assert clip.indices == sample_indices(12, 4)
+    np.testing.assert_array_equal(clip.frames, frames[clip.indices])
+
+
+def _broken_inputs(tmp_path):
+    good = write_video(tmp_path / "good.mp4", pattern_frames(30, 48, 64))
+    data = good.read_bytes()
+    (tmp_path / "truncated.mp4").write_bytes(data[:len(data) // 2])
+    (tmp_path / "garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a video\n" * 20)
+    with av.open(str(tmp_path / "audio.m4a"), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for p in list(s.encode(frame)) + list(s.encode()):
+            c.mux(p)
+    return {"truncated.mp4": "", "garbage.mp4": "", "empty.mp4": "empty", "notes.txt": "",
+            "audio.m4a": "no video stream", "missing.mp4": "not found"}
+
+
+def test_broken_files_raise_decode_error(tmp_path):
+    for name, expected in _broken_inputs(tmp_path).items():
+        with pytest.raises(DecodeError) as info:
+            list(read_clips(str(tmp_path / name), Windowing()))
+        assert expected in info.value.reason, (name, info.value.reason)

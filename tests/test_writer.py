@@ -1,0 +1,72 @@
+"""Output directory: shards + manifests, per-video files, job.json checks, crash leftovers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from iv2trt.errors import PipelineError
+from iv2trt.writer import FailureLog, FeatureWriter, finished_ids, load_features, prepare_output
+
+
+def _clips(n):
+    return [{"start_s": float(i), "end_s": i + 1.0, "indices": [2 * i, 2 * i + 1]} for i in range(n)]
+
+
+def _feats(n, seed):
+    return np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("per_video", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_shards_hold_whole_videos_and_round_trip(tmp_path, per_video, dtype):
+    writer = FeatureWriter(tmp_path, dtype, shard_size=3, per_video_npy=per_video)
+    expected = {}
+    for k, n in enumerate([2, 2, 1, 4]):
+        expected[f"v{k}"] = _feats(n, k)
+        writer.add_video(f"/in/v{k}.mp4", f"v{k}", "video", _clips(n), expected[f"v{k}"])
+    writer.flush()
+    feats, rows = load_features(tmp_path)
+    assert feats.dtype == np.dtype(dtype) and feats.shape == (9, 8)
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.parquet")) == ["shard-00000.parquet",
+                                                                              "shard-00001.parquet"]
+    for feature, row in zip(feats, rows):
+        np.testing.assert_allclose(feature, expected[row["id"]][row["clip"]], rtol=1e-3, atol=1e-3)
+        assert row["frame_indices"] == [2 * row["clip"], 2 * row["clip"] + 1]
+        assert row["window_end_s"] == row["window_start_s"] + 1 and row["num_clips"] == len(expected[row["id"]])
+    assert (tmp_path / "videos" / "v3.npy").exists() == per_video
+    assert finished_ids(tmp_path) == set(expected)
+
+
+def test_crash_leftovers_are_ignored_and_numbering_continues(tmp_path):
+    prepare_output(tmp_path, {"model": "a"}, overwrite=False)
+    writer = FeatureWriter(tmp_path, "float32", shard_size=1)
+    writer.add_video("/in/a.mp4", "a", "video", _clips(1), _feats(1, 0))
+    np.save(tmp_path / "shards" / "shard-00001.npy", np.zeros((1, 8)))   # features whose manifest never landed
+    (tmp_path / "shards" / ".shard-00001.parquet.abc.tmp").write_bytes(b"partial")
+    assert prepare_output(tmp_path, {"model": "a"}, overwrite=False) == {"a"}
+    assert not list(tmp_path.rglob("*.tmp"))
+    writer = FeatureWriter(tmp_path, "float32", shard_size=1)
+    assert not (tmp_path / "shards" / "shard-00001.npy").exists() and writer.next_shard == 1
+
+
+def test_job_json_mismatch_is_refused_unless_overwrite(tmp_path):
+    prepare_output(tmp_path, {"model_sha256": "aa", "frames": 8}, overwrite=False)
+    FeatureWriter(tmp_path, "float32", 1).add_video("/a.mp4", "a", "video", _clips(1), _feats(1, 0))
+    with pytest.raises(PipelineError, match=r"frames: 8 there, 4 now.*--overwrite"):
+        prepare_output(tmp_path, {"model_sha256": "aa", "frames": 4}, overwrite=False)
+    assert prepare_output(tmp_path, {"model_sha256": "aa", "frames": 4}, overwrite=True) == set()
+    assert json.loads((tmp_path / "job.json").read_text())["frames"] == 4
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("mine")
+    with pytest.raises(PipelineError, match="not empty"):
+        prepare_output(tmp_path / "other", {}, overwrite=False)
+
+
+def test_failure_log(tmp_path):
+    log = FailureLog(tmp_path)
+    log.add("/in/x.mp4", "x.mp4", "empty file")
+    log.add("/in/y.mp4", "y.mp4", "no video stream")
+    lines = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert [e["reason"] for e in lines] == ["empty file", "no video stream"]
