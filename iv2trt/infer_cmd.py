@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(path)
         return EXIT_OK
     from .inputs import discover
-    from .job import JobOptions, run_job
+    from .job import JobOptions, check_frame_count, run_job
     from .video import Windowing
     from .writer import FeatureWriter, prepare_output
 
@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     items = discover(s.inputs, s.frame_folders)
     runner = create_runner(s)
     img_size = runner_img_size(runner)
+    check_frame_count(runner, s.frames)
     done = prepare_output(s.output, job_identity(s, runner.name, img_size), s.overwrite)
     todo = [item for item in items if item.id not in done]
     log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),

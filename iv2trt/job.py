@@ -63,6 +63,16 @@ def iter_preprocessed(item: InputItem, w: Windowing, img_size: int) -> Iterator[
                preprocess_frames(clip.frames, img_size).numpy())
 
 
+def check_frame_count(runner, frames: int) -> None:
+    """PipelineError unless the runner's model takes clips of `frames` frames."""
+    from .errors import PipelineError
+
+    lo, hi = runner.frame_range
+    if frames < lo or hi is not None and frames > hi:
+        raise PipelineError(f"frames={frames} is outside what the {runner.name} model takes ({lo}..{hi}); "
+                            "pass --frames in that range, or export/build for more frames")
+
+
 def worker_context():
     """forkserver (torch imported once, workers start fast) where the platform has it, else spawn."""
     if "forkserver" in mp.get_all_start_methods():
@@ -167,12 +177,7 @@ class Job:
         self.reference = reference
         self.comparison = Comparison() if reference is not None else None
         self.batch_size = max(1, min(options.batch_size, runner.max_batch or options.batch_size))
-        lo, hi = runner.frame_range
-        if options.windowing.frames < lo or hi is not None and options.windowing.frames > hi:
-            from .errors import PipelineError
-
-            raise PipelineError(f"frames={options.windowing.frames} is outside what the {runner.name} model takes "
-                                f"({lo}..{hi}); pass --frames in that range or rebuild with more frames")
+        check_frame_count(runner, options.windowing.frames)
         self.videos: dict[int, _Video] = {}
         self.pending: dict[tuple, list[tuple[int, int, np.ndarray]]] = {}
         self.stats = {"ok": 0, "failed": 0, "clips": 0, "batches": 0, "infer_s": 0.0}

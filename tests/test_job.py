@@ -190,3 +190,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, tiny_onnx):
     assert sorted(full) == sorted(resumed)
     for key in full:
         np.testing.assert_array_equal(resumed[key], full[key])
+
+
+def test_exit_codes_for_bad_settings_and_missing_backend(tmp_path, videos, tiny_onnx):
+    out = ["--output", str(tmp_path / "out"), "--inputs", str(videos / "a.mp4")]
+    assert run_main(main, ["--backend", "tensorrt", "--engine", str(tmp_path / "none.engine"), *out]) == 4
+    assert run_main(main, _cli(tiny_onnx, "--window-seconds", 2, "--window-frames", 8, *out)) == 2
+    assert run_main(main, _cli(tiny_onnx, "--inputs", tmp_path / "missing", "--output", tmp_path / "o")) == 2
+    assert run_main(main, _cli(tiny_onnx, "--frames", 17, *out)) == 2  # the graph takes 1..16 frames
+    assert not (tmp_path / "out" / "shards").exists()
