@@ -1,0 +1,298 @@
+"""Pipeline benchmark: decode-only throughput, the extraction job end to end, and the job's own overhead.
+
+1. decode: every video decoded and sampled as the job's workers do (video.read_clips), then
+   preprocessed (transforms.preprocess_frames), timed apart, in 1 process and in W processes.
+2. end to end: job.run_job over the videos with the chosen backend (decoders, pipes, batching,
+   inference, normalisation, writing), clips/s from its summary.
+3. encoder only: the same backend at the job's (B, T), timed as in the encoder benchmark.
+4. job overhead: the decoded clips are preloaded in memory and fed to the job's own inference stage
+   (Job._handle -> Job._infer_one_batch: np.stack batching, runner.infer with its transfers and dtype
+   conversion, L2-normalisation, writer); overhead = (stage time - encoder time) / encoder time.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+VIDEO_SPEC = {"width": 1280, "height": 720, "fps": 25, "seconds": 10, "codec": "libx264", "gop": 50,
+              "preset": "veryfast", "crf": 23}
+
+
+# --- test videos -------------------------------------------------------------------------------------------
+def _texture(height: int, width: int, seed: int) -> np.ndarray:
+    """Smooth random texture with fine detail (so H.264 has real work, like camera footage)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3)).astype(np.float32)
+    smooth = np.repeat(np.repeat(coarse, 16, 0), 16, 1)[:height + 16, :width + 16]
+    fine = rng.normal(0, 12, smooth.shape).astype(np.float32)
+    return np.clip(smooth + fine, 0, 255).astype(np.uint8)
+
+
+def write_test_video(path: Path, seed: int, spec: dict[str, Any] = VIDEO_SPEC) -> Path:
+    """A panning textured scene with a moving block, H.264 yuv420p, written frame by frame (memory flat)."""
+    import av
+
+    from .fileio import atomic_path
+
+    h, w, fps = spec["height"], spec["width"], spec["fps"]
+    tex = _texture(h + 64, w + 64, seed)
+    with atomic_path(path) as tmp:
+        with av.open(str(tmp), "w", format="mp4") as container:
+            stream = container.add_stream(spec["codec"], rate=fps,
+                                          options={"preset": spec["preset"], "crf": str(spec["crf"])})
+            stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
+            stream.codec_context.gop_size = spec["gop"]
+            stream.codec_context.time_base = Fraction(1, fps)
+            for t in range(spec["seconds"] * fps):
+                dy, dx = (2 * t) % 64, (3 * t) % 64
+                rgb = np.ascontiguousarray(tex[dy:dy + h, dx:dx + w])
+                top, left = (5 * t) % (h - 120), (9 * t) % (w - 160)
+                rgb[top:top + 120, left:left + 160] = (40 * seed + 3 * t) % 256
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return path
+
+
+def ensure_test_videos(folder: str | Path, count: int, spec: dict[str, Any] = VIDEO_SPEC,
+                       processes: int = 1) -> list[Path]:
+    """`count` cached test videos in `folder` (made once; names carry the spec)."""
+    folder = Path(folder)
+    name = f"{spec['width']}x{spec['height']}_{spec['fps']}fps_{spec['seconds']}s_{spec['codec']}_gop{spec['gop']}"
+    paths = [folder / f"{name}_{i:03d}.mp4" for i in range(count)]
+    missing = [(p, i) for i, p in enumerate(paths) if not p.is_file()]
+    if missing:
+        log.info("writing %d test videos (%s) into %s", len(missing), name, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        if processes > 1:
+            from .job import worker_context
+
+            with worker_context().Pool(min(processes, len(missing))) as pool:
+                pool.starmap(write_test_video, [(p, i, spec) for p, i in missing])
+        else:
+            for p, i in missing:
+                write_test_video(p, i, spec)
+        log.info("test videos written in %.1fs", time.perf_counter() - started)
+    return paths
+
+
+def video_files(folder: str | Path) -> list[Path]:
+    from .inputs import discover
+
+    return [Path(item.path) for item in discover([str(folder)], False) if item.kind == "video"]
+
+
+# --- decoding ----------------------------------------------------------------------------------------------
+def decode_one(path: str, windowing, img_size: int) -> dict[str, float]:
+    """Decode (+ sample) then preprocess one video as the job's workers do; seconds of each part."""
+    from .transforms import preprocess_frames
+    from .video import read_clips
+
+    clips = frames = 0
+    decode_s = preprocess_s = 0.0
+    started = time.perf_counter()
+    for clip in read_clips(path, windowing):
+        t0 = time.perf_counter()
+        decode_s += t0 - started
+        preprocess_frames(clip.frames, img_size)
+        started = time.perf_counter()
+        preprocess_s += started - t0
+        clips += 1
+        frames += len(clip.indices)
+    decode_s += time.perf_counter() - started
+    return {"clips": clips, "frames": frames, "decode_s": decode_s, "preprocess_s": preprocess_s}
+
+
+def _ready() -> bool:
+    import torch
+
+    torch.set_num_threads(1)
+    return True
+
+
+def _decode_worker(args) -> dict[str, float]:
+    import torch
+
+    torch.set_num_threads(1)  # as the job's workers
+    return decode_one(*args)
+
+
+def decode_throughput(paths: list[Path], windowing, img_size: int, workers: int) -> dict[str, Any]:
+    """Decode + preprocess every video with `workers` processes (1: in this process, one torch thread)."""
+    args = [(str(p), windowing, img_size) for p in paths]
+    if workers == 1:
+        started = time.perf_counter()
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            parts = [decode_one(*a) for a in args]
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        from .job import worker_context
+
+        with worker_context().Pool(workers) as pool:
+            pool.starmap(_ready, [()] * workers * 4)  # processes started (and torch imported) before timing
+            started = time.perf_counter()
+            parts = pool.map(_decode_worker, args, chunksize=1)
+    wall = time.perf_counter() - started
+    clips, frames = sum(p["clips"] for p in parts), sum(p["frames"] for p in parts)
+    decode_s, pre_s = sum(p["decode_s"] for p in parts), sum(p["preprocess_s"] for p in parts)
+    return {"workers": workers, "videos": len(paths), "clips": clips, "sampled_frames": frames,
+            "wall_s": wall, "videos_per_s": len(paths) / wall, "clips_per_s": clips / wall,
+            "sampled_frames_per_s": frames / wall, "videos_per_s_per_worker": len(paths) / wall / workers,
+            "clips_per_s_per_worker": clips / wall / workers,
+            "decode_share": decode_s / max(decode_s + pre_s, 1e-9),
+            "cpu_s_per_video_decode": decode_s / len(paths), "cpu_s_per_video_preprocess": pre_s / len(paths)}
+
+
+# --- the job -----------------------------------------------------------------------------------------------
+def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int) -> dict[str, Any]:
+    """The real extraction job over `paths` (fresh output folder, no progress bar); its summary."""
+    from .inputs import InputItem
+    from .job import JobOptions, run_job
+    from .writer import FeatureWriter
+
+    items = [InputItem(str(p), p.name, "video") for p in paths]
+    with tempfile.TemporaryDirectory(prefix="iv2trt_bench_job_") as out:
+        writer = FeatureWriter(out, "float16")
+        summary = run_job(items, runner, out, writer, JobOptions(windowing, img_size, batch, workers, progress=False))
+    if summary["failed"]:
+        log.warning("%d of %d videos failed in the end-to-end run", summary["failed"], summary["inputs"])
+    return summary
+
+
+def preload_clips(paths: list[Path], windowing, img_size: int) -> list[list[np.ndarray]]:
+    """Preprocessed clips of every video, in memory (what the workers would send)."""
+    from .inputs import InputItem
+    from .job import iter_preprocessed
+
+    return [[a for _, a in iter_preprocessed(InputItem(str(p), p.name, "video"), windowing, img_size)]
+            for p in paths]
+
+
+def inference_stage(runner, videos: list[list[np.ndarray]], windowing, img_size: int, batch: int,
+                    batches: int) -> dict[str, Any]:
+    """Wall time of the job's inference stage on preloaded clips: `batches` full batches' worth of clips
+    (videos reused in turn), fed through Job's own message handling, batching, inference and writing."""
+    from .inputs import InputItem
+    from .job import Job, JobOptions
+    from .writer import FailureLog, FeatureWriter
+
+    want = batches * batch
+    feed, total = [], 0
+    while total < want:
+        clips = videos[len(feed) % len(videos)]
+        feed.append(clips)
+        total += len(clips)
+    with tempfile.TemporaryDirectory(prefix="iv2trt_bench_stage_") as out:
+        writer = FeatureWriter(out, "float16")
+        job = Job([], runner, writer, FailureLog(out), JobOptions(windowing, img_size, batch, 1, progress=False))
+        try:
+            from tqdm import tqdm
+
+            from .job import _Video
+
+            job.bar = tqdm(disable=True)
+            started = time.perf_counter()
+            for number, clips in enumerate(feed):
+                job.videos[number] = _Video(InputItem(f"preloaded/{number}", f"{number}", "video"))
+                for array in clips:
+                    job._handle(("clip", number, {"start_s": 0.0, "end_s": 0.0, "indices": []}, array))
+                job._handle(("done", number, len(clips)))
+                while job._infer_one_batch(only_full=True):
+                    pass
+            while job._infer_one_batch(only_full=False):
+                pass
+            writer.flush()
+            stage_s = time.perf_counter() - started
+            method = "Job._handle/_infer_one_batch on preloaded clips"
+            stats = dict(job.stats)
+        except (AttributeError, TypeError) as exc:  # the job's internals changed: time its pieces instead
+            log.warning("job internals not usable (%s): timing batching+infer+normalise+write separately", exc)
+            stage_s, stats = _stage_by_pieces(runner, feed, batch, writer)
+            method = f"pieces (np.stack, runner.infer, l2_normalize, writer) because: {exc}"
+    return {"method": method, "seconds": stage_s, "clips": stats["clips"], "batches": stats["batches"],
+            "runner_infer_s": stats["infer_s"], "clips_per_s": stats["clips"] / stage_s}
+
+
+def _stage_by_pieces(runner, feed, batch, writer) -> tuple[float, dict[str, Any]]:
+    from .compare import l2_normalize
+
+    clips = [a for v in feed for a in v]
+    stats = {"clips": 0, "batches": 0, "infer_s": 0.0}
+    started = time.perf_counter()
+    for i in range(0, len(clips), batch):
+        frames = np.stack(clips[i:i + batch])
+        t0 = time.perf_counter()
+        feats = l2_normalize(runner.infer(frames))
+        stats["infer_s"] += time.perf_counter() - t0
+        writer.add_video(f"preloaded/{i}", str(i), "video", [{"start_s": 0.0, "end_s": 0.0, "indices": []}] *
+                         len(feats), feats)
+        stats["clips"] += len(feats)
+        stats["batches"] += 1
+    writer.flush()
+    return time.perf_counter() - started, stats
+
+
+def starvation_verdict(e2e_cps: float, encoder_cps: float, decode_cps_per_worker: float, workers: int,
+                       cores: int) -> dict[str, Any]:
+    """Whether the encoder starves, and how many decode workers (cores) would feed it."""
+    ratio = e2e_cps / encoder_cps
+    needed = math.ceil(encoder_cps / decode_cps_per_worker) if decode_cps_per_worker else None
+    decode_bound = ratio < 0.9
+    text = (f"end-to-end / encoder-only = {ratio:.3f}: "
+            + (f"the encoder starves; decoding gives {decode_cps_per_worker:.2f} clips/s per worker (core), "
+               f"so feeding {encoder_cps:.0f} clips/s needs ~{needed} decode cores (job ran {workers}, machine has "
+               f"{cores}). Remedies: more decode cores/workers, GPU decoding (NVDEC), decoding fewer frames "
+               f"(shorter GOPs let the sampler seek; skip non-reference frames), lower-resolution sources."
+               if decode_bound else "the encoder is kept busy (decoding keeps up)."))
+    return {"ratio_e2e_over_encoder": ratio, "decode_bound": decode_bound, "decode_cores_needed": needed,
+            "verdict": text}
+
+
+def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: float, paths: list[Path],
+                 windowing, img_size: int, batch: int, worker_counts: list[int], job_workers: int,
+                 stage_batches: int) -> dict[str, Any]:
+    """All pipeline measurements with one runner; `encoder_cps`/`encoder_batch_s` come from the caller's
+    encoder-only timing at (batch, windowing.frames)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    decode = []
+    for w in worker_counts:
+        log.info("decode-only, %d worker(s), %d videos", w, len(paths))
+        decode.append(decode_throughput(paths, windowing, img_size, w))
+        log.info("  %.2f videos/s, %.2f clips/s, %.1f sampled frames/s", decode[-1]["videos_per_s"],
+                 decode[-1]["clips_per_s"], decode[-1]["sampled_frames_per_s"])
+    log.info("end to end: the extraction job with %s, %d workers, batch %d", backend, job_workers, batch)
+    e2e = end_to_end(paths, runner, windowing, img_size, batch, job_workers)
+    log.info("preloading clips for the inference-stage measurement")
+    videos = preload_clips(paths, windowing, img_size)
+    inference_stage(runner, videos, windowing, img_size, batch, 2)  # warm-up (allocator, shapes)
+    stage = inference_stage(runner, videos, windowing, img_size, batch, stage_batches)
+    encoder_s = stage["batches"] * encoder_batch_s
+    stage["encoder_s"] = encoder_s
+    stage["overhead_pct"] = 100.0 * (stage["seconds"] - encoder_s) / encoder_s
+    stage["transfer_and_conversion_pct"] = 100.0 * (stage["runner_infer_s"] - encoder_s) / encoder_s
+    stage["batching_normalise_write_pct"] = 100.0 * (stage["seconds"] - stage["runner_infer_s"]) / encoder_s
+    one = next((d for d in decode if d["workers"] == 1), decode[0])
+    verdict = starvation_verdict(e2e["clips_per_s"], encoder_cps, one["clips_per_s_per_worker"], job_workers, cores)
+    return {"backend": backend, "batch": batch, "frames": windowing.frames,
+            "windowing": {"window_seconds": windowing.window_seconds, "window_frames": windowing.window_frames,
+                          "stride": windowing.stride},
+            "videos": len(paths), "video_bytes_mean": float(np.mean([p.stat().st_size for p in paths])),
+            "cores": cores, "decode": decode, "end_to_end": e2e, "encoder_only_clips_per_s": encoder_cps,
+            "encoder_only_batch_s": encoder_batch_s, "inference_stage": stage, **verdict}
