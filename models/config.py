@@ -58,7 +58,7 @@ class VisionConfig:
         hidden = int(c * self.mlp_ratio)
         patch = frames * self.patches_per_frame * c * self.in_chans * self.patch_size**2
         block = n * (3 * c * c + c * c + 2 * c * hidden) + 2 * n * n * c
-        pool = 3 * n * c * c + 2 * n * c + c * self.clip_embed_dim
+        pool = (2 * n + 1) * c * c + 2 * n * c + c * self.clip_embed_dim  # q projects the one pooled query
         align = self.clip_embed_dim * self.align_dim
         return 2.0 * (patch + self.depth * block + pool + align)
 

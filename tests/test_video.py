@@ -10,16 +10,13 @@ from iv2trt.video import DecodeError, Windowing, read_clips, sample_indices, win
 
 
 def upstream_middle_indices(vlen: int, num_frames: int) -> list[int]:
-    """Upstream InternVideo2 get_frame_indices(sample='middle') (dataset/video_utils.py), copied."""
-    acc_samples = min(num_frames, vlen)
-    intervals = np.linspace(start=0, stop=vlen, num=acc_samples + 1).astype(int)
-    ranges = [(interv, intervals[idx + 1] - 1) for idx, interv in enumerate(intervals[:-1])]
-    frame_indices = [(x[0] + x[1]) // 2 for x in ranges]
-    if len(frame_indices) < num_frames:
-        padded = [frame_indices[-1]] * num_frames
-        padded[:len(frame_indices)] = frame_indices
-        frame_indices = padded
-    return frame_indices
+    """Upstream's test-time 'middle' sampling, written from its description, in pure Python:
+    cut [0, vlen) at the T+1 evenly spaced (floored) points, take the middle of each piece
+    ((first + last) // 2), and when the video has fewer frames than T, fill up with the last pick."""
+    pieces = min(num_frames, vlen)
+    cuts = [int(vlen * i / pieces) for i in range(pieces + 1)]
+    picks = [(cuts[i] + cuts[i + 1] - 1) // 2 for i in range(pieces)]
+    return picks + [picks[-1]] * (num_frames - pieces)
 
 
 def full_decode(path) -> list[np.ndarray]:
