@@ -17,14 +17,21 @@ from .pos_embed import pos_embed_for_frames, sincos_pos_embed_3d
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, normalised in float32."""
+    """x / sqrt(mean(x^2) + eps) * weight, normalised in float32.
+
+    fused=True uses torch's rms_norm kernel (float32 accumulation inside); fused=False spells the
+    float32 island out, the form exported to ONNX.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -52,16 +59,29 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fuse
 
 
 class PatchEmbed(nn.Module):
-    """Frames [B, C, T, H, W] -> patch tokens [B, T, H/p * W/p, dim] with a (1, p, p) Conv3d."""
+    """Frames [B, T, C, H, W] -> patch tokens [B, T * H/p * W/p, dim], frame-major.
+
+    The weights are upstream's (1, p, p) Conv3d. With a tubelet of one frame that convolution is a
+    2-D convolution of every frame (exported as such), or equally a matmul of flattened patches
+    (fused=True: faster in PyTorch than cuDNN's stride-p convolution).
+    """
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         kernel = (cfg.tubelet_size, cfg.patch_size, cfg.patch_size)
+        self.patch_size = cfg.patch_size
         self.proj = nn.Conv3d(cfg.in_chans, cfg.embed_dim, kernel_size=kernel, stride=kernel)
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # [B, dim, T, h, w]
-        return x.flatten(3).permute(0, 2, 3, 1)
+        B, T, C, H, W = x.shape
+        p, dim = self.patch_size, self.proj.out_channels
+        if self.fused:
+            patches = x.reshape(B * T, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+            x = F.linear(patches.reshape(-1, C * p * p), self.proj.weight.reshape(dim, -1), self.proj.bias)
+            return x.reshape(B, -1, dim)
+        x = F.conv2d(x.flatten(0, 1), self.proj.weight[:, :, 0], self.proj.bias, stride=p)
+        return x.flatten(2).transpose(1, 2).reshape(B, -1, dim)
 
 
 class Attention(nn.Module):
@@ -88,12 +108,14 @@ class Attention(nn.Module):
 
 
 class LayerScale(nn.Module):
+    """Residual branch scaled per channel: residual + x * gamma (one fused kernel)."""
+
     def __init__(self, dim: int, init_values: float):
         super().__init__()
         self.gamma = nn.Parameter(init_values * torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(residual, x, self.gamma)
 
 
 class Mlp(nn.Module):
@@ -108,7 +130,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+    """Pre-norm transformer block: x + gamma1 * attn(norm1(x)), then x + gamma2 * mlp(norm2(x))."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -121,8 +143,8 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, cfg.init_values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        x = self.ls1(self.attn(self.norm1(x)), residual=x)
+        return self.ls2(self.mlp(self.norm2(x)), residual=x)
 
 
 class CrossAttention(nn.Module):
@@ -180,10 +202,10 @@ class InternVideo2Backbone(nn.Module):
         self.clip_projector = AttentionPoolingHead(cfg)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames [B, C, T, H, W] -> pooled features [B, clip_embed_dim]."""
+        """frames [B, T, C, H, W] -> pooled features [B, clip_embed_dim]."""
+        B, T = frames.shape[:2]
         x = self.patch_embed(frames.to(self.patch_embed.proj.weight.dtype))
-        B, T, L, C = x.shape
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, T * L, C)], dim=1)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         frame_index = torch.arange(T, dtype=torch.float32, device=x.device)
         pos = pos_embed_for_frames(self.pos_embed.float(), self.cfg.num_frames, frame_index)
         x = x + pos.to(x.dtype)
@@ -205,15 +227,18 @@ class InternVideo2CLIPVision(nn.Module):
         self.vision_align = nn.Sequential(LayerNorm32(cfg.clip_embed_dim), nn.Linear(cfg.clip_embed_dim, cfg.align_dim))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        features = self.vision_encoder(frames.permute(0, 2, 1, 3, 4))
-        return self.vision_align(features)
+        return self.vision_align(self.vision_encoder(frames))
 
-    def set_fused_attention(self, fused: bool) -> "InternVideo2CLIPVision":
-        """SDPA kernels (fused=True, for PyTorch inference) or explicit attention (for ONNX export)."""
+    def set_fused_kernels(self, fused: bool) -> "InternVideo2CLIPVision":
+        """torch's fused kernels (SDPA, RMSNorm, patch matmul; fused=True, for PyTorch inference), or
+        attention, norms and the patch convolution spelled out with explicit float32 islands
+        (fused=False, for ONNX export)."""
         for module in self.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, (Attention, RMSNorm, PatchEmbed)):
                 module.fused = fused
         return self
+
+    set_fused_attention = set_fused_kernels  # older name, kept for callers
 
     def init_random_weights(self, seed: int = 0) -> "InternVideo2CLIPVision":
         """Upstream's initialisation: truncated-normal linears, sin-cos positions, LayerScale at init_values."""
