@@ -1,13 +1,16 @@
 """Pipeline benchmark: decode-only throughput, the extraction job end to end, and the job's own overhead.
 
 1. decode: every video decoded and sampled as the job's workers do (video.read_clips), then
-   preprocessed (transforms.preprocess_frames), timed apart, in 1 process and in W processes.
+   resized to uint8 (transforms.resize_frames, what the workers send), timed apart, in 1 process
+   and in W processes.
 2. end to end: job.run_job over the videos with the chosen backend (decoders, pipes, batching,
    inference, normalisation, writing), clips/s from its summary.
 3. encoder only: the same backend at the job's (B, T), timed as in the encoder benchmark.
-4. job overhead: the decoded clips are preloaded in memory and fed to the job's own inference stage
-   (Job._handle -> Job._infer_one_batch: np.stack batching, runner.infer with its transfers and dtype
-   conversion, L2-normalisation, writer); overhead = (stage time - encoder time) / encoder time.
+4. job overhead: the decoded clips (resized uint8, as the workers send them) are preloaded in memory
+   and fed to the job's own inference stage through its public entry point Job.run_preloaded (batch
+   assembly into preallocated buffers, the inference thread with runner.infer_uint8: upload,
+   normalisation and dtype conversion, L2-normalisation, writer): overhead = (wall time of the stage
+   for N batches - N x encoder p50) / (N x encoder p50).
 """
 from __future__ import annotations
 
@@ -96,8 +99,8 @@ def video_files(folder: str | Path) -> list[Path]:
 
 # --- decoding ----------------------------------------------------------------------------------------------
 def decode_one(path: str, windowing, img_size: int) -> dict[str, float]:
-    """Decode (+ sample) then preprocess one video as the job's workers do; seconds of each part."""
-    from .transforms import preprocess_frames
+    """Decode (+ sample) then resize one video as the job's workers do; seconds of each part."""
+    from .transforms import resize_frames
     from .video import read_clips
 
     clips = frames = 0
@@ -106,7 +109,7 @@ def decode_one(path: str, windowing, img_size: int) -> dict[str, float]:
     for clip in read_clips(path, windowing):
         t0 = time.perf_counter()
         decode_s += t0 - started
-        preprocess_frames(clip.frames, img_size)
+        resize_frames(clip.frames, img_size)
         started = time.perf_counter()
         preprocess_s += started - t0
         clips += 1
@@ -130,7 +133,7 @@ def _decode_worker(args) -> dict[str, float]:
 
 
 def decode_throughput(paths: list[Path], windowing, img_size: int, workers: int) -> dict[str, Any]:
-    """Decode + preprocess every video with `workers` processes (1: in this process, one torch thread)."""
+    """Decode + resize every video with `workers` processes (1: in this process, one torch thread)."""
     args = [(str(p), windowing, img_size) for p in paths]
     if workers == 1:
         started = time.perf_counter()
@@ -177,19 +180,18 @@ def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, 
 
 
 def preload_clips(paths: list[Path], windowing, img_size: int) -> list[list[np.ndarray]]:
-    """Preprocessed clips of every video, in memory (what the workers would send)."""
+    """Every video's clips in memory, exactly as the workers send them (uint8 [T, S, S, 3] resized frames)."""
     from .inputs import InputItem
-    from .job import iter_preprocessed
+    from .job import iter_clips
 
-    return [[a for _, a in iter_preprocessed(InputItem(str(p), p.name, "video"), windowing, img_size)]
-            for p in paths]
+    return [[a for _, a in iter_clips(InputItem(str(p), p.name, "video"), windowing, img_size)] for p in paths]
 
 
 def inference_stage(runner, videos: list[list[np.ndarray]], windowing, img_size: int, batch: int,
                     batches: int) -> dict[str, Any]:
     """Wall time of the job's inference stage on preloaded clips: `batches` full batches' worth of clips
-    (videos reused in turn), fed through Job's own message handling, batching, inference and writing."""
-    from .inputs import InputItem
+    (videos reused in turn) through Job.run_preloaded (the job's own batching, inference thread,
+    normalisation and writing, no decoding)."""
     from .job import Job, JobOptions
     from .writer import FailureLog, FeatureWriter
 
@@ -197,56 +199,17 @@ def inference_stage(runner, videos: list[list[np.ndarray]], windowing, img_size:
     feed, total = [], 0
     while total < want:
         clips = videos[len(feed) % len(videos)]
-        feed.append(clips)
-        total += len(clips)
+        take = clips[:want - total]
+        feed.append(take)
+        total += len(take)
     with tempfile.TemporaryDirectory(prefix="iv2trt_bench_stage_") as out:
         writer = FeatureWriter(out, "float16")
         job = Job([], runner, writer, FailureLog(out), JobOptions(windowing, img_size, batch, 1, progress=False))
-        try:
-            from tqdm import tqdm
-
-            from .job import _Video
-
-            job.bar = tqdm(disable=True)
-            started = time.perf_counter()
-            for number, clips in enumerate(feed):
-                job.videos[number] = _Video(InputItem(f"preloaded/{number}", f"{number}", "video"))
-                for array in clips:
-                    job._handle(("clip", number, {"start_s": 0.0, "end_s": 0.0, "indices": []}, array))
-                job._handle(("done", number, len(clips)))
-                while job._infer_one_batch(only_full=True):
-                    pass
-            while job._infer_one_batch(only_full=False):
-                pass
-            writer.flush()
-            stage_s = time.perf_counter() - started
-            method = "Job._handle/_infer_one_batch on preloaded clips"
-            stats = dict(job.stats)
-        except (AttributeError, TypeError) as exc:  # the job's internals changed: time its pieces instead
-            log.warning("job internals not usable (%s): timing batching+infer+normalise+write separately", exc)
-            stage_s, stats = _stage_by_pieces(runner, feed, batch, writer)
-            method = f"pieces (np.stack, runner.infer, l2_normalize, writer) because: {exc}"
-    return {"method": method, "seconds": stage_s, "clips": stats["clips"], "batches": stats["batches"],
-            "runner_infer_s": stats["infer_s"], "clips_per_s": stats["clips"] / stage_s}
-
-
-def _stage_by_pieces(runner, feed, batch, writer) -> tuple[float, dict[str, Any]]:
-    from .compare import l2_normalize
-
-    clips = [a for v in feed for a in v]
-    stats = {"clips": 0, "batches": 0, "infer_s": 0.0}
-    started = time.perf_counter()
-    for i in range(0, len(clips), batch):
-        frames = np.stack(clips[i:i + batch])
-        t0 = time.perf_counter()
-        feats = l2_normalize(runner.infer(frames))
-        stats["infer_s"] += time.perf_counter() - t0
-        writer.add_video(f"preloaded/{i}", str(i), "video", [{"start_s": 0.0, "end_s": 0.0, "indices": []}] *
-                         len(feats), feats)
-        stats["clips"] += len(feats)
-        stats["batches"] += 1
-    writer.flush()
-    return time.perf_counter() - started, stats
+        summary = job.run_preloaded(feed)
+    stage_s = summary["seconds"]
+    return {"method": "Job.run_preloaded on preloaded uint8 clips", "seconds": stage_s, "clips": summary["clips"],
+            "batches": summary["batches"], "runner_infer_s": summary["infer_seconds"],
+            "clips_per_s": summary["clips"] / stage_s}
 
 
 def starvation_verdict(e2e_cps: float, encoder_cps: float, decode_cps_per_worker: float, workers: int,
@@ -286,7 +249,10 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
     encoder_s = stage["batches"] * encoder_batch_s
     stage["encoder_s"] = encoder_s
     stage["overhead_pct"] = 100.0 * (stage["seconds"] - encoder_s) / encoder_s
+    # runner calls (upload, normalisation, dtype conversion, encoder, download) minus the encoder alone
     stage["transfer_and_conversion_pct"] = 100.0 * (stage["runner_infer_s"] - encoder_s) / encoder_s
+    # the stage's wall time not spent in runner calls: batching, L2 norm and writing that did NOT overlap
+    # with the encoder (they run in the main thread while the inference thread works)
     stage["batching_normalise_write_pct"] = 100.0 * (stage["seconds"] - stage["runner_infer_s"]) / encoder_s
     one = next((d for d in decode if d["workers"] == 1), decode[0])
     verdict = starvation_verdict(e2e["clips_per_s"], encoder_cps, one["clips_per_s_per_worker"], job_workers, cores)

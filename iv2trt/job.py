@@ -1,23 +1,33 @@
-"""The extraction job: decode + preprocess in worker processes, infer in batches, write shards.
+"""The extraction job: decode + resize in worker processes, infer in batches, write shards.
 
-Each worker process (forkserver or spawn: never a fork of the main process) takes one input at a time and sends its preprocessed clips back
-through its own pipe; the main process batches clips across inputs up to the batch size, runs
-the runner, L2-normalises and hands finished inputs to the writer. Pipes block when the main
-process is behind, so memory stays flat whatever the job size. A worker silent for longer than
-`decode_timeout_s` while on one input is killed and replaced; the input is recorded as failed.
+Each worker process (forkserver or spawn: never a fork of the main process) takes one input at a
+time and sends its clips back through its own pipe as resized uint8 frames [T, S, S, 3] (4x fewer
+bytes than float32; .npy inputs hold float32 frames already preprocessed and are sent as they are).
+The main thread copies each clip into its slot of a preallocated batch buffer (pinned memory when
+the runner offers it) and hands full batches to the inference thread through a bounded queue
+(`QUEUE_DEPTH`), so receiving and assembling the next batches overlaps with the encoder. The
+inference thread runs `runner.infer_uint8` (normalisation where the runner does it best) and sends
+raw features back; the main thread L2-normalises them and hands finished inputs to the writer.
+Batch buffers are recycled and the main thread stops reading the pipes while a full batch waits for
+the queue, so memory stays flat whatever the job size. An exception in the inference thread is
+re-raised in the main thread. A worker silent for longer than `decode_timeout_s` while on one input
+is killed and replaced; the input is recorded as failed.
 """
 from __future__ import annotations
 
 import logging
 import math
 import multiprocessing as mp
+import queue
 import signal
+import socket
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -29,6 +39,7 @@ from .writer import FailureLog, FeatureWriter, write_summary
 log = logging.getLogger(__name__)
 
 PARTIAL_BATCH_WAIT_S = 0.5  # how long clips wait for more to fill a batch while decoders are working
+QUEUE_DEPTH = 2             # batches ready for the inference thread (besides the one it is running)
 
 
 @dataclass
@@ -41,8 +52,10 @@ class JobOptions:
     progress: bool = True
 
 
-def iter_preprocessed(item: InputItem, w: Windowing, img_size: int) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-    """(clip info, float32 [T, 3, S, S]) for every clip of one input. Raises DecodeError."""
+def iter_clips(item: InputItem, w: Windowing, img_size: int) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """(clip info, frames) for every clip of one input: uint8 [T, S, S, 3] resized frames for videos, images
+    and frame folders (normalised later, by the runner); float32 [T, 3, S, S] as stored for .npy inputs.
+    Raises DecodeError."""
     if item.kind == "npy":
         try:
             array = np.load(item.path, mmap_mode="r")
@@ -56,11 +69,11 @@ def iter_preprocessed(item: InputItem, w: Windowing, img_size: int) -> Iterator[
         for clip in array:
             yield {"start_s": math.nan, "end_s": math.nan, "indices": []}, np.asarray(clip, np.float32)
         return
-    from .transforms import preprocess_frames
+    from .transforms import resize_frames
 
     for clip in read_clips(item.path, w):
         yield ({"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices},
-               preprocess_frames(clip.frames, img_size).numpy())
+               resize_frames(clip.frames, img_size))
 
 
 def check_frame_count(runner, frames: int) -> None:
@@ -98,7 +111,7 @@ def _worker_main(conn, w: Windowing, img_size: int) -> None:
         number, item = task
         try:
             count = 0
-            for info, array in iter_preprocessed(item, w, img_size):
+            for info, array in iter_clips(item, w, img_size):
                 conn.send(("clip", number, info, array))
                 count += 1
             conn.send(("done", number, count))
@@ -168,6 +181,125 @@ class Comparison:
         return self.max_abs_error / (self.max_ref or 1.0)
 
 
+class _Batch:
+    """Clips of one (dtype, shape) assembled in place: `frames[:len(self)]` are the rows, `rows` their owners."""
+
+    def __init__(self, key: tuple, frames: np.ndarray):
+        self.key, self.frames = key, frames
+        self.rows: list[tuple[int, int]] = []  # (input number, clip index)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def full(self) -> bool:
+        return len(self.rows) == len(self.frames)
+
+    def add(self, number: int, clip: int, array: np.ndarray) -> None:
+        self.frames[len(self.rows)] = array
+        self.rows.append((number, clip))
+
+    def drop(self, number: int) -> None:
+        """Remove the rows of a failed input (the others move up)."""
+        keep = [i for i, (n, _) in enumerate(self.rows) if n != number]
+        if len(keep) == len(self.rows):
+            return
+        for slot, i in enumerate(keep):
+            if slot != i:
+                self.frames[slot] = self.frames[i]
+        self.rows = [self.rows[i] for i in keep]
+
+
+class InferenceThread:
+    """Runs batches through the runner (and the reference runner, if any) in a thread of its own.
+
+    `submit` never blocks (False when QUEUE_DEPTH batches are already waiting); `results` returns the
+    finished batches as (batch, raw features, reference features, runner seconds) and re-raises an
+    exception of the thread (after which the thread has stopped). `fileno()` turns readable when a
+    result is ready, so multiprocessing.connection.wait can wait for workers and results together.
+    """
+
+    def __init__(self, runner, reference=None, depth: int = QUEUE_DEPTH):
+        from .runners import infer_frames
+
+        self.runner, self.reference, self._infer = runner, reference, infer_frames
+        self.inbox: queue.Queue = queue.Queue(maxsize=depth)
+        self.outbox: queue.Queue = queue.Queue()
+        self.in_flight = 0  # submitted and not yet returned by results() (main thread only)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="iv2trt-inference", daemon=True)
+        self.thread.start()
+
+    def fileno(self) -> int:
+        return self._wake_r.fileno()
+
+    def submit(self, batch: _Batch) -> bool:
+        if not self.thread.is_alive() and self.outbox.empty():
+            raise RuntimeError("the inference thread has stopped")
+        try:
+            self.inbox.put_nowait(batch)
+        except queue.Full:
+            return False
+        self.in_flight += 1
+        return True
+
+    def results(self, timeout: float = 0.0) -> list[tuple]:
+        """Finished batches, in submission order; waits up to `timeout` s for the first when none is ready."""
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        done = []
+        try:
+            if timeout > 0 and self.in_flight:
+                done.append(self.outbox.get(timeout=timeout))
+            while True:
+                done.append(self.outbox.get_nowait())
+        except queue.Empty:
+            pass
+        self.in_flight -= len(done)
+        for item in done:
+            if isinstance(item, BaseException):
+                raise item
+        return done
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self.inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                frames = batch.frames[:len(batch)]
+                started = time.perf_counter()
+                raw = self._infer(self.runner, frames)
+                seconds = time.perf_counter() - started
+                ref = self._infer(self.reference, frames) if self.reference is not None else None
+                self.outbox.put((batch, raw, ref, seconds))
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                self.outbox.put(exc)
+                self._notify()
+                return
+            self._notify()
+
+    def _notify(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):  # full: the main thread has wake-ups pending anyway
+            pass
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the thread (after the batch it is running) and free its sockets."""
+        self._stop.set()
+        self.thread.join(timeout)
+        self._wake_r.close()
+        self._wake_w.close()
+
+
 class Job:
     """One run over `items` with `runner`, writing through `writer`; `run()` returns the summary."""
 
@@ -179,14 +311,24 @@ class Job:
         self.batch_size = max(1, min(options.batch_size, runner.max_batch or options.batch_size))
         check_frame_count(runner, options.windowing.frames)
         self.videos: dict[int, _Video] = {}
-        self.pending: dict[tuple, list[tuple[int, int, np.ndarray]]] = {}
+        self.open: dict[tuple, _Batch] = {}      # batches being filled, one per (dtype, clip shape)
+        self.ready: deque[_Batch] = deque()      # full (or flushed) batches waiting for room in the queue
+        self._free: dict[tuple, list[np.ndarray]] = {}  # batch buffers to reuse
+        self.inference: InferenceThread | None = None
         self.stats = {"ok": 0, "failed": 0, "clips": 0, "batches": 0, "infer_s": 0.0}
 
     # --- results -------------------------------------------------------------------------------------------
     def _fail(self, number: int, reason: str) -> None:
         video = self.videos.pop(number)
-        for key in list(self.pending):
-            self.pending[key] = [p for p in self.pending[key] if p[0] != number]
+        for batch in [*self.open.values(), *self.ready]:
+            batch.drop(number)
+        for key, batch in list(self.open.items()):
+            if not len(batch):
+                del self.open[key]
+                self._recycle(batch)
+        for batch in [b for b in self.ready if not len(b)]:
+            self.ready.remove(batch)
+            self._recycle(batch)
         self.failures.add(video.item.path, video.item.id, reason)
         self.stats["failed"] += 1
         log.warning("failed %s: %s", video.item.path, reason)
@@ -219,7 +361,7 @@ class Job:
             video = self.videos[number]
             clip = len(video.infos)
             video.infos[clip] = info
-            self.pending.setdefault(array.shape, []).append((number, clip, array))
+            self._add_clip(number, clip, array)
         elif kind == "done":
             self.videos[number].count = message[2]
             self._finish_ready(number)
@@ -227,35 +369,75 @@ class Job:
             self._fail(number, message[2])
         return number if kind != "clip" else None
 
-    # --- inference -----------------------------------------------------------------------------------------
-    def _pending_clips(self) -> int:
-        return sum(len(v) for v in self.pending.values())
+    # --- batching ------------------------------------------------------------------------------------------
+    def _add_clip(self, number: int, clip: int, array: np.ndarray) -> None:
+        """Copy a clip into its slot of the open batch of its kind; a full batch becomes ready."""
+        key = (np.dtype(array.dtype).str, tuple(array.shape))
+        batch = self.open.get(key)
+        if batch is None:
+            batch = self.open[key] = _Batch(key, self._buffer(key))
+        batch.add(number, clip, array)
+        if batch.full:
+            self.ready.append(self.open.pop(key))
 
-    def _infer_one_batch(self, only_full: bool) -> bool:
-        if not self.pending:
+    def _buffer(self, key: tuple) -> np.ndarray:
+        free = self._free.get(key)
+        if free:
+            return free.pop()
+        shape, dtype = (self.batch_size, *key[1]), np.dtype(key[0])
+        alloc = getattr(self.runner, "new_host_buffer", None)  # pinned memory for GPU runners
+        return alloc(shape, dtype) if alloc is not None else np.empty(shape, dtype)
+
+    def _recycle(self, batch: _Batch) -> None:
+        free = self._free.setdefault(batch.key, [])
+        if len(free) < QUEUE_DEPTH + 2:
+            free.append(batch.frames)
+
+    def _open_clips(self) -> int:
+        return sum(len(b) for b in self.open.values())
+
+    def _flush_partial(self) -> bool:
+        """Make the fullest open batch ready although not full (decoders quiet, or too many open clips)."""
+        if not self.open:
             return False
-        key = max(self.pending, key=lambda k: len(self.pending[k]))
-        if only_full and len(self.pending[key]) < self.batch_size:
-            return False
-        batch, self.pending[key] = self.pending[key][:self.batch_size], self.pending[key][self.batch_size:]
-        if not self.pending[key]:
-            del self.pending[key]
-        if not batch:
-            return False
-        frames = np.stack([b[2] for b in batch])
-        started = time.perf_counter()
-        raw = self.runner.infer(frames)
-        self.stats["infer_s"] += time.perf_counter() - started
+        key = max(self.open, key=lambda k: len(self.open[k]))
+        self.ready.append(self.open.pop(key))
+        return True
+
+    # --- inference -----------------------------------------------------------------------------------------
+    def _pump(self, wait_s: float = 0.0) -> None:
+        """Hand ready batches to the inference thread; take in finished ones (waiting up to `wait_s` for one
+        when some are in flight). Re-raises an exception of the inference thread."""
+        while self.ready and self.inference.submit(self.ready[0]):
+            self.ready.popleft()
+        done = self.inference.results(wait_s)
+        for result in done:
+            self._complete(*result)
+        while done and self.ready and self.inference.submit(self.ready[0]):
+            self.ready.popleft()
+
+    def _complete(self, batch: _Batch, raw: np.ndarray, ref: np.ndarray | None, seconds: float) -> None:
+        self.stats["infer_s"] += seconds
         if self.comparison is not None:
-            self.comparison.update(self.reference.infer(frames), raw)
+            self.comparison.update(ref, raw)
         features = l2_normalize(raw)
         self.stats["batches"] += 1
         self.stats["clips"] += len(batch)
-        for (number, clip, _), feature in zip(batch, features):
-            self.videos[number].features[clip] = feature
-        for number in {b[0] for b in batch}:
+        rows = batch.rows
+        self._recycle(batch)
+        for (number, clip), feature in zip(rows, features):
+            video = self.videos.get(number)
+            if video is not None:  # else it failed while its clips were in flight
+                video.features[clip] = feature
+        for number in dict.fromkeys(n for n, _ in rows):
             self._finish_ready(number)
-        return True
+
+    def _drain(self) -> None:
+        """Every clip received so far through the encoder and written (used when no more clips can come)."""
+        while self.open or self.ready or self.inference.in_flight:
+            if not self.ready:
+                self._flush_partial()
+            self._pump(wait_s=0.5)
 
     # --- main loop -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -268,6 +450,7 @@ class Job:
         workers = [_Worker(ctx, self.o.windowing, self.o.img_size) for _ in range(n_workers)] if self.items else []
         self.bar = tqdm(total=len(self.items), unit="video", disable=not self.o.progress, mininterval=1.0,
                         dynamic_ncols=True, file=sys.stderr)
+        self.inference = InferenceThread(self.runner, self.reference)
         interrupted = False
         last_received = time.monotonic()
         try:
@@ -278,17 +461,21 @@ class Job:
                         self.videos[number] = _Video(item)
                         wk.assign(number, item)
                 busy = [wk for wk in workers if wk.task is not None]
-                room = self._pending_clips() < 2 * self.batch_size
-                ready = wait([wk.conn for wk in busy], timeout=0.05 if self.pending else 0.2) if busy and room else []
+                room = not self.ready and self._open_clips() < 2 * self.batch_size
+                listen = [wk.conn for wk in busy] if room else []
+                ready = wait(listen + [self.inference], timeout=0.05 if self.open else 0.2)
+                received = False
                 for wk in busy:
                     if wk.conn in ready:
                         self._receive(ctx, workers, wk)
+                        received = True
                         last_received = time.monotonic()
                 # a partial batch only once the decoders have gone quiet (or are all idle)
-                quiet = not room or not ready and (time.monotonic() - last_received > PARTIAL_BATCH_WAIT_S or
-                                                   all(wk.task is None for wk in workers))
-                if not self._infer_one_batch(only_full=True) and quiet:
-                    self._infer_one_batch(only_full=False)
+                quiet = not room or not received and (time.monotonic() - last_received > PARTIAL_BATCH_WAIT_S or
+                                                      all(wk.task is None for wk in workers))
+                if quiet and not self.ready:
+                    self._flush_partial()
+                self._pump()
                 self._check_timeouts(ctx, workers)
                 elapsed = time.perf_counter() - started
                 self.bar.set_postfix_str(f"{self.stats['clips'] / max(elapsed, 1e-9):.1f} clips/s", refresh=False)
@@ -296,10 +483,42 @@ class Job:
             interrupted = True
             raise
         finally:
+            self.inference.close(timeout=5 if interrupted else 60)
             self.bar.close()
             for wk in workers:
                 wk.stop(kill=interrupted)
             self.writer.flush()  # finished videos are kept even when the job stops early
+        return self._summary(time.perf_counter() - started)
+
+    def run_preloaded(self, videos: Iterable[Iterable[np.ndarray]]) -> dict[str, Any]:
+        """The job's inference stage alone, on clips already decoded: each element of `videos` is one input's
+        clips as the workers send them (uint8 [T, S, S, 3] resized frames, or float32 [T, 3, S, S]). They go
+        through the same message handling, batch assembly, inference thread, L2-normalisation and writer as
+        in `run` (inputs named preloaded/<n>); returns the summary. For benchmarks and tests."""
+        from tqdm import tqdm
+
+        started = time.perf_counter()
+        self.items = []
+        self.bar = tqdm(disable=True)
+        self.inference = InferenceThread(self.runner, self.reference)
+        info = {"start_s": math.nan, "end_s": math.nan, "indices": []}
+        try:
+            for clips in videos:
+                number = len(self.items)
+                self.items.append(InputItem(f"preloaded/{number}", f"preloaded/{number}", "video"))
+                self.videos[number] = _Video(self.items[-1])
+                count = 0
+                for array in clips:
+                    while self.ready:  # the queue is full: wait for the encoder (memory stays bounded)
+                        self._pump(wait_s=0.5)
+                    self._handle(("clip", number, info, array))
+                    self._pump()
+                    count += 1
+                self._handle(("done", number, count))
+            self._drain()
+        finally:
+            self.inference.close()
+            self.writer.flush()
         return self._summary(time.perf_counter() - started)
 
     def _receive(self, ctx, workers: list[_Worker], wk: _Worker) -> None:

@@ -1,7 +1,11 @@
 """Runners: one object per backend that turns preprocessed frames into raw (unnormalised) features.
 
-Every runner takes float32 frames [B, T, 3, H, W] and returns float32 [B, D]. The TensorRT runner
-lives in trt_runtime.py, the only module that touches TensorRT's execution API.
+Every runner has `infer(float32 frames [B, T, 3, H, W]) -> float32 [B, D]` and
+`infer_uint8(uint8 resized frames [B, T, H, W, 3]) -> float32 [B, D]`, the second equal to
+`infer(normalize_frames(frames))` (within the backend's precision): it is what the extraction job
+calls, so frames travel as uint8 and are normalised where it is cheapest (on the GPU for PyTorch,
+straight into the backend's input dtype on the host otherwise). The TensorRT runner lives in
+trt_runtime.py, the only module that touches TensorRT's execution API.
 """
 from __future__ import annotations
 
@@ -15,8 +19,60 @@ from .errors import BackendUnavailable, PipelineError
 log = logging.getLogger(__name__)
 
 
+def check_uint8_frames(frames) -> np.ndarray:
+    """frames as a C-contiguous uint8 array [B, T, H, W, 3]; PipelineError otherwise."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+        raise PipelineError(f"infer_uint8 takes uint8 frames [batch, frames, H, W, 3], got {frames.dtype} "
+                            f"{tuple(frames.shape)}")
+    return np.ascontiguousarray(frames)
+
+
+def normalized_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """[B, T, H, W, 3] -> [B, T, 3, H, W]."""
+    return (*shape[:-3], 3, *shape[-3:-1])
+
+
+def reusable_buffer(owner, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised host array of `shape`, carved from a buffer kept on `owner` and grown when needed:
+    a fresh 100+ MB array per batch costs more in page faults than normalising into it."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape))
+    buf = getattr(owner, "_host_input", None)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = owner._host_input = np.empty(size, dtype)
+    return buf[:size].reshape(shape)
+
+
+class HostNormalize:
+    """Default `infer_uint8`: normalise on the host (torch CPU ops, multi-threaded), written straight into
+    the dtype the backend takes (`input_dtype`, float32 when absent), then `infer`. The normalised input
+    lives in a buffer reused across calls (calls are synchronous; one thread per runner)."""
+
+    def infer_uint8(self, frames: np.ndarray) -> np.ndarray:
+        from .transforms import normalize_frames
+
+        frames = check_uint8_frames(frames)
+        x = reusable_buffer(self, normalized_shape(frames.shape), getattr(self, "input_dtype", None) or np.float32)
+        normalize_frames(frames, out=x)
+        return self.infer(x)
+
+
+def infer_frames(runner, frames: np.ndarray) -> np.ndarray:
+    """runner.infer_uint8 for uint8 [B, T, H, W, 3], runner.infer for float [B, T, 3, H, W]; runners without
+    infer_uint8 get host-normalised frames."""
+    if np.asarray(frames).dtype != np.uint8:
+        return runner.infer(frames)
+    method = getattr(runner, "infer_uint8", None)
+    return method(frames) if method is not None else HostNormalize.infer_uint8(runner, frames)
+
+
 class TorchRunner:
-    """The PyTorch model; fp16 with SDPA kernels on a GPU, fp32 on CPU by default."""
+    """The PyTorch model; fp16 with SDPA kernels on a GPU, fp32 on CPU by default.
+
+    `infer_uint8` on a GPU: uint8 frames go up through a pinned buffer (the caller's own when it came from
+    `new_host_buffer`, else a reused staging buffer) and are normalised on the GPU in float32, then cast to
+    the model's dtype: the float path's values, rounded once."""
 
     name = "torch"
 
@@ -31,14 +87,57 @@ class TorchRunner:
         self.model = model.to(device=self.device, dtype=self.dtype).eval().set_fused_attention(True)
         self.max_batch = None
         self.frame_range = (1, None)
+        self._staging = None                      # pinned uint8, grown to the largest batch seen
+        self._pinned: dict[int, tuple[int, int]] = {}  # id -> (address, bytes) of buffers from new_host_buffer
 
     def infer(self, frames: np.ndarray):
         with self.torch.inference_mode():
             x = self.torch.as_tensor(frames).to(self.device, self.dtype, non_blocking=True)
             return self.model(x).float().cpu().numpy()
 
+    def new_host_buffer(self, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
+        """An empty host array to assemble batches in: page-locked when the model is on a GPU (uploaded
+        without a staging copy by infer_uint8), plain memory otherwise."""
+        if self.device.type != "cuda":
+            return np.empty(shape, dtype)
+        import weakref
 
-class OnnxRuntimeRunner:
+        tensor = self.torch.empty(shape, dtype=self.torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
+        array = tensor.numpy()  # keeps `tensor` (and its pinned memory) alive
+        key = id(tensor)
+        self._pinned[key] = (tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        weakref.finalize(tensor, self._pinned.pop, key, None)
+        return array
+
+    def _is_pinned(self, frames: np.ndarray) -> bool:
+        start = frames.__array_interface__["data"][0]
+        return any(a <= start and start + frames.nbytes <= a + n for a, n in list(self._pinned.values()))
+
+    def _upload(self, frames: np.ndarray):
+        torch = self.torch
+        x = torch.from_numpy(frames)
+        if not self._is_pinned(frames):
+            if self._staging is None or self._staging.numel() < x.numel():
+                self._staging = torch.empty(x.numel(), dtype=torch.uint8, pin_memory=True)
+            staged = self._staging[:x.numel()].view(x.shape)
+            staged.copy_(x)
+            x = staged
+        # the pinned source is not touched again before this call returns (.cpu() below synchronises)
+        return x.to(self.device, non_blocking=True)
+
+    def infer_uint8(self, frames: np.ndarray) -> np.ndarray:
+        from .transforms import normalize_frames
+
+        frames = check_uint8_frames(frames)
+        with self.torch.inference_mode():
+            if self.device.type == "cuda":
+                x = normalize_frames(self._upload(frames))
+            else:
+                x = normalize_frames(frames, out=reusable_buffer(self, normalized_shape(frames.shape), np.float32))
+            return self.model(x.to(self.dtype)).float().cpu().numpy()
+
+
+class OnnxRuntimeRunner(HostNormalize):
     """An exported ONNX graph in ONNX Runtime (CUDA provider when present and asked for, else CPU)."""
 
     name = "onnxruntime"

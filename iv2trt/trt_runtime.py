@@ -143,7 +143,8 @@ def _import_pycuda():
 
 
 class TensorRTRunner:
-    """A TensorRT engine as a runner: float32 frames [B, T, 3, H, W] -> float32 features [B, D] (raw)."""
+    """A TensorRT engine as a runner: float32 frames [B, T, 3, H, W] (infer) or uint8 resized frames
+    [B, T, H, W, 3] (infer_uint8) -> float32 features [B, D] (raw)."""
 
     name = "tensorrt"
 
@@ -208,23 +209,40 @@ class TensorRTRunner:
         self.context.set_tensor_address(self.output_name, int(self.device_out))
 
     def infer(self, frames: np.ndarray) -> np.ndarray:
+        """float frames [B, T, 3, H, W] -> float32 features [B, D]."""
         frames = np.asarray(frames)
         check_frames_shape(frames.shape, self.frame_range, self.chw)
-        out = np.empty((frames.shape[0], self.feature_dim), np.float32)
+        return self._infer_rows(frames.shape, lambda dst, a, b: np.copyto(dst, frames[a:b], casting="unsafe"))
+
+    def infer_uint8(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 resized frames [B, T, H, W, 3] -> float32 features [B, D]; normalised on the host straight
+        into the pinned input buffer, in the engine's input dtype (no full-size float32 temporary)."""
+        from .runners import check_uint8_frames, normalized_shape
+        from .transforms import normalize_frames
+
+        frames = check_uint8_frames(frames)
+        shape = normalized_shape(frames.shape)
+        check_frames_shape(shape, self.frame_range, self.chw)
+        return self._infer_rows(shape, lambda dst, a, b: normalize_frames(frames[a:b], out=dst))
+
+    def _infer_rows(self, shape: tuple[int, ...], fill) -> np.ndarray:
+        """Run all rows of a [B, T, C, H, W] batch; fill(dst, start, stop) writes rows [start, stop) into dst,
+        a view of the pinned input buffer in the engine's dtype."""
+        out = np.empty((shape[0], self.feature_dim), np.float32)
         self.context_cuda.push()
         try:
-            for chunk in plan_batches(frames.shape[0], self.min_batch, self.max_batch):
-                out[chunk.start:chunk.stop] = self._run(frames[chunk.start:chunk.stop], chunk.run_batch)
+            for chunk in plan_batches(shape[0], self.min_batch, self.max_batch):
+                out[chunk.start:chunk.stop] = self._run(chunk, shape[1], fill)
         finally:
             self.context_cuda.pop()
         return out
 
-    def _run(self, frames: np.ndarray, run_batch: int) -> np.ndarray:
+    def _run(self, chunk: Chunk, n_frames: int, fill) -> np.ndarray:
         """One engine call on rows that fit the profile (zero-padded up to run_batch)."""
-        rows, n_frames = frames.shape[0], frames.shape[1]
+        rows, run_batch = chunk.stop - chunk.start, chunk.run_batch
         shape = (run_batch, n_frames, *self.chw)
         host_in = self.host_in.reshape(-1)[:int(np.prod(shape))].reshape(shape)  # a view of the pinned buffer
-        np.copyto(host_in[:rows], frames, casting="unsafe")  # fp32 -> engine dtype on the host
+        fill(host_in[:rows], chunk.start, chunk.stop)  # -> engine dtype, on the host
         if run_batch > rows:
             host_in[rows:] = 0
         if not self.context.set_input_shape(self.input_name, shape):
