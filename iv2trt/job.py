@@ -268,23 +268,37 @@ class InferenceThread:
         return done
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        """Runs batches in order. A runner with `submit_uint8` gets the next batch submitted before the
+        previous one is waited for, so its upload overlaps the previous compute."""
+        pending: deque = deque()  # (batch, started, wait-for-features) submitted, not yet finished
+        while not self._stop.is_set() or pending:
             try:
-                batch = self.inbox.get(timeout=0.1)
+                batch = None if self._stop.is_set() else self.inbox.get(timeout=0.0 if pending else 0.1)
             except queue.Empty:
-                continue
+                batch = None
             try:
-                frames = batch.frames[:len(batch)]
-                started = time.perf_counter()
-                raw = self._infer(self.runner, frames)
-                seconds = time.perf_counter() - started
-                ref = self._infer(self.reference, frames) if self.reference is not None else None
-                self.outbox.put((batch, raw, ref, seconds))
+                if batch is not None:
+                    pending.append((batch, time.perf_counter(), self._start(batch.frames[:len(batch)])))
+                if pending and (batch is None or len(pending) > 1):
+                    done, started, wait = pending.popleft()
+                    raw = wait()
+                    seconds = time.perf_counter() - started
+                    frames = done.frames[:len(done)]
+                    ref = self._infer(self.reference, frames) if self.reference is not None else None
+                    self.outbox.put((done, raw, ref, seconds))
+                    self._notify()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self.outbox.put(exc)
                 self._notify()
                 return
-            self._notify()
+
+    def _start(self, frames: np.ndarray):
+        """Begin inference of `frames`; returns a function that waits for the raw features."""
+        submit = getattr(self.runner, "submit_uint8", None)
+        if submit is not None and frames.dtype == np.uint8:
+            return submit(frames)
+        result = self._infer(self.runner, frames)
+        return lambda: result
 
     def _notify(self) -> None:
         try:

@@ -71,7 +71,7 @@ def _copy_for_export(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mod
     import copy
 
     clone = copy.deepcopy(model).to(dtype=dtype).eval()
-    return clone.set_fused_attention(False)
+    return clone.set_fused_kernels(False)
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def validate_onnx(model: torch.nn.Module, onnx_path: str | Path, precision: str,
     from .runners import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(onnx_path, providers=["CPUExecutionProvider"])
-    reference = _copy_for_export(model, torch.float32).set_fused_attention(True)
+    reference = _copy_for_export(model, torch.float32).set_fused_kernels(True)
     rng = np.random.default_rng(seed)
     cfg = model.cfg
     results = []

@@ -68,15 +68,20 @@ def infer_frames(runner, frames: np.ndarray) -> np.ndarray:
 
 
 class TorchRunner:
-    """The PyTorch model; fp16 with SDPA kernels on a GPU, fp32 on CPU by default.
+    """The PyTorch model; fp16 with fused kernels on a GPU, fp32 on CPU by default.
 
     `infer_uint8` on a GPU: uint8 frames go up through a pinned buffer (the caller's own when it came from
-    `new_host_buffer`, else a reused staging buffer) and are normalised on the GPU in float32, then cast to
-    the model's dtype: the float path's values, rounded once."""
+    `new_host_buffer`, else one of two staging buffers) on a copy stream, are normalised on the GPU in
+    float32 and cast to the model's dtype (the float path's values, rounded once). `submit_uint8` starts a
+    batch and returns a function that waits for its features, so the next batch's upload overlaps this
+    one's compute. Each input shape's forward pass is captured once as a CUDA graph (`cuda_graphs`) and
+    replayed, which removes the per-kernel launch cost that dominates small batches.
+    The model is moved to the device and dtype in place and switched to fused kernels."""
 
     name = "torch"
+    MAX_GRAPHS = 8
 
-    def __init__(self, model, device: str | None = None, precision: str | None = None):
+    def __init__(self, model, device: str | None = None, precision: str | None = None, cuda_graphs: bool = True):
         import torch
 
         self.torch = torch
@@ -84,16 +89,53 @@ class TorchRunner:
         precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.precision = precision
-        self.model = model.to(device=self.device, dtype=self.dtype).eval().set_fused_attention(True)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval().set_fused_kernels(True)
         self.max_batch = None
         self.frame_range = (1, None)
-        self._staging = None                      # pinned uint8, grown to the largest batch seen
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, ...], tuple] = {}  # input shape -> (graph, static input, static output)
+        self._staging = [None, None]                     # pinned uint8 buffers, used in turn
+        self._staging_done = [None, None]                # copy-stream events: staging buffer free again
+        self._turn = 0
         self._pinned: dict[int, tuple[int, int]] = {}  # id -> (address, bytes) of buffers from new_host_buffer
+        if self.device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._graph_pool = torch.cuda.graph_pool_handle()
 
     def infer(self, frames: np.ndarray):
         with self.torch.inference_mode():
             x = self.torch.as_tensor(frames).to(self.device, self.dtype, non_blocking=True)
-            return self.model(x).float().cpu().numpy()
+            return self.forward_device(x).float().cpu().numpy()
+
+    def forward_device(self, x):
+        """model(x), replaying the CUDA graph captured for x's shape (captured on first sight)."""
+        if not self.cuda_graphs:
+            return self.model(x)
+        key = tuple(x.shape)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.MAX_GRAPHS:
+                return self.model(x)
+            entry = self._graphs[key] = self._capture(x)
+        graph, static_in, static_out = entry
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    def _capture(self, x) -> tuple:
+        torch = self.torch
+        static_in = x.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: kernels picked and workspaces allocated outside the capture
+                self.model(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            static_out = self.model(static_in)
+        log.debug("captured a CUDA graph for input %s", tuple(x.shape))
+        return graph, static_in, static_out
 
     def new_host_buffer(self, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
         """An empty host array to assemble batches in: page-locked when the model is on a GPU (uploaded
@@ -113,28 +155,58 @@ class TorchRunner:
         start = frames.__array_interface__["data"][0]
         return any(a <= start and start + frames.nbytes <= a + n for a, n in list(self._pinned.values()))
 
-    def _upload(self, frames: np.ndarray):
+    def _pinned_source(self, frames: np.ndarray):
+        """(pinned tensor of frames, event to record once its upload is queued): the caller's buffer
+        (no event), or the next staging buffer once its previous upload has finished."""
         torch = self.torch
         x = torch.from_numpy(frames)
-        if not self._is_pinned(frames):
-            if self._staging is None or self._staging.numel() < x.numel():
-                self._staging = torch.empty(x.numel(), dtype=torch.uint8, pin_memory=True)
-            staged = self._staging[:x.numel()].view(x.shape)
-            staged.copy_(x)
-            x = staged
-        # the pinned source is not touched again before this call returns (.cpu() below synchronises)
-        return x.to(self.device, non_blocking=True)
+        if self._is_pinned(frames):
+            return x, None
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._staging_done[turn] is not None:
+            self._staging_done[turn].synchronize()  # its previous upload has finished
+        if self._staging[turn] is None or self._staging[turn].numel() < x.numel():
+            self._staging[turn] = torch.empty(x.numel(), dtype=torch.uint8, pin_memory=True)
+        staged = self._staging[turn][:x.numel()].view(x.shape)
+        staged.copy_(x)
+        self._staging_done[turn] = torch.cuda.Event()
+        return staged, self._staging_done[turn]
 
-    def infer_uint8(self, frames: np.ndarray) -> np.ndarray:
+    def submit_uint8(self, frames: np.ndarray):
+        """Start `infer_uint8(frames)`; returns a function that waits for and returns the features.
+
+        A caller's pinned buffer (new_host_buffer) must stay untouched until that function returned."""
         from .transforms import normalize_frames
 
         frames = check_uint8_frames(frames)
-        with self.torch.inference_mode():
-            if self.device.type == "cuda":
-                x = normalize_frames(self._upload(frames))
-            else:
+        torch = self.torch
+        if self.device.type != "cuda":
+            with torch.inference_mode():
                 x = normalize_frames(frames, out=reusable_buffer(self, normalized_shape(frames.shape), np.float32))
-            return self.model(x.to(self.dtype)).float().cpu().numpy()
+                result = self.forward_device(x.to(self.dtype)).float().numpy()
+            return lambda: result
+        with torch.inference_mode():
+            source, uploaded = self._pinned_source(frames)
+            compute = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self._copy_stream):
+                x = source.to(self.device, non_blocking=True)
+                if uploaded is not None:
+                    uploaded.record(self._copy_stream)
+            compute.wait_stream(self._copy_stream)
+            x.record_stream(compute)
+            features = self.forward_device(normalize_frames(x).to(self.dtype)).float()
+            host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(features, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(compute)
+
+        def wait() -> np.ndarray:
+            done.synchronize()
+            return host.numpy()
+        return wait
+
+    def infer_uint8(self, frames: np.ndarray) -> np.ndarray:
+        return self.submit_uint8(frames)()
 
 
 class OnnxRuntimeRunner(HostNormalize):

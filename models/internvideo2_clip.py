@@ -238,8 +238,6 @@ class InternVideo2CLIPVision(nn.Module):
                 module.fused = fused
         return self
 
-    set_fused_attention = set_fused_kernels  # older name, kept for callers
-
     def init_random_weights(self, seed: int = 0) -> "InternVideo2CLIPVision":
         """Upstream's initialisation: truncated-normal linears, sin-cos positions, LayerScale at init_values."""
         gen = torch.Generator().manual_seed(seed)

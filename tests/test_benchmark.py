@@ -16,11 +16,11 @@ from models import InternVideo2CLIPVision, load_vision_config
 def counted_flops(model: InternVideo2CLIPVision, frames: int) -> int:
     """torch's own count (explicit attention: FlopCounterMode has no formula for CPU SDPA kernels)."""
     cfg = model.cfg
-    model.set_fused_attention(False)
+    model.set_fused_kernels(False)
     x = torch.zeros(1, frames, cfg.in_chans, cfg.img_size, cfg.img_size, device=next(model.parameters()).device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
-    model.set_fused_attention(True)
+    model.set_fused_kernels(True)
     return counter.get_total_flops()
 
 

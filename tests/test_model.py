@@ -16,11 +16,11 @@ from iv2trt.compare import compare
 def test_fp32_matches_float64_reference(tiny_model, frames, fused):
     torch.manual_seed(100 + frames)
     x = torch.randn(3, frames, 3, TINY.img_size, TINY.img_size)
-    tiny_model.set_fused_attention(fused)
+    tiny_model.set_fused_kernels(fused)
     with torch.no_grad():
         ours = tiny_model(x).numpy()
     ref = reference_encode_vision(tiny_model.state_dict(), TINY, x).numpy()
-    tiny_model.set_fused_attention(True)
+    tiny_model.set_fused_kernels(True)
     assert compare(ref, ours).max_rel_error < 1e-5
 
 
@@ -104,6 +104,6 @@ def test_fp16_model_keeps_norms_in_fp32(tiny_model):
     half = half.half().eval()
     with torch.no_grad():
         ref = tiny_model(x).numpy()
-        out = half.set_fused_attention(False)(x.half()).float().numpy()
+        out = half.set_fused_kernels(False)(x.half()).float().numpy()
     assert compare(ref, out).min_cosine > 0.999
     assert np.isfinite(out).all()
