@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, nargs="+",
                    help="decode-only worker counts (default: 1, the job's default, cores-1)")
     g.add_argument("--job-workers", type=int, help="decode workers of the end-to-end job (default: as trt_inference)")
-    g.add_argument("--stage-batches", type=int, default=16, help="batches in the overhead measurement")
+    g.add_argument("--stage-batches", type=int, default=64,
+                   help="batches in the overhead measurement (a second run of a quarter as many gives the "
+                        "steady-state cost per batch)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -169,9 +171,12 @@ def markdown_report(results: dict[str, Any]) -> str:
                   f"- encoder only at the same shape ({pipe['encoder_only_timing']} timing, p50): "
                   f"{pipe['encoder_only_clips_per_s']:.1f} clips/s",
                   f"- {pipe['verdict']}",
-                  f"- job overhead over the encoder ({st['method']}; {st['batches']} batches): "
-                  f"{st['overhead_pct']:.1f}% (transfers + dtype conversion {st['transfer_and_conversion_pct']:.1f}%,"
-                  f" batching + normalisation + writing {st['batching_normalise_write_pct']:.1f}%)", ""]
+                  f"- job overhead over the encoder ({st['method']}): steady state "
+                  f"{st['steady_state_overhead_pct']:.1f}% ({1000 * st['steady_state_batch_s']:.2f} ms per further "
+                  f"batch vs {1000 * pipe['encoder_only_batch_s']:.2f} ms encoder p50; from runs of "
+                  f"{st['short_run']['batches']} and {st['batches']} batches); whole {st['batches']}-batch run "
+                  f"{st['overhead_pct']:.1f}% (thread start, pinned buffers, first batch's assembly and the final "
+                  "flush included)", ""]
     targets = results.get("targets")
     if targets:
         lines += ["## Targets", ""] + [f"- {t['name']}: {t['status']} ({t['detail']})" for t in targets] + [""]
@@ -197,10 +202,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
     if pipe:
         st = pipe["inference_stage"]
         shape_ok = (pipe["batch"], pipe["frames"]) == (32, 8)
-        out.append({"name": "job overhead <= 5% of encoder time (32x8)",
-                    "status": ("met" if st["overhead_pct"] <= TARGET_JOB_OVERHEAD_PCT else "MISSED")
+        out.append({"name": "job overhead <= 5% of encoder time (32x8, steady state)",
+                    "status": ("met" if st["steady_state_overhead_pct"] <= TARGET_JOB_OVERHEAD_PCT else "MISSED")
                     + ("" if shape_ok else f" (measured at {pipe['batch']}x{pipe['frames']})"),
-                    "detail": f"{st['overhead_pct']:.1f}% with {pipe['backend']}"})
+                    "detail": f"{st['steady_state_overhead_pct']:.1f}% per further batch with {pipe['backend']}; "
+                              f"{st['overhead_pct']:.1f}% over a whole {st['batches']}-batch run"})
     return out
 
 

@@ -40,6 +40,19 @@ def resize_frames(frames: np.ndarray | torch.Tensor, size: int = 224) -> np.ndar
     return np.ascontiguousarray(_resize_tensor(frames, size).numpy())
 
 
+_MEAN_STD: dict = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std as [1, 3, 1, 1] float32 on `device`, made once per device (a fresh host-to-GPU copy
+    per batch would wait for the GPU's queued work and break the overlap of upload and compute)."""
+    key = str(device)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+                          torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+    return _MEAN_STD[key]
+
+
 def normalize_frames(frames: np.ndarray | torch.Tensor, out: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [..., H, W, 3] (numpy or torch, any device) -> float32 [..., 3, H, W]: /255, ImageNet mean/std.
 
@@ -59,8 +72,7 @@ def normalize_frames(frames: np.ndarray | torch.Tensor, out: np.ndarray | torch.
                              f"{tuple(out.shape)}")
     src = x.reshape(-1, *x.shape[-3:])                  # [N, H, W, 3]
     dst = out.view(-1, *shape[-3:])                    # [N, 3, H, W]
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     per_frame = max(1, src[0].numel())
     step = len(src) if x.device.type != "cpu" else max(1, _CPU_CHUNK_ELEMENTS // per_frame)
     tmp = None
