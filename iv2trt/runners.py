@@ -108,19 +108,21 @@ class TorchRunner:
             return self.forward_device(x).float().cpu().numpy()
 
     def forward_device(self, x):
-        """model(x), replaying the CUDA graph captured for x's shape (captured on first sight)."""
-        if not self.cuda_graphs:
-            return self.model(x)
-        key = tuple(x.shape)
-        entry = self._graphs.get(key)
-        if entry is None:
-            if len(self._graphs) >= self.MAX_GRAPHS:
+        """model(x) for a tensor already on the device, replaying the CUDA graph captured for x's shape
+        (captured on first sight). The result may be the graph's static output: read it before the next call."""
+        with self.torch.inference_mode():
+            if not self.cuda_graphs:
                 return self.model(x)
-            entry = self._graphs[key] = self._capture(x)
-        graph, static_in, static_out = entry
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
+            key = tuple(x.shape)
+            entry = self._graphs.get(key)
+            if entry is None:
+                if len(self._graphs) >= self.MAX_GRAPHS:
+                    return self.model(x)
+                entry = self._graphs[key] = self._capture(x)
+            graph, static_in, static_out = entry
+            static_in.copy_(x)
+            graph.replay()
+            return static_out
 
     def _capture(self, x) -> tuple:
         torch = self.torch
