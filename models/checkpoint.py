@@ -110,9 +110,11 @@ def load_vision_checkpoint(model: torch.nn.Module, checkpoint: str | Path,
     """Load upstream weights into an InternVideo2CLIPVision, strictly; raise CheckpointError otherwise."""
     state = to_vision_state_dict(read_state_dict(checkpoint))
     if align_checkpoint is not None:
-        extra = to_vision_state_dict(read_state_dict(align_checkpoint))
-        extra = {k: v for k, v in extra.items() if k.startswith(("vision_align.", "vision_encoder."))
-                 and not (k.startswith("vision_encoder.") and k[len("vision_encoder."):].startswith("vision_align."))}
+        raw = read_state_dict(align_checkpoint)
+        if not any(k.startswith(("vision_align.", "vision_encoder.")) for k in raw):
+            raise CheckpointError(f"{align_checkpoint} holds no vision_align.* (or vision_encoder.*) keys: pass the "
+                                  "file with the CLIP align head as --align-checkpoint")
+        extra = to_vision_state_dict(raw)
         log.info("align checkpoint %s provides %d tensors", align_checkpoint, len(extra))
         state.update(extra)
     _fit_pos_embed(state, model)

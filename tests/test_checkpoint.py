@@ -128,3 +128,10 @@ def test_export_cli_refuses_broken_checkpoint_and_writes_nothing(tmp_path, sourc
     assert proc.returncode == 2
     assert "missing keys [vision_encoder.cls_token]" in proc.stderr
     assert not out.exists() and not list(tmp_path.glob("*.onnx*"))
+
+
+def test_align_file_without_align_keys_is_refused(tmp_path, source):
+    torch.save(backbone_state(source), tmp_path / "backbone.pth")
+    torch.save({"text_encoder.w": torch.zeros(2)}, tmp_path / "text.pth")
+    with pytest.raises(CheckpointError, match="holds no vision_align"):
+        create_model(TINY, checkpoint=tmp_path / "backbone.pth", align_checkpoint=tmp_path / "text.pth")
