@@ -15,10 +15,8 @@ import copy
 import gc
 import importlib.util
 import logging
-import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -303,11 +301,17 @@ def _release(torch, cuda: bool) -> None:
 
 
 def tensorrt_version() -> str | None:
-    """`tensorrt X` or `tensorrt_rtx X` when importable, else None (no import: that can be slow)."""
-    for name in ("tensorrt", "tensorrt_rtx"):
-        spec = importlib.util.find_spec(name)
-        if spec and spec.origin:
-            text = Path(spec.origin).read_text(errors="replace")
-            found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
-            return f"{name} {found.group(1) if found else 'unknown version'}"
+    """`tensorrt X` or `tensorrt_rtx X` from the installed package's metadata, else None (no import: slow)."""
+    from importlib import metadata
+
+    for name, dists in (("tensorrt", ("tensorrt", "tensorrt-cu12", "tensorrt-cu13")),
+                        ("tensorrt_rtx", ("tensorrt-rtx-cu13", "tensorrt-rtx-cu12", "tensorrt-rtx"))):
+        if importlib.util.find_spec(name) is None:
+            continue
+        for dist in dists:
+            try:
+                return f"{name} {metadata.version(dist)}"
+            except metadata.PackageNotFoundError:
+                continue
+        return f"{name} (version unknown)"
     return None
