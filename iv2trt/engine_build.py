@@ -8,11 +8,11 @@ TensorRT 10 or 11 is called. This module builds engines only; running them is tr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import datetime
 import importlib
 import json
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -22,7 +22,7 @@ from typing import Any
 
 from . import __version__
 from .errors import BackendUnavailable, PipelineError
-from .fileio import atomic_path, sha256_file, write_bytes_atomic, write_text_atomic
+from .fileio import sha256_file, write_bytes_atomic, write_text_atomic
 from .onnx_export import INPUT_NAME, parse_shape
 
 log = logging.getLogger(__name__)
@@ -375,13 +375,11 @@ def build_engine_file(request: BuildRequest) -> dict[str, Any]:
                             "otherwise try --optimization-level 2 or --precision fp32")
     save_timing_cache(trt, config, request.timing_cache)
     metadata = engine_metadata(trt, request, info, io, rtx_targets(trt, config), build_seconds)
-    with atomic_path(request.output) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(serialized)
-            f.flush()
-            os.fsync(f.fileno())
-        metadata["engine_bytes"] = tmp.stat().st_size
-        write_text_atomic(metadata_path(request.output), json.dumps(metadata, indent=2) + "\n")
+    plan = memoryview(serialized)
+    metadata["engine_bytes"] = plan.nbytes
+    metadata["engine_sha256"] = hashlib.sha256(plan).hexdigest()  # ties the .json to this very engine file
+    write_bytes_atomic(request.output, plan)
+    write_text_atomic(metadata_path(request.output), json.dumps(metadata, indent=2) + "\n")
     log.info("engine ready: %s (%.1f MB, built in %.1fs)", request.output, metadata["engine_bytes"] / 1e6,
              build_seconds)
     return metadata

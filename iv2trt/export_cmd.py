@@ -10,6 +10,7 @@ from typing import Sequence
 from .cli import ModelSettings, load_model
 from .fileio import atomic_path, sha256_file
 from .onnx_export import check_validation, export_onnx, parse_shape, report_validation, validate_onnx
+from .errors import PipelineError
 from .settings import parse_settings, setting
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,14 @@ file only when it passes (exit 3 otherwise). Exit codes: 0 ok, 2 bad input/confi
 def main(argv: Sequence[str] | None = None) -> int:
     s = parse_settings(ExportSettings, ("model", "export"), DESCRIPTION, argv)
     shapes = [parse_shape(v) for v in s.validation_shapes]
+    if s.max_batch < 2 or s.max_frames < 2:
+        raise PipelineError("--max-batch and --max-frames must be at least 2 (the axes are dynamic; the profile "
+                            "of build_engine.py can still pin batch or frames to 1)")
+    if s.validate:
+        shapes = [(b, t) for b, t in shapes if b <= s.max_batch and t <= s.max_frames]
+        if not shapes:
+            raise PipelineError(f"no --validation-shapes fit within --max-batch {s.max_batch} and --max-frames "
+                                f"{s.max_frames}: give shapes such as 1x1 2x{min(8, s.max_frames)}")
     model = load_model(s)
     meta = {"random_init": str(not s.checkpoint).lower()}
     if s.checkpoint:
@@ -47,7 +56,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     with atomic_path(s.output) as tmp:
         export_onnx(model, tmp, s.precision, s.opset, s.max_batch, s.max_frames, meta)
         if s.validate:
-            shapes = [(b, t) for b, t in shapes if b <= s.max_batch and t <= s.max_frames]
             results = validate_onnx(model, tmp, s.precision, shapes)
             print(report_validation(results, s.precision), flush=True)
             check_validation(results)

@@ -62,11 +62,13 @@ EPILOG = """exit codes:
 example: python trt_inference.py --inputs videos/ --output outputs/feats --backend onnxruntime --onnx build/x.onnx"""
 
 
-def job_identity(s: InferSettings, backend: str, img_size: int) -> dict[str, Any]:
+def job_identity(s: InferSettings, backend: str, img_size: int, precision: str) -> dict[str, Any]:
     """What decides the features: resuming into an output dir requires all of it to match."""
     if backend == "torch":
         model = {"checkpoint_sha256": sha256_file(s.checkpoint) if s.checkpoint else None,
-                 "random_init_seed": None if s.checkpoint else s.seed, "variant": s.variant}
+                 "align_checkpoint_sha256": sha256_file(s.align_checkpoint) if s.align_checkpoint else None,
+                 "random_init_seed": None if s.checkpoint else s.seed, "variant": s.variant,
+                 "precision": precision}
     else:
         path = s.engine if backend == "tensorrt" else s.onnx
         model = {"model_file": os.path.basename(path), "model_sha256": sha256_file(path)}
@@ -90,17 +92,15 @@ def reference_runner(s: InferSettings):
 
 
 def check_comparison(summary: dict[str, Any], precision: str) -> None:
-    from .compare import FP16_MIN_COSINE, FP32_MAX_REL_ERROR
+    from .compare import Comparison
 
     c = summary["compare_pytorch"]
-    ok = c["max_rel_error"] <= FP32_MAX_REL_ERROR if precision == "fp32" else c["min_cosine"] >= FP16_MIN_COSINE
     line = (f"compare with PyTorch fp32 ({precision} backend, {c['clips']} clips): min cosine {c['min_cosine']:.6f}, "
             f"max abs error {c['max_abs_error']:.3e}, max rel error {c['max_rel_error']:.3e}")
     print(line, flush=True)
-    if not ok:
-        limit = f"rel error <= {FP32_MAX_REL_ERROR:g}" if precision == "fp32" else f"cosine >= {FP16_MIN_COSINE}"
-        raise ValidationFailed(f"{line}: outside {limit}; features were written but do not match the PyTorch model "
-                               "(wrong checkpoint for this engine/graph, or a broken build)")
+    if not Comparison(c["max_abs_error"], c["max_rel_error"], c["min_cosine"]).passes(precision):
+        raise ValidationFailed(f"{line}: outside {Comparison.threshold(precision)}; features were written but do not "
+                               "match the PyTorch model (wrong checkpoint for this engine/graph, or a broken build)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,16 +126,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise PipelineError(str(exc)) from None
     items = discover(s.inputs, s.frame_folders)
     runner = create_runner(s)
-    img_size = runner_img_size(runner)
-    check_frame_count(runner, s.frames)
-    done = prepare_output(s.output, job_identity(s, runner.name, img_size), s.overwrite)
-    todo = [item for item in items if item.id not in done]
-    log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),
-             s.output)
-    reference = reference_runner(s) if s.compare_pytorch else None
-    writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy)
-    options = JobOptions(windowing, img_size, s.batch_size, s.workers, s.decode_timeout_s, s.progress)
-    summary = run_job(todo, runner, s.output, writer, options, reference, skipped=len(items) - len(todo))
+    try:
+        img_size = runner_img_size(runner)
+        check_frame_count(runner, s.frames)
+        identity = job_identity(s, runner.name, img_size, runner_precision(runner))
+        done = prepare_output(s.output, identity, s.overwrite)
+        todo = [item for item in items if item.id not in done]
+        log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),
+                 s.output)
+        reference = reference_runner(s) if s.compare_pytorch else None
+        writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy)
+        options = JobOptions(windowing, img_size, s.batch_size, s.workers, s.decode_timeout_s, s.progress)
+        summary = run_job(todo, runner, s.output, writer, options, reference, skipped=len(items) - len(todo))
+    finally:
+        close = getattr(runner, "close", None)  # the TensorRT runner frees its engine and GPU buffers
+        if close is not None:
+            close()
     if reference is not None and summary["compare_pytorch"]["clips"]:
         check_comparison(summary, runner_precision(runner))
     return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK

@@ -6,9 +6,11 @@ bytes than float32; .npy inputs hold float32 frames already preprocessed and are
 The main thread copies each clip into its slot of a preallocated batch buffer (pinned memory when
 the runner offers it) and hands full batches to the inference thread through a bounded queue
 (`QUEUE_DEPTH`), so receiving and assembling the next batches overlaps with the encoder. The
-inference thread runs `runner.infer_uint8` (normalisation where the runner does it best) and sends
-raw features back; the main thread L2-normalises them and hands finished inputs to the writer.
-Batch buffers are recycled and the main thread stops reading the pipes while a full batch waits for
+inference thread runs `runner.infer_uint8` (normalisation where the runner does it best) or, when the
+runner has it, `runner.submit_uint8`, keeping two batches in flight so the next upload overlaps the
+current compute; it sends raw features back and the main thread L2-normalises them and hands finished
+inputs to the writer. A batch buffer is recycled only after its features came back (a runner may read
+a caller's pinned buffer until then). Batch buffers are recycled and the main thread stops reading the pipes while a full batch waits for
 the queue, so memory stays flat whatever the job size. An exception in the inference thread is
 re-raised in the main thread. A worker silent for longer than `decode_timeout_s` while on one input
 is killed and replaced; the input is recorded as failed.

@@ -4,7 +4,9 @@ Every runner has `infer(float32 frames [B, T, 3, H, W]) -> float32 [B, D]` and
 `infer_uint8(uint8 resized frames [B, T, H, W, 3]) -> float32 [B, D]`, the second equal to
 `infer(normalize_frames(frames))` (within the backend's precision): it is what the extraction job
 calls, so frames travel as uint8 and are normalised where it is cheapest (on the GPU for PyTorch,
-straight into the backend's input dtype on the host otherwise). The TensorRT runner lives in
+straight into the backend's input dtype on the host otherwise). Optional: `submit_uint8(frames)` starts
+a batch and returns a function that waits for its features (the job keeps two batches in flight with
+it), and `close()` frees what the runner holds on the GPU. The TensorRT runner lives in
 trt_runtime.py, the only module that touches TensorRT's execution API.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BackendUnavailable, EngineMismatch, PipelineError
+from .fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,11 @@ def numpy_dtype(trt_dtype: Any) -> type:
 
 
 def load_engine_metadata(engine_path: str | Path) -> dict[str, Any]:
-    """`<engine>.json` written by build_engine.py; PipelineError when missing or unreadable."""
-    path = Path(str(engine_path) + ".json")
+    """`<engine>.json` written by build_engine.py; PipelineError when missing or unreadable, EngineMismatch when it
+    describes another engine file (an interrupted rebuild, or files copied apart)."""
+    from .engine_build import metadata_path
+
+    path = metadata_path(engine_path)
     if not Path(engine_path).is_file():
         raise PipelineError(f"engine {engine_path} not found: build it with python build_engine.py --onnx ONNX "
                             f"--output {engine_path}")
@@ -46,9 +50,14 @@ def load_engine_metadata(engine_path: str | Path) -> dict[str, Any]:
         raise PipelineError(f"{path} (the engine's metadata) is missing: rebuild the engine with build_engine.py, "
                             "which writes both files")
     try:
-        return json.loads(path.read_text())
+        metadata = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError) as exc:
         raise PipelineError(f"{path} is not readable JSON ({exc}): rebuild the engine with build_engine.py") from exc
+    expected = metadata.get("engine_sha256")
+    if expected and sha256_file(engine_path) != expected:
+        raise EngineMismatch(f"{engine_path} is not the engine {path} describes (its sha256 differs): rebuild it: "
+                             f"{rebuild_command(metadata, engine_path)}")
+    return metadata
 
 
 def rebuild_command(metadata: dict[str, Any], engine_path: str | Path, backend: str | None = None) -> str:

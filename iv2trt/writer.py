@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,8 +67,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def prepare_output(out_dir: str | Path, job: dict[str, Any], overwrite: bool) -> set[str]:
@@ -119,20 +116,23 @@ class FeatureWriter:
         for npy in (self.out_dir / SHARD_DIR).glob("shard-*.npy"):  # features whose manifest never landed
             if not npy.with_suffix(".parquet").exists():
                 npy.unlink()
-        self.rows: list[dict[str, Any]] = []
-        self.features: list[np.ndarray] = []
+        self.pending: list[tuple[list[dict[str, Any]], np.ndarray]] = []  # (manifest rows, features) per video
+        self.pending_rows = 0
 
     def add_video(self, path: str, video_id: str, kind: str, clips: list[dict[str, Any]], features: np.ndarray):
         """Queue one video's clips (`clips[i]` has start_s, end_s, indices) and its features [clips, D]."""
         file = self._video_file(video_id) if self.per_video_npy else None
         if file is not None:
             _save_npy(self.out_dir / file, features.astype(self.dtype))
-        for i, clip in enumerate(clips):
-            self.rows.append({"video": path, "id": video_id, "kind": kind, "clip": i, "num_clips": len(clips),
-                              "window_start_s": clip["start_s"], "window_end_s": clip["end_s"],
-                              "frame_indices": clip["indices"], "file": file, "file_row": i if file else None})
-        self.features.append(features)
-        if len(self.rows) >= self.shard_size:
+        rows = [{"video": path, "id": video_id, "kind": kind, "clip": i, "num_clips": len(clips),
+                 "window_start_s": clip["start_s"], "window_end_s": clip["end_s"],
+                 "frame_indices": clip["indices"], "file": file, "file_row": i if file else None}
+                for i, clip in enumerate(clips)]
+        if len(rows) != len(features):
+            raise ValueError(f"{path}: {len(rows)} clips but {len(features)} feature rows")
+        self.pending.append((rows, features))  # one append: an interrupt never splits rows from features
+        self.pending_rows += len(rows)
+        if self.pending_rows >= self.shard_size:
             self.flush()
 
     def _video_file(self, video_id: str) -> str:
@@ -146,23 +146,24 @@ class FeatureWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not self.rows:
+        if not self.pending:
             return
         name = f"{SHARD_DIR}/shard-{self.next_shard:05d}"
+        rows = [row for video_rows, _ in self.pending for row in video_rows]
         if not self.per_video_npy:
-            _save_npy(self.out_dir / f"{name}.npy", np.concatenate(self.features).astype(self.dtype))
-            for row_number, row in enumerate(self.rows):
+            _save_npy(self.out_dir / f"{name}.npy", np.concatenate([f for _, f in self.pending]).astype(self.dtype))
+            for row_number, row in enumerate(rows):
                 row["file"], row["file_row"] = f"{name}.npy", row_number
         schema = pa.schema([("row", pa.int64()), ("video", pa.string()), ("id", pa.string()), ("kind", pa.string()),
                             ("clip", pa.int32()), ("num_clips", pa.int32()), ("window_start_s", pa.float64()),
                             ("window_end_s", pa.float64()), ("frame_indices", pa.list_(pa.int32())),
                             ("file", pa.string()), ("file_row", pa.int64())])
-        table = pa.Table.from_pylist([{"row": i, **r} for i, r in enumerate(self.rows)], schema)
+        table = pa.Table.from_pylist([{"row": i, **r} for i, r in enumerate(rows)], schema)
         with atomic_path(self.out_dir / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)
-        log.debug("committed %s (%d rows)", name, len(self.rows))
+        log.debug("committed %s (%d rows)", name, len(rows))
         self.next_shard += 1
-        self.rows, self.features = [], []
+        self.pending, self.pending_rows = [], 0
 
 
 class FailureLog:

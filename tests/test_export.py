@@ -108,3 +108,16 @@ def test_help_explains_every_setting():
     for flag in ("--config", "--checkpoint", "--align-checkpoint", "--output", "--precision", "--opset",
                  "--max-batch", "--max-frames", "--random-init", "--validate", "--validation-shapes"):
         assert flag in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-batch", "1"], "at least 2"),
+    (["--max-frames", "1"], "at least 2"),
+    (["--max-frames", "4", "--validation-shapes", "1x8", "2x16"], "no --validation-shapes fit"),
+])
+def test_export_refuses_ranges_it_cannot_serve_or_validate(tmp_path, args, message, capfd):
+    from iv2trt.cli import run_main
+
+    out = tmp_path / "x.onnx"
+    assert run_main(export_cmd.main, ["--random-init", "--output", str(out), *args]) == 2
+    assert message in capfd.readouterr().err and not out.exists()

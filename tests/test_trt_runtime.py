@@ -182,3 +182,22 @@ def test_corrupt_engine_is_refused_on_gpu(tmp_path):
     Path(str(engine) + ".json").write_text(json.dumps(meta))
     with pytest.raises(EngineMismatch, match="could not deserialise"):
         TensorRTRunner(engine)
+
+
+def test_metadata_of_another_engine_file_is_refused(tmp_path):
+    import hashlib
+    import json
+
+    from iv2trt.errors import EngineMismatch
+    from iv2trt.trt_runtime import load_engine_metadata
+
+    engine = tmp_path / "x.engine"
+    engine.write_bytes(b"plan-v2")
+    meta = {"engine_sha256": hashlib.sha256(b"plan-v1").hexdigest(), "precision": "fp16",
+            "onnx": {"path": "x.onnx"}, "profile": {"min": "1x1", "opt": "4x8", "max": "8x16"}}
+    (tmp_path / "x.engine.json").write_text(json.dumps(meta))
+    with pytest.raises(EngineMismatch, match="sha256 differs.*build_engine.py --onnx x.onnx"):
+        load_engine_metadata(engine)
+    meta["engine_sha256"] = hashlib.sha256(b"plan-v2").hexdigest()
+    (tmp_path / "x.engine.json").write_text(json.dumps(meta))
+    assert load_engine_metadata(engine)["precision"] == "fp16"
