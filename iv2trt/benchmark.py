@@ -274,6 +274,7 @@ def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
 
     from .bench_encoder import Env, TorchBench, _make_runner, make_input, time_host
     from .bench_pipeline import VIDEO_SPEC, ensure_test_videos, run_pipeline, video_files
+    from .job import default_workers
     from .errors import PipelineError
     from .onnx_export import parse_shape
     from .video import Windowing
@@ -296,7 +297,7 @@ def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
         times, _ = time_host(lambda: runner.infer(x), plan)
     stats = percentiles(times)
     cores = info["cpus_usable"]
-    job_default = max(1, min(4, (os.cpu_count() or 2) - 1))
+    job_default = default_workers()
     worker_counts = a.workers or sorted({1, job_default, max(1, cores - 1)})
     if a.videos:
         paths = video_files(a.videos)

@@ -11,6 +11,7 @@ from .backends import BACKENDS, create_runner, runner_img_size, runner_precision
 from .cli import ModelSettings
 from .errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, PipelineError, ValidationFailed
 from .fileio import sha256_file
+from .job import default_workers
 from .settings import parse_settings, setting
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ class InferSettings(ModelSettings):
     onnx: str = setting("build/internvideo2_clip_s14_fp16.onnx", "ONNX file (backend onnxruntime/auto)")
     frames: int = setting(8, "frames per clip (T), sampled as upstream: middle frame of T equal segments")
     batch_size: int = setting(32, "clips per inference call (capped by the engine's/graph's max batch)")
-    workers: int = setting(max(1, min(4, (os.cpu_count() or 2) - 1)), "decoding processes")
+    workers: int = setting(default_workers(), "decoding processes")
     window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
                                            "per video)")
     window_frames: int | None = setting(None, "one clip per window of this many frames")

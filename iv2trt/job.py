@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing as mp
+import os
 import queue
 import signal
 import socket
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 
 PARTIAL_BATCH_WAIT_S = 0.5  # how long clips wait for more to fill a batch while decoders are working
 QUEUE_DEPTH = 2             # batches ready for the inference thread (besides the one it is running)
+
+
+def default_workers() -> int:
+    """Decoding processes when none are asked for: one per core but one (for the main process), at most 4."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 @dataclass

@@ -92,11 +92,11 @@ def window_ranges(times: np.ndarray, duration: float, w: Windowing) -> list[tupl
     starts_s = [i * stride for i in range(count)]
     if duration > size and starts_s[-1] + size < duration - 1e-9:
         starts_s.append(duration - size)
-    out = []
+    out, sorted_times = [], times.tolist()
     for t0 in starts_s:
         t1 = min(t0 + size, duration)
-        a = bisect.bisect_left(times.tolist(), t0 - 1e-9)
-        b = bisect.bisect_left(times.tolist(), t1 - 1e-9)
+        a = bisect.bisect_left(sorted_times, t0 - 1e-9)
+        b = bisect.bisect_left(sorted_times, t1 - 1e-9)
         if b <= a:  # a window between two frames of a sparse video: take the nearest frame
             a, b = min(a, n - 1), min(a, n - 1) + 1
         out.append((a, b, t0, t1))
