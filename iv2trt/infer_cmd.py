@@ -11,7 +11,7 @@ from .backends import BACKENDS, create_runner, runner_img_size, runner_precision
 from .cli import ModelSettings
 from .errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, PipelineError, ValidationFailed
 from .fileio import sha256_file
-from .job import default_workers
+from .decoders import DECODERS, DEFAULT_NVDEC_SESSIONS, check_decoder, default_workers
 from .settings import parse_settings, setting
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,12 @@ class InferSettings(ModelSettings):
     onnx: str = setting("build/internvideo2_clip_s14_fp16.onnx", "ONNX file (backend onnxruntime/auto)")
     frames: int = setting(8, "frames per clip (T), sampled as upstream: middle frame of T equal segments")
     batch_size: int = setting(32, "clips per inference call (capped by the engine's/graph's max batch)")
-    workers: int = setting(default_workers(), "decoding processes")
+    decoder: str = setting("auto", "where videos are decoded: auto (the GPU's NVDEC engines and the CPU workers "
+                           "together, pulling from one queue; CPU only when NVDEC cannot run here), nvdec (the GPU "
+                           "takes every input it can; exit 4 if it cannot run), cpu (PyAV worker processes)",
+                           choices=DECODERS)
+    nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) on the GPU")
+    workers: int = setting(default_workers(), "CPU decoding processes (default: one per core)")
     window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
                                            "per video)")
     window_frames: int | None = setting(None, "one clip per window of this many frames")
@@ -47,8 +52,9 @@ class InferSettings(ModelSettings):
 
 DESCRIPTION = """Stage 3: extract L2-normalised InternVideo2-CLIP features from videos, images and frame folders.
 
-Decodes in worker processes (PyAV), samples T frames per clip as upstream does, batches clips
-across videos for the backend and writes sharded .npy features with a Parquet manifest per shard.
+Decodes on the GPU's video engines (NVDEC) and in CPU worker processes (PyAV) at once, samples T frames
+per clip as upstream does (same pixels on both paths), batches clips across videos for the backend and
+writes sharded .npy features with a Parquet manifest per shard.
 Rerunning with the same --output resumes: finished inputs are skipped (a killed run loses nothing
 committed and duplicates nothing); a different model or settings there is refused."""
 
@@ -56,7 +62,7 @@ EPILOG = """exit codes:
   0    every input extracted
   2    bad settings or input paths (the message says which)
   3    --compare-pytorch: the backend disagrees with PyTorch beyond tolerance
-  4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing)
+  4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing; --decoder nvdec without NVDEC)
   6    some inputs failed (unreadable, truncated, timed out); they are listed in <output>/failures.jsonl
   130  interrupted (rerun the same command to resume)
 
@@ -119,13 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not s.inputs:
         raise PipelineError("no inputs: pass --inputs DIR|GLOB|LIST|FILE ... (or set infer.inputs in the config)")
-    if s.batch_size < 1 or s.workers < 1 or s.shard_size < 1 or s.decode_timeout_s <= 0:
-        raise PipelineError("batch_size, workers, shard_size and decode_timeout_s must be positive")
+    if s.batch_size < 1 or s.workers < 1 or s.shard_size < 1 or s.decode_timeout_s <= 0 or s.nvdec_sessions < 1:
+        raise PipelineError("batch_size, workers, nvdec_sessions, shard_size and decode_timeout_s must be positive")
     try:
         windowing = Windowing(s.frames, s.window_seconds, s.window_frames, s.stride)
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
     items = discover(s.inputs, s.frame_folders)
+    check_decoder(s.decoder)
     runner = create_runner(s)
     try:
         img_size = runner_img_size(runner)
@@ -137,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  s.output)
         reference = reference_runner(s) if s.compare_pytorch else None
         writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy)
-        options = JobOptions(windowing, img_size, s.batch_size, s.workers, s.decode_timeout_s, s.progress)
+        options = JobOptions(windowing, img_size, s.batch_size, s.workers, s.decode_timeout_s, s.progress,
+                             s.decoder, s.nvdec_sessions)
         summary = run_job(todo, runner, s.output, writer, options, reference, skipped=len(items) - len(todo))
     finally:
         close = getattr(runner, "close", None)  # the TensorRT runner frees its engine and GPU buffers

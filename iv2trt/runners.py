@@ -62,7 +62,12 @@ class HostNormalize:
 
 def infer_frames(runner, frames: np.ndarray) -> np.ndarray:
     """runner.infer_uint8 for uint8 [B, T, H, W, 3], runner.infer for float [B, T, 3, H, W]; runners without
-    infer_uint8 get host-normalised frames."""
+    infer_uint8 get host-normalised frames. Frames in a CUDA tensor (GPU-decoded) go to runners that take them
+    (`takes_cuda_frames`) as they are, to the others as a host copy."""
+    if type(frames).__module__.startswith("torch") and frames.is_cuda:
+        if getattr(runner, "takes_cuda_frames", False):
+            return runner.infer_uint8(frames)
+        frames = frames.cpu().numpy()
     if np.asarray(frames).dtype != np.uint8:
         return runner.infer(frames)
     method = getattr(runner, "infer_uint8", None)
@@ -74,7 +79,8 @@ class TorchRunner:
 
     `infer_uint8` on a GPU: uint8 frames go up through a pinned buffer (the caller's own when it came from
     `new_host_buffer`, else one of two staging buffers) on a copy stream, are normalised on the GPU in
-    float32 and cast to the model's dtype (the float path's values, rounded once). `submit_uint8` starts a
+    float32 and cast to the model's dtype (the float path's values, rounded once). Frames already on the GPU
+    (a CUDA tensor from the GPU decoders) are normalised where they are. `submit_uint8` starts a
     batch and returns a function that waits for its features, so the next batch's upload overlaps this
     one's compute. Each input shape's forward pass is captured once as a CUDA graph (`cuda_graphs`) and
     replayed, which removes the per-kernel launch cost that dominates small batches.
@@ -103,6 +109,11 @@ class TorchRunner:
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(self.device)
             self._graph_pool = torch.cuda.graph_pool_handle()
+
+    @property
+    def takes_cuda_frames(self) -> bool:
+        """infer_uint8/submit_uint8 accept a uint8 CUDA tensor and read it in place."""
+        return self.device.type == "cuda"
 
     def infer(self, frames: np.ndarray):
         with self.torch.inference_mode():
@@ -182,8 +193,10 @@ class TorchRunner:
         A caller's pinned buffer (new_host_buffer) must stay untouched until that function returned."""
         from .transforms import normalize_frames
 
-        frames = check_uint8_frames(frames)
         torch = self.torch
+        if isinstance(frames, torch.Tensor) and frames.is_cuda and self.takes_cuda_frames:
+            return self._submit_device(frames)
+        frames = check_uint8_frames(frames)
         if self.device.type != "cuda":
             with torch.inference_mode():
                 x = normalize_frames(frames, out=reusable_buffer(self, normalized_shape(frames.shape), np.float32))
@@ -198,11 +211,28 @@ class TorchRunner:
                     uploaded.record(self._copy_stream)
             compute.wait_stream(self._copy_stream)
             x.record_stream(compute)
+            return self._encode_on_device(x)
+
+    def _submit_device(self, frames):
+        """submit_uint8 for uint8 frames [B, T, H, W, 3] already in GPU memory (read on the current stream)."""
+        torch = self.torch
+        if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+            raise PipelineError(f"infer_uint8 takes uint8 frames [batch, frames, H, W, 3], got {frames.dtype} "
+                                f"{tuple(frames.shape)}")
+        return self._encode_on_device(frames.to(self.device, non_blocking=True))
+
+    def _encode_on_device(self, x):
+        """Queue normalise + forward of uint8 frames x on the GPU (current stream) and the copy of the features
+        to pinned host memory; returns a function that waits for them."""
+        from .transforms import normalize_frames
+
+        torch = self.torch
+        with torch.inference_mode():
             features = self.forward_device(normalize_frames(x).to(self.dtype)).float()
             host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(features, non_blocking=True)
             done = torch.cuda.Event()
-            done.record(compute)
+            done.record(torch.cuda.current_stream(self.device))
 
         def wait() -> np.ndarray:
             done.synchronize()

@@ -124,20 +124,25 @@ def _stream_rotation(stream) -> float:
         return 0.0
 
 
-class _Assembler:
-    """Collects decoded frames and yields each clip as soon as all of its frames are there (memory flat)."""
+class ClipAssembler:
+    """Collects decoded frames and yields each clip as soon as all of its frames are there (memory flat).
+    `stack` joins a clip's frames (np.stack here; torch.stack for frames on the GPU)."""
 
-    def __init__(self, plan):
-        self.plan = plan
+    def __init__(self, plan, stack=np.stack):
+        self.plan, self.stack = plan, stack
         self.next_clip = 0
         self.frames: dict[int, np.ndarray] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.next_clip == len(self.plan)
 
     def add(self, index: int, rgb: np.ndarray) -> Iterator[Clip]:
         self.frames[index] = rgb
         while self.next_clip < len(self.plan) and all(i in self.frames for i in self.plan[self.next_clip][0]):
             idx, t0, t1 = self.plan[self.next_clip]
             self.next_clip += 1
-            yield Clip(np.stack([self.frames[i] for i in idx]), idx, t0, t1)
+            yield Clip(self.stack([self.frames[i] for i in idx]), idx, t0, t1)
             keep = min((min(p[0]) for p in self.plan[self.next_clip:]), default=None)
             self.frames = {i: f for i, f in self.frames.items() if keep is not None and i >= keep}
 
@@ -169,6 +174,7 @@ class VideoProbe:
     decoder (PyAV here, NVDEC in nvdec.py), so both read the same frames for the same clips."""
 
     codec: str
+    container: str                   # the demuxer's name(s), e.g. "mov,mp4,m4a,3gp,3g2,mj2"
     pix_fmt: str | None
     width: int
     height: int
@@ -216,7 +222,7 @@ def probe_stream(container, stream) -> VideoProbe:
             keys.append(packet.pts)
     cc = stream.codec_context
     rate = stream.average_rate
-    return VideoProbe(codec=cc.name, pix_fmt=cc.pix_fmt, width=cc.width, height=cc.height,
+    return VideoProbe(codec=cc.name, container=container.format.name, pix_fmt=cc.pix_fmt, width=cc.width, height=cc.height,
                       colorspace=int(cc.colorspace or 2), color_range=int(cc.color_range or 0),
                       time_base=float(stream.time_base) if stream.time_base else None,
                       rate=float(rate) if rate else None, packet_pts=pts, keyframes=sorted(keys))
@@ -305,7 +311,7 @@ def _decode_needed(container, stream, needed_pts: set[int], skip_unneeded: bool)
 
 def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, skip_unneeded: bool = True):
     pts = probe.pts
-    asm = _Assembler(probe.plan(w))
+    asm = ClipAssembler(probe.plan(w))
     index_of = {p: i for i, p in enumerate(pts)}
     key_index = sorted(index_of[k] for k in probe.keyframes if k in index_of)
     needed = asm.needed()
@@ -335,7 +341,7 @@ def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, skip_unnee
 
 def _clips_sequential(container, stream, probe: VideoProbe, w: Windowing):
     """Streams whose packets lack timestamps: decode everything once, frame numbers by order."""
-    asm = _Assembler(probe.plan_by_count(w))
+    asm = ClipAssembler(probe.plan_by_count(w))
     needed = set(asm.needed())
     rotation = _stream_rotation(stream)
     last = None
