@@ -74,20 +74,68 @@ def write_test_video(path: Path, seed: int, spec: dict[str, Any] = VIDEO_SPEC) -
     return path
 
 
+def write_footage_video(path: Path, source: str, start: int, spec: dict[str, Any] = VIDEO_SPEC) -> Path:
+    """`spec['seconds']` of real footage from `source` (frames from `start` on, from the beginning again at its
+    end), scaled to the spec's size and encoded as the spec says: test videos with a camera's content."""
+    import av
+
+    from .fileio import atomic_path
+
+    fps, count = spec["fps"], spec["seconds"] * spec["fps"]
+    with av.open(source) as c:
+        total = sum(1 for _ in c.demux(c.streams.video[0])) - 1
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
+        stream = out.add_stream(spec["codec"], rate=fps, options={"preset": spec["preset"], "crf": str(spec["crf"])})
+        stream.height, stream.width, stream.pix_fmt = spec["height"], spec["width"], "yuv420p"
+        if spec["gop"]:
+            stream.codec_context.gop_size = spec["gop"]
+        written, skip = 0, start % max(total - 1, 1)
+        while written < count:
+            with av.open(source) as c:
+                for i, frame in enumerate(c.decode(video=0)):
+                    if i < skip:
+                        continue
+                    frame = frame.reformat(width=spec["width"], height=spec["height"], format="yuv420p",
+                                           interpolation="BICUBIC")
+                    frame.pts = None
+                    for packet in stream.encode(frame):
+                        out.mux(packet)
+                    written += 1
+                    if written == count:
+                        break
+            skip = 0
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
 def ensure_test_videos(folder: str | Path, count: int, spec: dict[str, Any] = VIDEO_SPEC,
-                       processes: int = 1) -> list[Path]:
-    """`count` cached test videos in `folder` (made once; names carry the spec)."""
+                       processes: int = 1, footage: list[str] | None = None) -> list[Path]:
+    """`count` cached test videos in `folder` (made once; names carry the spec): synthetic scenes, or with
+    `footage` (video files) 10 s pieces of that real footage, each source in turn at growing offsets."""
     folder = Path(folder)
     name = (f"{spec['width']}x{spec['height']}_{spec['fps']}fps_{spec['seconds']}s_{spec['codec']}_{spec['preset']}"
-            f"_gop{spec['gop'] or 'default'}")
+            f"_gop{spec['gop'] or 'default'}" + ("_footage" if footage else ""))
     paths = [folder / f"{name}_{i:03d}.mp4" for i in range(count)]
+    if footage:
+        footage = sorted(footage)
+        jobs = [(p, footage[i % len(footage)], (i // len(footage)) * 5 * spec["fps"], spec)
+                for i, p in enumerate(paths) if not p.is_file()]
+        if jobs:
+            log.info("writing %d test videos from real footage (%s) into %s", len(jobs), name, folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            from .decoders import worker_context
+
+            with worker_context().Pool(max(1, min(processes, len(jobs)))) as pool:
+                pool.starmap(write_footage_video, jobs)
+        return paths
     missing = [(p, i) for i, p in enumerate(paths) if not p.is_file()]
     if missing:
         log.info("writing %d test videos (%s) into %s", len(missing), name, folder)
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         if processes > 1:
-            from .job import worker_context
+            from .decoders import worker_context
 
             with worker_context().Pool(min(processes, len(missing))) as pool:
                 pool.starmap(write_test_video, [(p, i, spec) for p, i in missing])
@@ -153,7 +201,7 @@ def decode_throughput(paths: list[Path], windowing, img_size: int, workers: int)
         finally:
             torch.set_num_threads(threads)
     else:
-        from .job import worker_context
+        from .decoders import worker_context
 
         with worker_context().Pool(workers) as pool:
             pool.starmap(_ready, [()] * workers * 4)  # processes started (and torch imported) before timing

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pipeline (--pipeline)")
     g.add_argument("--pipeline", action="store_true", help="also benchmark decoding and the extraction job")
     g.add_argument("--videos", help="folder of videos to use (default: generated 720p H.264 10 s clips)")
+    g.add_argument("--footage", help="folder of real videos to cut the generated 720p clips from (default: "
+                                     "synthetic scenes)")
     g.add_argument("--video-cache", default="benchmarks/videos", help="where generated clips are kept")
     g.add_argument("--num-videos", type=int, default=32, help="generated clips (default: %(default)s)")
     g.add_argument("--pipeline-backend", choices=BACKENDS,
@@ -386,14 +388,18 @@ def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
         if not paths:
             raise PipelineError(f"no videos found in {a.videos}")
     else:
-        paths = ensure_test_videos(a.video_cache, a.num_videos, VIDEO_SPEC, processes=cores)
+        footage = video_files(a.footage) if a.footage else None
+        if a.footage and not footage:
+            raise PipelineError(f"no videos found in {a.footage}")
+        paths = ensure_test_videos(a.video_cache, a.num_videos, VIDEO_SPEC, processes=cores,
+                                   footage=[str(p) for p in footage] if footage else None)
     windowing = Windowing(frames, a.window_seconds or None)
     # p50 per batch: robust against stray slow calls (the table's clips/s uses the mean)
     result = run_pipeline(runner, backend, batch / (stats["p50_ms"] / 1e3), stats["p50_ms"] / 1e3, paths, windowing,
                           model.cfg.img_size, batch, worker_counts, a.job_workers or job_default, a.stage_batches,
                           a.nvdec_sessions)
     result["encoder_only_timing"] = "device" if backend.startswith("torch") and env.cuda else "host"
-    result["video_spec"] = None if a.videos else VIDEO_SPEC
+    result["video_spec"] = None if a.videos else {**VIDEO_SPEC, "content": "real footage" if a.footage else "synthetic"}
     del runner
     if env.cuda:
         torch.cuda.empty_cache()

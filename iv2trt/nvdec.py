@@ -100,6 +100,7 @@ class NvdecSession:
 
     HEADER_BYTES = 4096   # enough of an access unit to reach its first slice header past SEI/SPS/PPS
     SEEK_MIN_FRAMES = 32  # seek only over this many frames or more (a seek drains the decoder)
+    MAX_DECODERS = 4      # decoders kept per session (one per stream format)
 
     def __init__(self, gpu: int, windowing: Windowing, img_size: int):
         import PyNvVideoCodec as nvc
@@ -145,29 +146,30 @@ class NvdecSession:
             raise NvdecUnsupported("MPEG-4 Part 2 in AVI (packed B-frames, which NVDEC's parser does not unpack)")
         return codec
 
-    def _decoder(self, codec, width: int, height: int):
-        """This session's decoder for `codec`, able to take width x height (made anew for a larger size: a
-        decoder reconfigures only up to the size it was made for, at least 1920 x 1088 here)."""
-        decoder, max_w, max_h = self._decoders.get(codec, (None, 0, 0))
-        if decoder is None or width > max_w or height > max_h:
-            max_w, max_h = max(width, max_w, 1920), max(height, max_h, 1088)
-            decoder = self.nvc.CreateDecoder(gpuid=self.gpu, codec=codec, cudacontext=0,
-                                             cudastream=self.stream.cuda_stream, usedevicememory=True,
-                                             maxwidth=max_w, maxheight=max_h)
-            self._decoders[codec] = (decoder, max_w, max_h)
+    def _decoder(self, key: tuple):
+        """This session's decoder for (codec, width, height): one per stream format, kept for the next input of
+        that format (reconfiguring a decoder to another size gave frames of the old size), the least recently
+        used dropped beyond MAX_DECODERS."""
+        decoder = self._decoders.pop(key, None)
+        if decoder is None:
+            decoder = self.nvc.CreateDecoder(gpuid=self.gpu, codec=key[0], cudacontext=0,
+                                             cudastream=self.stream.cuda_stream, usedevicememory=True)
+            while len(self._decoders) >= self.MAX_DECODERS:
+                self._decoders.pop(next(iter(self._decoders)))
+        self._decoders[key] = decoder  # most recently used last
         return decoder
 
-    def _flush(self, codec) -> None:
+    def _flush(self, key: tuple) -> None:
         """End of an input: drain the decoder (an empty packet) so the next input starts clean; a decoder that
         fails to drain is dropped and made anew."""
-        decoder = self._decoders.get(codec, (None,))[0]
+        decoder = self._decoders.get(key)
         if decoder is None:
             return
         try:
             decoder.Decode(self.nvc.PacketData())
         except Exception as exc:  # noqa: BLE001 - a fresh decoder next time
             log.debug("NVDEC decoder dropped after a failed flush: %s", exc)
-            del self._decoders[codec]
+            del self._decoders[key]
 
     def video_clips(self, path: str) -> Iterator[tuple[dict, Any, Any]]:
         from .colorspace import nv12_to_rgb_planar, split_nv12, stream_yuv_to_rgb
@@ -193,7 +195,8 @@ class NvdecSession:
             demuxer = self.nvc.CreateDemuxer(filename=path)
         except Exception as exc:
             raise DecodeError(f"NVDEC demuxer cannot open it ({_one_line(exc)})") from None
-        decoder = self._decoder(codec, probe.width, probe.height)
+        key = (codec, probe.width, probe.height)
+        decoder = self._decoder(key)
 
         def take(frames, got: set[int]) -> Iterator[tuple[dict, Any, Any]]:
             """Convert and keep the needed frames among `frames` (their indices into `got`); yield each clip once
@@ -223,13 +226,14 @@ class NvdecSession:
                     while needed[next_needed] in got:
                         next_needed += 1
                     target = needed[next_needed]
-                    key = keyframes[bisect.bisect_right(keyframes, target) - 1] if keyframes else 0
-                    if seeking and key - fed > self.SEEK_MIN_FRAMES and key != seeked_to:
+                    keyframe = keyframes[bisect.bisect_right(keyframes, target) - 1] if keyframes else 0
+                    if seeking and keyframe - fed > self.SEEK_MIN_FRAMES and keyframe != seeked_to:
                         # a keyframe lies well ahead: seeking skips decoding work
-                        seeked_to = key
+                        seeked_to = keyframe
                         yield from take(decoder.Decode(self.nvc.PacketData()), got)  # what is in flight
-                        packet = demuxer.Seek(int(pts[key] * probe.time_base))  # whole seconds: at/before it
-                        if index_of.get(packet.pts, target + 1) > target:  # this container does not seek
+                        packet = demuxer.Seek(int(pts[keyframe] * probe.time_base * 1000))  # ms: at/before it
+                        landed = index_of.get(packet.pts, target + 1)
+                        if not fed < landed <= target:  # no seek, or a wrong one: decode in order instead
                             log.debug("NVDEC seek missed in %s; decoding it from the start", path)
                             seeking, fed = False, -1
                             demuxer = self.nvc.CreateDemuxer(filename=path)
@@ -247,13 +251,13 @@ class NvdecSession:
                         continue
                     yield from take(decoder.Decode(packet), got)
         except DecodeError:
-            self._decoders.pop(codec, None)
+            self._decoders.pop(key, None)
             raise
         except Exception as exc:  # a corrupt stream: the decoder is dropped, the input goes to the CPU path
-            self._decoders.pop(codec, None)
+            self._decoders.pop(key, None)
             raise DecodeError(f"NVDEC failed ({_one_line(exc)})") from None
         finally:
-            self._flush(codec)
+            self._flush(key)
         if not asm.done:
             raise DecodeError(f"NVDEC returned {len(asm.frames)} of the {len(needed_pts)} needed frames "
                               "(truncated or corrupt stream)")

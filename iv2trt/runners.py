@@ -147,7 +147,8 @@ class TorchRunner:
                 self.model(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread_local: CUDA calls of other threads (GPU decoders, batch assembly) may go on during the capture
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             static_out = self.model(static_in)
         log.debug("captured a CUDA graph for input %s", tuple(x.shape))
         return graph, static_in, static_out
