@@ -97,7 +97,7 @@ def write_footage_video(path: Path, source: str, start: int, spec: dict[str, Any
                         continue
                     frame = frame.reformat(width=spec["width"], height=spec["height"], format="yuv420p",
                                            interpolation="BICUBIC")
-                    frame.pts = None
+                    frame.pts, frame.time_base = written, Fraction(1, fps)
                     for packet in stream.encode(frame):
                         out.mux(packet)
                     written += 1

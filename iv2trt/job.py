@@ -497,6 +497,10 @@ class Job:
         from tqdm import tqdm
 
         started = time.perf_counter()
+        for runner in (self.runner, self.reference):  # CUDA graphs captured before GPU decoders share the GPU
+            warm_up = getattr(runner, "warm_up", None)
+            if warm_up is not None and self.items:
+                warm_up(self.batch_size, self.o.windowing.frames, self.o.img_size)
         workers, pool = self._start_workers()
         self.gpu_queue: deque = deque()   # inputs any worker may take (all of them, when no GPU worker runs)
         self.cpu_queue: deque = deque()   # inputs for CPU workers only

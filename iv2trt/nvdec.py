@@ -231,8 +231,12 @@ class NvdecSession:
                         # a keyframe lies well ahead: seeking skips decoding work
                         seeked_to = keyframe
                         yield from take(decoder.Decode(self.nvc.PacketData()), got)  # what is in flight
-                        packet = demuxer.Seek(int(pts[keyframe] * probe.time_base * 1000))  # ms: at/before it
-                        landed = index_of.get(packet.pts, target + 1)
+                        try:  # PyNvVideoCodec's demuxer seeks to the keyframe at or before a frame number
+                            packet = demuxer.Seek(keyframe)
+                            landed = index_of.get(packet.pts, target + 1)
+                        except Exception as exc:  # noqa: BLE001 - decode in order instead
+                            log.debug("NVDEC seek failed in %s: %s", path, _one_line(exc))
+                            packet, landed = None, -1
                         if not fed < landed <= target:  # no seek, or a wrong one: decode in order instead
                             log.debug("NVDEC seek missed in %s; decoding it from the start", path)
                             seeking, fed = False, -1

@@ -128,7 +128,13 @@ class TorchRunner:
                 return self.model(x)
             key = tuple(x.shape)
             entry = self._graphs.get(key)
-            if entry is None:
+            if entry is None:  # a smaller batch runs in the graph of a larger one (rows past it are ignored)
+                larger = [k for k in self._graphs if k[1:] == key[1:] and k[0] > key[0]]
+                if larger:
+                    graph, static_in, static_out = self._graphs[min(larger)]
+                    static_in[:len(x)].copy_(x)
+                    graph.replay()
+                    return static_out[:len(x)]
                 if len(self._graphs) >= self.MAX_GRAPHS:
                     return self.model(x)
                 entry = self._graphs[key] = self._capture(x)
@@ -136,6 +142,14 @@ class TorchRunner:
             static_in.copy_(x)
             graph.replay()
             return static_out
+
+    def warm_up(self, batch: int, frames: int, size: int) -> None:
+        """Capture the CUDA graph of full batches now (a job calls this before its decoders start: a capture
+        must not share the GPU with other threads' CUDA calls); partial batches then replay it."""
+        if self.cuda_graphs:
+            x = self.torch.zeros((batch, frames, 3, size, size), dtype=self.dtype, device=self.device)
+            self.forward_device(x)
+            self.torch.cuda.synchronize(self.device)
 
     def _capture(self, x) -> tuple:
         torch = self.torch
@@ -147,8 +161,7 @@ class TorchRunner:
                 self.model(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA calls of other threads (GPU decoders, batch assembly) may go on during the capture
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             static_out = self.model(static_in)
         log.debug("captured a CUDA graph for input %s", tuple(x.shape))
         return graph, static_in, static_out

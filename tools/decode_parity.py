@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,16 @@ def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float) -
         s_in = inp.streams.video[0]
         cc = s_in.codec_context
         s_out = out.add_stream(codec, rate=s_in.average_rate or 30, options=options)
+        s_out.codec_context.time_base = Fraction(1) / (s_in.average_rate or 30)
         s_out.width, s_out.height, s_out.pix_fmt = cc.width, cc.height, "yuv420p"
         s_out.codec_context.colorspace, s_out.codec_context.color_range = cc.colorspace, cc.color_range
-        limit = None
-        for frame in inp.decode(s_in):
-            t = float(frame.pts * s_in.time_base) if frame.pts is not None else 0.0
-            limit = t if limit is None else limit
-            if t - limit > seconds:
+        rate = s_in.average_rate or 30
+        for n, frame in enumerate(inp.decode(s_in)):
+            if n >= seconds * rate:
                 break
-            frame.pts = None
-            for packet in s_out.encode(frame.reformat(format="yuv420p")):
+            frame = frame.reformat(format="yuv420p")
+            frame.pts, frame.time_base = n, Fraction(1) / rate
+            for packet in s_out.encode(frame):
                 out.mux(packet)
         for packet in s_out.encode():
             out.mux(packet)
