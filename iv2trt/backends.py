@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from .errors import BackendUnavailable, PipelineError
+from .fileio import shown_path
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def tensorrt_missing(engine: str | None) -> str | None:
     except Exception as exc:  # driver missing or broken
         return f"CUDA is not usable ({exc})"
     if not engine or not Path(engine).is_file():
-        return f"engine file {engine!r} not found (build it with build_engine.py)"
+        return f"engine file {shown_path(engine or '')} not found (build it with build_engine.py, or pass --engine)"
     return None
 
 
@@ -42,24 +43,20 @@ def resolve_backend(backend: str, engine: str | None) -> tuple[str, str]:
 
 
 def create_runner(s) -> object:
-    """The runner named by settings `s` (fields backend, engine, onnx and the model settings)."""
+    """The runner named by settings `s` (fields backend, engine, onnx and the model settings). With backend auto,
+    a TensorRT that is installed but cannot start here (driver, GPU) falls back to ONNX Runtime."""
     backend, why = resolve_backend(s.backend, s.engine)
     if backend == "tensorrt":
-        reason = tensorrt_missing(s.engine)
-        if reason:
-            raise BackendUnavailable(f"backend tensorrt cannot run: {reason}; or pass --backend onnxruntime")
-        from .trt_runtime import TensorRTRunner
-
-        runner = TensorRTRunner(s.engine)
-        log.info("backend tensorrt (%s): engine %s", why, s.engine)
-    elif backend == "onnxruntime":
-        from .runners import OnnxRuntimeRunner
-
-        if not s.onnx:
-            raise PipelineError("backend onnxruntime needs --onnx PATH (made by export_onnx.py)")
-        runner = OnnxRuntimeRunner(s.onnx)
-        log.info("backend onnxruntime (%s): %s on %s", why, s.onnx, ", ".join(runner.providers))
-    elif backend == "torch":
+        try:
+            return tensorrt_runner(s, why)
+        except BackendUnavailable as exc:
+            if s.backend != "auto":
+                raise
+            log.warning("TensorRT cannot run here: %s; using ONNX Runtime", exc)
+            backend, why = "onnxruntime", "auto: TensorRT cannot run here"
+    if backend == "onnxruntime":
+        return onnxruntime_runner(s.onnx, why)
+    if backend == "torch":
         from .cli import load_model
         from .runners import TorchRunner
 
@@ -67,8 +64,28 @@ def create_runner(s) -> object:
             raise PipelineError("backend torch needs --checkpoint PATH (or --random-init to try the pipeline)")
         runner = TorchRunner(load_model(s))
         log.info("backend torch (%s): %s %s on %s", why, s.variant, runner.precision, runner.device)
-    else:
-        raise PipelineError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        return runner
+    raise PipelineError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+
+
+def tensorrt_runner(s, why: str):
+    reason = tensorrt_missing(s.engine)
+    if reason:
+        raise BackendUnavailable(f"backend tensorrt cannot run: {reason}; or pass --backend onnxruntime")
+    from .trt_runtime import TensorRTRunner
+
+    runner = TensorRTRunner(s.engine)
+    log.info("backend tensorrt (%s): engine %s", why, s.engine)
+    return runner
+
+
+def onnxruntime_runner(onnx_path: str | None, why: str):
+    from .runners import OnnxRuntimeRunner
+
+    if not onnx_path:
+        raise PipelineError("backend onnxruntime needs --onnx PATH (made by export_onnx.py)")
+    runner = OnnxRuntimeRunner(onnx_path)
+    log.info("backend onnxruntime (%s): %s on %s", why, onnx_path, ", ".join(runner.providers))
     return runner
 
 
