@@ -81,9 +81,9 @@ def tensorrt_runner(s, why: str):
 
 
 def onnxruntime_runner(onnx_path: str | None, why: str):
-    """ONNX Runtime on `onnx_path`. Where it runs on the CPU, an FP16 graph is converted to FP32 first (fp16
-    arithmetic is emulated on CPUs, about half as fast); the runner's `precision` stays fp16 (the weights')
-    and `converted_from` says so."""
+    """ONNX Runtime on `onnx_path`. Where it runs on the CPU, an FP16 graph is converted to FP32 first (most
+    CPUs emulate fp16 arithmetic: the fp16 graph was measured at half the fp32 speed); the runner's
+    `precision` stays fp16 (the weights') and `converted_from` says so."""
     import numpy as np
 
     from .runners import OnnxRuntimeRunner
@@ -97,7 +97,7 @@ def onnxruntime_runner(onnx_path: str | None, why: str):
     if runner.providers[0] == "CPUExecutionProvider" and runner.input_dtype == np.float16:
         runner = cpu_fp32_runner(onnx_path)
         log.info("backend onnxruntime (%s): %s converted to fp32 for the CPU (fp16 weights widened exactly, fp32 "
-                 "compute: about twice as fast as fp16 on CPUs)", why, onnx_path)
+                 "compute; most CPUs emulate fp16 arithmetic)", why, onnx_path)
     else:
         log.info("backend onnxruntime (%s): %s on %s", why, onnx_path, ", ".join(runner.providers))
     return runner
