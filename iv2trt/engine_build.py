@@ -130,20 +130,24 @@ def start_builder(backend: str = "auto", verbose: bool = False) -> tuple[TensorR
             continue
         if problems:
             log.warning("%s; building with %s %s instead", "; ".join(problems), trt.flavour, trt.version)
-            warn_if_rtx_cannot_run_here(trt)
+        warn_if_rtx_cannot_run_here(trt)
         return trt, logger, builder
     raise BackendUnavailable("no TensorRT can build here: " + "; ".join(problems))
 
 
 def rtx_compute_capabilities(module) -> list[str]:
-    """Compute capabilities ("8.9", "12.0", ...) the TensorRT-RTX module can target (its ComputeCapability enum)."""
+    """Compute capabilities ("8.9", "12.0", ...) the TensorRT-RTX module can target (its ComputeCapability enum;
+    [] when it has none to tell)."""
     members = getattr(getattr(module, "ComputeCapability", None), "__members__", {})
     return [f"{name[2:-1]}.{name[-1]}" for name in members if re.fullmatch(r"SM\d{2,3}", name)]
 
 
 def warn_if_rtx_cannot_run_here(trt: TensorRT) -> None:
-    gpu = gpu_info()
-    if trt.flavour == "tensorrt-rtx" and gpu and gpu["compute_capability"] not in rtx_compute_capabilities(trt.module):
+    """A TensorRT-RTX build on a GPU that RTX engines do not run on (H100, B200) is for other GPUs: say so."""
+    if trt.flavour != "tensorrt-rtx":
+        return
+    supported, gpu = rtx_compute_capabilities(trt.module), gpu_info()
+    if supported and gpu and gpu["compute_capability"] not in supported:
         log.warning("this GPU (%s, compute capability %s) cannot run TensorRT-RTX engines: the engine being built "
                     "is for other GPUs; to run on this one, make full TensorRT work here (pip install -r "
                     "requirements-gpu.txt) and build with --backend tensorrt", gpu["name"], gpu["compute_capability"])

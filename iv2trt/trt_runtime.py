@@ -217,7 +217,7 @@ class TensorRTRunner:
         self.cuda, self.trt = cuda, trt.module
         dev = cuda.Device(device)
         cc = "{}.{}".format(*dev.compute_capability())
-        rtx_supported = rtx_compute_capabilities(trt.module) if trt.flavour == "tensorrt-rtx" else None
+        rtx_supported = (rtx_compute_capabilities(trt.module) or None) if trt.flavour == "tensorrt-rtx" else None
         check_engine_metadata(self.metadata, self.engine_path, trt.flavour, trt.version, dev.name(), cc,
                               rtx_supported)
         context = primary_context(cuda, device)

@@ -293,6 +293,8 @@ def test_build_gpu_is_named_through_pycuda_when_torch_knows_none(monkeypatch):
     from fake_tensorrt import FakeCuda
 
     monkeypatch.setattr(cuda_env, "_libcuda", lambda: None)  # no driver library reachable here
+    monkeypatch.setitem(sys.modules, "pycuda", None)  # nor pycuda (even on a GPU machine)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
     full, rtx = TensorRT(types.SimpleNamespace(), "tensorrt"), TensorRT(types.SimpleNamespace(), "tensorrt-rtx")
     with pytest.raises(BackendUnavailable, match="could name the GPU"):
         build_gpu(full)
