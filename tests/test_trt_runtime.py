@@ -25,7 +25,7 @@ def _gpu_stack_available() -> bool:
         return False
 
 
-GPU_REASON = "needs an NVIDIA GPU with TensorRT (pip install tensorrt) and pycuda"
+GPU_REASON = "needs an NVIDIA GPU with TensorRT and pycuda (pip install -r requirements-gpu.txt)"
 needs_gpu = pytest.mark.skipif(not _gpu_stack_available(), reason=GPU_REASON)
 
 META = {"tensorrt": {"flavour": "tensorrt", "module": "tensorrt", "version": "10.13.0.35"},
