@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .backends import BACKENDS, create_runner, runner_img_size, runner_precision
+from .backends import BACKENDS, create_runner, runner_img_size, runner_precision, runner_random_init
 from .cli import ModelSettings
 from .errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, PipelineError, ValidationFailed
 from .fileio import sha256_file
@@ -62,15 +62,22 @@ EPILOG = """exit codes:
   0    every input extracted
   2    bad settings or input paths (the message says which)
   3    --compare-pytorch: the backend disagrees with PyTorch beyond tolerance
-  4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing; --decoder nvdec without NVDEC)
+  4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing, a driver too old for the
+       TensorRT wheel; --decoder nvdec without NVDEC); --backend auto falls back to onnxruntime instead
+  5    the engine was built for another GPU or TensorRT version (the message gives the rebuild command)
   6    some inputs failed (unreadable, truncated, timed out); they are listed in <output>/failures.jsonl
-  130  interrupted (rerun the same command to resume)
+  130  interrupted (committed shards are kept; rerun the same command to resume)
+
+results: <output>/shards/*.npy (features) and *.parquet (which video, clip and window each row is), or
+  videos/<id>.npy with --per-video-npy; read them with `from iv2trt import load_features`. Default paths
+  (build/..., outputs/...) are relative to the working directory.
 
 example: python trt_inference.py --inputs videos/ --output outputs/feats --backend onnxruntime --onnx build/x.onnx"""
 
 
-def job_identity(s: InferSettings, backend: str, img_size: int, precision: str) -> dict[str, Any]:
+def job_identity(s: InferSettings, runner, img_size: int) -> dict[str, Any]:
     """What decides the features: resuming into an output dir requires all of it to match."""
+    backend, precision = runner.name, runner_precision(runner)
     if backend == "torch":
         model = {"checkpoint_sha256": sha256_file(s.checkpoint) if s.checkpoint else None,
                  "align_checkpoint_sha256": sha256_file(s.align_checkpoint) if s.align_checkpoint else None,
@@ -79,9 +86,36 @@ def job_identity(s: InferSettings, backend: str, img_size: int, precision: str) 
     else:
         path = s.engine if backend == "tensorrt" else s.onnx
         model = {"model_file": os.path.basename(path), "model_sha256": sha256_file(path)}
-    return {"backend": backend, **model, "frames": s.frames, "img_size": img_size,
+        if backend == "onnxruntime":
+            model["converted_to_fp32"] = getattr(runner, "converted_from", None) is not None
+    return {"backend": backend, **model, "random_init": runner_random_init(runner, s), "frames": s.frames,
+            "img_size": img_size,
             "window_seconds": s.window_seconds, "window_frames": s.window_frames, "stride": s.stride,
             "frame_folders": s.frame_folders, "dtype": s.dtype, "per_video_npy": s.per_video_npy}
+
+
+def check_settings(s: InferSettings) -> None:
+    """PipelineError naming each setting that cannot be used as given."""
+    bad = [f"--{name.replace('_', '-')} {getattr(s, name)!r}" for name in
+           ("batch_size", "workers", "nvdec_sessions", "shard_size", "decode_timeout_s") if not getattr(s, name) > 0]
+    if bad:
+        raise PipelineError(f"{', '.join(bad)}: must be positive")
+    if s.stride is not None and s.window_seconds is None and s.window_frames is None:
+        raise PipelineError(f"--stride {s.stride:g} needs a window to step: add --window-seconds or --window-frames "
+                            "(without one, each video is one clip)")
+
+
+def finish_summary(out_dir: str, summary: dict[str, Any], random_init: bool | None) -> None:
+    """Add to summary.json what run_job cannot know: whether the weights are random, and the output's totals over
+    every run into it (a resumed run's own counts leave out what earlier runs extracted)."""
+    from .results import output_totals
+    from .writer import write_summary
+
+    summary["random_init"] = random_init
+    summary["output_totals"] = totals = output_totals(out_dir)
+    write_summary(out_dir, summary)
+    log.info("%s holds %d inputs (%d clips) in %d shards over all runs%s", out_dir, totals["inputs"], totals["clips"],
+             totals["shards"], "; RANDOM weights: these features mean nothing" if random_init else "")
 
 
 def reference_runner(s: InferSettings):
@@ -125,8 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if not s.inputs:
         raise PipelineError("no inputs: pass --inputs DIR|GLOB|LIST|FILE ... (or set infer.inputs in the config)")
-    if s.batch_size < 1 or s.workers < 1 or s.shard_size < 1 or s.decode_timeout_s <= 0 or s.nvdec_sessions < 1:
-        raise PipelineError("batch_size, workers, nvdec_sessions, shard_size and decode_timeout_s must be positive")
+    check_settings(s)
     try:
         windowing = Windowing(s.frames, s.window_seconds, s.window_frames, s.stride)
     except ValueError as exc:
@@ -137,7 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         img_size = runner_img_size(runner)
         check_frame_count(runner, s.frames)
-        identity = job_identity(s, runner.name, img_size, runner_precision(runner))
+        identity = job_identity(s, runner, img_size)
+        if identity["random_init"]:
+            log.warning("RANDOM WEIGHTS: the %s model was made with --random-init; its features mean nothing "
+                        "(export a --checkpoint for real ones)", runner.name)
         done = prepare_output(s.output, identity, s.overwrite)
         todo = [item for item in items if item.id not in done]
         log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),
@@ -151,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         close = getattr(runner, "close", None)  # the TensorRT runner frees its engine and GPU buffers
         if close is not None:
             close()
+    finish_summary(s.output, summary, identity["random_init"])
     if reference is not None and summary["compare_pytorch"]["clips"]:
         check_comparison(summary, runner_precision(runner))
     return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
