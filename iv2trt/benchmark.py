@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from .bench_encoder import BACKENDS, DEFAULT_GRID, TimingPlan, parse_grid, percentiles, run_encoder_grid
 from .fileio import atomic_path, write_text_atomic
+from .torch_compile import CHOICES, DEFAULT_MODE
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx-precision", default="fp32", choices=("fp32", "fp16"), help="for the on-the-fly export")
     p.add_argument("--engine", help="TensorRT engine (needed for backend tensorrt; built from the same weights)")
     p.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--torch-compile", choices=CHOICES, default=None,
+                   help="torch.compile mode of the torch-fp16 runner (default: $IV2TRT_TORCH_COMPILE, else auto = "
+                        f"{DEFAULT_MODE} on a GPU); each shape is compiled before it is timed (cached on disk)")
     p.add_argument("--output-dir", help="where results go (default: benchmarks/results/<gpu-or-hostname>/)")
     p.add_argument("--skip-encoder", action="store_true", help="only the pipeline benchmark")
     g = p.add_argument_group("pipeline (--pipeline)")
@@ -288,7 +292,7 @@ def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
     plan = TimingPlan(a.warmup, a.iters, a.target_seconds)
     x = make_input(batch, frames, model.cfg.img_size, a.seed)
     if backend.startswith("torch"):
-        bench = TorchBench(model, backend.split("-")[1], "cuda" if env.cuda else "cpu")
+        bench = TorchBench(model, backend.split("-")[1], "cuda" if env.cuda else "cpu", a.torch_compile)
         runner = bench.runner
         times, _ = bench.encoder_only(x, plan)
     else:
@@ -334,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     max(max(t for _, t in grid), 16), tmpdir)
             plan = TimingPlan(a.warmup, a.iters, a.target_seconds)
             results["encoder"] = run_encoder_grid(model, list(dict.fromkeys(a.backends)), grid, plan, a.onnx,
-                                                  a.engine, a.seed, factory, a.ort_threads)
+                                                  a.engine, a.seed, factory, a.ort_threads, a.torch_compile)
         if a.pipeline:
             results["pipeline"] = _pipeline(a, model, info, tmpdir)
     results["targets"] = targets(results)

@@ -1,0 +1,157 @@
+"""Where the PyTorch encoder's GPU time goes: kernel time per group from a torch.profiler profile, per
+compile mode, and the attention kernels torch's SDPA offers at the model's shape (tools/profile_encoder.py).
+
+Groups (first match wins, on the kernel's name): attention (SDPA's kernels), matmul with a fused epilogue
+(TorchInductor's Triton templates), matmul (cuBLAS/CUTLASS, split-K reductions included), norm/reduction
+(norm kernels, TorchInductor's reductions, which hold the fused residual adds), elementwise/copies
+(everything else: GELU, adds, casts, layout copies, TorchInductor's pointwise kernels)."""
+from __future__ import annotations
+
+import re
+import statistics
+from typing import Any
+
+GROUPS = ("attention", "matmul+epilogue (Triton)", "matmul (cuBLAS)", "norm/reduction", "elementwise/copies")
+_RULES = (
+    ("attention", re.compile(r"sdpa|fmha|flash|attention|attn_fwd", re.I)),
+    ("matmul+epilogue (Triton)", re.compile(r"^triton_tem|^triton_.*(mm|matmul)_(persistent|template)", re.I)),
+    ("matmul (cuBLAS)", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|s16816|h16816|splitk", re.I)),
+    ("norm/reduction", re.compile(r"^triton_(per|red)_|norm|reduce|softmax", re.I)),
+)
+
+
+def kernel_group(name: str) -> str:
+    """The group of a GPU kernel, by name."""
+    for group, pattern in _RULES:
+        if pattern.search(name):
+            return group
+    return "elementwise/copies"
+
+
+def group_times(kernels: list[tuple[str, float]], calls: int) -> dict[str, Any]:
+    """[(kernel name, microseconds)] over `calls` forward passes -> per-forward ms per group and per kernel."""
+    groups = {g: 0.0 for g in GROUPS}
+    per_kernel: dict[str, list[float]] = {}
+    for name, us in kernels:
+        groups[kernel_group(name)] += us
+        per_kernel.setdefault(name, []).append(us)
+    total = sum(groups.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -sum(kv[1]))
+    return {"total_ms": total / calls / 1e3,
+            "groups": {g: {"ms": t / calls / 1e3, "share": t / total if total else 0.0} for g, t in groups.items()},
+            "kernels": [{"name": n, "group": kernel_group(n), "ms": sum(v) / calls / 1e3, "launches": len(v) // calls}
+                        for n, v in top]}
+
+
+def profile_kernels(torch, fn, x, calls: int = 5) -> list[tuple[str, float]]:
+    """(name, µs) of every GPU kernel `fn(x)` launches over `calls` calls (after the caller's warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn(x)
+        torch.cuda.synchronize()
+    return [(e.name, float(e.time_range.elapsed_us())) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+
+
+def median_ms(torch, fn, repeats: int = 30) -> float:
+    """Median of `repeats` CUDA-event timings of fn() (after two warm-up calls)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def profile_runner(model, batch: int, frames: int, compile_mode: str, calls: int = 5) -> dict[str, Any]:
+    """One TorchRunner (fp16) at (batch, frames): compile time, graph-replay median, kernel groups of the
+    un-captured forward pass (the kernels the graph replays)."""
+    import copy
+
+    import torch
+
+    from .runners import TorchRunner
+
+    runner = TorchRunner(copy.deepcopy(model), "cuda", "fp16", compile_mode=compile_mode)
+    try:
+        runner.prepare([(batch, frames)])
+        size = model.cfg.img_size
+        x = torch.randn(batch, frames, 3, size, size, device="cuda").to(runner.dtype)
+        with torch.inference_mode():
+            replay_ms = median_ms(torch, lambda: runner.forward_device(x))
+            forward = runner.compiled.select(x) if runner.compiled is not None else runner.model
+            forward(x)
+            profile = group_times(profile_kernels(torch, forward, x, calls), calls)
+        c = runner.compiled
+        return {"compile": compile_mode, "batch": batch, "frames": frames, "graph_replay_ms": replay_ms,
+                "clips_per_s": batch / replay_ms * 1e3,
+                "compile_s": c.compile_seconds(x.shape) if c else None,
+                "compile_failed": c.failed.get(c.key(x.shape)) if c else None, **profile}
+    finally:
+        runner.close()
+        del runner
+        torch.cuda.empty_cache()
+
+
+def sdpa_backends(batch: int, heads: int, head_dim: int, tokens: list[int], repeats: int = 20) -> list[dict]:
+    """Time every SDPA backend torch offers on q, k, v laid out as the model's ([B, N, heads, head_dim]
+    views of one qkv tensor), fp16; error against fp32 math on the first clip."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for n in tokens:
+        qkv = torch.randn(batch, n, 3, heads, head_dim, device="cuda", dtype=torch.float16)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        ref = F.scaled_dot_product_attention(*(t[:1].float() for t in (q, k, v)))
+        flops = 4.0 * batch * heads * n * n * head_dim
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            row = {"tokens": n, "backend": backend.name, "batch": batch, "heads": heads, "head_dim": head_dim}
+            try:
+                with sdpa_kernel([backend]):
+                    out = F.scaled_dot_product_attention(q, k, v)
+                    ms = median_ms(torch, lambda: F.scaled_dot_product_attention(q, k, v), repeats)
+                err = ((out[:1].float() - ref).norm() / ref.norm()).item()
+                row.update(ms=ms, tflops=flops / ms / 1e9, rel_error=err)
+            except RuntimeError as exc:
+                row["error"] = str(exc).splitlines()[0][:200]
+            rows.append(row)
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Kernel groups side by side per compile mode, the top kernels of each, and the SDPA table."""
+    runs = results["runs"]
+    lines = ["| kernel group | " + " | ".join(f"{r['compile']} ms (share)" for r in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for g in GROUPS:
+        lines.append(f"| {g} | " + " | ".join(f"{r['groups'][g]['ms']:.2f} ({100 * r['groups'][g]['share']:.0f}%)"
+                                               for r in runs) + " |")
+    lines.append("| all kernels | " + " | ".join(f"{r['total_ms']:.2f}" for r in runs) + " |")
+    lines.append("| graph replay (median) | " + " | ".join(f"{r['graph_replay_ms']:.2f}" for r in runs) + " |")
+    lines.append("| clips/s (graph replay) | " + " | ".join(f"{r['clips_per_s']:.0f}" for r in runs) + " |")
+    lines.append("| compile s (this process) | " + " | ".join(
+        "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}" for r in runs) + " |")
+    for r in runs:
+        lines += ["", f"Top kernels, {r['compile']} ({r['batch']}x{r['frames']}):", "",
+                  "| ms | launches | group | kernel |", "|---|---|---|---|"]
+        lines += [f"| {k['ms']:.3f} | {k['launches']} | {k['group']} | `{k['name'][:110]}` |"
+                  for k in r["kernels"][:12]]
+    if results.get("sdpa"):
+        lines += ["", "| tokens | SDPA backend | ms | TFLOP/s | rel. error vs fp32 |", "|---|---|---|---|---|"]
+        for s in results["sdpa"]:
+            if "error" in s:
+                lines.append(f"| {s['tokens']} | {s['backend']} | not supported: {s['error']} | | |")
+            else:
+                lines.append(f"| {s['tokens']} | {s['backend']} | {s['ms']:.3f} | {s['tflops']:.0f} | "
+                             f"{s['rel_error']:.1e} |")
+    return "\n".join(lines)
