@@ -12,11 +12,13 @@ import statistics
 from typing import Any
 
 GROUPS = ("attention", "matmul+epilogue (Triton)", "matmul (cuBLAS)", "norm/reduction", "elementwise/copies")
-_RULES = (
+_RULES = (  # TorchInductor's kernels by kind first: their names list the ops fused in (attention's too)
+    ("matmul+epilogue (Triton)", re.compile(r"^triton_tem")),
+    ("norm/reduction", re.compile(r"^triton_(per|red)_")),
+    ("elementwise/copies", re.compile(r"^triton_")),
     ("attention", re.compile(r"sdpa|fmha|flash|attention|attn_fwd", re.I)),
-    ("matmul+epilogue (Triton)", re.compile(r"^triton_tem|^triton_.*(mm|matmul)_(persistent|template)", re.I)),
     ("matmul (cuBLAS)", re.compile(r"gemm|nvjet|xmma|cutlass|wgmma|s16816|h16816|splitk", re.I)),
-    ("norm/reduction", re.compile(r"^triton_(per|red)_|norm|reduce|softmax", re.I)),
+    ("norm/reduction", re.compile(r"norm|reduce|softmax", re.I)),
 )
 
 
@@ -101,30 +103,81 @@ def profile_runner(model, batch: int, frames: int, compile_mode: str, calls: int
         torch.cuda.empty_cache()
 
 
-def sdpa_backends(batch: int, heads: int, head_dim: int, tokens: list[int], repeats: int = 20) -> list[dict]:
-    """Time every SDPA backend torch offers on q, k, v laid out as the model's ([B, N, heads, head_dim]
-    views of one qkv tensor), fp16; error against fp32 math on the first clip."""
+def _attention_inputs(layout: str, batch: int, heads: int, tokens: int, head_dim: int) -> tuple:
+    """q, k, v [B, heads, N, head_dim] fp16 views as they reach SDPA: `model` (q, k from the norms, [B, N, C];
+    v a slice of the qkv tensor), `qkv slices` (all three slices of one [B, N, 3C] tensor), `BHSD` (contiguous)."""
+    import torch
+
+    def heads_first(t):
+        return t.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
+
+    c = heads * head_dim
+    randn = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.float16)  # noqa: E731
+    if layout == "model":
+        return heads_first(randn(batch, tokens, c)), heads_first(randn(batch, tokens, c)), \
+            heads_first(randn(batch, tokens, 3 * c)[..., 2 * c:])
+    if layout == "qkv slices":
+        return tuple(heads_first(t) for t in randn(batch, tokens, 3 * c).chunk(3, dim=-1))
+    return randn(batch, heads, tokens, head_dim), randn(batch, heads, tokens, head_dim), \
+        randn(batch, heads, tokens, head_dim)
+
+
+def attend_cls_split(q, k, v, log_base: float = 1.0):
+    """Experiment: attention over [cls, 2048 patch tokens] as cuDNN's kernel over the patch tokens alone (a
+    whole number of tiles), merged with the cls key through the log-sum-exp cuDNN returns (read as natural
+    log, or log2 with log_base=ln 2), and the cls query on its own."""
+    import torch
+    import torch.nn.functional as F
+
+    scale = q.shape[-1] ** -0.5
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], None, True,
+                                                                   scale=scale)[:2]
+    lse = lse.reshape(out.shape[:3]).float() * log_base
+    s_cls = (q[:, :, 1:].float() * k[:, :, :1].float()).sum(-1) * scale
+    total = torch.logaddexp(lse, s_cls)
+    out = out.float() * (lse - total).exp()[..., None] + v[:, :, :1].float() * (s_cls - total).exp()[..., None]
+    cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, scale=scale)
+    return torch.cat([cls, out.to(q.dtype)], dim=2)
+
+
+def sdpa_backends(batch: int, heads: int, head_dim: int, tokens: int, repeats: int = 20) -> list[dict]:
+    """Time SDPA's backends at the model's attention shape (fp16; the model's q/k/v layout), cuDNN on other
+    layouts and at one token fewer (a whole number of tiles), and the cls-split experiment (compiled);
+    error against fp32 math on the first clip."""
+    import contextlib
+    import math
+
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    cudnn, flash, efficient = SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
+    cases = [("model", tokens, b) for b in (cudnn, flash, efficient)]
+    cases += [("qkv slices", tokens, cudnn), ("BHSD", tokens, cudnn), ("model", tokens - 1, cudnn),
+              ("model", tokens, "cls split")]
     rows = []
-    for n in tokens:
-        qkv = torch.randn(batch, n, 3, heads, head_dim, device="cuda", dtype=torch.float16)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    for layout, n, backend in cases:
+        q, k, v = _attention_inputs(layout, batch, heads, n, head_dim)
         ref = F.scaled_dot_product_attention(*(t[:1].float() for t in (q, k, v)))
-        flops = 4.0 * batch * heads * n * n * head_dim
-        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-            row = {"tokens": n, "backend": backend.name, "batch": batch, "heads": heads, "head_dim": head_dim}
-            try:
-                with sdpa_kernel([backend]):
-                    out = F.scaled_dot_product_attention(q, k, v)
-                    ms = median_ms(torch, lambda: F.scaled_dot_product_attention(q, k, v), repeats)
-                err = ((out[:1].float() - ref).norm() / ref.norm()).item()
-                row.update(ms=ms, tflops=flops / ms / 1e9, rel_error=err)
-            except RuntimeError as exc:
-                row["error"] = str(exc).splitlines()[0][:200]
-            rows.append(row)
+        name = backend if isinstance(backend, str) else backend.name
+        row = {"layout": layout, "tokens": n, "backend": name, "batch": batch, "heads": heads, "head_dim": head_dim}
+        try:
+            if backend == "cls split":
+                fn = torch.compile(attend_cls_split)
+                for base in (1.0, math.log(2.0)):
+                    out = attend_cls_split(q, k, v, base)
+                    row[f"rel_error_log_base_{base:.3f}"] = ((out[:1].float() - ref).norm() / ref.norm()).item()
+                call = lambda: fn(q, k, v)  # noqa: E731
+            else:
+                call = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+            with contextlib.nullcontext() if isinstance(backend, str) else sdpa_kernel([backend]):
+                out = call()
+                ms = median_ms(torch, call, repeats)
+            err = ((out[:1].float() - ref).norm() / ref.norm()).item()
+            row.update(ms=ms, tflops=4.0 * batch * heads * n * n * head_dim / ms / 1e9, rel_error=err)
+        except Exception as exc:  # an unsupported backend or layout is a result too
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        rows.append(row)
     return rows
 
 
@@ -147,11 +200,12 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"| {k['ms']:.3f} | {k['launches']} | {k['group']} | `{k['name'][:110]}` |"
                   for k in r["kernels"][:12]]
     if results.get("sdpa"):
-        lines += ["", "| tokens | SDPA backend | ms | TFLOP/s | rel. error vs fp32 |", "|---|---|---|---|---|"]
+        lines += ["", "| q/k/v layout | tokens | attention | ms | TFLOP/s | rel. error vs fp32 |",
+                  "|---|---|---|---|---|---|"]
         for s in results["sdpa"]:
+            head = f"| {s['layout']} | {s['tokens']} | {s['backend']} |"
             if "error" in s:
-                lines.append(f"| {s['tokens']} | {s['backend']} | not supported: {s['error']} | | |")
+                lines.append(f"{head} failed: {s['error']} | | |")
             else:
-                lines.append(f"| {s['tokens']} | {s['backend']} | {s['ms']:.3f} | {s['tflops']:.0f} | "
-                             f"{s['rel_error']:.1e} |")
+                lines.append(f"{head} {s['ms']:.3f} | {s['tflops']:.0f} | {s['rel_error']:.1e} |")
     return "\n".join(lines)

@@ -1,9 +1,11 @@
 """torch.compile for the PyTorch runner: fused Triton kernels for the fp16 model on a GPU.
 
 TorchInductor fuses what the eager model runs as separate memory-bound passes (RMSNorm with the residual
-and LayerScale adds, the q/k normalisation with the qkv split, the pooling head's float32 islands) and,
-in `max-autotune`, folds the bias, GELU and residual adds into Triton matrix-product epilogues. Attention
-stays torch's SDPA (cuDNN's flash kernel on Hopper).
+and LayerScale adds, the q/k normalisation with the qkv split and head layout, the pooling head's float32
+islands). Matrix products stay cuBLAS (fc1 with its bias and GELU in the epilogue, see models' Mlp) and
+attention torch's SDPA (cuDNN's flash kernel on Hopper). `max-autotune` also tries Triton matrix products
+with fused epilogues; on an H200 it was no faster for S/14 and took 80 s instead of 13 s to compile cold
+(docs/benchmarks.md), so it is an option, not the default.
 
 Compilation, per input shape class:
 - one specialisation per frame count, the batch dimension dynamic from 2 (batch 1 is its own
@@ -12,8 +14,8 @@ Compilation, per input shape class:
 - compiled in a background thread on the first input of a new class; until it is ready, calls run the
   eager model, so a new shape never stalls a job;
 - cached on disk across runs (TorchInductor's FX-graph, Triton and autotuning caches) in
-  `TORCHINDUCTOR_CACHE_DIR`, by default `$XDG_CACHE_HOME/iv2trt/torchinductor`
-  (`~/.cache/iv2trt/torchinductor`): a warm cache turns minutes of compiling into seconds;
+  `TORCHINDUCTOR_CACHE_DIR` if set, else `$XDG_CACHE_HOME/iv2trt/torchinductor`
+  (`~/.cache/iv2trt/torchinductor`): a warm cache turns a compile into a few seconds;
 - logged: what is compiled, how long it took, and whether the cache answered.
 """
 from __future__ import annotations
@@ -33,19 +35,24 @@ log = logging.getLogger(__name__)
 
 # TorchInductor options per mode. Neither uses torch's own CUDA graphs: the runner captures one per shape.
 MODES: dict[str, dict[str, Any]] = {
-    "default": {},                       # fused pointwise/reduction kernels; matrix products stay cuBLAS
+    "default": {},                           # fused pointwise/reduction kernels; matrix products stay cuBLAS
     "max-autotune": {"max_autotune": True},  # + Triton matrix products with fused epilogues where faster
 }
-DEFAULT_MODE = "max-autotune"
+DEFAULT_MODE = "default"
 CHOICES = ("auto", "off", *MODES)
 ENV_VAR = "IV2TRT_TORCH_COMPILE"
 MAX_CLASSES = 6  # compiled specialisations per model (torch's recompile limit is 8); later classes run eager
 
 
 def cache_dir() -> Path:
-    """Where TorchInductor keeps its caches: $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/iv2trt/torchinductor."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    """Where TorchInductor keeps its caches: $TORCHINDUCTOR_CACHE_DIR when the user chose it, else
+    $XDG_CACHE_HOME/iv2trt/torchinductor (~/.cache/...). torch's own default, /tmp/torchinductor_<user>,
+    which torch also writes into that variable once it has used it, does not outlive a reboot."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return Path(chosen)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "iv2trt" / "torchinductor"
 
@@ -109,7 +116,7 @@ class CompiledForward:
         self.dynamic_batch = dynamic_batch
         self.name = type(model).__name__
         if backend == "inductor":
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
             options = dict(MODES[mode])
             self._compiled = torch.compile(model, backend="inductor", options=options or None)
         else:
