@@ -165,8 +165,9 @@ class TorchRunner:
         if self.compiled is not None:
             for x in inputs:
                 self.compiled.request(x)
-            if not wait:
-                return
+        if not wait:
+            return
+        if self.compiled is not None:
             self.compiled.wait()
         for x in inputs:
             self.forward_device(x)
@@ -174,7 +175,7 @@ class TorchRunner:
             torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        """Let a background compile finish and drop the captured graphs."""
+        """Stop the compile thread after its current compile (without waiting) and drop the captured graphs."""
         if self.compiled is not None:
             self.compiled.close()
         self._graphs.clear()
