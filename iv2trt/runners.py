@@ -84,13 +84,20 @@ class TorchRunner:
     batch and returns a function that waits for its features, so the next batch's upload overlaps this
     one's compute. Each input shape's forward pass is captured once as a CUDA graph (`cuda_graphs`) and
     replayed, which removes the per-kernel launch cost that dominates small batches.
-    The model is moved to the device and dtype in place and switched to fused kernels."""
+    The model is moved to the device and dtype in place and switched to fused kernels. On a GPU in fp16/bf16
+    it is also torch.compile'd (`compile_mode`, see torch_compile.py): a new input shape runs the eager model
+    (uncaptured while a compile is in flight) until its compiled form is ready, compiled in the background
+    (`compile_in_background`) and cached on disk; then its graph is captured from the compiled form.
+    `prepare(shapes)` compiles and captures ahead of time."""
 
     name = "torch"
     MAX_GRAPHS = 8
 
-    def __init__(self, model, device: str | None = None, precision: str | None = None, cuda_graphs: bool = True):
+    def __init__(self, model, device: str | None = None, precision: str | None = None, cuda_graphs: bool = True,
+                 compile_mode: str | None = None, compile_in_background: bool = True):
         import torch
+
+        from .torch_compile import CompiledForward, resolve_mode
 
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -101,7 +108,10 @@ class TorchRunner:
         self.max_batch = None
         self.frame_range = (1, None)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, ...], tuple] = {}  # input shape -> (graph, static input, static output)
+        self.compile_mode = resolve_mode(compile_mode, self.device.type, self.dtype)
+        self.compiled = CompiledForward(self.model, self.compile_mode, background=compile_in_background) \
+            if self.compile_mode else None
+        self._graphs: dict[tuple[int, ...], tuple] = {}  # shape -> (graph, static in, static out, captured callable)
         self._staging = [None, None]                     # pinned uint8 buffers, used in turn
         self._staging_done = [None, None]                # copy-stream events: staging buffer free again
         self._turn = 0
@@ -122,49 +132,77 @@ class TorchRunner:
 
     def forward_device(self, x):
         """model(x) for a tensor already on the device, replaying the CUDA graph captured for x's shape
-        (captured on first sight). The result may be the graph's static output: read it before the next call."""
+        (captured on first sight, from the compiled model once it is ready). The result may be the graph's
+        static output: read it before the next call."""
         with self.torch.inference_mode():
+            forward = self.compiled.select(x) if self.compiled is not None else self.model
             if not self.cuda_graphs:
-                return self.model(x)
+                return forward(x)
             key = tuple(x.shape)
             entry = self._graphs.get(key)
-            if entry is None:  # a smaller batch runs in the graph of a larger one (rows past it are ignored)
-                larger = [k for k in self._graphs if k[1:] == key[1:] and k[0] > key[0]]
-                if larger:
-                    graph, static_in, static_out = self._graphs[min(larger)]
+            if entry is None or entry[3] is not forward:
+                larger = [k for k, e in self._graphs.items() if k[1:] == key[1:] and k[0] > key[0] and e[3] is forward]
+                if entry is None and larger:  # a smaller batch replays a larger one's graph (extra rows ignored)
+                    graph, static_in, static_out, _ = self._graphs[min(larger)]
                     static_in[:len(x)].copy_(x)
                     graph.replay()
                     return static_out[:len(x)]
-                if len(self._graphs) >= self.MAX_GRAPHS:
-                    return self.model(x)
-                entry = self._graphs[key] = self._capture(x)
-            graph, static_in, static_out = entry
+                capturable = self.compiled is None or not self.compiled.busy  # no capture while compiling
+                if capturable and (entry is not None or len(self._graphs) < self.MAX_GRAPHS):
+                    self._graphs.pop(key, None)  # an eager graph gives way to the compiled one
+                    entry = self._graphs[key] = self._capture(forward, x)
+                elif entry is None:
+                    return forward(x)
+            graph, static_in, static_out, _ = entry
             static_in.copy_(x)
             graph.replay()
             return static_out
 
     def warm_up(self, batch: int, frames: int, size: int) -> None:
-        """Capture the CUDA graph of full batches now (a job calls this before its decoders start: a capture
-        must not share the GPU with other threads' CUDA calls); partial batches then replay it."""
-        if self.cuda_graphs:
-            x = self.torch.zeros((batch, frames, 3, size, size), dtype=self.dtype, device=self.device)
-            self.forward_device(x)
-            self.torch.cuda.synchronize(self.device)
+        """Compile and capture the CUDA graph of full batches now. A job calls this before its decoders start: a
+        capture must not share the GPU with other threads' CUDA calls (NVDEC sessions), and partial batches
+        then replay the full batch's graph."""
+        if self.device.type == "cuda":
+            self.prepare([(batch, frames)], wait=True)
 
-    def _capture(self, x) -> tuple:
+    def _capture(self, forward, x) -> tuple:
         torch = self.torch
         static_in = x.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: kernels picked and workspaces allocated outside the capture
-                self.model(static_in)
+                forward(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            static_out = self.model(static_in)
-        log.debug("captured a CUDA graph for input %s", tuple(x.shape))
-        return graph, static_in, static_out
+            static_out = forward(static_in)
+        log.debug("captured a CUDA graph for input %s (%s)", tuple(x.shape),
+                  "eager" if forward is self.model else f"compiled, {self.compile_mode}")
+        return graph, static_in, static_out, forward
+
+    def prepare(self, batch_frames, wait: bool = True) -> None:
+        """Get ready for inputs of these (batch, frames): request their compiles (torch.compile on) and, with
+        `wait`, block until those are done and capture each shape's CUDA graph."""
+        torch, size = self.torch, self.model.cfg.img_size
+        inputs = [torch.randn(b, t, 3, size, size, device=self.device).to(self.dtype) for b, t in batch_frames]
+        if self.compiled is not None:
+            for x in inputs:
+                self.compiled.request(x)
+        if not wait:
+            return
+        if self.compiled is not None:
+            self.compiled.wait()
+        for x in inputs:
+            self.forward_device(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Stop the compile thread after its current compile (without waiting) and drop the captured graphs."""
+        if self.compiled is not None:
+            self.compiled.close()
+        self._graphs.clear()
 
     def new_host_buffer(self, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
         """An empty host array to assemble batches in: page-locked when the model is on a GPU (uploaded

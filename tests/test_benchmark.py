@@ -75,6 +75,7 @@ def test_writers_and_targets(tmp_path):
     results = _fake_results()
     results["targets"] = targets(results)
     assert results["targets"][0]["status"] == "met"
+    assert results["targets"][1]["status"] == "MISSED" and "1066.7 clips/s" in results["targets"][1]["detail"]
     paths = write_results(results, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["encoder"]["rows"][0]["clips_per_s"] == 1066.7
     md = paths["md"].read_text()
