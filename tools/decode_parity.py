@@ -83,7 +83,11 @@ def main(argv=None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         for src in list(videos):
             for name, (codec, ext, options) in TRANSCODES.items():
-                videos.append(transcode(src, work / f"{src.stem}.{name}.{ext}", codec, options, a.transcode_seconds))
+                try:
+                    videos.append(transcode(src, work / f"{src.stem}.{name}.{ext}", codec, options,
+                                            a.transcode_seconds))
+                except Exception as exc:  # noqa: BLE001 - a source FFmpeg cannot read is skipped, and said
+                    print(f"skipping {src} ({name}): {exc}", file=sys.stderr)
     w = Windowing(a.frames, a.window_seconds or None)
     model = create_model("internvideo2_clip_s14", random_init=True, seed=0)
     runner = TorchRunner(model, device="cuda", precision="fp32")
