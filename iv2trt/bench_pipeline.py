@@ -364,7 +364,8 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
     stage["steady_state_overhead_pct"] = 100.0 * (per_batch_s - encoder_batch_s) / encoder_batch_s
     stage["short_run"] = {"batches": short["batches"], "seconds": short["seconds"]}
     one = next((d for d in decode if d["workers"] == 1), decode[0])
-    verdict = starvation_verdict(e2e["clips_per_s"], encoder_cps, one["clips_per_s_per_worker"], job_workers, cores)
+    verdict = starvation_verdict(e2e["clips_per_s"], encoder_cps, one["clips_per_s_per_worker"],
+                                 e2e["decoders"]["cpu"]["workers"], cores)
     return {"backend": backend, "batch": batch, "frames": windowing.frames,
             "windowing": {"window_seconds": windowing.window_seconds, "window_frames": windowing.window_frames,
                           "stride": windowing.stride},

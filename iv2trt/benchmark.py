@@ -179,7 +179,7 @@ def markdown_report(results: dict[str, Any]) -> str:
                          f"{100 * d['decode_share']:.0f}% |")
         runs = pipe.get("decoder_runs")
         if runs:
-            lines += ["", f"Decoders ({runs['workers']} CPU workers, {runs['nvdec_sessions']} NVDEC sessions"
+            lines += ["", f"Decoders ({runs['workers'] or 'default'} CPU workers, {runs['nvdec_sessions']} NVDEC sessions"
                       + (f"; NVDEC unavailable: {runs['nvdec_unavailable']}" if runs["nvdec_unavailable"] else "")
                       + "). Ceiling: the job with an encoder that costs nothing. End to end: the job with "
                       f"{pipe['backend']}.", "",
@@ -406,7 +406,7 @@ def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
     windowing = Windowing(frames, a.window_seconds or None)
     # p50 per batch: robust against stray slow calls (the table's clips/s uses the mean)
     result = run_pipeline(runner, backend, batch / (stats["p50_ms"] / 1e3), stats["p50_ms"] / 1e3, paths, windowing,
-                          model.cfg.img_size, batch, worker_counts, a.job_workers or job_default, a.stage_batches,
+                          model.cfg.img_size, batch, worker_counts, a.job_workers, a.stage_batches,
                           a.nvdec_sessions)
     result["encoder_only_timing"] = "device" if backend.startswith("torch") and env.cuda else "host"
     result["video_spec"] = None if a.videos else {**VIDEO_SPEC, "content": "real footage" if a.footage else "synthetic"}

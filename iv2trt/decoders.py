@@ -37,9 +37,14 @@ DEFAULT_NVDEC_SESSIONS = 8  # decoder sessions that saturate the NVDEC engines (
 GPU_OUTBOX_CLIPS = 64       # clips decoded on the GPU and not yet taken by the job (bounds GPU memory)
 
 
-def default_workers() -> int:
-    """CPU decoding processes when none are asked for: one per core."""
-    return max(1, os.cpu_count() or 1)
+RESERVED_CORES_WITH_NVDEC = 2  # cores left to the job's own process (NVDEC threads, batching) beside NVDEC
+
+
+def default_workers(nvdec: bool = False) -> int:
+    """CPU decoding processes when none are asked for: one per core; with NVDEC sessions running in the job's
+    process, RESERVED_CORES_WITH_NVDEC fewer, so their threads are not starved."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - (RESERVED_CORES_WITH_NVDEC if nvdec else 0))
 
 
 # --- the CPU path ---------------------------------------------------------------------------------------------
@@ -268,7 +273,7 @@ def torch_device_scope(gpu: int):
 class DecoderPlan:
     """How many workers of each kind a job runs, and which inputs the GPU ones take."""
 
-    def __init__(self, decoder: str, cpu_workers: int, nvdec_sessions: int, gpu: int = 0):
+    def __init__(self, decoder: str, cpu_workers: int | None, nvdec_sessions: int, gpu: int = 0):
         from . import nvdec
 
         if decoder not in DECODERS:
@@ -276,7 +281,7 @@ class DecoderPlan:
         self.decoder, self.gpu = decoder, gpu
         reason = check_decoder(decoder, gpu)
         self.gpu_sessions = 0 if reason else max(1, nvdec_sessions)
-        self.cpu_workers = max(1, cpu_workers)
+        self.cpu_workers = max(1, cpu_workers or default_workers(nvdec=bool(self.gpu_sessions)))
         self.jpeg = bool(self.gpu_sessions) and nvdec.gpu_jpeg_available()
         self.gpu_first = decoder == "nvdec"   # nvdec: CPU workers only take what the GPU cannot
         if decoder == "auto" and reason:

@@ -33,7 +33,8 @@ class InferSettings(ModelSettings):
                            "takes every input it can; exit 4 if it cannot run), cpu (PyAV worker processes)",
                            choices=DECODERS)
     nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) on the GPU")
-    workers: int = setting(default_workers(), "CPU decoding processes (default: one per core)")
+    workers: int | None = setting(None, f"CPU decoding processes (default: one per core, {default_workers()} here; "
+                                  "two fewer while NVDEC sessions run)")
     window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
                                            "per video)")
     window_frames: int | None = setting(None, "one clip per window of this many frames")
@@ -97,7 +98,8 @@ def job_identity(s: InferSettings, runner, img_size: int) -> dict[str, Any]:
 def check_settings(s: InferSettings) -> None:
     """PipelineError naming each setting that cannot be used as given."""
     bad = [f"--{name.replace('_', '-')} {getattr(s, name)!r}" for name in
-           ("batch_size", "workers", "nvdec_sessions", "shard_size", "decode_timeout_s") if not getattr(s, name) > 0]
+           ("batch_size", "workers", "nvdec_sessions", "shard_size", "decode_timeout_s")
+           if getattr(s, name) is not None and not getattr(s, name) > 0]
     if bad:
         raise PipelineError(f"{', '.join(bad)}: must be positive")
     if s.stride is not None and s.window_seconds is None and s.window_frames is None:

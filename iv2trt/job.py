@@ -60,7 +60,7 @@ class JobOptions:
     windowing: Windowing
     img_size: int = 224
     batch_size: int = 16
-    workers: int = 2                # CPU decode workers
+    workers: int | None = 2         # CPU decode workers (None: decoders.default_workers)
     decode_timeout_s: float = 120.0
     progress: bool = True
     decoder: str = "cpu"            # auto | nvdec | cpu
@@ -459,7 +459,7 @@ class Job:
         o = self.o
         plan = DecoderPlan(o.decoder, o.workers, o.nvdec_sessions, o.gpu) if self.items else None
         n_gpu = min(plan.gpu_sessions, sum(map(plan.gpu_takes, self.items))) if plan else 0
-        n_cpu = max(1, min(o.workers, len(self.items)))  # with --decoder nvdec they take what the GPU cannot
+        n_cpu = max(1, min(plan.cpu_workers, len(self.items))) if plan else 0  # nvdec: what the GPU cannot take
         self.plan = plan
         self.paths = {"cpu": _PathStats(n_cpu if self.items else 0), "nvdec": _PathStats(n_gpu)}
         if not self.items:

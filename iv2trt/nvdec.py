@@ -199,22 +199,24 @@ class NvdecSession:
         decoder = self._decoder(key)
 
         def take(frames, got: set[int]) -> Iterator[tuple[dict, Any, Any]]:
-            """Convert and keep the needed frames among `frames` (their indices into `got`); yield each clip once
-            complete."""
+            """Keep a copy of the needed frames among `frames` (their indices into `got`); once a clip's frames
+            are all there, convert and resize them together (a few kernels per clip, not per frame: the launches
+            hold the GIL that the other sessions' threads need) and yield the clip."""
             for frame in frames:
                 self.frames_decoded += 1
                 index = index_of.get(frame.getPTS())
                 if index is None or pts[index] not in needed_pts or index in got:
                     continue
                 got.add(index)
-                luma, chroma = split_nv12(torch.from_dlpack(frame), probe.height, probe.width)
-                rgb = nv12_to_rgb_planar(luma, chroma, colour).float()
-                if turns:
-                    rgb = torch.rot90(rgb, turns, dims=(-2, -1))
-                for clip in asm.add(index, resize_planar(rgb[None], self.size)[0]):
+                for clip in asm.add(index, torch.from_dlpack(frame).clone()):  # the decoder reuses its buffers
+                    luma, chroma = split_nv12(clip.frames, probe.height, probe.width)
+                    rgb = nv12_to_rgb_planar(luma, chroma, colour).float()
+                    if turns:
+                        rgb = torch.rot90(rgb, turns, dims=(-2, -1))
                     done = torch.cuda.Event()
+                    resized = resize_planar(rgb, self.size)
                     done.record(self.stream)
-                    yield {"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices}, clip.frames, done
+                    yield {"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices}, resized, done
 
         needed = needed_frames(plan)
         got: set[int] = set()
