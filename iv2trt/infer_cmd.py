@@ -43,6 +43,18 @@ class InferSettings(ModelSettings):
                                           "for --random-init weights) and check agreement (exit 3 if off)")
     progress: bool = setting(True, "progress bar")
     make_samples: str | None = setting(None, "write a few small sample videos into this folder and exit")
+    # engines per GPU model, and the Ray executor (iv2trt/engine_map.py, iv2trt/ray_job.py)
+    engines: list[str] = setting([], "one TensorRT engine per GPU model, as GPU_MODEL=PATH (e.g. "
+                                 "H100=build/s14_h100.engine): a GPU whose name contains GPU_MODEL uses PATH, "
+                                 "others --engine")
+    ray: str | None = setting(None, "run the job on Ray (pip install -r requirements-distributed.txt): --ray alone "
+                              "starts Ray on this machine; --ray auto joins the cluster of `ray start`; --ray "
+                              "HOST:PORT another (see README)", const="local")
+    ray_partition_size: int = setting(512, "--ray: inputs per partition, the unit of resume: one shard each, "
+                                      "committed once all its inputs finished (replaces --shard-size)")
+    ray_encoders: int = setting(0, "--ray: encoder actors (0: one per GPU in the cluster; one CPU actor without GPUs)")
+    ray_encoder_cpus: float = setting(1.0, "--ray: CPUs reserved per encoder actor")
+    ray_decode_cpus: float = setting(1.0, "--ray: CPUs per decode task (as many tasks run as CPUs are free)")
 
 
 DESCRIPTION = """Stage 3: extract L2-normalised InternVideo2-CLIP features from videos, images and frame folders.
@@ -126,11 +138,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
     items = discover(s.inputs, s.frame_folders)
-    runner = create_runner(s)
+    if s.ray is not None:
+        from .ray_job import run_ray_job
+
+        summary = run_ray_job(s, items, windowing)
+        return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
+    from .engine_map import engine_map_identity, settings_for_this_gpu
+
+    runner = create_runner(settings_for_this_gpu(s))
     try:
         img_size = runner_img_size(runner)
         check_frame_count(runner, s.frames)
         identity = job_identity(s, runner.name, img_size, runner_precision(runner))
+        identity.update(engine_map_identity(s, runner.name))
         done = prepare_output(s.output, identity, s.overwrite)
         todo = [item for item in items if item.id not in done]
         log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),
