@@ -68,11 +68,13 @@ EPILOG = """exit codes:
   0    every input extracted
   2    bad settings or input paths (the message says which)
   3    --compare-pytorch: the backend disagrees with PyTorch beyond tolerance
-  4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing)
+  4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing; Ray missing for --ray)
   6    some inputs failed (unreadable, truncated, timed out); they are listed in <output>/failures.jsonl
   130  interrupted (rerun the same command to resume)
 
-example: python trt_inference.py --inputs videos/ --output outputs/feats --backend onnxruntime --onnx build/x.onnx"""
+example: python trt_inference.py --inputs videos/ --output outputs/feats --backend onnxruntime --onnx build/x.onnx
+on a Ray cluster (ray start --head, then ray start --address HEAD:6379 on the others; README):
+         python trt_inference.py --ray auto --inputs /shared/videos/ --output outputs/feats"""
 
 
 def job_identity(s: InferSettings, backend: str, img_size: int, precision: str) -> dict[str, Any]:

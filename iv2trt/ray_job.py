@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -78,12 +79,34 @@ def ray_session(address: str) -> Iterator[Any]:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose  # our own bar counts videos; -v adds Ray Data's per-operator bars
+    ctx.raise_original_map_exception = True  # a PipelineError of a stage reaches the driver as itself (exit code)
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         yield ray
     finally:
         if owned:
             ray.shutdown()
+
+
+def node_settings(s):
+    """Settings `s` as the nodes get them: file paths absolute (a worker's working directory is not the driver's)
+    and, for the PyTorch backend, the model variant as its config (the YAML files under configs/ stay here)."""
+    from .engine_map import parse_engine_map
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else path
+
+    variant = s.variant
+    if s.backend == "torch" and isinstance(variant, (str, Path)):
+        from models import load_vision_config
+
+        try:
+            variant = load_vision_config(variant)
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from None
+    return dataclasses.replace(s, onnx=absolute(s.onnx), engine=absolute(s.engine), checkpoint=absolute(s.checkpoint),
+                               align_checkpoint=absolute(s.align_checkpoint), variant=variant,
+                               engines=[f"{k}={absolute(v)}" for k, v in parse_engine_map(s.engines).items()])
 
 
 def cluster_resources(ray) -> dict[str, Any]:
@@ -153,16 +176,29 @@ class Collector:
         self.per_encoder: Counter = Counter()
         self.batches: set[tuple[str, int]] = set()
         self.started = time.perf_counter()
+        self.first_row_s: float | None = None  # seconds from the start to the first result (actors starting up)
+        self.last_row_s = 0.0
+        self.clips_in_first_batch = 0
+
+    def steady_rate(self) -> float | None:
+        """Clips encoded per second between the first result batch and the last (actor startup left out)."""
+        span = self.last_row_s - (self.first_row_s or 0.0)
+        clips = sum(self.encoded.values()) - self.clips_in_first_batch
+        return round(clips / span, 3) if span > 0 and clips > 0 else None
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         t0 = time.perf_counter()
+        first = self.first_row_s is None
+        if first:
+            self.first_row_s = t0 - self.started
         a = self.assembler
         for i in range(len(batch["number"])):
             number, error = int(batch["number"][i]), str(batch["error"][i])
             self.decode_s += float(batch["decode_s"][i])
             self.decoded[str(batch["decode_node"][i])] += 1
-            if error:
-                a.add_failure(number, error)
+            if error:  # the decode task saw the absolute path: name the input as it was given, like the local job
+                path = a.items[number].path
+                a.add_failure(number, error.replace(os.path.abspath(path), path))
                 continue
             encoder = str(batch["encoder"][i])
             self.encode_s += float(batch["encode_s"][i])
@@ -171,8 +207,10 @@ class Collector:
             self.batches.add((encoder, int(batch["batch_id"][i])))
             a.add_clip(number, int(batch["clip"][i]), json.loads(str(batch["info"][i])),
                        np.array(batch["feature"][i]), int(batch["count"][i]))
+        if first:
+            self.clips_in_first_batch = sum(self.encoded.values())
         self.write_s += time.perf_counter() - t0
-        elapsed = time.perf_counter() - self.started
+        elapsed = self.last_row_s = time.perf_counter() - self.started
         self.bar.set_postfix_str(f"{a.stats['clips'] / max(elapsed, 1e-9):.1f} clips/s, {a.stats['failed']} failed",
                                  refresh=False)
 
@@ -181,8 +219,11 @@ def _stage(busy_s: float, count: int, unit: str) -> dict[str, Any]:
     return {unit: count, "busy_s": round(busy_s, 3), f"{unit}_per_busy_s": round(count / busy_s, 3) if busy_s else None}
 
 
-def run_ray_job(s, items: Sequence[InputItem], windowing) -> dict[str, Any]:
-    """Run the job described by settings `s` (InferSettings) over `items` on Ray; returns the summary."""
+def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runner=None) -> dict[str, Any]:
+    """Run the job described by settings `s` (InferSettings) over `items` on Ray; returns the summary.
+
+    `source(item, windowing, img_size)` yields an input's clips (default: job.iter_clips); `make_runner()` builds
+    the runner on a node (default: the one `s` names, with the engine map applied). Benchmarks replace them."""
     from tqdm import tqdm
 
     from .engine_map import engine_map_identity
@@ -202,8 +243,11 @@ def run_ray_job(s, items: Sequence[InputItem], windowing) -> dict[str, Any]:
         try:
             resources = cluster_resources(ray)
             encoders, need = encoder_plan(s, resources)
-            info = ray.get(ray.remote(**need)(probe_runner).remote(SettingsRunner(s), s.frames))
-            s = dataclasses.replace(s, backend=info["name"])  # every encoder runs what the probe chose
+            make_runner = make_runner or SettingsRunner(node_settings(s))
+            info = ray.get(ray.remote(max_calls=1, **need)(probe_runner).remote(make_runner, s.frames))
+            if isinstance(make_runner, SettingsRunner):  # every encoder runs the backend the probe chose
+                s = dataclasses.replace(s, backend=info["name"])
+                make_runner = SettingsRunner(node_settings(s))
             identity = job_identity(s, info["name"], info["img_size"], info["precision"])
             identity.update(engine_map_identity(s, info["name"]))
             done = prepare_output(s.output, identity, s.overwrite)
@@ -224,11 +268,11 @@ def run_ray_job(s, items: Sequence[InputItem], windowing) -> dict[str, Any]:
             started = time.perf_counter()
             try:
                 if numbers:
-                    spec = DecodeSpec(iter_clips, windowing, info["img_size"], info["frame_range"], info["name"],
-                                      s.decode_timeout_s)
-                    records = [{"number": n, "path": items[n].path, "id": items[n].id, "kind": items[n].kind}
-                               for n in numbers]
-                    ds = build_pipeline(ray, records, spec, SettingsRunner(s), info["feature_dim"], batch_size,
+                    spec = DecodeSpec(source or iter_clips, windowing, info["img_size"], info["frame_range"],
+                                      info["name"], s.decode_timeout_s)
+                    records = [{"number": n, "path": os.path.abspath(items[n].path), "id": items[n].id,
+                                "kind": items[n].kind} for n in numbers]
+                    ds = build_pipeline(ray, records, spec, make_runner, info["feature_dim"], batch_size,
                                         encoders, need, s.ray_decode_cpus, resources["cpus"])
                     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                         collector.add(batch)
@@ -252,6 +296,8 @@ def run_ray_job(s, items: Sequence[InputItem], windowing) -> dict[str, Any]:
     summary["executor"] = "ray"
     summary["ray"] = {
         "address": s.ray, **resources, "encoders": encoders, "encoder_resources": need,
+        "startup_s": round(collector.first_row_s, 3) if collector.first_row_s is not None else None,
+        "steady_clips_per_s": collector.steady_rate(),
         "partitions": {"size": s.ray_partition_size, "total": len(partitions) + committed,
                        "committed_before": committed, "written": a.stats["shards"]},
         "stages": {"decode": _stage(collector.decode_s, sum(collector.decoded.values()), "rows"),

@@ -130,14 +130,22 @@ class Encoder:
 
     Clips are grouped by (dtype, shape), copied into a batch buffer (pinned when the runner offers one)
     and run through `stages.start_inference`; a lock covers the start only, so with two calls in flight
-    (max_concurrency=2) a runner with submit_uint8 uploads the next batch while computing this one."""
+    (max_concurrency=2) a runner with submit_uint8 uploads the next batch while computing this one.
+    A runner that cannot be built here (an engine for another GPU, say) fails the actor's first batch with
+    that PipelineError: raised in __init__, it would reach the driver as a bare ActorDiedError."""
 
     PASSED = ("number", "clip", "count", "info", "error", "decode_s", "decode_node")
 
     def __init__(self, make_runner: Callable[[], Any], feature_dim: int, batch_size: int):
         import ray
 
-        self.runner = make_runner()
+        from .errors import PipelineError
+
+        self.runner, self.broken = None, None
+        try:
+            self.runner = make_runner()
+        except PipelineError as exc:
+            self.broken = exc
         self.feature_dim, self.batch_size = feature_dim, batch_size
         self.name = f"{_node()}/{ray.get_runtime_context().get_actor_id()[:12]}"  # node/actor
         self.lock = threading.Lock()
@@ -154,6 +162,8 @@ class Encoder:
         return alloc(shape, dtype) if alloc is not None else np.empty(shape, dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        if self.broken is not None:
+            raise self.broken
         n = len(batch["number"])
         features = np.zeros((n, self.feature_dim), np.float32)
         encode_s = np.zeros(n)
@@ -215,7 +225,8 @@ def probe_runner(make_runner: Callable[[], Any], frames: int) -> dict[str, Any]:
         img_size = runner_img_size(runner)
         feature_dim = infer_frames(runner, np.zeros((1, frames, img_size, img_size, 3), np.uint8)).shape[-1]
         return {"name": runner.name, "img_size": img_size, "precision": runner_precision(runner),
-                "frame_range": tuple(runner.frame_range), "max_batch": runner.max_batch, "feature_dim": int(feature_dim)}
+                "frame_range": tuple(runner.frame_range), "max_batch": runner.max_batch,
+                "feature_dim": int(feature_dim)}
     finally:
         close = getattr(runner, "close", None)
         if close is not None:

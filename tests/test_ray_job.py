@@ -113,6 +113,41 @@ def test_hanging_decoder_is_timed_out(tmp_path, tiny_onnx, inputs):
     assert {key[0] for key in _rows(tmp_path / "out")} == {"v00.mp4"}
 
 
+class FailsInActors:
+    """A runner factory that works in the driver's probe task but not in the encoder actors (like an engine
+    that fits the first GPU model and not another one)."""
+
+    def __init__(self, onnx: str):
+        self.onnx = onnx
+
+    def __call__(self):
+        from iv2trt.errors import EngineMismatch
+        from iv2trt.runners import OnnxRuntimeRunner
+
+        if ray.get_runtime_context().get_actor_id() is not None:
+            raise EngineMismatch("engine built for another GPU: rebuild it here")
+        return OnnxRuntimeRunner(self.onnx)
+
+
+def test_runner_errors_on_the_nodes_stop_the_job_with_their_exit_code(tmp_path, tiny_onnx, inputs):
+    from iv2trt.errors import EngineMismatch
+    from iv2trt.infer_cmd import InferSettings
+    from iv2trt.inputs import discover
+    from iv2trt.ray_job import run_ray_job
+    from iv2trt.video import Windowing
+
+    out = tmp_path / "out"
+    args = _args(tiny_onnx, inputs, out, "--ray", "--backend", "tensorrt", "--engine", tmp_path / "none.engine")
+    assert run_main(main, args) == 4  # the probe task cannot build the runner: nothing is written
+    assert not out.exists()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # FailsInActors, for the workers
+    s = InferSettings(inputs=[str(inputs)], output=str(out), backend="onnxruntime", onnx=str(tiny_onnx["fp32"]),
+                      frames=4, progress=False, ray="local")
+    with pytest.raises(EngineMismatch, match="rebuild it here"):
+        run_ray_job(s, discover(s.inputs), Windowing(4), make_runner=FailsInActors(s.onnx))
+    assert not list((out / "shards").glob("*.parquet"))
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A simulated cluster on this machine: a head without CPUs (it only hosts the driver's connection, as on
@@ -174,3 +209,27 @@ def test_driver_killed_then_rerun_has_no_duplicates_and_no_gaps(tmp_path, tiny_o
         assert (out / "shards" / name).read_bytes() == data
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_already_done"] == len(done) and summary["inputs"] == 43 - len(done)
+
+
+def test_ray_scaling_benchmark_runs_the_job_with_one_and_two_encoders(tmp_path, tiny_cfg):
+    """benchmark.py --ray-scaling on CPU actors with the tiny model: the table, the target line and the files."""
+    import dataclasses
+
+    import yaml
+
+    from iv2trt.benchmark import main as benchmark_main
+
+    variant = tmp_path / "tiny.yaml"
+    variant.write_text(yaml.safe_dump(dataclasses.asdict(tiny_cfg)))
+    out = tmp_path / "bench"
+    assert benchmark_main(["--variant", str(variant), "--skip-encoder", "--ray-scaling", "--ray-cpus", "4",
+                           "--ray-shape", "4x4", "--ray-seconds", "0.5", "--target-seconds", "0.3",
+                           "--ray-clips-per-video", "8", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "benchmark.json").read_text())
+    rows = results["ray_scaling"]["rows"]
+    assert [(r["backend"], r["encoders"], r["encoders_seen"]) for r in rows] == [("torch-fp32", 1, 1),
+                                                                                  ("torch-fp32", 2, 2)]
+    assert all(r["clips"] == r["videos"] * 8 and r["steady_clips_per_s"] > 0 for r in rows)
+    assert rows[0]["speedup_steady"] == 1.0
+    assert "| torch-fp32 | 2 |" in (out / "benchmark.md").read_text()
+    assert results["targets"][-1]["status"] == "not measured"  # no GPUs here
