@@ -88,13 +88,14 @@ def ray_session(address: str) -> Iterator[Any]:
             ray.shutdown()
 
 
-def node_settings(s):
-    """Settings `s` as the nodes get them: file paths absolute (a worker's working directory is not the driver's)
-    and, for the PyTorch backend, the model variant as its config (the YAML files under configs/ stay here)."""
-    from .engine_map import parse_engine_map
+def _absolute(path: str | None) -> str | None:
+    """An existing file's path as the nodes need it (a worker's working directory is not the driver's)."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
 
-    def absolute(path: str | None) -> str | None:
-        return os.path.abspath(path) if path else path
+
+def node_settings(s):
+    """Settings `s` as the nodes get them: file paths absolute and, for the PyTorch backend, the model variant as its config (the YAML files under configs/ stay here)."""
+    from .engine_map import parse_engine_map
 
     variant = s.variant
     if s.backend == "torch" and isinstance(variant, (str, Path)):
@@ -104,9 +105,9 @@ def node_settings(s):
             variant = load_vision_config(variant)
         except ValueError as exc:
             raise PipelineError(str(exc)) from None
-    return dataclasses.replace(s, onnx=absolute(s.onnx), engine=absolute(s.engine), checkpoint=absolute(s.checkpoint),
-                               align_checkpoint=absolute(s.align_checkpoint), variant=variant,
-                               engines=[f"{k}={absolute(v)}" for k, v in parse_engine_map(s.engines).items()])
+    return dataclasses.replace(s, onnx=_absolute(s.onnx), engine=_absolute(s.engine), variant=variant,
+                               checkpoint=_absolute(s.checkpoint), align_checkpoint=_absolute(s.align_checkpoint),
+                               engines=[f"{k}={_absolute(v)}" for k, v in parse_engine_map(s.engines).items()])
 
 
 def cluster_resources(ray) -> dict[str, Any]:
@@ -198,7 +199,7 @@ class Collector:
             self.decoded[str(batch["decode_node"][i])] += 1
             if error:  # the decode task saw the absolute path: name the input as it was given, like the local job
                 path = a.items[number].path
-                a.add_failure(number, error.replace(os.path.abspath(path), path))
+                a.add_failure(number, error.replace(_absolute(path), path))
                 continue
             encoder = str(batch["encoder"][i])
             self.encode_s += float(batch["encode_s"][i])
@@ -270,7 +271,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
                 if numbers:
                     spec = DecodeSpec(source or iter_clips, windowing, info["img_size"], info["frame_range"],
                                       info["name"], s.decode_timeout_s)
-                    records = [{"number": n, "path": os.path.abspath(items[n].path), "id": items[n].id,
+                    records = [{"number": n, "path": _absolute(items[n].path), "id": items[n].id,
                                 "kind": items[n].kind} for n in numbers]
                     ds = build_pipeline(ray, records, spec, make_runner, info["feature_dim"], batch_size,
                                         encoders, need, s.ray_decode_cpus, resources["cpus"])

@@ -131,7 +131,9 @@ class Encoder:
     Clips are grouped by (dtype, shape), copied into a batch buffer (pinned when the runner offers one)
     and run through `stages.start_inference`; a lock covers the start only, so with two calls in flight
     (max_concurrency=2) a runner with submit_uint8 uploads the next batch while computing this one.
-    A runner that cannot be built here (an engine for another GPU, say) fails the actor's first batch with
+    For a runner replaying CUDA graphs, a partial batch runs padded to the full batch (the padding rows'
+    features are dropped): one shape, one graph, captured in the very first call, while no other call has
+    GPU work in flight (a capture must not overlap another thread's CUDA calls). A runner that cannot be built here (an engine for another GPU, say) fails the actor's first batch with
     that PipelineError: raised in __init__, it would reach the driver as a bare ActorDiedError."""
 
     PASSED = ("number", "clip", "count", "info", "error", "decode_s", "decode_node")
@@ -153,13 +155,14 @@ class Encoder:
         self.calls = 0
 
     def _buffer(self, key: tuple, rows: int) -> np.ndarray:
+        """A free batch buffer for clips of `key` (allocated under the lock: pinning memory is a CUDA call)."""
         with self.lock:
             free = self.free.get(key)
             if free:
                 return free.pop()
-        shape, dtype = (max(rows, self.batch_size), *key[1]), np.dtype(key[0])
-        alloc = getattr(self.runner, "new_host_buffer", None)
-        return alloc(shape, dtype) if alloc is not None else np.empty(shape, dtype)
+            shape, dtype = (max(rows, self.batch_size), *key[1]), np.dtype(key[0])
+            alloc = getattr(self.runner, "new_host_buffer", None)
+            return alloc(shape, dtype) if alloc is not None else np.empty(shape, dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.broken is not None:
@@ -175,10 +178,11 @@ class Encoder:
             buf = self._buffer(key, len(rows))
             for slot, i in enumerate(rows):
                 buf[slot] = clip_frames(batch["frames"][i], bool(batch["is_float"][i]))
+            run = max(len(rows), self.batch_size) if getattr(self.runner, "cuda_graphs", False) else len(rows)
             started = time.perf_counter()
             with self.lock:
-                wait = start_inference(self.runner, buf[:len(rows)])
-            features[rows] = l2_normalize(wait())
+                wait = start_inference(self.runner, buf[:run])
+            features[rows] = l2_normalize(wait()[:len(rows)])
             encode_s[rows] = (time.perf_counter() - started) / len(rows)
             with self.lock:
                 if len(buf) >= self.batch_size:

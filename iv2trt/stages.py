@@ -38,6 +38,9 @@ def timeout_reason(timeout_s: float) -> str:
     return f"decoding timed out (no progress for {timeout_s:g}s)"
 
 
+IMPORT_GRACE_S = 0.5
+
+
 class DecodeStalled(BaseException):
     """A source made no progress for its deadline (a BaseException, so decoders' `except Exception` let it pass)."""
 
@@ -47,7 +50,9 @@ def clips_with_deadline(clips: Iterable, timeout_s: float) -> Iterator:
 
     Uses SIGALRM, which interrupts a blocking open or read too (a decoder that turns the interruption into an
     error of its own still counts as stalled); where there is none (not the main thread, or no SIGALRM on this
-    platform) the clips come without a deadline."""
+    platform) the clips come without a deadline. An import in progress (a source importing torch on first use)
+    is never interrupted: a half-imported module would break every later task of the process; the deadline
+    is checked again IMPORT_GRACE_S later."""
     iterator = iter(clips)
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
         yield from iterator
@@ -56,6 +61,11 @@ def clips_with_deadline(clips: Iterable, timeout_s: float) -> Iterator:
 
     def stalled(signum, frame):
         nonlocal expired
+        while frame is not None:
+            if frame.f_code.co_filename.startswith("<frozen importlib"):
+                signal.setitimer(signal.ITIMER_REAL, IMPORT_GRACE_S)
+                return
+            frame = frame.f_back
         expired = True
         raise DecodeStalled()
 

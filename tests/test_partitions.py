@@ -135,6 +135,24 @@ def test_deadline_interrupts_a_stalled_source():
     assert list(clips_with_deadline(iter([1, 2]), 0.3)) == [1, 2]
 
 
+def test_deadline_never_interrupts_an_import(tmp_path, monkeypatch):
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(1.0)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def imports_then_stalls():
+        import slow_to_import  # takes longer than the deadline: must complete, not be cut in half
+
+        yield slow_to_import.DONE
+        time.sleep(30)
+        yield 2
+
+    got = []
+    with pytest.raises(DecodeStalled):
+        for x in clips_with_deadline(imports_then_stalls(), 0.3):
+            got.append(x)
+    assert got == [True] and sys.modules["slow_to_import"].DONE
+
+
 def test_engine_map_picks_the_longest_matching_key():
     mapping = parse_engine_map(["H100=h100.engine", "NVIDIA H100 NVL=nvl.engine", "L4=l4.engine"])
     assert engine_for_gpu(mapping, "NVIDIA H100 80GB HBM3", "default.engine") == "h100.engine"

@@ -102,7 +102,18 @@ def test_local_ray_equals_local_job_and_resumes(tmp_path, tiny_onnx, inputs, ref
     assert json.loads((out / "summary.json").read_text())["skipped_already_done"] == want["ok"]
 
 
-def test_hanging_decoder_is_timed_out(tmp_path, tiny_onnx, inputs):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One Ray of this machine for the in-process tests after the first (which starts its own, as `--ray` does):
+    the job finds Ray running and uses it."""
+    from iv2trt.ray_job import runtime_env
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env=runtime_env(), log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_hanging_decoder_is_timed_out(tmp_path, tiny_onnx, inputs, local_ray):
     fifo = tmp_path / "hangs.mp4"
     os.mkfifo(fifo)  # opening a FIFO nobody writes to blocks forever
     args = _args(tiny_onnx, inputs / "v00.mp4", tmp_path / "out", "--ray", "--decode-timeout-s", 2)
@@ -129,7 +140,7 @@ class FailsInActors:
         return OnnxRuntimeRunner(self.onnx)
 
 
-def test_runner_errors_on_the_nodes_stop_the_job_with_their_exit_code(tmp_path, tiny_onnx, inputs):
+def test_runner_errors_on_the_nodes_stop_the_job_with_their_exit_code(tmp_path, tiny_onnx, inputs, local_ray):
     from iv2trt.errors import EngineMismatch
     from iv2trt.infer_cmd import InferSettings
     from iv2trt.inputs import discover
@@ -146,6 +157,31 @@ def test_runner_errors_on_the_nodes_stop_the_job_with_their_exit_code(tmp_path, 
     with pytest.raises(EngineMismatch, match="rebuild it here"):
         run_ray_job(s, discover(s.inputs), Windowing(4), make_runner=FailsInActors(s.onnx))
     assert not list((out / "shards").glob("*.parquet"))
+
+
+
+def test_ray_scaling_benchmark_runs_the_job_with_one_and_two_encoders(tmp_path, tiny_cfg, local_ray):
+    """benchmark.py --ray-scaling on CPU actors with the tiny model: the table, the target line and the files."""
+    import dataclasses
+
+    import yaml
+
+    from iv2trt.benchmark import main as benchmark_main
+
+    variant = tmp_path / "tiny.yaml"
+    variant.write_text(yaml.safe_dump(dataclasses.asdict(tiny_cfg)))
+    out = tmp_path / "bench"
+    assert benchmark_main(["--variant", str(variant), "--skip-encoder", "--ray-scaling",
+                           "--ray-shape", "4x4", "--ray-seconds", "0.5", "--target-seconds", "0.3",
+                           "--ray-clips-per-video", "8", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "benchmark.json").read_text())
+    rows = results["ray_scaling"]["rows"]
+    assert [(r["backend"], r["encoders"], r["encoders_seen"]) for r in rows] == [("torch-fp32", 1, 1),
+                                                                                  ("torch-fp32", 2, 2)]
+    assert all(r["clips"] == r["videos"] * 8 and r["steady_clips_per_s"] > 0 for r in rows)
+    assert rows[0]["speedup_steady"] == 1.0
+    assert "| torch-fp32 | 2 |" in (out / "benchmark.md").read_text()
+    assert results["targets"][-1]["status"] == "not measured"  # no GPUs here
 
 
 @pytest.fixture(scope="module")
@@ -209,27 +245,3 @@ def test_driver_killed_then_rerun_has_no_duplicates_and_no_gaps(tmp_path, tiny_o
         assert (out / "shards" / name).read_bytes() == data
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_already_done"] == len(done) and summary["inputs"] == 43 - len(done)
-
-
-def test_ray_scaling_benchmark_runs_the_job_with_one_and_two_encoders(tmp_path, tiny_cfg):
-    """benchmark.py --ray-scaling on CPU actors with the tiny model: the table, the target line and the files."""
-    import dataclasses
-
-    import yaml
-
-    from iv2trt.benchmark import main as benchmark_main
-
-    variant = tmp_path / "tiny.yaml"
-    variant.write_text(yaml.safe_dump(dataclasses.asdict(tiny_cfg)))
-    out = tmp_path / "bench"
-    assert benchmark_main(["--variant", str(variant), "--skip-encoder", "--ray-scaling", "--ray-cpus", "4",
-                           "--ray-shape", "4x4", "--ray-seconds", "0.5", "--target-seconds", "0.3",
-                           "--ray-clips-per-video", "8", "--output-dir", str(out)]) == 0
-    results = json.loads((out / "benchmark.json").read_text())
-    rows = results["ray_scaling"]["rows"]
-    assert [(r["backend"], r["encoders"], r["encoders_seen"]) for r in rows] == [("torch-fp32", 1, 1),
-                                                                                  ("torch-fp32", 2, 2)]
-    assert all(r["clips"] == r["videos"] * 8 and r["steady_clips_per_s"] > 0 for r in rows)
-    assert rows[0]["speedup_steady"] == 1.0
-    assert "| torch-fp32 | 2 |" in (out / "benchmark.md").read_text()
-    assert results["targets"][-1]["status"] == "not measured"  # no GPUs here
