@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import tempfile
 from pathlib import Path
 
 from .errors import BackendUnavailable, PipelineError
+from .fileio import shown_path
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ def tensorrt_missing(engine: str | None) -> str | None:
     except Exception as exc:  # driver missing or broken
         return f"CUDA is not usable ({exc})"
     if not engine or not Path(engine).is_file():
-        return f"engine file {engine!r} not found (build it with build_engine.py)"
+        return f"engine file {shown_path(engine or '')} not found (build it with build_engine.py, or pass --engine)"
     return None
 
 
@@ -42,24 +44,20 @@ def resolve_backend(backend: str, engine: str | None) -> tuple[str, str]:
 
 
 def create_runner(s) -> object:
-    """The runner named by settings `s` (fields backend, engine, onnx and the model settings)."""
+    """The runner named by settings `s` (fields backend, engine, onnx and the model settings). With backend auto,
+    a TensorRT that is installed but cannot start here (driver, GPU) falls back to ONNX Runtime."""
     backend, why = resolve_backend(s.backend, s.engine)
     if backend == "tensorrt":
-        reason = tensorrt_missing(s.engine)
-        if reason:
-            raise BackendUnavailable(f"backend tensorrt cannot run: {reason}; or pass --backend onnxruntime")
-        from .trt_runtime import TensorRTRunner
-
-        runner = TensorRTRunner(s.engine)
-        log.info("backend tensorrt (%s): engine %s", why, s.engine)
-    elif backend == "onnxruntime":
-        from .runners import OnnxRuntimeRunner
-
-        if not s.onnx:
-            raise PipelineError("backend onnxruntime needs --onnx PATH (made by export_onnx.py)")
-        runner = OnnxRuntimeRunner(s.onnx)
-        log.info("backend onnxruntime (%s): %s on %s", why, s.onnx, ", ".join(runner.providers))
-    elif backend == "torch":
+        try:
+            return tensorrt_runner(s, why)
+        except BackendUnavailable as exc:
+            if s.backend != "auto":
+                raise
+            log.warning("TensorRT cannot run here: %s; using ONNX Runtime", exc)
+            backend, why = "onnxruntime", "auto: TensorRT cannot run here"
+    if backend == "onnxruntime":
+        return onnxruntime_runner(s.onnx, why)
+    if backend == "torch":
         from .cli import load_model
         from .runners import TorchRunner
 
@@ -67,9 +65,68 @@ def create_runner(s) -> object:
             raise PipelineError("backend torch needs --checkpoint PATH (or --random-init to try the pipeline)")
         runner = TorchRunner(load_model(s))
         log.info("backend torch (%s): %s %s on %s", why, s.variant, runner.precision, runner.device)
-    else:
-        raise PipelineError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        return runner
+    raise PipelineError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+
+
+def tensorrt_runner(s, why: str):
+    reason = tensorrt_missing(s.engine)
+    if reason:
+        raise BackendUnavailable(f"backend tensorrt cannot run: {reason}; or pass --backend onnxruntime")
+    from .trt_runtime import TensorRTRunner
+
+    runner = TensorRTRunner(s.engine)
+    log.info("backend tensorrt (%s): engine %s", why, s.engine)
     return runner
+
+
+def onnxruntime_runner(onnx_path: str | None, why: str):
+    """ONNX Runtime on `onnx_path`. Where it runs on the CPU, an FP16 graph is converted to FP32 first (most
+    CPUs emulate fp16 arithmetic: the fp16 graph was measured at half the fp32 speed); the runner's
+    `precision` stays fp16 (the weights') and `converted_from` says so."""
+    import numpy as np
+
+    from .runners import OnnxRuntimeRunner
+
+    if not onnx_path:
+        raise PipelineError("backend onnxruntime needs --onnx PATH (made by export_onnx.py)")
+    if not Path(onnx_path).is_file():
+        raise PipelineError(f"ONNX file {shown_path(onnx_path)} not found: run export_onnx.py first, or pass "
+                            "--onnx PATH")
+    runner = OnnxRuntimeRunner(onnx_path)
+    if runner.providers[0] == "CPUExecutionProvider" and runner.input_dtype == np.float16:
+        runner = cpu_fp32_runner(onnx_path)
+        log.info("backend onnxruntime (%s): %s converted to fp32 for the CPU (fp16 weights widened exactly, fp32 "
+                 "compute; most CPUs emulate fp16 arithmetic)", why, onnx_path)
+    else:
+        log.info("backend onnxruntime (%s): %s on %s", why, onnx_path, ", ".join(runner.providers))
+    return runner
+
+
+def cpu_fp32_runner(onnx_path: str | Path):
+    """An ONNX Runtime CPU runner of the FP32 conversion of an FP16 ONNX file."""
+    import onnx
+
+    from .onnx_fp16 import convert_to_fp32
+    from .runners import OnnxRuntimeRunner
+
+    with tempfile.TemporaryDirectory(prefix="iv2trt_fp32_") as tmp:  # the session keeps the model in memory
+        path = Path(tmp) / "model_fp32.onnx"
+        onnx.save(convert_to_fp32(onnx.load(str(onnx_path))), str(path))
+        runner = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"])
+    runner.precision, runner.converted_from = "fp16", "fp16"  # fp16 weights: fp16 comparison thresholds
+    return runner
+
+
+def runner_random_init(runner, s) -> bool | None:
+    """Whether the runner's weights are random (--random-init); None when its model file does not say."""
+    if getattr(runner, "name", "") == "torch":
+        return not s.checkpoint
+    if getattr(runner, "session", None) is not None:
+        value = runner.session.get_modelmeta().custom_metadata_map.get("random_init")
+    else:
+        value = (getattr(runner, "metadata", None) or {}).get("onnx", {}).get("random_init")
+    return {"true": True, "false": False}.get(str(value).lower())
 
 
 def runner_img_size(runner, default: int = 224) -> int:

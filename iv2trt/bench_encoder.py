@@ -166,19 +166,30 @@ class Row:
 
 
 class TorchBench:
-    """TorchRunner on a private copy of the model; encoder-only (device) and host-to-host timing."""
+    """TorchRunner on a private copy of the model; encoder-only (device) and host-to-host timing. With
+    torch.compile on (`compile_mode`, default: the runner's), each shape is compiled and its graph captured
+    before it is timed."""
 
-    def __init__(self, model, precision: str, device: str):
+    def __init__(self, model, precision: str, device: str, compile_mode: str | None = None):
         import torch
 
         from .runners import TorchRunner
 
         self.torch = torch
-        self.runner = TorchRunner(copy.deepcopy(model), device, precision)
+        self.runner = TorchRunner(copy.deepcopy(model), device, precision, compile_mode=compile_mode)
         self.cuda = self.runner.device.type == "cuda"
+
+    def compile_info(self, batch: int, frames: int) -> dict[str, Any]:
+        """{"compile": mode or "off", "compile_s": seconds its compile took in this process, or None}."""
+        c = self.runner.compiled
+        shape = (batch, frames, 3, self.runner.model.cfg.img_size, self.runner.model.cfg.img_size)
+        return {"compile": self.runner.compile_mode or "off", "compile_s": c.compile_seconds(shape) if c else None,
+                "compile_failed": c.failed.get(c.key(shape)) if c else None}
 
     def encoder_only(self, frames: np.ndarray, plan: TimingPlan) -> tuple[list[float], np.ndarray]:
         torch, r = self.torch, self.runner
+        if self.cuda:
+            r.prepare([frames.shape[:2]])
         x = torch.as_tensor(frames).to(r.device, r.dtype)
         with torch.inference_mode():
             call = lambda: r.forward_device(x)  # noqa: E731  (the runner's path: CUDA graph replay on a GPU)
@@ -208,8 +219,10 @@ def set_tf32(torch, enabled: bool) -> None:
 
 def run_encoder_grid(model, backends: list[str], grid: list[tuple[int, int]], plan: TimingPlan,
                      onnx_path: str | None = None, engine: str | None = None, seed: int = 0,
-                     onnx_factory: Callable[[], str] | None = None, ort_threads: int = 0) -> dict[str, Any]:
-    """Time `backends` on every (B, T) of `grid`; returns {"rows", "unavailable", "flops_per_clip", ...}."""
+                     onnx_factory: Callable[[], str] | None = None, ort_threads: int = 0,
+                     torch_compile: str | None = None) -> dict[str, Any]:
+    """Time `backends` on every (B, T) of `grid`; returns {"rows", "unavailable", "flops_per_clip", ...}.
+    torch_compile: the torch-fp16 runner's compile mode (None: its default; see torch_compile.py)."""
     import torch
 
     env = Env.probe(engine)
@@ -259,13 +272,14 @@ def run_encoder_grid(model, backends: list[str], grid: list[tuple[int, int]], pl
             log.warning("%s: not available: %s", backend, reason)
             continue
         if backend == "torch-fp16":
-            bench = TorchBench(model, "fp16", device)
+            bench = TorchBench(model, "fp16", device, torch_compile)
             for cell, x in inputs.items():
                 reset_mem()
                 times, out = bench.encoder_only(x, plan)
-                add(backend, "device", cell, times, out, peak_mem())
+                add(backend, "device", cell, times, out, peak_mem(), bench.compile_info(*cell))
                 times, out = bench.host_to_host(x, plan)
-                add(backend, "host", cell, times, out, None)
+                add(backend, "host", cell, times, out, None, bench.compile_info(*cell))
+            bench.runner.close()
             del bench
         else:
             runner = _make_runner(backend, onnx_path, engine, ort_threads)

@@ -1,12 +1,15 @@
-"""Pipeline benchmark: decode-only throughput, the extraction job end to end, and the job's own overhead.
+"""Pipeline benchmark: decode ceilings per path, the extraction job end to end per decoder, the encoder alone,
+and the job's own overhead, all on the same videos in one run.
 
-1. decode: every video decoded and sampled as the job's workers do (video.read_clips), then
-   resized to uint8 (transforms.resize_frames, what the workers send), timed apart, in 1 process
-   and in W processes.
-2. end to end: job.run_job over the videos with the chosen backend (decoders, pipes, batching,
-   inference, normalisation, writing), clips/s from its summary.
-3. encoder only: the same backend at the job's (B, T), timed as in the encoder benchmark.
-4. job overhead: the decoded clips (resized uint8, as the workers send them) are preloaded in memory
+1. CPU decode scaling: every video decoded and sampled as the CPU workers do (video.read_clips), then
+   resized to uint8 (transforms.resize_frames), timed apart, in 1 process and in W processes.
+2. decode ceilings: the real job (decoder workers, scheduling, batching, writing) with an encoder that costs
+   nothing (`NullRunner`), for --decoder cpu (all CPU workers), nvdec (all NVDEC sessions) and auto (both
+   together): what the decoders deliver when the encoder never waits.
+3. end to end: the same job with the chosen backend, for each decoder; clips/s from its summary, with the
+   summary's encoder busy fraction and bounding stage.
+4. encoder only: the same backend at the job's (B, T), timed as in the encoder benchmark.
+5. job overhead: the decoded clips (resized uint8, as the workers send them) are preloaded in memory
    and fed to the job's own inference stage through its public entry point Job.run_preloaded (batch
    assembly into preallocated buffers, the inference thread with runner.infer_uint8: upload,
    normalisation and dtype conversion, L2-normalisation, writer): overhead = (wall time of the stage
@@ -27,8 +30,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-VIDEO_SPEC = {"width": 1280, "height": 720, "fps": 25, "seconds": 10, "codec": "libx264", "gop": 50,
-              "preset": "veryfast", "crf": 23}
+# 720p H.264 as cameras and sites deliver it: x264's default settings (preset medium, CRF 23, B-frames,
+# keyframe interval 250), 30 fps, 10 s. `gop: None` keeps x264's default.
+VIDEO_SPEC = {"width": 1280, "height": 720, "fps": 30, "seconds": 10, "codec": "libx264", "gop": None,
+              "preset": "medium", "crf": 23}
 
 
 # --- test videos -------------------------------------------------------------------------------------------
@@ -54,7 +59,8 @@ def write_test_video(path: Path, seed: int, spec: dict[str, Any] = VIDEO_SPEC) -
             stream = container.add_stream(spec["codec"], rate=fps,
                                           options={"preset": spec["preset"], "crf": str(spec["crf"])})
             stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
-            stream.codec_context.gop_size = spec["gop"]
+            if spec["gop"]:
+                stream.codec_context.gop_size = spec["gop"]
             stream.codec_context.time_base = Fraction(1, fps)
             for t in range(spec["seconds"] * fps):
                 dy, dx = (2 * t) % 64, (3 * t) % 64
@@ -68,19 +74,68 @@ def write_test_video(path: Path, seed: int, spec: dict[str, Any] = VIDEO_SPEC) -
     return path
 
 
+def write_footage_video(path: Path, source: str, start: int, spec: dict[str, Any] = VIDEO_SPEC) -> Path:
+    """`spec['seconds']` of real footage from `source` (frames from `start` on, from the beginning again at its
+    end), scaled to the spec's size and encoded as the spec says: test videos with a camera's content."""
+    import av
+
+    from .fileio import atomic_path
+
+    fps, count = spec["fps"], spec["seconds"] * spec["fps"]
+    with av.open(source) as c:
+        total = sum(1 for _ in c.demux(c.streams.video[0])) - 1
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
+        stream = out.add_stream(spec["codec"], rate=fps, options={"preset": spec["preset"], "crf": str(spec["crf"])})
+        stream.height, stream.width, stream.pix_fmt = spec["height"], spec["width"], "yuv420p"
+        if spec["gop"]:
+            stream.codec_context.gop_size = spec["gop"]
+        written, skip = 0, start % max(total - 1, 1)
+        while written < count:
+            with av.open(source) as c:
+                for i, frame in enumerate(c.decode(video=0)):
+                    if i < skip:
+                        continue
+                    frame = frame.reformat(width=spec["width"], height=spec["height"], format="yuv420p",
+                                           interpolation="BICUBIC")
+                    frame.pts, frame.time_base = written, Fraction(1, fps)
+                    for packet in stream.encode(frame):
+                        out.mux(packet)
+                    written += 1
+                    if written == count:
+                        break
+            skip = 0
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
 def ensure_test_videos(folder: str | Path, count: int, spec: dict[str, Any] = VIDEO_SPEC,
-                       processes: int = 1) -> list[Path]:
-    """`count` cached test videos in `folder` (made once; names carry the spec)."""
+                       processes: int = 1, footage: list[str] | None = None) -> list[Path]:
+    """`count` cached test videos in `folder` (made once; names carry the spec): synthetic scenes, or with
+    `footage` (video files) 10 s pieces of that real footage, each source in turn at growing offsets."""
     folder = Path(folder)
-    name = f"{spec['width']}x{spec['height']}_{spec['fps']}fps_{spec['seconds']}s_{spec['codec']}_gop{spec['gop']}"
+    name = (f"{spec['width']}x{spec['height']}_{spec['fps']}fps_{spec['seconds']}s_{spec['codec']}_{spec['preset']}"
+            f"_gop{spec['gop'] or 'default'}" + ("_footage" if footage else ""))
     paths = [folder / f"{name}_{i:03d}.mp4" for i in range(count)]
+    if footage:
+        footage = sorted(footage)
+        jobs = [(p, footage[i % len(footage)], (i // len(footage)) * 5 * spec["fps"], spec)
+                for i, p in enumerate(paths) if not p.is_file()]
+        if jobs:
+            log.info("writing %d test videos from real footage (%s) into %s", len(jobs), name, folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            from .decoders import worker_context
+
+            with worker_context().Pool(max(1, min(processes, len(jobs)))) as pool:
+                pool.starmap(write_footage_video, jobs)
+        return paths
     missing = [(p, i) for i, p in enumerate(paths) if not p.is_file()]
     if missing:
         log.info("writing %d test videos (%s) into %s", len(missing), name, folder)
         folder.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
         if processes > 1:
-            from .job import worker_context
+            from .decoders import worker_context
 
             with worker_context().Pool(min(processes, len(missing))) as pool:
                 pool.starmap(write_test_video, [(p, i, spec) for p, i in missing])
@@ -146,7 +201,7 @@ def decode_throughput(paths: list[Path], windowing, img_size: int, workers: int)
         finally:
             torch.set_num_threads(threads)
     else:
-        from .job import worker_context
+        from .decoders import worker_context
 
         with worker_context().Pool(workers) as pool:
             pool.starmap(_ready, [()] * workers * 4)  # processes started (and torch imported) before timing
@@ -164,19 +219,68 @@ def decode_throughput(paths: list[Path], windowing, img_size: int, workers: int)
 
 
 # --- the job -----------------------------------------------------------------------------------------------
-def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int) -> dict[str, Any]:
+class NullRunner:
+    """An encoder that costs nothing (zero features at once): the job around it runs at its decoders' speed."""
+
+    name = "none"
+    max_batch = None
+    frame_range = (1, None)
+    takes_cuda_frames = True  # GPU-decoded batches stay where they are
+
+    def infer(self, frames) -> np.ndarray:
+        return np.zeros((len(frames), 1), np.float32)
+
+    infer_uint8 = infer
+
+
+def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
+               decoder: str = "cpu", nvdec_sessions: int | None = None) -> dict[str, Any]:
     """The real extraction job over `paths` (fresh output folder, no progress bar); its summary."""
+    from .decoders import DEFAULT_NVDEC_SESSIONS
     from .inputs import InputItem
     from .job import JobOptions, run_job
     from .writer import FeatureWriter
 
     items = [InputItem(str(p), p.name, "video") for p in paths]
+    options = JobOptions(windowing, img_size, batch, workers, progress=False, decoder=decoder,
+                         nvdec_sessions=nvdec_sessions or DEFAULT_NVDEC_SESSIONS)
     with tempfile.TemporaryDirectory(prefix="iv2trt_bench_job_") as out:
         writer = FeatureWriter(out, "float16")
-        summary = run_job(items, runner, out, writer, JobOptions(windowing, img_size, batch, workers, progress=False))
+        summary = run_job(items, runner, out, writer, options)
     if summary["failed"]:
         log.warning("%d of %d videos failed in the end-to-end run", summary["failed"], summary["inputs"])
     return summary
+
+
+def _brief(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("clips_per_s", "videos_per_s", "clips", "ok", "failed", "seconds", "encoder_busy_fraction", "bound_by",
+            "decoders")
+    return {k: summary[k] for k in keys}
+
+
+def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
+                 nvdec_sessions: int) -> dict[str, Any]:
+    """For each decoder that can run here: the decode ceiling (job with NullRunner) and the job end to end
+    with `runner`, on the same videos."""
+    from .nvdec import nvdec_unavailable
+
+    reason = nvdec_unavailable()
+    decoders = ["cpu"] if reason else ["cpu", "nvdec", "auto"]
+    warm = paths[:min(len(paths), 4)]
+    for decoder in decoders:  # process start-up, CUDA and NVDEC initialisation outside the timed runs
+        end_to_end(warm, runner, windowing, img_size, batch, workers, decoder, nvdec_sessions)
+    ceilings, e2e = {}, {}
+    for decoder in decoders:
+        log.info("decode ceiling, --decoder %s (encoder that costs nothing)", decoder)
+        ceilings[decoder] = _brief(end_to_end(paths, NullRunner(), windowing, img_size, batch, workers, decoder,
+                                              nvdec_sessions))
+        log.info("  %.2f clips/s, %.2f videos/s", ceilings[decoder]["clips_per_s"], ceilings[decoder]["videos_per_s"])
+        log.info("end to end, --decoder %s", decoder)
+        e2e[decoder] = _brief(end_to_end(paths, runner, windowing, img_size, batch, workers, decoder, nvdec_sessions))
+        log.info("  %.2f clips/s, %.2f videos/s; encoder busy %.0f%%, bound by %s", e2e[decoder]["clips_per_s"],
+                 e2e[decoder]["videos_per_s"], 100 * e2e[decoder]["encoder_busy_fraction"], e2e[decoder]["bound_by"])
+    return {"decoders": decoders, "nvdec_unavailable": reason, "nvdec_sessions": nvdec_sessions, "workers": workers,
+            "decode_ceiling": ceilings, "end_to_end": e2e}
 
 
 def preload_clips(paths: list[Path], windowing, img_size: int) -> list[list[np.ndarray]]:
@@ -230,18 +334,21 @@ def starvation_verdict(e2e_cps: float, encoder_cps: float, decode_cps_per_worker
 
 def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: float, paths: list[Path],
                  windowing, img_size: int, batch: int, worker_counts: list[int], job_workers: int,
-                 stage_batches: int) -> dict[str, Any]:
+                 stage_batches: int, nvdec_sessions: int | None = None) -> dict[str, Any]:
     """All pipeline measurements with one runner; `encoder_cps`/`encoder_batch_s` come from the caller's
     encoder-only timing at (batch, windowing.frames)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     decode = []
     for w in worker_counts:
-        log.info("decode-only, %d worker(s), %d videos", w, len(paths))
-        decode.append(decode_throughput(paths, windowing, img_size, w))
+        some = paths if w > 1 else paths[:4]  # one process: a few videos say enough
+        log.info("decode-only, %d worker(s), %d videos", w, len(some))
+        decode.append(decode_throughput(some, windowing, img_size, w))
         log.info("  %.2f videos/s, %.2f clips/s, %.1f sampled frames/s", decode[-1]["videos_per_s"],
                  decode[-1]["clips_per_s"], decode[-1]["sampled_frames_per_s"])
-    log.info("end to end: the extraction job with %s, %d workers, batch %d", backend, job_workers, batch)
-    e2e = end_to_end(paths, runner, windowing, img_size, batch, job_workers)
+    from .decoders import DEFAULT_NVDEC_SESSIONS
+
+    runs = decoder_runs(paths, runner, windowing, img_size, batch, job_workers, nvdec_sessions or DEFAULT_NVDEC_SESSIONS)
+    e2e = runs["end_to_end"]["auto" if "auto" in runs["end_to_end"] else "cpu"]
     log.info("preloading clips for the inference-stage measurement")
     videos = preload_clips(paths, windowing, img_size)
     inference_stage(runner, videos, windowing, img_size, batch, 2)  # warm-up (allocator, shapes, CUDA graph)
@@ -262,5 +369,6 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
             "windowing": {"window_seconds": windowing.window_seconds, "window_frames": windowing.window_frames,
                           "stride": windowing.stride},
             "videos": len(paths), "video_bytes_mean": float(np.mean([p.stat().st_size for p in paths])),
-            "cores": cores, "decode": decode, "end_to_end": e2e, "encoder_only_clips_per_s": encoder_cps,
+            "cores": cores, "decode": decode, "end_to_end": e2e, "decoder_runs": runs,
+            "encoder_only_clips_per_s": encoder_cps,
             "encoder_only_batch_s": encoder_batch_s, "inference_stage": stage, **verdict}

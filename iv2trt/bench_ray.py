@@ -10,6 +10,7 @@ encoder, and the encoder alone on one GPU in one Ray task (the ceiling per encod
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -48,16 +49,18 @@ def synthetic_items(videos: int, clips_per_video: int) -> list[InputItem]:
 class TorchRunnerFactory:
     """Builds the PyTorch runner on whichever node calls it (same weights everywhere: checkpoint or seed)."""
 
-    variant: Any  # a VisionConfig (the YAML files under configs/ may not be on the node)
+    variant: dict[str, Any]  # a VisionConfig as a dict (the YAML files under configs/ may not be on the node)
     checkpoint: str | None
     seed: int
     precision: str
 
     def __call__(self):
+        from models import VisionConfig
+
         from .cli import ModelSettings, load_model
         from .runners import TorchRunner
 
-        model = load_model(ModelSettings(variant=self.variant, checkpoint=self.checkpoint,
+        model = load_model(ModelSettings(variant=VisionConfig(**self.variant), checkpoint=self.checkpoint,
                                          random_init=not self.checkpoint, seed=self.seed))
         return TorchRunner(model, precision=self.precision)
 
@@ -68,6 +71,9 @@ def encoder_alone(make_runner, batch: int, frames: int, img_size: int, seconds: 
     from .stages import encode
 
     runner = make_runner()
+    warm_up = getattr(runner, "warm_up", None)  # compile and capture first, as the encoder actors do
+    if warm_up is not None:
+        warm_up(batch, frames, img_size)
     x = np.random.default_rng(1).integers(0, 256, (batch, frames, img_size, img_size, 3), dtype=np.uint8)
     for _ in range(3):
         encode(runner, x)
@@ -102,6 +108,7 @@ def run_ray_scaling(a, img_size: int, tmpdir: str) -> dict[str, Any]:
 def _measure(session, a, batch: int, frames: int, img_size: int, tmpdir: str, address: str) -> dict[str, Any]:
     from models import load_vision_config
 
+    from .cli import resolve_variant
     from .infer_cmd import InferSettings
     from .ray_job import cluster_resources, run_ray_job
     from .video import Windowing
@@ -116,7 +123,8 @@ def _measure(session, a, batch: int, frames: int, img_size: int, tmpdir: str, ad
                  resources["cpus"], gpus, counts, backends)
         for backend in backends:
             checkpoint = os.path.abspath(a.checkpoint) if a.checkpoint else None
-            factory = TorchRunnerFactory(load_vision_config(a.variant), checkpoint, a.seed, backend.split("-")[1])
+            variant = dataclasses.asdict(load_vision_config(resolve_variant(a.variant)))
+            factory = TorchRunnerFactory(variant, checkpoint, a.seed, backend.split("-")[1])
             need = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
             task = ray.remote(max_calls=1, **need)(encoder_alone)
             alone = ray.get(task.remote(factory, batch, frames, img_size, a.target_seconds))

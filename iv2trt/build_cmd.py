@@ -24,10 +24,11 @@ class BuildSettings:
     max: str = setting("64x16", "largest BATCHxFRAMES (at most the ONNX's max_batch/max_frames)")
     workspace_gb: float = setting(0.0, "builder workspace limit in GiB (0: TensorRT's default, all free memory)")
     optimization_level: int = setting(3, "builder optimisation level 0..5 (higher: longer build, maybe faster)")
-    timing_cache: str | None = setting("build/timing.cache", "timing cache file read and updated across builds "
-                                       "('' or null: none)")
-    backend: str = setting("auto", "TensorRT flavour: tensorrt, tensorrt-rtx, or auto (tensorrt, then tensorrt-rtx)",
-                           choices=("auto", "tensorrt", "tensorrt-rtx"))
+    timing_cache: str | None = setting("build/timing.cache", "timing cache file read and updated across builds; one "
+                                       "from another GPU or TensorRT version is replaced ('' or null: none; "
+                                       "TensorRT-RTX has none)")
+    backend: str = setting("auto", "TensorRT flavour: tensorrt, tensorrt-rtx, or auto (tensorrt; tensorrt-rtx when "
+                           "tensorrt is missing or cannot start here)", choices=("auto", "tensorrt", "tensorrt-rtx"))
 
 
 DESCRIPTION = """Stage 2: build a TensorRT engine from the ONNX file of export_onnx.py.
@@ -38,8 +39,11 @@ against the ONNX's dynamic axes before building. Writes the engine and <engine>.
 GPU, profile, I/O, ONNX sha256) atomically: a failed build leaves no engine file.
 
 Build the engine on (a GPU of the same model as) the one that runs it, with the same TensorRT version.
+Full TensorRT needs that GPU and a driver new enough for its wheel's CUDA (tensorrt-cu12: r535+,
+tensorrt-cu13: r580+); TensorRT-RTX builds without a GPU, for RTX-class GPUs (compute capability
+7.5, 8.0, 8.6, 8.9, 12.x; not H100 or B200). Default paths are relative to the working directory.
 
-Exit codes: 0 ok, 2 bad input/config or failed build, 4 TensorRT not installed."""
+Exit codes: 0 ok, 2 bad input/config or failed build, 4 TensorRT not installed or unable to start here."""
 
 EPILOG = "example: python build_engine.py --onnx build/x_fp16.onnx --output build/x.engine --min 1x1 --opt 4x8 --max 16x16"
 

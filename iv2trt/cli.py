@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, PipelineError
-from .settings import setting
+from .fileio import shown_path
+from .settings import config_dir, setting
 
 log = logging.getLogger("iv2trt")
 
@@ -24,11 +27,64 @@ class ModelSettings:
 
 
 def load_model(s: ModelSettings):
-    """The PyTorch model named by the model settings (fp32, CPU, eval)."""
-    from models import create_model
+    """The PyTorch model named by the model settings (fp32, CPU, eval); PipelineError for bad settings. `variant`
+    may also be a VisionConfig itself (on a Ray node, where the YAML files are not)."""
+    import yaml
 
-    return create_model(s.variant, checkpoint=s.checkpoint, align_checkpoint=s.align_checkpoint,
-                        random_init=s.random_init and not s.checkpoint, seed=s.seed)
+    from models import VisionConfig, create_model, load_vision_config
+
+    if s.random_init and s.checkpoint:
+        raise PipelineError(f"--random-init and --checkpoint {s.checkpoint} exclude each other (either may come from "
+                            "the config file): drop --random-init (or pass --no-random-init) to use the checkpoint's "
+                            "weights, or drop --checkpoint for random ones")
+    try:
+        cfg = s.variant if isinstance(s.variant, VisionConfig) else load_vision_config(resolve_variant(s.variant))
+    except (ValueError, OSError, TypeError, yaml.YAMLError) as exc:
+        raise PipelineError(f"--variant {s.variant}: {exc}") from None
+    for path in (s.checkpoint, s.align_checkpoint):
+        if path:
+            check_checkpoint_file(path)
+    return create_model(cfg, checkpoint=s.checkpoint, align_checkpoint=s.align_checkpoint,
+                        random_init=s.random_init, seed=s.seed)
+
+
+def resolve_variant(variant: str) -> str:
+    """A variant name (`internvideo2_clip_s14`, or short `s14`) -> its YAML under configs/models/ (the
+    repository's or the installed package's); a path is returned as it is. PipelineError for unknown names."""
+    if Path(variant).suffix:
+        return variant
+    folder = config_dir() / "models"
+    for name in (variant.lower(), f"internvideo2_clip_{variant.lower()}"):
+        if (folder / f"{name}.yaml").is_file():
+            return str(folder / f"{name}.yaml")
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise PipelineError(f"unknown model variant {variant!r}: pass --variant with one of {known} or a YAML path")
+
+
+# first bytes of files people pass as --checkpoint by mistake
+_NOT_CHECKPOINTS = ((4, b"ftyp", "an MP4/MOV video"), (0, b"RIFF", "an AVI/WAV file"),
+                    (0, b"\x1aE\xdf\xa3", "a Matroska/WebM video"), (0, b"\xff\xd8", "a JPEG image"),
+                    (0, b"\x89PNG", "a PNG image"), (0, b"\x93NUMPY", "a .npy array"))
+
+
+def check_checkpoint_file(path: str) -> None:
+    """PipelineError unless `path` starts like what read_state_dict reads: a PyTorch zip or pickle file, or (named
+    .safetensors) a safetensors file."""
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"checkpoint {shown_path(p)} does not exist: check the path (or use --random-init "
+                            "without --checkpoint)")
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if p.suffix == ".safetensors":
+        ok = len(head) > 8 and head[8:9] == b"{"  # u64 header size, then the JSON header
+    else:
+        ok = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch.save: zip, or legacy pickle
+    if not ok:
+        what = next((name for at, magic, name in _NOT_CHECKPOINTS if head[at:at + len(magic)] == magic),
+                    f"a file starting with {head[:8]!r}")
+        raise PipelineError(f"{path} is not a checkpoint but {what}: pass the model weights (.pth, .pt, .bin or "
+                            ".safetensors) as --checkpoint")
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -52,4 +108,35 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
 
 def exit_with(main: Callable[[Sequence[str] | None], int]) -> None:
-    sys.exit(run_main(main))
+    """Run a stage's main as a program. After an interrupt, leave without the interpreter's shutdown: a thread
+    of the job may still be inside ONNX Runtime or TensorRT, and shutting down under it aborts the process
+    ("terminate called without an active exception", exit 134). Committed results are on disk already
+    (written atomically, fsynced); the log is flushed."""
+    code = run_main(main)
+    if code == EXIT_INTERRUPTED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def export_main() -> None:
+    """Console script iv2trt-export: stage 1, as export_onnx.py."""
+    from .export_cmd import main
+
+    exit_with(main)
+
+
+def build_main() -> None:
+    """Console script iv2trt-build: stage 2, as build_engine.py."""
+    from .build_cmd import main
+
+    exit_with(main)
+
+
+def infer_main() -> None:
+    """Console script iv2trt-infer: stage 3, as trt_inference.py."""
+    from .infer_cmd import main
+
+    exit_with(main)

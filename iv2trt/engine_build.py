@@ -13,6 +13,7 @@ import datetime
 import importlib
 import json
 import logging
+import re
 import tempfile
 import threading
 import time
@@ -21,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cuda_env import driver_problem, gpu_info
 from .errors import BackendUnavailable, PipelineError
-from .fileio import sha256_file, write_bytes_atomic, write_text_atomic
+from .fileio import sha256_file, shown_path, write_bytes_atomic, write_text_atomic
 from .onnx_export import INPUT_NAME, parse_shape
 
 log = logging.getLogger(__name__)
 
-# backend name -> (python module, pip package)
-FLAVOURS = {"tensorrt": ("tensorrt", "tensorrt"), "tensorrt-rtx": ("tensorrt_rtx", "tensorrt-rtx-cu13")}
+# backend name -> (python module, pip package); tensorrt-cu12 runs on drivers r535+, the bare `tensorrt`
+# (= tensorrt-cu13 today) only on r580+ (see requirements-gpu.txt)
+FLAVOURS = {"tensorrt": ("tensorrt", "tensorrt-cu12"), "tensorrt-rtx": ("tensorrt_rtx", "tensorrt-rtx-cu13")}
 
 
 # ---------------------------------------------------------------- TensorRT flavour
@@ -84,6 +87,72 @@ def make_logger(trt: TensorRT, verbose: bool = False):
     return trt.module.Logger(trt.module.Logger.INFO if verbose else trt.module.Logger.WARNING)
 
 
+def cannot_start(trt: TensorRT, what: str, exc: BaseException) -> BackendUnavailable:
+    """The error for a trt.Builder / trt.Runtime that could not be created (pybind11 raises TypeError "factory
+    function returned nullptr" when TensorRT cannot start CUDA: no GPU visible, or a driver too old)."""
+    reason = driver_problem(trt.flavour) or ("is a GPU visible (nvidia-smi), and is the driver new enough for "
+                                             "this wheel's CUDA (see requirements-gpu.txt)?")
+    return BackendUnavailable(f"{trt.flavour} {trt.version} could not start CUDA (trt.{what}: {exc}; TensorRT's "
+                              f"own message is logged above): {reason}")
+
+
+def create_builder(trt: TensorRT, logger):
+    """trt.Builder(logger); BackendUnavailable with the reason when TensorRT cannot start.
+
+    Full TensorRT needs CUDA to create a builder, so its wheel's CUDA is checked against the driver first.
+    TensorRT-RTX builds without a GPU (for the compute capabilities it supports), so it is not.
+    """
+    problem = driver_problem(trt.flavour) if trt.flavour == "tensorrt" else None
+    if problem:
+        raise BackendUnavailable(f"{trt.flavour} {trt.version} cannot run here: {problem}")
+    try:
+        return trt.module.Builder(logger)
+    except (TypeError, RuntimeError) as exc:
+        raise cannot_start(trt, "Builder", exc) from None
+
+
+def start_builder(backend: str = "auto", verbose: bool = False) -> tuple[TensorRT, Any, Any]:
+    """(TensorRT, logger, builder) for `backend`; auto: full TensorRT, or TensorRT-RTX when full TensorRT is
+    missing or cannot start here."""
+    if backend not in (*FLAVOURS, "auto"):
+        raise PipelineError(f"backend must be auto, tensorrt or tensorrt-rtx, got {backend!r}")
+    candidates = list(FLAVOURS) if backend == "auto" else [backend]
+    problems = []
+    for flavour in candidates:
+        try:
+            trt = import_tensorrt(flavour)
+            logger = make_logger(trt, verbose)
+            builder = create_builder(trt, logger)
+        except BackendUnavailable as exc:
+            if len(candidates) == 1:
+                raise
+            problems.append(str(exc))
+            continue
+        if problems:
+            log.warning("%s; building with %s %s instead", "; ".join(problems), trt.flavour, trt.version)
+        warn_if_rtx_cannot_run_here(trt)
+        return trt, logger, builder
+    raise BackendUnavailable("no TensorRT can build here: " + "; ".join(problems))
+
+
+def rtx_compute_capabilities(module) -> list[str]:
+    """Compute capabilities ("8.9", "12.0", ...) the TensorRT-RTX module can target (its ComputeCapability enum;
+    [] when it has none to tell)."""
+    members = getattr(getattr(module, "ComputeCapability", None), "__members__", {})
+    return [f"{name[2:-1]}.{name[-1]}" for name in members if re.fullmatch(r"SM\d{2,3}", name)]
+
+
+def warn_if_rtx_cannot_run_here(trt: TensorRT) -> None:
+    """A TensorRT-RTX build on a GPU that RTX engines do not run on (H100, B200) is for other GPUs: say so."""
+    if trt.flavour != "tensorrt-rtx":
+        return
+    supported, gpu = rtx_compute_capabilities(trt.module), gpu_info()
+    if supported and gpu and gpu["compute_capability"] not in supported:
+        log.warning("this GPU (%s, compute capability %s) cannot run TensorRT-RTX engines: the engine being built "
+                    "is for other GPUs; to run on this one, make full TensorRT work here (pip install -r "
+                    "requirements-gpu.txt) and build with --backend tensorrt", gpu["name"], gpu["compute_capability"])
+
+
 # ---------------------------------------------------------------- what the ONNX declares
 
 @dataclass(frozen=True)
@@ -114,7 +183,7 @@ def read_onnx_info(path: str | Path) -> OnnxInfo:
 
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"ONNX file {path} not found: run export_onnx.py first or pass --onnx PATH")
+        raise PipelineError(f"ONNX file {shown_path(path)} not found: run export_onnx.py first or pass --onnx PATH")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
@@ -217,27 +286,37 @@ def uses_timing_cache(trt: TensorRT, config) -> bool:
     return trt.flavour == "tensorrt" and hasattr(config, "create_timing_cache")
 
 
-def load_timing_cache(trt: TensorRT, config, path: Path | None) -> Any:
-    """Attach a timing cache (read from `path` when it exists); None where the flavour has none."""
+def load_timing_cache(trt: TensorRT, config, path: Path | None) -> Path | None:
+    """Attach the timing cache of `path`, or a fresh one when the file is missing or TensorRT rejects it (made on
+    another GPU or by another TensorRT version): the build then rewrites the file. Returns `path` when a cache is
+    attached, None when none is (no path, or a flavour without timing caches)."""
     if path is None:
         return None
     if not uses_timing_cache(trt, config):
         log.info("timing cache: not used by %s %s (no tactic timing to cache)", trt.flavour, trt.version)
         return None
     data = path.read_bytes() if path.is_file() else b""
-    try:
-        cache = config.create_timing_cache(data)
-        if cache is None or not config.set_timing_cache(cache, False):
-            raise RuntimeError("rejected")
-    except Exception as exc:  # noqa: BLE001 - a stale or foreign cache must not stop the build
-        log.warning("timing cache %s not used (%s); building without it", path, exc)
+    if data:
+        try:
+            cache = config.create_timing_cache(data)
+            if cache is not None and config.set_timing_cache(cache, False):
+                log.info("timing cache: %s (%d bytes loaded)", path, len(data))
+                return path
+        except Exception as exc:  # noqa: BLE001 - a damaged cache must not stop the build
+            log.debug("timing cache %s: %s", path, exc)
+        log.warning("timing cache %s does not fit this GPU or TensorRT version: starting a fresh one, which "
+                    "replaces it after the build", path)
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, False):
+        log.warning("timing cache: TensorRT refused a fresh one; building without it")
         return None
-    log.info("timing cache: %s (%s)", path, f"{len(data)} bytes loaded" if data else "new")
-    return cache
+    log.info("timing cache: %s (new)", path)
+    return path
 
 
-def save_timing_cache(trt: TensorRT, config, path: Path | None) -> None:
-    if path is None or not uses_timing_cache(trt, config):
+def save_timing_cache(config, path: Path | None) -> None:
+    """Write the attached timing cache (updated by the build) to `path` (None: nothing attached)."""
+    if path is None:
         return
     cache = config.get_timing_cache()
     if cache is None:
@@ -275,25 +354,17 @@ class ProgressTicker:
 
 # ---------------------------------------------------------------- GPU description
 
-def gpu_info(device: int = 0) -> dict[str, str]:
-    """Name and compute capability of the build GPU, via torch or cuda-python; "none" without one."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability(device)
-            return {"name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
-    except Exception:  # noqa: BLE001 - torch without CUDA, or a broken driver: try the next way
-        pass
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-
-        err, props = cudart.cudaGetDeviceProperties(device)
-        if int(err) == 0:
-            name = props.name.decode(errors="replace").rstrip("\0")
-            return {"name": name, "compute_capability": f"{props.major}.{props.minor}"}
-    except Exception:  # noqa: BLE001
-        pass
+def build_gpu(trt: TensorRT) -> dict[str, str]:
+    """The GPU the engine is built on, for `<engine>.json`. Full TensorRT engines are bound to it, so a build
+    whose GPU cannot be named fails (instead of writing "none", which every runtime would refuse); TensorRT-RTX
+    builds without a GPU for the compute capabilities it targets, and records "none" then."""
+    gpu = gpu_info()
+    if gpu is not None:
+        return gpu
+    if trt.flavour == "tensorrt":
+        raise BackendUnavailable("TensorRT started, but neither pycuda nor the CUDA driver library (libcuda.so.1) "
+                                 "could name the GPU for the engine's metadata: pip install -r requirements-gpu.txt "
+                                 "(pycuda), and check nvidia-smi")
     return {"name": "none", "compute_capability": "none"}
 
 
@@ -342,14 +413,16 @@ def build_engine_file(request: BuildRequest) -> dict[str, Any]:
     if request.precision not in ("fp16", "fp32"):
         raise PipelineError(f"precision must be fp16 or fp32, got {request.precision!r}")
     if not 0 <= request.optimization_level <= 5:
-        raise PipelineError(f"optimization level must be 0..5, got {request.optimization_level}")
+        raise PipelineError(f"--optimization-level must be 0..5, got {request.optimization_level}")
+    if request.workspace_gb < 0:
+        raise PipelineError(f"--workspace-gb must be 0 (no limit) or a positive size in GiB, got "
+                            f"{request.workspace_gb:g}")
     info = read_onnx_info(request.onnx)
     check_profile(request.profile, info)
-    trt = import_tensorrt(request.backend)
-    log.info("%s %s, ONNX %s (%s), profile %s", trt.flavour, trt.version, info.path, info.precision,
-             request.profile.as_text())
-    logger = make_logger(trt, request.verbose)
-    builder = trt.module.Builder(logger)
+    trt, logger, builder = start_builder(request.backend, request.verbose)
+    gpu = build_gpu(trt)
+    log.info("%s %s on %s, ONNX %s (%s), profile %s", trt.flavour, trt.version, gpu["name"], info.path,
+             info.precision, request.profile.as_text())
     with tempfile.TemporaryDirectory(prefix="iv2trt_build_") as workdir:
         onnx_path = prepare_onnx(request, info, Path(workdir))
         network, _parser = parse_onnx(trt, builder, logger, onnx_path)
@@ -365,7 +438,7 @@ def build_engine_file(request: BuildRequest) -> dict[str, Any]:
         profile = builder.create_optimization_profile()
         profile.set_shape(info.input_name, shapes["min"], shapes["opt"], shapes["max"])
         config.add_optimization_profile(profile)
-        load_timing_cache(trt, config, request.timing_cache)
+        timing_cache = load_timing_cache(trt, config, request.timing_cache)
         with ProgressTicker(f"building {request.output.name} ({trt.flavour} {trt.version})") as ticker:
             serialized = builder.build_serialized_network(network, config)
         build_seconds = ticker.elapsed
@@ -373,8 +446,8 @@ def build_engine_file(request: BuildRequest) -> dict[str, Any]:
         raise PipelineError(f"TensorRT could not build {request.output} (its errors are logged above); no engine "
                             "was written. Out of memory: free memory or change --workspace-gb (0: no limit); "
                             "otherwise try --optimization-level 2 or --precision fp32")
-    save_timing_cache(trt, config, request.timing_cache)
-    metadata = engine_metadata(trt, request, info, io, rtx_targets(trt, config), build_seconds)
+    save_timing_cache(config, timing_cache)
+    metadata = engine_metadata(trt, request, info, io, rtx_targets(trt, config), build_seconds, gpu, timing_cache)
     plan = memoryview(serialized)
     metadata["engine_bytes"] = plan.nbytes
     metadata["engine_sha256"] = hashlib.sha256(plan).hexdigest()  # ties the .json to this very engine file
@@ -386,9 +459,9 @@ def build_engine_file(request: BuildRequest) -> dict[str, Any]:
 
 
 def engine_metadata(trt: TensorRT, request: BuildRequest, info: OnnxInfo, io: list[dict[str, Any]],
-                    targets: list[str], build_seconds: float) -> dict[str, Any]:
+                    targets: list[str], build_seconds: float, gpu: dict[str, str],
+                    timing_cache: Path | None) -> dict[str, Any]:
     """What `<engine>.json` holds: enough for trt_runtime.py to refuse a foreign engine and to rebuild it."""
-    gpu = gpu_info()
     meta: dict[str, Any] = {
         "producer": f"iv2trt {__version__}",
         "tensorrt": {"flavour": trt.flavour, "module": trt.module.__name__, "version": trt.version},
@@ -404,7 +477,7 @@ def engine_metadata(trt: TensorRT, request: BuildRequest, info: OnnxInfo, io: li
         "build": {"seconds": round(build_seconds, 2),
                   "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "workspace_gb": request.workspace_gb, "optimization_level": request.optimization_level,
-                  "timing_cache": str(request.timing_cache) if request.timing_cache else None},
+                  "timing_cache": str(timing_cache) if timing_cache else None},
     }
     if trt.flavour == "tensorrt-rtx":
         meta["rtx_compute_capabilities"] = targets or ["all supported by TensorRT-RTX"]

@@ -9,7 +9,7 @@ from typing import Sequence
 
 from .cli import ModelSettings, load_model
 from .fileio import atomic_path, sha256_file
-from .onnx_export import check_validation, export_onnx, parse_shape, report_validation, validate_onnx
+from .onnx_export import check_opset, check_validation, export_onnx, parse_shape, report_validation, validate_onnx
 from .errors import PipelineError
 from .settings import parse_settings, setting
 
@@ -21,7 +21,7 @@ class ExportSettings(ModelSettings):
     output: str = setting("build/internvideo2_clip_s14_fp16.onnx", "where to write the ONNX file")
     precision: str = setting("fp16", "fp16: FP16 graph with fp32 norms/softmax (TensorRT strongly typed); "
                              "fp32: float32 graph", choices=("fp16", "fp32"))
-    opset: int = setting(18, "ONNX opset")
+    opset: int = setting(18, "ONNX opset (18 or newer: what the exporter writes)")
     max_batch: int = setting(64, "largest batch the graph is declared for")
     max_frames: int = setting(32, "largest frame count the graph is declared for")
     validate: bool = setting(True, "compare ONNX Runtime with PyTorch fp32 before writing the file")
@@ -38,6 +38,7 @@ file only when it passes (exit 3 otherwise). Exit codes: 0 ok, 2 bad input/confi
 def main(argv: Sequence[str] | None = None) -> int:
     s = parse_settings(ExportSettings, ("model", "export"), DESCRIPTION, argv)
     shapes = [parse_shape(v) for v in s.validation_shapes]
+    check_opset(s.opset)
     if s.max_batch < 2 or s.max_frames < 2:
         raise PipelineError("--max-batch and --max-frames must be at least 2 (the axes are dynamic; the profile "
                             "of build_engine.py can still pin batch or frames to 1)")

@@ -55,3 +55,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def shown_path(path: str | Path) -> str:
+    """`path` for a message: a relative path says where it was looked for (the default paths, build/...,
+    are relative to the working directory, not to the repository)."""
+    path = Path(path)
+    return str(path) if path.is_absolute() else f"{path} (relative to the working directory {Path.cwd()})"

@@ -1,28 +1,33 @@
-"""The extraction job: decode + resize in worker processes, infer in batches, write shards.
+"""The extraction job (the local executor): decode workers -> batches -> inference thread -> writer.
 
-Each worker process (forkserver or spawn: never a fork of the main process) takes one input at a
-time and sends its clips back through its own pipe as resized uint8 frames [T, S, S, 3] (4x fewer
-bytes than float32; .npy inputs hold float32 frames already preprocessed and are sent as they are).
-The main thread copies each clip into its slot of a preallocated batch buffer (pinned memory when
-the runner offers it) and hands full batches to the inference thread through a bounded queue
-(`QUEUE_DEPTH`), so receiving and assembling the next batches overlaps with the encoder. The
-inference thread runs `runner.infer_uint8` (normalisation where the runner does it best) or, when the
-runner has it, `runner.submit_uint8`, keeping two batches in flight so the next upload overlaps the
-current compute; it sends raw features back and the main thread L2-normalises them and hands finished
-inputs to the writer. A batch buffer is recycled only after its features came back (a runner may read
-a caller's pinned buffer until then). Batch buffers are recycled and the main thread stops reading the pipes while a full batch waits for
-the queue, so memory stays flat whatever the job size. An exception in the inference thread is
-re-raised in the main thread. A worker silent for longer than `decode_timeout_s` while on one input
-is killed and replaced; the input is recorded as failed.
+Decoding happens in workers of two kinds (decoders.py): CPU processes (PyAV) that send each clip through a
+pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored), and GPU sessions (NVDEC
+threads in this process) whose clips are uint8 CUDA tensors that never leave the GPU. One scheduler hands
+inputs to whichever worker is idle (`--decoder auto`: both kinds pull from one queue; `nvdec`: the GPU takes
+every input it can and CPU workers the rest; `cpu`). An input that fails on the GPU (or that NVDEC cannot
+take) is decoded again on the CPU; one that fails on both is listed with both reasons.
+
+The main thread copies each clip into its slot of a preallocated batch buffer of its kind (pinned host
+memory, or GPU memory for GPU clips, after the clip's CUDA event) and hands full batches to the inference
+thread through a bounded queue (`QUEUE_DEPTH`), so receiving and assembling the next batches overlaps with
+the encoder. The inference thread runs `runner.submit_uint8` (two batches in flight, so the next upload
+overlaps the current compute) or `runner.infer_uint8`; GPU batches reach runners that only take host arrays
+through one device-to-host copy. It sends raw features back and the main thread L2-normalises them and hands
+finished inputs to the writer. A batch buffer is recycled only after its features came back. The main thread
+stops reading the workers while a full batch waits for the queue (pipes and the GPU outbox are bounded), so
+host and GPU memory stay flat whatever the job size. An exception in the inference thread is re-raised in
+the main thread. A worker silent for longer than `decode_timeout_s` on one input is replaced; the input is
+recorded as failed (or, from a GPU worker, retried on the CPU).
+
+The summary says where the time went: clips and busy time per decode path, the encoder's busy fraction, and
+which stage bounded the run.
 """
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing as mp
 import os
 import queue
-import signal
 import socket
 import sys
 import threading
@@ -30,14 +35,19 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
 from .compare import l2_normalize
+from .decoders import (DEFAULT_NVDEC_SESSIONS, CpuWorker, DecoderPlan, GpuWorker, GpuWorkerPool, default_workers,
+                       iter_clips, worker_context)
 from .inputs import InputItem
-from .video import DecodeError, Windowing, read_clips
+from .video import Windowing
 from .writer import FailureLog, FeatureWriter, write_summary
+
+__all__ = ["Job", "JobOptions", "InferenceThread", "run_job", "check_frame_count", "iter_clips", "default_workers",
+           "worker_context"]
 
 log = logging.getLogger(__name__)
 
@@ -45,43 +55,17 @@ PARTIAL_BATCH_WAIT_S = 0.5  # how long clips wait for more to fill a batch while
 QUEUE_DEPTH = 2             # batches ready for the inference thread (besides the one it is running)
 
 
-def default_workers() -> int:
-    """Decoding processes when none are asked for: one per core but one (for the main process), at most 4."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
-
-
 @dataclass
 class JobOptions:
     windowing: Windowing
     img_size: int = 224
     batch_size: int = 16
-    workers: int = 2
+    workers: int = 2                # CPU decode workers
     decode_timeout_s: float = 120.0
     progress: bool = True
-
-
-def iter_clips(item: InputItem, w: Windowing, img_size: int) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-    """(clip info, frames) for every clip of one input: uint8 [T, S, S, 3] resized frames for videos, images
-    and frame folders (normalised later, by the runner); float32 [T, 3, S, S] as stored for .npy inputs.
-    Raises DecodeError."""
-    if item.kind == "npy":
-        try:
-            array = np.load(item.path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise DecodeError(f"not a readable .npy file ({exc})") from None
-        if array.ndim == 4:
-            array = array[None]
-        if array.ndim != 5 or array.shape[2] != 3 or array.shape[3:] != (img_size, img_size) or not len(array):
-            raise DecodeError(f".npy frames must be [B, T, 3, {img_size}, {img_size}] or [T, 3, ...], "
-                              f"got {tuple(array.shape)}")
-        for clip in array:
-            yield {"start_s": math.nan, "end_s": math.nan, "indices": []}, np.asarray(clip, np.float32)
-        return
-    from .transforms import resize_frames
-
-    for clip in read_clips(item.path, w):
-        yield ({"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices},
-               resize_frames(clip.frames, img_size))
+    decoder: str = "cpu"            # auto | nvdec | cpu
+    nvdec_sessions: int = DEFAULT_NVDEC_SESSIONS
+    gpu: int = 0                    # the GPU whose decoders (and, for GPU runners, memory) the job uses
 
 
 def check_frame_count(runner, frames: int) -> None:
@@ -94,68 +78,8 @@ def check_frame_count(runner, frames: int) -> None:
                             "pass --frames in that range, or export/build for more frames")
 
 
-def worker_context():
-    """forkserver (torch imported once, workers start fast) where the platform has it, else spawn."""
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["iv2trt.job", "iv2trt.transforms"])
-        return ctx
-    return mp.get_context("spawn")
-
-
-def _worker_main(conn, w: Windowing, img_size: int) -> None:
-    """Worker process: receive (number, item), send ("clip", number, info, array)..., then ("done"|"failed")."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
-    import torch
-
-    torch.set_num_threads(1)
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        number, item = task
-        try:
-            count = 0
-            for info, array in iter_clips(item, w, img_size):
-                conn.send(("clip", number, info, array))
-                count += 1
-            conn.send(("done", number, count))
-        except DecodeError as exc:
-            conn.send(("failed", number, exc.reason))
-        except (BrokenPipeError, EOFError):
-            return
-        except Exception as exc:  # a decoder bug must not stop the job: report it as this input's failure
-            conn.send(("failed", number, f"{type(exc).__name__}: {exc}"))
-
-
-class _Worker:
-    def __init__(self, ctx, w: Windowing, img_size: int):
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child, w, img_size), daemon=True)
-        self.process.start()
-        child.close()
-        self.task: int | None = None
-        self.last_heard = time.monotonic()
-
-    def assign(self, number: int, item: InputItem) -> None:
-        self.task, self.last_heard = number, time.monotonic()
-        self.conn.send((number, item))
-
-    def stop(self, kill: bool = False) -> None:
-        if kill or self.task is not None:
-            self.process.kill()
-        else:
-            try:
-                self.conn.send(None)
-            except OSError:
-                pass
-        self.process.join(5)
-        if self.process.is_alive():
-            self.process.kill()
-        self.conn.close()
+def is_cuda_tensor(frames) -> bool:
+    return type(frames).__module__.startswith("torch") and getattr(frames, "is_cuda", False)
 
 
 @dataclass
@@ -163,7 +87,8 @@ class _Video:
     item: InputItem
     infos: dict[int, dict] = field(default_factory=dict)
     features: dict[int, np.ndarray] = field(default_factory=dict)
-    count: int | None = None  # known once the worker says done
+    count: int | None = None        # known once the worker says done
+    nvdec_failure: str | None = None  # why the GPU path could not decode it (then it is on the CPU path)
 
 
 @dataclass
@@ -225,6 +150,7 @@ class InferenceThread:
     finished batches as (batch, raw features, reference features, runner seconds) and re-raises an
     exception of the thread (after which the thread has stopped). `fileno()` turns readable when a
     result is ready, so multiprocessing.connection.wait can wait for workers and results together.
+    `busy_s` is the time at least one batch was in the runner's hands (the encoder's busy time).
     """
 
     def __init__(self, runner, reference=None, depth: int = QUEUE_DEPTH):
@@ -238,6 +164,7 @@ class InferenceThread:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._stop = threading.Event()
+        self.busy_s = 0.0
         self.thread = threading.Thread(target=self._loop, name="iv2trt-inference", daemon=True)
         self.thread.start()
 
@@ -279,6 +206,7 @@ class InferenceThread:
         """Runs batches in order. A runner with `submit_uint8` gets the next batch submitted before the
         previous one is waited for, so its upload overlaps the previous compute."""
         pending: deque = deque()  # (batch, started, wait-for-features) submitted, not yet finished
+        busy_since = 0.0
         while not self._stop.is_set() or pending:
             try:
                 batch = None if self._stop.is_set() else self.inbox.get(timeout=0.0 if pending else 0.1)
@@ -286,6 +214,8 @@ class InferenceThread:
                 batch = None
             try:
                 if batch is not None:
+                    if not pending:
+                        busy_since = time.perf_counter()
                     pending.append((batch, time.perf_counter(), self._start(batch.frames[:len(batch)])))
                 if pending and (batch is None or len(pending) > 1):
                     done, started, wait = pending.popleft()
@@ -293,6 +223,8 @@ class InferenceThread:
                     seconds = time.perf_counter() - started
                     frames = done.frames[:len(done)]
                     ref = self._infer(self.reference, frames) if self.reference is not None else None
+                    if not pending:
+                        self.busy_s += time.perf_counter() - busy_since
                     self.outbox.put((done, raw, ref, seconds))
                     self._notify()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
@@ -300,10 +232,11 @@ class InferenceThread:
                 self._notify()
                 return
 
-    def _start(self, frames: np.ndarray):
-        """Begin inference of `frames`; returns a function that waits for the raw features."""
+    def _start(self, frames):
+        """Begin inference of `frames` (a host array, or a CUDA tensor of GPU-decoded clips); returns a function
+        that waits for the raw features."""
         submit = getattr(self.runner, "submit_uint8", None)
-        if submit is not None and frames.dtype == np.uint8:
+        if submit is not None and (is_cuda_tensor(frames) or frames.dtype == np.uint8):
             return submit(frames)
         result = self._infer(self.runner, frames)
         return lambda: result
@@ -322,6 +255,21 @@ class InferenceThread:
         self._wake_w.close()
 
 
+class _PathStats:
+    """Work done by one decode path (cpu | nvdec) in a run."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.inputs = self.clips = self.fallbacks = 0
+        self.busy_s = 0.0  # summed over workers: time spent on an input
+        self.frames: dict[str, int] | None = None  # NVDEC: frames decoded, and dropped before decoding
+
+    def as_dict(self, elapsed: float) -> dict[str, Any]:
+        return {"workers": self.workers, "inputs": self.inputs, "clips": self.clips,
+                "clips_per_s": round(self.clips / max(elapsed, 1e-9), 3),
+                "busy_fraction": round(self.busy_s / max(elapsed * self.workers, 1e-9), 3) if self.workers else 0.0}
+
+
 class Job:
     """One run over `items` with `runner`, writing through `writer`; `run()` returns the summary."""
 
@@ -333,14 +281,17 @@ class Job:
         self.batch_size = max(1, min(options.batch_size, runner.max_batch or options.batch_size))
         check_frame_count(runner, options.windowing.frames)
         self.videos: dict[int, _Video] = {}
-        self.open: dict[tuple, _Batch] = {}      # batches being filled, one per (dtype, clip shape)
+        self.open: dict[tuple, _Batch] = {}      # batches being filled, one per (device, dtype, clip shape)
         self.ready: deque[_Batch] = deque()      # full (or flushed) batches waiting for room in the queue
-        self._free: dict[tuple, list[np.ndarray]] = {}  # batch buffers to reuse
+        self._free: dict[tuple, list[Any]] = {}  # batch buffers to reuse
         self.inference: InferenceThread | None = None
         self.stats = {"ok": 0, "failed": 0, "clips": 0, "batches": 0, "infer_s": 0.0}
+        self.paths: dict[str, _PathStats] = {}
+        self._next_number = 0
 
     # --- results -------------------------------------------------------------------------------------------
-    def _fail(self, number: int, reason: str) -> None:
+    def _discard(self, number: int) -> _Video:
+        """Forget an input: its clips leave the open and ready batches (features in flight are ignored)."""
         video = self.videos.pop(number)
         for batch in [*self.open.values(), *self.ready]:
             batch.drop(number)
@@ -351,10 +302,31 @@ class Job:
         for batch in [b for b in self.ready if not len(b)]:
             self.ready.remove(batch)
             self._recycle(batch)
+        return video
+
+    def _fail(self, number: int, reason: str) -> None:
+        video = self._discard(number)
+        if video.nvdec_failure:
+            reason = f"NVDEC: {video.nvdec_failure}; CPU: {reason}"
         self.failures.add(video.item.path, video.item.id, reason)
         self.stats["failed"] += 1
         log.warning("failed %s: %s", video.item.path, reason)
         self.bar.update(1)
+
+    def _to_cpu_path(self, number: int, reason: str) -> None:
+        """The GPU path could not decode an input: it starts again on the CPU path under a new number (so
+        features of its clips still in flight cannot mix in)."""
+        video = self._discard(number)
+        self.paths["nvdec"].fallbacks += 1
+        log.info("NVDEC could not decode %s (%s); decoding it on the CPU", video.item.path, reason)
+        retry = self._new_video(video.item)
+        self.videos[retry].nvdec_failure = reason
+        self.cpu_queue.appendleft((retry, video.item))
+
+    def _new_video(self, item: InputItem) -> int:
+        number, self._next_number = self._next_number, self._next_number + 1
+        self.videos[number] = _Video(item)
+        return number
 
     def _finish_ready(self, number: int) -> None:
         video = self.videos.get(number)
@@ -370,12 +342,13 @@ class Job:
         self.stats["ok"] += 1
         self.bar.update(1)
 
-    def _handle(self, message: tuple) -> int | None:
+    def _handle(self, message: tuple, path: str = "cpu") -> int | None:
+        """Take one worker message; returns the input's number when the worker is done with it."""
         kind, number = message[0], message[1]
         if number not in self.videos:
             return None
         if kind == "clip":
-            _, _, info, array = message
+            _, _, info, array, ready = message
             lo, hi = self.runner.frame_range
             if not lo <= array.shape[0] <= (hi or array.shape[0]):
                 self._fail(number, f"clips of {array.shape[0]} frames; the {self.runner.name} model takes {lo}..{hi}")
@@ -383,18 +356,33 @@ class Job:
             video = self.videos[number]
             clip = len(video.infos)
             video.infos[clip] = info
-            self._add_clip(number, clip, array)
-        elif kind == "done":
+            self._add_clip(number, clip, array, ready)
+            self.paths[path].clips += 1
+            return None
+        if kind == "done":
             self.videos[number].count = message[2]
+            self.paths[path].inputs += 1
             self._finish_ready(number)
+        elif path == "nvdec":
+            self._to_cpu_path(number, message[2])
         else:
             self._fail(number, message[2])
-        return number if kind != "clip" else None
+        return number
 
     # --- batching ------------------------------------------------------------------------------------------
-    def _add_clip(self, number: int, clip: int, array: np.ndarray) -> None:
-        """Copy a clip into its slot of the open batch of its kind; a full batch becomes ready."""
-        key = (np.dtype(array.dtype).str, tuple(array.shape))
+    def _add_clip(self, number: int, clip: int, array, ready=None) -> None:
+        """Copy a clip into its slot of the open batch of its kind; a full batch becomes ready. A GPU clip is
+        copied on this thread's CUDA stream once the decoder's stream has written it (`ready`)."""
+        if is_cuda_tensor(array):
+            import torch
+
+            stream = torch.cuda.current_stream(array.device)
+            if ready is not None:
+                stream.wait_event(ready)
+            array.record_stream(stream)  # its memory is not reused before the copy below has run
+            key = (str(array.device), str(array.dtype), tuple(array.shape))
+        else:
+            key = ("cpu", np.dtype(array.dtype).str, tuple(array.shape))
         batch = self.open.get(key)
         if batch is None:
             batch = self.open[key] = _Batch(key, self._buffer(key))
@@ -402,13 +390,17 @@ class Job:
         if batch.full:
             self.ready.append(self.open.pop(key))
 
-    def _buffer(self, key: tuple) -> np.ndarray:
+    def _buffer(self, key: tuple):
         free = self._free.get(key)
         if free:
             return free.pop()
-        shape, dtype = (self.batch_size, *key[1]), np.dtype(key[0])
+        device, dtype, shape = key[0], key[1], (self.batch_size, *key[2])
+        if device != "cpu":
+            import torch
+
+            return torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)
         alloc = getattr(self.runner, "new_host_buffer", None)  # pinned memory for GPU runners
-        return alloc(shape, dtype) if alloc is not None else np.empty(shape, dtype)
+        return alloc(shape, np.dtype(dtype)) if alloc is not None else np.empty(shape, np.dtype(dtype))
 
     def _recycle(self, batch: _Batch) -> None:
         free = self._free.setdefault(batch.key, [])
@@ -461,44 +453,96 @@ class Job:
                 self._flush_partial()
             self._pump(wait_s=0.5)
 
+    # --- scheduling ----------------------------------------------------------------------------------------
+    def _start_workers(self):
+        """The decode workers of this run, and the GPU pool (None without GPU workers)."""
+        o = self.o
+        plan = DecoderPlan(o.decoder, o.workers, o.nvdec_sessions, o.gpu) if self.items else None
+        n_gpu = min(plan.gpu_sessions, sum(map(plan.gpu_takes, self.items))) if plan else 0
+        n_cpu = max(1, min(o.workers, len(self.items)))  # with --decoder nvdec they take what the GPU cannot
+        self.plan = plan
+        self.paths = {"cpu": _PathStats(n_cpu if self.items else 0), "nvdec": _PathStats(n_gpu)}
+        if not self.items:
+            return [], None
+        self.ctx = worker_context()
+        workers: list = [CpuWorker(self.ctx, o.windowing, o.img_size) for _ in range(n_cpu)]
+        pool = None
+        if n_gpu:
+            pool = GpuWorkerPool(o.gpu, o.windowing, o.img_size, plan.jpeg)
+            workers += [GpuWorker(pool, f"iv2trt-nvdec-{i}") for i in range(n_gpu)]
+        return workers, pool
+
+    def _assign(self, workers: list) -> None:
+        """Idle workers take inputs: GPU workers from the shared queue; CPU workers from their own queue (inputs
+        only the CPU can decode, and retries of what failed on the GPU) first, then from the shared queue
+        unless the GPU takes it all (`--decoder nvdec`)."""
+        for wk in workers:
+            if wk.task is not None:
+                continue
+            if wk.path == "nvdec":
+                source = self.gpu_queue
+            else:
+                source = self.cpu_queue if self.cpu_queue or self.plan.gpu_first else self.gpu_queue
+            if source:
+                number, item = source.popleft()
+                wk.assign(number, item)
+                wk.started = time.monotonic()
+
+    def _release(self, wk) -> None:
+        self.paths[wk.path].busy_s += time.monotonic() - wk.started
+        wk.task = None
+
     # --- main loop -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         started = time.perf_counter()
-        todo = deque(enumerate(self.items))
-        ctx = worker_context()
-        n_workers = max(1, min(self.o.workers, len(self.items)))
-        workers = [_Worker(ctx, self.o.windowing, self.o.img_size) for _ in range(n_workers)] if self.items else []
+        for runner in (self.runner, self.reference):  # CUDA graphs captured before GPU decoders share the GPU
+            warm_up = getattr(runner, "warm_up", None)
+            if warm_up is not None and self.items:
+                warm_up(self.batch_size, self.o.windowing.frames, self.o.img_size)
+        workers, pool = self._start_workers()
+        self.gpu_queue: deque = deque()   # inputs any worker may take (all of them, when no GPU worker runs)
+        self.cpu_queue: deque = deque()   # inputs for CPU workers only
+        for item in self.items:
+            on_gpu = pool is not None and self.plan.gpu_takes(item)
+            (self.gpu_queue if on_gpu else self.cpu_queue).append((self._new_video(item), item))
         self.bar = tqdm(total=len(self.items), unit="video", disable=not self.o.progress, mininterval=1.0,
                         dynamic_ncols=True, file=sys.stderr)
         self.inference = InferenceThread(self.runner, self.reference)
         interrupted = False
         last_received = time.monotonic()
         try:
-            while todo or self.videos:
-                for wk in workers:
-                    if wk.task is None and todo:
-                        number, item = todo.popleft()
-                        self.videos[number] = _Video(item)
-                        wk.assign(number, item)
+            while self.gpu_queue or self.cpu_queue or self.videos:
+                self._assign(workers)
                 busy = [wk for wk in workers if wk.task is not None]
                 room = not self.ready and self._open_clips() < 2 * self.batch_size
-                listen = [wk.conn for wk in busy] if room else []
+                listen = [wk.conn for wk in busy if wk.path == "cpu"] if room else []
+                if room and pool is not None:
+                    listen.append(pool)
                 ready = wait(listen + [self.inference], timeout=0.05 if self.open else 0.2)
                 received = False
                 for wk in busy:
-                    if wk.conn in ready:
-                        self._receive(ctx, workers, wk)
+                    if wk.path == "cpu" and wk.conn in ready:
+                        self._receive(workers, wk)
                         received = True
-                        last_received = time.monotonic()
+                if pool is not None and pool in ready:
+                    for wk, message in pool.messages():
+                        received = True
+                        if wk.abandoned:
+                            continue
+                        wk.last_heard = time.monotonic()
+                        if self._handle(message, "nvdec") is not None:
+                            self._release(wk)
+                if received:
+                    last_received = time.monotonic()
                 # a partial batch only once the decoders have gone quiet (or are all idle)
                 quiet = not room or not received and (time.monotonic() - last_received > PARTIAL_BATCH_WAIT_S or
                                                       all(wk.task is None for wk in workers))
                 if quiet and not self.ready:
                     self._flush_partial()
                 self._pump()
-                self._check_timeouts(ctx, workers)
+                self._check_timeouts(workers)
                 elapsed = time.perf_counter() - started
                 self.bar.set_postfix_str(f"{self.stats['clips'] / max(elapsed, 1e-9):.1f} clips/s", refresh=False)
         except KeyboardInterrupt:
@@ -507,20 +551,28 @@ class Job:
         finally:
             self.inference.close(timeout=5 if interrupted else 60)
             self.bar.close()
+            if pool is not None:
+                pool.close()
             for wk in workers:
                 wk.stop(kill=interrupted)
             self.writer.flush()  # finished videos are kept even when the job stops early
+        if pool is not None:
+            self.paths["nvdec"].frames = {"decoded": sum(w.frames_decoded for w in workers if w.path == "nvdec"),
+                                          "dropped_non_reference": sum(w.frames_dropped for w in workers
+                                                                       if w.path == "nvdec")}
         return self._summary(time.perf_counter() - started)
 
     def run_preloaded(self, videos: Iterable[Iterable[np.ndarray]]) -> dict[str, Any]:
         """The job's inference stage alone, on clips already decoded: each element of `videos` is one input's
-        clips as the workers send them (uint8 [T, S, S, 3] resized frames, or float32 [T, 3, S, S]). They go
-        through the same message handling, batch assembly, inference thread, L2-normalisation and writer as
-        in `run` (inputs named preloaded/<n>); returns the summary. For benchmarks and tests."""
+        clips as the workers send them (uint8 [T, S, S, 3] resized frames, host arrays or CUDA tensors, or
+        float32 [T, 3, S, S]). They go through the same message handling, batch assembly, inference thread,
+        L2-normalisation and writer as in `run` (inputs named preloaded/<n>); returns the summary. For
+        benchmarks and tests."""
         from tqdm import tqdm
 
         started = time.perf_counter()
         self.items = []
+        self.paths = {"cpu": _PathStats(0), "nvdec": _PathStats(0)}
         self.bar = tqdm(disable=True)
         self.inference = InferenceThread(self.runner, self.reference)
         info = {"start_s": math.nan, "end_s": math.nan, "indices": []}
@@ -528,12 +580,12 @@ class Job:
             for clips in videos:
                 number = len(self.items)
                 self.items.append(InputItem(f"preloaded/{number}", f"preloaded/{number}", "video"))
-                self.videos[number] = _Video(self.items[-1])
+                number = self._new_video(self.items[-1])
                 count = 0
                 for array in clips:
                     while self.ready:  # the queue is full: wait for the encoder (memory stays bounded)
                         self._pump(wait_s=0.5)
-                    self._handle(("clip", number, info, array))
+                    self._handle(("clip", number, info, array, None))
                     self._pump()
                     count += 1
                 self._handle(("done", number, count))
@@ -543,29 +595,40 @@ class Job:
             self.writer.flush()
         return self._summary(time.perf_counter() - started)
 
-    def _receive(self, ctx, workers: list[_Worker], wk: _Worker) -> None:
+    def _receive(self, workers: list, wk: CpuWorker) -> None:
         try:
             message = wk.conn.recv()
         except (EOFError, OSError):
             number = wk.task
-            self._replace(ctx, workers, wk)
-            self._fail(number, f"decoder process died (exit code {wk.process.exitcode})")
+            self._replace(workers, wk)
+            self._fail(number, wk.why_gone())
             return
         wk.last_heard = time.monotonic()
-        if self._handle(message) is not None:
-            wk.task = None
+        if self._handle(message, "cpu") is not None:
+            self._release(wk)
 
-    def _check_timeouts(self, ctx, workers: list[_Worker]) -> None:
+    def _check_timeouts(self, workers: list) -> None:
         now = time.monotonic()
         for wk in list(workers):
-            if wk.task is not None and now - wk.last_heard > self.o.decode_timeout_s and not wk.conn.poll():
-                number = wk.task
-                self._replace(ctx, workers, wk)
-                self._fail(number, f"decoding timed out (no progress for {self.o.decode_timeout_s:g}s)")
+            if wk.task is None or now - wk.last_heard <= self.o.decode_timeout_s:
+                continue
+            if wk.path == "cpu" and wk.conn.poll():
+                continue
+            number = wk.task
+            self._replace(workers, wk)
+            reason = f"decoding timed out (no progress for {self.o.decode_timeout_s:g}s)"
+            if number in self.videos:
+                if wk.path == "nvdec":
+                    self._to_cpu_path(number, reason)
+                else:
+                    self._fail(number, reason)
 
-    def _replace(self, ctx, workers: list[_Worker], wk: _Worker) -> None:
+    def _replace(self, workers: list, wk) -> None:
+        self._release(wk)
         wk.stop(kill=True)
-        workers[workers.index(wk)] = _Worker(ctx, self.o.windowing, self.o.img_size)
+        fresh = (CpuWorker(self.ctx, self.o.windowing, self.o.img_size) if wk.path == "cpu"
+                 else GpuWorker(wk.pool, wk.thread.name + "+"))
+        workers[workers.index(wk)] = fresh
 
     def _summary(self, elapsed: float) -> dict[str, Any]:
         s = self.stats
@@ -574,6 +637,17 @@ class Job:
                    "videos_per_s": round((s["ok"] + s["failed"]) / max(elapsed, 1e-9), 3),
                    "clips_per_s": round(s["clips"] / max(elapsed, 1e-9), 3), "infer_seconds": round(s["infer_s"], 3),
                    "backend": self.runner.name, "batch_size": self.batch_size}
+        decoders = {}
+        for name, p in self.paths.items():
+            if p.workers:
+                decoders[name] = p.as_dict(elapsed)
+                if name == "nvdec":
+                    decoders[name].update(fallbacks_to_cpu=p.fallbacks, frames=p.frames)
+        encoder_busy = self.inference.busy_s / max(elapsed, 1e-9) if self.inference is not None else 0.0
+        summary["decoder"] = self.o.decoder
+        summary["decoders"] = decoders
+        summary["encoder_busy_fraction"] = round(encoder_busy, 3)
+        summary["bound_by"] = bound_by(encoder_busy, decoders)
         if self.comparison is not None:
             c = self.comparison
             summary["compare_pytorch"] = {"clips": c.clips, "min_cosine": c.min_cosine,
@@ -581,9 +655,19 @@ class Job:
         return summary
 
 
+def bound_by(encoder_busy: float, decoders: dict[str, dict]) -> str:
+    """Which stage limited a run: the encoder (busy most of the time), decoding (decoders busy most of the
+    time while the encoder waited), or neither (too few inputs to keep either busy)."""
+    if encoder_busy >= 0.85:
+        return "encoder"
+    if decoders and max(d["busy_fraction"] for d in decoders.values()) >= 0.6:
+        return "decode"
+    return "inputs (too few to keep decoders or encoder busy)"
+
+
 def run_job(items: list[InputItem], runner, out_dir, writer: FeatureWriter, options: JobOptions,
             reference=None, skipped: int = 0) -> dict[str, Any]:
-    """Run a job and write summary.json (counts, speeds); returns the summary."""
+    """Run a job and write summary.json (counts, speeds, where the time went); returns the summary."""
     failures = FailureLog(out_dir)
     summary = Job(items, runner, writer, failures, options, reference).run()
     summary["skipped_already_done"] = skipped
@@ -592,4 +676,11 @@ def run_job(items: list[InputItem], runner, out_dir, writer: FeatureWriter, opti
              summary["ok"], summary["failed"], skipped, summary["clips"], summary["seconds"],
              summary["videos_per_s"], summary["clips_per_s"],
              f"; failures listed in {failures.path}" if summary["failed"] else "")
+    for name, d in summary["decoders"].items():
+        log.info("decode %s: %d worker(s), %d inputs, %.1f clips/s, busy %.0f%%%s", name, d["workers"], d["inputs"],
+                 d["clips_per_s"], 100 * d["busy_fraction"],
+                 f", {d['fallbacks_to_cpu']} sent to the CPU" if d.get("fallbacks_to_cpu") else "")
+    if summary["inputs"]:
+        log.info("encoder busy %.0f%% of the run; bound by %s", 100 * summary["encoder_busy_fraction"],
+                 summary["bound_by"])
     return summary

@@ -16,6 +16,18 @@ from .errors import PipelineError, ValidationFailed
 log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "frames", "features"
+MIN_OPSET = 18  # torch.onnx's exporter writes nothing older (it silently wrote 18 when asked for less)
+
+
+def check_opset(opset: int) -> None:
+    """PipelineError unless the exporter can write `opset` (MIN_OPSET .. the installed onnx's newest)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise PipelineError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET}..{newest} (the installed onnx's "
+                            f"newest); pass one of those ({MIN_OPSET}, the default, suits TensorRT 10/11 and ONNX "
+                            "Runtime)")
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -40,6 +52,7 @@ def export_onnx(model: torch.nn.Module, output: str | Path, precision: str = "fp
 
     if precision not in ("fp32", "fp16"):
         raise PipelineError(f"precision must be fp32 or fp16, got {precision!r}")
+    check_opset(opset)
     cfg = model.cfg
     dtype = torch.float16 if precision == "fp16" else torch.float32
     export_model = _copy_for_export(model, dtype)
@@ -53,6 +66,10 @@ def export_onnx(model: torch.nn.Module, output: str | Path, precision: str = "fp
                                 dynamic_shapes={"frames": {0: batch, 1: frames}}, opset_version=opset,
                                 dynamo=True, verbose=False)
     proto = program.model_proto
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise PipelineError(f"the exporter wrote opset {written} when asked for --opset {opset}: pass --opset "
+                            f"{written}")
     props = {"producer": f"iv2trt {__version__}", "variant": cfg.name, "precision": precision,
              "trained_frames": str(cfg.num_frames), "min_frames": "1", "max_frames": str(max_frames),
              "max_batch": str(max_batch), "input_layout": "B,T,C,H,W float, ImageNet-normalised RGB",

@@ -1,8 +1,11 @@
-"""FP32 ONNX graph -> FP16 graph for TensorRT strongly typed networks (norms, softmax, reductions stay fp32).
+"""ONNX precision conversions: FP32 -> FP16 for TensorRT strongly typed networks (norms, softmax,
+reductions stay fp32), and FP16 -> FP32 for CPU runtimes.
 
-Used by build_engine.py when it is given an FP32 ONNX file and asked for --precision fp16. The FP16
-export of export_onnx.py is usually better (the model itself chooses where to cast); this is the
-fallback for FP32 files from elsewhere.
+FP32 -> FP16 is used by build_engine.py when it is given an FP32 ONNX file and asked for --precision
+fp16. The FP16 export of export_onnx.py is usually better (the model itself chooses where to cast);
+this is the fallback for FP32 files from elsewhere. FP16 -> FP32 is used by stage 3 when ONNX Runtime
+runs on the CPU, where fp16 arithmetic is mostly emulated (the fp16 graph was measured at half the
+fp32 speed): the fp16 weights are widened exactly and every op computes in fp32.
 """
 from __future__ import annotations
 
@@ -123,3 +126,52 @@ def convert_file(src: str | Path, dst: str | Path) -> Path:
     onnx.checker.check_model(str(dst))
     log.info("converted %s to FP16 (%s kept in fp32) -> %s", src, ", ".join(FP32_OPS), dst)
     return Path(dst)
+
+
+def convert_to_fp32(model):
+    """An FP32 copy of an FP16 ONNX ModelProto: weights widened exactly, casts to fp16 become casts to fp32,
+    inputs/outputs fp32 (subgraphs included); metadata precision "fp32", converted_from "fp16"."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if onnx_precision(model) != "fp16":
+        raise PipelineError(f"can only convert an FP16 graph to FP32, this one is {onnx_precision(model)}")
+    model = copy_model(model)
+    FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+
+    def widen(tensor) -> None:
+        if tensor.data_type == FLOAT16:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+
+    def convert(graph) -> None:
+        for tensor in graph.initializer:
+            widen(tensor)
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            if value.type.tensor_type.elem_type == FLOAT16:
+                value.type.tensor_type.elem_type = FLOAT
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.INT and attr.name in ("to", "dtype") and attr.i == FLOAT16:
+                    attr.i = FLOAT
+                elif attr.type == onnx.AttributeProto.TENSOR:
+                    widen(attr.t)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    convert(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        convert(sub)
+
+    convert(model.graph)
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(precision="fp32", converted_from="fp16")
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
+def copy_model(model):
+    copy = type(model)()
+    copy.CopyFrom(model)
+    return copy

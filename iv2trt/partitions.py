@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .inputs import InputItem
-from .writer import SHARD_DIR, FailureLog, FeatureWriter
+from .results import SHARD_DIR
+from .writer import FailureLog, FeatureWriter
 
 log = logging.getLogger(__name__)
 

@@ -94,20 +94,32 @@ def _absolute(path: str | None) -> str | None:
 
 
 def node_settings(s):
-    """Settings `s` as the nodes get them: file paths absolute and, for the PyTorch backend, the model variant as its config (the YAML files under configs/ stay here)."""
+    """Settings `s` with the file paths the nodes open made absolute."""
     from .engine_map import parse_engine_map
 
-    variant = s.variant
-    if s.backend == "torch" and isinstance(variant, (str, Path)):
-        from models import load_vision_config
-
-        try:
-            variant = load_vision_config(variant)
-        except ValueError as exc:
-            raise PipelineError(str(exc)) from None
-    return dataclasses.replace(s, onnx=_absolute(s.onnx), engine=_absolute(s.engine), variant=variant,
+    return dataclasses.replace(s, onnx=_absolute(s.onnx), engine=_absolute(s.engine),
                                checkpoint=_absolute(s.checkpoint), align_checkpoint=_absolute(s.align_checkpoint),
                                engines=[f"{k}={_absolute(v)}" for k, v in parse_engine_map(s.engines).items()])
+
+
+def settings_runner(s):
+    """The runner factory the nodes call for settings `s` (ray_stages.SettingsRunner); the PyTorch backend gets the
+    model variant's config along (the YAML files under configs/ stay here)."""
+    from .ray_stages import SettingsRunner
+
+    if s.backend != "torch" or not isinstance(s.variant, (str, Path)):
+        return SettingsRunner(node_settings(s))
+    import yaml
+
+    from models import load_vision_config
+
+    from .cli import resolve_variant
+
+    try:
+        variant = dataclasses.asdict(load_vision_config(resolve_variant(s.variant)))
+    except (ValueError, OSError, TypeError, yaml.YAMLError) as exc:
+        raise PipelineError(f"--variant {s.variant}: {exc}") from None
+    return SettingsRunner(node_settings(s), variant)
 
 
 def cluster_resources(ray) -> dict[str, Any]:
@@ -161,8 +173,9 @@ def build_pipeline(ray, records: list[dict[str, Any]], spec, make_runner, featur
     ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec}, batch_size=None, num_cpus=decode_cpus,
                         memory=DECODE_MEMORY)
     pool = ray.data.ActorPoolStrategy(size=encoders, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
-    return ds.map_batches(Encoder, fn_constructor_kwargs={"make_runner": make_runner, "feature_dim": feature_dim,
-                                                          "batch_size": batch_size},
+    args = {"make_runner": make_runner, "feature_dim": feature_dim, "batch_size": batch_size,
+            "frames": spec.windowing.frames, "img_size": spec.img_size}
+    return ds.map_batches(Encoder, fn_constructor_kwargs=args,
                           batch_size=batch_size, compute=pool, **encoder_resources)
 
 
@@ -227,16 +240,18 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     the runner on a node (default: the one `s` names, with the engine map applied). Benchmarks replace them."""
     from tqdm import tqdm
 
-    from .engine_map import engine_map_identity
-    from .infer_cmd import job_identity
+    from .infer_cmd import complete_identity, finish_summary
     from .job import iter_clips
     from .partitions import PartitionAssembler, plan_partitions
     from .ray_stages import DecodeSpec, SettingsRunner, probe_runner
     from .stages import log_done, summarize
-    from .writer import FailureLog, FeatureWriter, prepare_output, write_summary
+    from .writer import FailureLog, FeatureWriter, prepare_output
 
     if s.compare_pytorch:
         raise PipelineError("--compare-pytorch runs in the local job only: drop --ray for that check")
+    if s.decoder == "nvdec":
+        raise PipelineError("--decoder nvdec runs in the local job only: with --ray, inputs are decoded on CPUs "
+                            "(PyAV) in Ray tasks; pass --decoder cpu or auto")
     if s.ray_partition_size < 1 or s.ray_encoders < 0 or s.ray_encoder_cpus <= 0 or s.ray_decode_cpus <= 0:
         raise PipelineError("ray_partition_size and ray_encoder_cpus/ray_decode_cpus must be positive, "
                             "ray_encoders >= 0 (0: one per GPU)")
@@ -244,13 +259,13 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
         try:
             resources = cluster_resources(ray)
             encoders, need = encoder_plan(s, resources)
-            make_runner = make_runner or SettingsRunner(node_settings(s))
-            info = ray.get(ray.remote(max_calls=1, **need)(probe_runner).remote(make_runner, s.frames))
+            make_runner = make_runner or settings_runner(s)
+            probe = ray.remote(max_calls=1, **need)(probe_runner)
+            info = ray.get(probe.remote(make_runner, s.frames, node_settings(s)))
             if isinstance(make_runner, SettingsRunner):  # every encoder runs the backend the probe chose
                 s = dataclasses.replace(s, backend=info["name"])
-                make_runner = SettingsRunner(node_settings(s))
-            identity = job_identity(s, info["name"], info["img_size"], info["precision"])
-            identity.update(engine_map_identity(s, info["name"]))
+                make_runner = settings_runner(s)
+            identity = complete_identity(info["identity"], s)
             done = prepare_output(s.output, identity, s.overwrite)
             partitions, committed = plan_partitions(items, s.ray_partition_size, done)
             numbers = [n for p in partitions for n in p.numbers]
@@ -299,6 +314,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
         "address": s.ray, **resources, "encoders": encoders, "encoder_resources": need,
         "startup_s": round(collector.first_row_s, 3) if collector.first_row_s is not None else None,
         "steady_clips_per_s": collector.steady_rate(),
+        "encoder_busy_fraction": round(collector.encode_s / max(elapsed * encoders, 1e-9), 3),
         "partitions": {"size": s.ray_partition_size, "total": len(partitions) + committed,
                        "committed_before": committed, "written": a.stats["shards"]},
         "stages": {"decode": _stage(collector.decode_s, sum(collector.decoded.values()), "rows"),
@@ -307,8 +323,8 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
                    "write": _stage(collector.write_s, a.stats["ok"] + a.stats["failed"], "videos")},
         "per_node": {node: {"decoded_rows": collector.decoded[node], "encoded_clips": collector.encoded[node]}
                   for node in sorted(set(collector.decoded) | set(collector.encoded))}}
-    write_summary(s.output, summary)
     log_done(summary, failures.path)
+    finish_summary(s.output, summary, identity["random_init"])
     st = summary["ray"]["stages"]
     log.info("ray: %d node(s) took part; decode %.1f rows per task-second, encode %.1f clips per encoder-second "
              "(%d encoders seen), driver writing %.1f s", len(summary["ray"]["per_node"]),

@@ -17,6 +17,7 @@ encode_s (its share of the batch's inference time), encoder ("node/actor") and b
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -131,14 +132,15 @@ class Encoder:
     Clips are grouped by (dtype, shape), copied into a batch buffer (pinned when the runner offers one)
     and run through `stages.start_inference`; a lock covers the start only, so with two calls in flight
     (max_concurrency=2) a runner with submit_uint8 uploads the next batch while computing this one.
-    For a runner replaying CUDA graphs, a partial batch runs padded to the full batch (the padding rows'
-    features are dropped): one shape, one graph, captured in the very first call, while no other call has
-    GPU work in flight (a capture must not overlap another thread's CUDA calls). A runner that cannot be built here (an engine for another GPU, say) fails the actor's first batch with
+    A runner with `warm_up` (PyTorch on a GPU) compiles and captures its full-batch CUDA graph in __init__,
+    before any call: a capture must not overlap another thread's CUDA calls, and partial batches replay the
+    full batch's graph. A runner that cannot be built here (an engine for another GPU, say) fails the actor's first batch with
     that PipelineError: raised in __init__, it would reach the driver as a bare ActorDiedError."""
 
     PASSED = ("number", "clip", "count", "info", "error", "decode_s", "decode_node")
 
-    def __init__(self, make_runner: Callable[[], Any], feature_dim: int, batch_size: int):
+    def __init__(self, make_runner: Callable[[], Any], feature_dim: int, batch_size: int, frames: int,
+                 img_size: int):
         import ray
 
         from .errors import PipelineError
@@ -148,6 +150,9 @@ class Encoder:
             self.runner = make_runner()
         except PipelineError as exc:
             self.broken = exc
+        warm_up = getattr(self.runner, "warm_up", None)
+        if warm_up is not None:
+            warm_up(batch_size, frames, img_size)
         self.feature_dim, self.batch_size = feature_dim, batch_size
         self.name = f"{_node()}/{ray.get_runtime_context().get_actor_id()[:12]}"  # node/actor
         self.lock = threading.Lock()
@@ -178,11 +183,10 @@ class Encoder:
             buf = self._buffer(key, len(rows))
             for slot, i in enumerate(rows):
                 buf[slot] = clip_frames(batch["frames"][i], bool(batch["is_float"][i]))
-            run = max(len(rows), self.batch_size) if getattr(self.runner, "cuda_graphs", False) else len(rows)
             started = time.perf_counter()
             with self.lock:
-                wait = start_inference(self.runner, buf[:run])
-            features[rows] = l2_normalize(wait()[:len(rows)])
+                wait = start_inference(self.runner, buf[:len(rows)])
+            features[rows] = l2_normalize(wait())
             encode_s[rows] = (time.perf_counter() - started) / len(rows)
             with self.lock:
                 if len(buf) >= self.batch_size:
@@ -198,28 +202,37 @@ class Encoder:
 @dataclass(frozen=True)
 class SettingsRunner:
     """Builds the job's runner on whichever node calls it (a picklable factory for Ray): `create_runner` with
-    the engine the engine map names for this node's GPU. Errors name the node and GPU."""
+    the engine the engine map names for this node's GPU. `variant`: the PyTorch model's config as a dict (the
+    YAML files under configs/ stay on the driver's machine). Errors name the node and GPU."""
 
     settings: Any
+    variant: dict[str, Any] | None = None
 
     def __call__(self):
         from .backends import create_runner
         from .engine_map import local_gpu_name, settings_for_this_gpu
         from .errors import PipelineError
 
+        s = self.settings
+        if self.variant is not None:
+            from models import VisionConfig
+
+            s = dataclasses.replace(s, variant=VisionConfig(**self.variant))
         try:
-            return create_runner(settings_for_this_gpu(self.settings))
+            return create_runner(settings_for_this_gpu(s))
         except PipelineError as exc:
             gpu = local_gpu_name()
             hint = f"; to use another engine on {gpu}, add it to --engines as '{gpu}=PATH'" if gpu else ""
             raise type(exc)(f"{exc} [Ray node {_node()}, GPU {gpu or 'none'}{hint}]") from None
 
 
-def probe_runner(make_runner: Callable[[], Any], frames: int) -> dict[str, Any]:
+def probe_runner(make_runner: Callable[[], Any], frames: int, settings) -> dict[str, Any]:
     """What the driver needs to know about the runner before the job (run on a node like the encoders'):
-    name, input size, precision, frame range, max batch, feature size. Raises what the runner raises, and
-    PipelineError when it does not take clips of `frames` frames."""
-    from .backends import runner_img_size, runner_precision
+    name, input size, frame range, max batch, feature size, and the job's identity (`infer_cmd.job_identity`,
+    which needs the runner). Raises what the runner raises, and PipelineError when it does not take clips
+    of `frames` frames."""
+    from .backends import runner_img_size
+    from .infer_cmd import job_identity
     from .job import check_frame_count
     from .runners import infer_frames
 
@@ -228,9 +241,9 @@ def probe_runner(make_runner: Callable[[], Any], frames: int) -> dict[str, Any]:
         check_frame_count(runner, frames)
         img_size = runner_img_size(runner)
         feature_dim = infer_frames(runner, np.zeros((1, frames, img_size, img_size, 3), np.uint8)).shape[-1]
-        return {"name": runner.name, "img_size": img_size, "precision": runner_precision(runner),
-                "frame_range": tuple(runner.frame_range), "max_batch": runner.max_batch,
-                "feature_dim": int(feature_dim)}
+        return {"name": runner.name, "img_size": img_size, "frame_range": tuple(runner.frame_range),
+                "max_batch": runner.max_batch, "feature_dim": int(feature_dim),
+                "identity": job_identity(settings, runner, img_size)}
     finally:
         close = getattr(runner, "close", None)
         if close is not None:

@@ -62,7 +62,12 @@ class HostNormalize:
 
 def infer_frames(runner, frames: np.ndarray) -> np.ndarray:
     """runner.infer_uint8 for uint8 [B, T, H, W, 3], runner.infer for float [B, T, 3, H, W]; runners without
-    infer_uint8 get host-normalised frames."""
+    infer_uint8 get host-normalised frames. Frames in a CUDA tensor (GPU-decoded) go to runners that take them
+    (`takes_cuda_frames`) as they are, to the others as a host copy."""
+    if type(frames).__module__.startswith("torch") and frames.is_cuda:
+        if getattr(runner, "takes_cuda_frames", False):
+            return runner.infer_uint8(frames)
+        frames = frames.cpu().numpy()
     if np.asarray(frames).dtype != np.uint8:
         return runner.infer(frames)
     method = getattr(runner, "infer_uint8", None)
@@ -74,17 +79,25 @@ class TorchRunner:
 
     `infer_uint8` on a GPU: uint8 frames go up through a pinned buffer (the caller's own when it came from
     `new_host_buffer`, else one of two staging buffers) on a copy stream, are normalised on the GPU in
-    float32 and cast to the model's dtype (the float path's values, rounded once). `submit_uint8` starts a
+    float32 and cast to the model's dtype (the float path's values, rounded once). Frames already on the GPU
+    (a CUDA tensor from the GPU decoders) are normalised where they are. `submit_uint8` starts a
     batch and returns a function that waits for its features, so the next batch's upload overlaps this
     one's compute. Each input shape's forward pass is captured once as a CUDA graph (`cuda_graphs`) and
     replayed, which removes the per-kernel launch cost that dominates small batches.
-    The model is moved to the device and dtype in place and switched to fused kernels."""
+    The model is moved to the device and dtype in place and switched to fused kernels. On a GPU in fp16/bf16
+    it is also torch.compile'd (`compile_mode`, see torch_compile.py): a new input shape runs the eager model
+    (uncaptured while a compile is in flight) until its compiled form is ready, compiled in the background
+    (`compile_in_background`) and cached on disk; then its graph is captured from the compiled form.
+    `prepare(shapes)` compiles and captures ahead of time."""
 
     name = "torch"
     MAX_GRAPHS = 8
 
-    def __init__(self, model, device: str | None = None, precision: str | None = None, cuda_graphs: bool = True):
+    def __init__(self, model, device: str | None = None, precision: str | None = None, cuda_graphs: bool = True,
+                 compile_mode: str | None = None, compile_in_background: bool = True):
         import torch
+
+        from .torch_compile import CompiledForward, resolve_mode
 
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -95,7 +108,10 @@ class TorchRunner:
         self.max_batch = None
         self.frame_range = (1, None)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, ...], tuple] = {}  # input shape -> (graph, static input, static output)
+        self.compile_mode = resolve_mode(compile_mode, self.device.type, self.dtype)
+        self.compiled = CompiledForward(self.model, self.compile_mode, background=compile_in_background) \
+            if self.compile_mode else None
+        self._graphs: dict[tuple[int, ...], tuple] = {}  # shape -> (graph, static in, static out, captured callable)
         self._staging = [None, None]                     # pinned uint8 buffers, used in turn
         self._staging_done = [None, None]                # copy-stream events: staging buffer free again
         self._turn = 0
@@ -104,6 +120,11 @@ class TorchRunner:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._graph_pool = torch.cuda.graph_pool_handle()
 
+    @property
+    def takes_cuda_frames(self) -> bool:
+        """infer_uint8/submit_uint8 accept a uint8 CUDA tensor and read it in place."""
+        return self.device.type == "cuda"
+
     def infer(self, frames: np.ndarray):
         with self.torch.inference_mode():
             x = self.torch.as_tensor(frames).to(self.device, self.dtype, non_blocking=True)
@@ -111,35 +132,77 @@ class TorchRunner:
 
     def forward_device(self, x):
         """model(x) for a tensor already on the device, replaying the CUDA graph captured for x's shape
-        (captured on first sight). The result may be the graph's static output: read it before the next call."""
+        (captured on first sight, from the compiled model once it is ready). The result may be the graph's
+        static output: read it before the next call."""
         with self.torch.inference_mode():
+            forward = self.compiled.select(x) if self.compiled is not None else self.model
             if not self.cuda_graphs:
-                return self.model(x)
+                return forward(x)
             key = tuple(x.shape)
             entry = self._graphs.get(key)
-            if entry is None:
-                if len(self._graphs) >= self.MAX_GRAPHS:
-                    return self.model(x)
-                entry = self._graphs[key] = self._capture(x)
-            graph, static_in, static_out = entry
+            if entry is None or entry[3] is not forward:
+                larger = [k for k, e in self._graphs.items() if k[1:] == key[1:] and k[0] > key[0] and e[3] is forward]
+                if entry is None and larger:  # a smaller batch replays a larger one's graph (extra rows ignored)
+                    graph, static_in, static_out, _ = self._graphs[min(larger)]
+                    static_in[:len(x)].copy_(x)
+                    graph.replay()
+                    return static_out[:len(x)]
+                capturable = self.compiled is None or not self.compiled.busy  # no capture while compiling
+                if capturable and (entry is not None or len(self._graphs) < self.MAX_GRAPHS):
+                    self._graphs.pop(key, None)  # an eager graph gives way to the compiled one
+                    entry = self._graphs[key] = self._capture(forward, x)
+                elif entry is None:
+                    return forward(x)
+            graph, static_in, static_out, _ = entry
             static_in.copy_(x)
             graph.replay()
             return static_out
 
-    def _capture(self, x) -> tuple:
+    def warm_up(self, batch: int, frames: int, size: int) -> None:
+        """Compile and capture the CUDA graph of full batches now. A job calls this before its decoders start: a
+        capture must not share the GPU with other threads' CUDA calls (NVDEC sessions), and partial batches
+        then replay the full batch's graph."""
+        if self.device.type == "cuda":
+            self.prepare([(batch, frames)], wait=True)
+
+    def _capture(self, forward, x) -> tuple:
         torch = self.torch
         static_in = x.clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: kernels picked and workspaces allocated outside the capture
-                self.model(static_in)
+                forward(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            static_out = self.model(static_in)
-        log.debug("captured a CUDA graph for input %s", tuple(x.shape))
-        return graph, static_in, static_out
+            static_out = forward(static_in)
+        log.debug("captured a CUDA graph for input %s (%s)", tuple(x.shape),
+                  "eager" if forward is self.model else f"compiled, {self.compile_mode}")
+        return graph, static_in, static_out, forward
+
+    def prepare(self, batch_frames, wait: bool = True) -> None:
+        """Get ready for inputs of these (batch, frames): request their compiles (torch.compile on) and, with
+        `wait`, block until those are done and capture each shape's CUDA graph."""
+        torch, size = self.torch, self.model.cfg.img_size
+        inputs = [torch.randn(b, t, 3, size, size, device=self.device).to(self.dtype) for b, t in batch_frames]
+        if self.compiled is not None:
+            for x in inputs:
+                self.compiled.request(x)
+        if not wait:
+            return
+        if self.compiled is not None:
+            self.compiled.wait()
+        for x in inputs:
+            self.forward_device(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Stop the compile thread after its current compile (without waiting) and drop the captured graphs."""
+        if self.compiled is not None:
+            self.compiled.close()
+        self._graphs.clear()
 
     def new_host_buffer(self, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
         """An empty host array to assemble batches in: page-locked when the model is on a GPU (uploaded
@@ -182,8 +245,10 @@ class TorchRunner:
         A caller's pinned buffer (new_host_buffer) must stay untouched until that function returned."""
         from .transforms import normalize_frames
 
-        frames = check_uint8_frames(frames)
         torch = self.torch
+        if isinstance(frames, torch.Tensor) and frames.is_cuda and self.takes_cuda_frames:
+            return self._submit_device(frames)
+        frames = check_uint8_frames(frames)
         if self.device.type != "cuda":
             with torch.inference_mode():
                 x = normalize_frames(frames, out=reusable_buffer(self, normalized_shape(frames.shape), np.float32))
@@ -198,11 +263,28 @@ class TorchRunner:
                     uploaded.record(self._copy_stream)
             compute.wait_stream(self._copy_stream)
             x.record_stream(compute)
+            return self._encode_on_device(x)
+
+    def _submit_device(self, frames):
+        """submit_uint8 for uint8 frames [B, T, H, W, 3] already in GPU memory (read on the current stream)."""
+        torch = self.torch
+        if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+            raise PipelineError(f"infer_uint8 takes uint8 frames [batch, frames, H, W, 3], got {frames.dtype} "
+                                f"{tuple(frames.shape)}")
+        return self._encode_on_device(frames.to(self.device, non_blocking=True))
+
+    def _encode_on_device(self, x):
+        """Queue normalise + forward of uint8 frames x on the GPU (current stream) and the copy of the features
+        to pinned host memory; returns a function that waits for them."""
+        from .transforms import normalize_frames
+
+        torch = self.torch
+        with torch.inference_mode():
             features = self.forward_device(normalize_frames(x).to(self.dtype)).float()
             host = torch.empty(features.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(features, non_blocking=True)
             done = torch.cuda.Event()
-            done.record(compute)
+            done.record(torch.cuda.current_stream(self.device))
 
         def wait() -> np.ndarray:
             done.synchronize()

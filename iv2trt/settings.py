@@ -21,7 +21,17 @@ import yaml
 from .errors import PipelineError
 
 T = TypeVar("T")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "internvideo2_clip_s14.yaml"
+CONFIG_NAME = "internvideo2_clip_s14.yaml"
+
+
+def config_dir() -> Path:
+    """configs/: the copy installed inside the package (pip install .), else the repository checkout's."""
+    here = Path(__file__).resolve().parent
+    installed, checkout = here / "configs", here.parent / "configs"
+    return installed if (installed / CONFIG_NAME).is_file() else checkout
+
+
+DEFAULT_CONFIG = config_dir() / CONFIG_NAME
 
 
 def setting(default: Any, help: str, choices: Sequence[str] | None = None, const: Any = None) -> Any:

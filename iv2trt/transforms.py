@@ -21,6 +21,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _CPU_CHUNK_ELEMENTS = 1 << 21  # normalise on the CPU a few MB at a time (cache-sized temporaries)
 
 
+def resize_planar(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float [N, 3, H, W] holding whole uint8 levels (any device) -> uint8 [N, size, size, 3]: bicubic,
+    antialiased, rounded and clamped as torchvision does for uint8 images. The GPU decoder's frames come in
+    here straight from the colour conversion; the CPU path's through `resize_frames`."""
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        x = x.round_().clamp_(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def _resize_tensor(frames: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     x = torch.as_tensor(frames)
     if x.ndim != 4 or x.shape[-1] != 3:
@@ -29,10 +39,7 @@ def _resize_tensor(frames: np.ndarray | torch.Tensor, size: int) -> torch.Tensor
         raise ValueError(f"expected uint8 frames, got {x.dtype}")
     if x.shape[1:3] == (size, size):
         return x
-    y = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(size, size), mode="bicubic", align_corners=False,
-                      antialias=True)
-    # torchvision rounds and clamps resized uint8 images before the float conversion
-    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return resize_planar(x.permute(0, 3, 1, 2).float(), size)
 
 
 def resize_frames(frames: np.ndarray | torch.Tensor, size: int = 224) -> np.ndarray:

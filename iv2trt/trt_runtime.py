@@ -2,22 +2,25 @@
 
 Written against the TensorRT 10/11 name-based API (num_io_tensors, get_tensor_*, set_input_shape,
 set_tensor_address, execute_async_v3). pycuda uses the device's PRIMARY context (no pycuda.autoinit),
-the one PyTorch and TensorRT use too, pushed around every call. The pure logic (metadata checks,
-batch plans, shape checks, dtypes) is in plain functions testable without a GPU.
+the one PyTorch and TensorRT use too, retained once per process and pushed around every call. One
+lock per runner covers inference and `close()`, so an engine is never freed under a running call
+(Ctrl-C while the job's inference thread is inside execute_async_v3). The pure logic (metadata
+checks, batch plans, shape checks, dtypes) is in plain functions testable without a GPU.
 """
 from __future__ import annotations
 
 import json
 import logging
 import shlex
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import BackendUnavailable, EngineMismatch, PipelineError
-from .fileio import sha256_file
+from .fileio import sha256_file, shown_path
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,8 @@ def load_engine_metadata(engine_path: str | Path) -> dict[str, Any]:
 
     path = metadata_path(engine_path)
     if not Path(engine_path).is_file():
-        raise PipelineError(f"engine {engine_path} not found: build it with python build_engine.py --onnx ONNX "
-                            f"--output {engine_path}")
+        raise PipelineError(f"engine {shown_path(engine_path)} not found: build it with python build_engine.py "
+                            f"--onnx ONNX --output {engine_path}, or pass --engine PATH")
     if not path.is_file():
         raise PipelineError(f"{path} (the engine's metadata) is missing: rebuild the engine with build_engine.py, "
                             "which writes both files")
@@ -74,13 +77,24 @@ def rebuild_command(metadata: dict[str, Any], engine_path: str | Path, backend: 
 
 
 def check_engine_metadata(metadata: dict[str, Any], engine_path: str | Path, flavour: str, version: str,
-                          gpu_name: str, compute_capability: str) -> None:
+                          gpu_name: str, compute_capability: str, rtx_supported: Sequence[str] | None = None) -> None:
     """EngineMismatch (with the rebuild command) unless the engine was built for this TensorRT and GPU.
 
     TensorRT engines are bound to the exact TensorRT version and the GPU model; TensorRT-RTX engines
-    to the RTX version and the compute capabilities they target (JIT-compiled at load).
+    to the RTX version and the compute capabilities they target (JIT-compiled at load). A runtime of
+    TensorRT-RTX passes `rtx_supported`, the compute capabilities it runs on: on any other GPU (H100,
+    B200, ...) the engine is refused before TensorRT sees it, with the full TensorRT rebuild command.
     """
     built = metadata.get("tensorrt", {})
+    if flavour == "tensorrt-rtx" and rtx_supported is not None and compute_capability not in rtx_supported:
+        needs = (f"TensorRT-RTX does not run on this GPU ({gpu_name}, compute capability {compute_capability}; it "
+                 f"runs on {', '.join(rtx_supported)}): this GPU needs full TensorRT (pip install -r "
+                 "requirements-gpu.txt)")
+        if built.get("flavour") == "tensorrt-rtx":
+            raise EngineMismatch(f"engine {engine_path} was built with TensorRT-RTX. {needs}; then rebuild the "
+                                 f"engine: {rebuild_command(metadata, engine_path, 'tensorrt')}")
+        raise BackendUnavailable(f"engine {engine_path} was built with {built.get('flavour')}, which is not "
+                                 f"installed. {needs}")
     problems = []
     if built.get("flavour") != flavour:
         problems.append(f"built with {built.get('flavour')}, this runtime is {flavour}")
@@ -137,7 +151,34 @@ def check_frames_shape(shape: tuple[int, ...], frame_range: tuple[int, int], chw
                             "preprocessing size")
 
 
+def check_output_dims(dims: Sequence[int], engine_path: str | Path, name: str) -> int:
+    """The feature size of an engine output declared [batch, D] with D fixed; PipelineError otherwise (the
+    output buffers are sized max_batch x D)."""
+    dims = [int(d) for d in dims]
+    if len(dims) != 2 or dims[-1] < 1:
+        raise PipelineError(f"{engine_path}: output '{name}' has shape {dims} (-1: dynamic); this runtime needs "
+                            "[batch, features] with a fixed feature size: rebuild it from export_onnx.py's ONNX")
+    return dims[-1]
+
+
 # ---------------------------------------------------------------- GPU part
+
+_PRIMARY_CONTEXTS: dict[int, Any] = {}  # device ordinal -> pycuda context, retained once per process
+_PRIMARY_LOCK = threading.Lock()
+
+
+def primary_context(cuda, device: int):
+    """The device's primary context (PyTorch's and TensorRT's too), retained once per process and kept.
+
+    Never detached: pycuda's detach() of a primary context pushes it and releases it without popping it,
+    which would leave a context on the calling thread's stack for every runner closed.
+    """
+    with _PRIMARY_LOCK:
+        context = _PRIMARY_CONTEXTS.get(device)
+        if context is None:
+            context = _PRIMARY_CONTEXTS[device] = cuda.Device(device).retain_primary_context()
+        return context
+
 
 def _import_pycuda():
     try:
@@ -158,32 +199,49 @@ class TensorRTRunner:
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, device: int = 0):
-        from .engine_build import import_tensorrt
+        from .cuda_env import driver_problem
+        from .engine_build import import_tensorrt, rtx_compute_capabilities
 
+        self._lock = threading.Lock()  # one inference call or close() at a time
+        self.context_cuda = None
         self.engine_path = Path(engine_path)
         self.metadata = load_engine_metadata(self.engine_path)
         try:
             trt = import_tensorrt(self.metadata.get("tensorrt", {}).get("flavour", "auto"))
         except BackendUnavailable:  # the other flavour may be here: check_engine_metadata says rebuild
             trt = import_tensorrt("auto")
+        problem = driver_problem(trt.flavour)
+        if problem:
+            raise BackendUnavailable(f"{trt.flavour} {trt.version} cannot run here: {problem}")
         cuda = _import_pycuda()
         self.cuda, self.trt = cuda, trt.module
         dev = cuda.Device(device)
         cc = "{}.{}".format(*dev.compute_capability())
-        check_engine_metadata(self.metadata, self.engine_path, trt.flavour, trt.version, dev.name(), cc)
-        self.context_cuda = dev.retain_primary_context()
-        self.context_cuda.push()
+        rtx_supported = (rtx_compute_capabilities(trt.module) or None) if trt.flavour == "tensorrt-rtx" else None
+        check_engine_metadata(self.metadata, self.engine_path, trt.flavour, trt.version, dev.name(), cc,
+                              rtx_supported)
+        context = primary_context(cuda, device)
+        context.push()
         try:
             self._load(trt)
         finally:
-            self.context_cuda.pop()
+            context.pop()
+        self.context_cuda = context
         log.info("TensorRT engine %s on %s: input %s %s, batch <= %d, frames %d..%d", self.engine_path.name,
                  dev.name(), self.input_name, np.dtype(self.input_dtype).name, self.max_batch, *self.frame_range)
 
     def _load(self, trt) -> None:
+        from .engine_build import cannot_start
+
         cuda, module = self.cuda, trt.module
         self.logger = module.Logger(module.Logger.WARNING)
-        self.runtime = module.Runtime(self.logger)
+        try:
+            self.runtime = module.Runtime(self.logger)
+        except (TypeError, RuntimeError) as exc:  # pybind11: "factory function returned nullptr"
+            raise cannot_start(trt, "Runtime", exc) from None
+        init_plugins = getattr(module, "init_libnvinfer_plugins", None)
+        if init_plugins is not None:  # engines may hold TensorRT's standard plugins (as Polygraphy does)
+            init_plugins(self.logger, "")
         self.engine = self.runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self.engine is None:
             raise EngineMismatch(f"{trt.flavour} {trt.version} could not deserialise {self.engine_path} (corrupt, or "
@@ -198,12 +256,15 @@ class TensorRTRunner:
         self.input_name, self.output_name = inputs[0], outputs[0]
         self.input_dtype = numpy_dtype(self.engine.get_tensor_dtype(self.input_name))
         self.output_dtype = numpy_dtype(self.engine.get_tensor_dtype(self.output_name))
-        lo, _opt, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
-        self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
-        self.frame_range = (int(lo[1]), int(hi[1]))
-        self.chw = tuple(int(d) for d in hi[2:])
-        out_dims = [int(d) for d in self.engine.get_tensor_shape(self.output_name)]
-        self.feature_dim = out_dims[-1]
+        lo, _opt, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))
+        if len(hi) != 5:
+            raise PipelineError(f"{self.engine_path}: input '{self.input_name}' has rank {len(hi)}; expected "
+                                "[batch, frames, 3, H, W]: rebuild it from export_onnx.py's ONNX")
+        self.min_batch, self.max_batch = lo[0], hi[0]
+        self.frame_range = (lo[1], hi[1])
+        self.chw = hi[2:]
+        self.feature_dim = check_output_dims(self.engine.get_tensor_shape(self.output_name), self.engine_path,
+                                             self.output_name)
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise PipelineError(f"TensorRT could not create an execution context for {self.engine_path} "
@@ -238,12 +299,15 @@ class TensorRTRunner:
         """Run all rows of a [B, T, C, H, W] batch; fill(dst, start, stop) writes rows [start, stop) into dst,
         a view of the pinned input buffer in the engine's dtype."""
         out = np.empty((shape[0], self.feature_dim), np.float32)
-        self.context_cuda.push()
-        try:
-            for chunk in plan_batches(shape[0], self.min_batch, self.max_batch):
-                out[chunk.start:chunk.stop] = self._run(chunk, shape[1], fill)
-        finally:
-            self.context_cuda.pop()
+        with self._lock:
+            if self.context_cuda is None:
+                raise PipelineError(f"the TensorRT runner of {self.engine_path} is closed")
+            self.context_cuda.push()
+            try:
+                for chunk in plan_batches(shape[0], self.min_batch, self.max_batch):
+                    out[chunk.start:chunk.stop] = self._run(chunk, shape[1], fill)
+            finally:
+                self.context_cuda.pop()
         return out
 
     def _run(self, chunk: Chunk, n_frames: int, fill) -> np.ndarray:
@@ -257,6 +321,10 @@ class TensorRTRunner:
         if not self.context.set_input_shape(self.input_name, shape):
             raise PipelineError(f"the engine refused input shape {shape}: profile is batch {self.min_batch}.."
                                 f"{self.max_batch}, frames {self.frame_range[0]}..{self.frame_range[1]}")
+        out_shape = tuple(int(d) for d in self.context.get_tensor_shape(self.output_name))
+        if out_shape != (run_batch, self.feature_dim):  # the buffer holds [max_batch, D]
+            raise PipelineError(f"for input {shape} the engine's output '{self.output_name}' is {list(out_shape)}, "
+                                f"not [{run_batch}, {self.feature_dim}]: rebuild it from export_onnx.py's ONNX")
         self.cuda.memcpy_htod_async(self.device_in, host_in, self.stream)
         if not self.context.execute_async_v3(self.stream.handle):
             raise PipelineError(f"TensorRT execution failed for shape {shape} (see its log above)")
@@ -265,16 +333,25 @@ class TensorRTRunner:
         self.stream.synchronize()
         return host_out[:rows].astype(np.float32)
 
-    def close(self) -> None:
-        """Free the engine and its buffers in the primary context."""
-        if getattr(self, "context_cuda", None) is None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Free the engine and its buffers in the primary context, once an inference call still running in
+        another thread has returned (waits up to `timeout` s; past that they are left to the process exit
+        rather than freed under a running engine)."""
+        if not self._lock.acquire(timeout=timeout):
+            log.warning("TensorRT inference still running after %gs: its engine and buffers are left to the "
+                        "process exit", timeout)
             return
-        self.context_cuda.push()
         try:
-            for attr in ("context", "engine", "runtime", "device_in", "device_out", "host_in", "host_out", "stream"):
-                if hasattr(self, attr):
-                    delattr(self, attr)
+            if self.context_cuda is None:
+                return
+            self.context_cuda.push()
+            try:
+                for attr in ("context", "engine", "runtime", "device_in", "device_out", "host_in", "host_out",
+                             "stream"):
+                    if hasattr(self, attr):
+                        delattr(self, attr)
+            finally:
+                self.context_cuda.pop()
+                self.context_cuda = None  # the primary context itself stays retained for the process
         finally:
-            self.context_cuda.pop()
-            self.context_cuda.detach()
-            self.context_cuda = None
+            self._lock.release()

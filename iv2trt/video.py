@@ -3,7 +3,9 @@
 A clip is T frames (uint8 RGB [T, H, W, 3]) sampled from the whole video or from one window of it.
 Frame timestamps come from a demux-only pass over the packets (cheap: nothing is decoded), so
 frame counts never rely on container headers and variable frame rate works (pts * time_base).
-Needed frames are then decoded by seeking to the keyframe before them when that skips work.
+Needed frames are then decoded by seeking to the keyframe before them when that skips work, and
+non-reference frames no clip needs are not decoded at all; decoding stops after the last needed frame.
+`VideoProbe` (the demux pass) and the clip plan are shared with the GPU decoder (nvdec.py).
 Images are one-frame clips; a folder of images is a video (frames in name order).
 """
 from __future__ import annotations
@@ -122,25 +124,30 @@ def _stream_rotation(stream) -> float:
         return 0.0
 
 
-class _Assembler:
-    """Collects decoded frames and yields each clip as soon as all of its frames are there (memory flat)."""
+class ClipAssembler:
+    """Collects decoded frames and yields each clip as soon as all of its frames are there (memory flat).
+    `stack` joins a clip's frames (np.stack here; torch.stack for frames on the GPU)."""
 
-    def __init__(self, plan):
-        self.plan = plan
+    def __init__(self, plan, stack=np.stack):
+        self.plan, self.stack = plan, stack
         self.next_clip = 0
         self.frames: dict[int, np.ndarray] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.next_clip == len(self.plan)
 
     def add(self, index: int, rgb: np.ndarray) -> Iterator[Clip]:
         self.frames[index] = rgb
         while self.next_clip < len(self.plan) and all(i in self.frames for i in self.plan[self.next_clip][0]):
             idx, t0, t1 = self.plan[self.next_clip]
             self.next_clip += 1
-            yield Clip(np.stack([self.frames[i] for i in idx]), idx, t0, t1)
+            yield Clip(self.stack([self.frames[i] for i in idx]), idx, t0, t1)
             keep = min((min(p[0]) for p in self.plan[self.next_clip:]), default=None)
             self.frames = {i: f for i, f in self.frames.items() if keep is not None and i >= keep}
 
     def needed(self) -> list[int]:
-        return sorted({i for p in self.plan for i in p[0]})
+        return needed_frames(self.plan)
 
 
 def _open(path: str):
@@ -161,8 +168,51 @@ def _open(path: str):
     return container
 
 
-def _scan(container, stream) -> tuple[list[int | None], list[int]]:
-    """pts of every video packet (presentation order not guaranteed) and of keyframes, without decoding."""
+@dataclass
+class VideoProbe:
+    """What a demux-only pass (nothing decoded) learns of a video stream: enough to plan its reads on either
+    decoder (PyAV here, NVDEC in nvdec.py), so both read the same frames for the same clips."""
+
+    codec: str
+    container: str                   # the demuxer's name(s), e.g. "mov,mp4,m4a,3gp,3g2,mj2"
+    pix_fmt: str | None
+    width: int
+    height: int
+    colorspace: int
+    color_range: int
+    time_base: float | None
+    rate: float | None
+    packet_pts: list[int | None]    # every video packet, in decode order
+    keyframes: list[int]             # pts of keyframe packets, sorted
+
+    @property
+    def seekable(self) -> bool:
+        """Timestamps identify every frame: frames can be found by pts after a seek."""
+        pts = self.packet_pts
+        return (bool(self.time_base) and len(pts) > 1 and all(p is not None for p in pts)
+                and len(set(pts)) == len(pts))
+
+    @property
+    def pts(self) -> list[int]:
+        """Frame timestamps in presentation order (frame i of the plans has pts[i]); needs `seekable`."""
+        return sorted(self.packet_pts)
+
+    def plan(self, w: Windowing) -> list[tuple[list[int], float, float]]:
+        """The clips of this video (frame indices in presentation order, window start and end in seconds),
+        from the frames' timestamps (variable frame rate works)."""
+        pts = self.pts
+        times = (np.asarray(pts, np.float64) - pts[0]) * self.time_base
+        return plan_clips(times, _duration(times, self.rate), w)
+
+    def plan_by_count(self, w: Windowing) -> list[tuple[list[int], float, float]]:
+        """The clips when timestamps cannot be trusted: frame i at i / frame rate."""
+        rate = self.rate or FOLDER_FPS
+        count = len(self.packet_pts)
+        return plan_clips(np.arange(count) / rate, count / rate, w)
+
+
+def probe_stream(container, stream) -> VideoProbe:
+    """Scan the packets of `stream` (demux only) and read its format and colour metadata."""
     pts, keys = [], []
     for packet in container.demux(stream):
         if packet.size == 0:  # flush packet
@@ -170,7 +220,40 @@ def _scan(container, stream) -> tuple[list[int | None], list[int]]:
         pts.append(packet.pts)
         if packet.is_keyframe and packet.pts is not None:
             keys.append(packet.pts)
-    return pts, sorted(keys)
+    cc = stream.codec_context
+    rate = stream.average_rate
+    return VideoProbe(codec=cc.name, container=container.format.name, pix_fmt=cc.pix_fmt, width=cc.width, height=cc.height,
+                      colorspace=int(cc.colorspace or 2), color_range=int(cc.color_range or 0),
+                      time_base=float(stream.time_base) if stream.time_base else None,
+                      rate=float(rate) if rate else None, packet_pts=pts, keyframes=sorted(keys))
+
+
+def probe_video(path: str) -> tuple[VideoProbe, float]:
+    """(probe, counter-clockwise rotation in degrees) of a video file, for a decoder other than PyAV. The
+    rotation of the display matrix is only attached to decoded frames, so the first frame is decoded
+    (one keyframe, on the CPU). Raises DecodeError."""
+    import av
+
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        try:
+            probe = probe_stream(container, stream)
+            if not probe.packet_pts:
+                raise DecodeError("no video frames")
+            container.seek(min(probe.keyframes or [0]), stream=stream, backward=True)
+            first = next(container.decode(stream), None)
+        except av.FFmpegError as exc:
+            raise DecodeError(f"unreadable stream ({exc})") from None
+        rotation = (first.rotation if first is not None else 0) or _stream_rotation(stream)
+        return probe, float(rotation)
+    finally:
+        container.close()
+
+
+def needed_frames(plan) -> list[int]:
+    """Every frame index some clip of `plan` takes, sorted."""
+    return sorted({i for idx, _, _ in plan for i in idx})
 
 
 def read_video_clips(path: str, w: Windowing) -> Iterator[Clip]:
@@ -182,17 +265,15 @@ def read_video_clips(path: str, w: Windowing) -> Iterator[Clip]:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
-            packet_pts, keyframes = _scan(container, stream)
+            probe = probe_stream(container, stream)
         except av.FFmpegError as exc:
             raise DecodeError(f"unreadable stream ({exc})") from None
-        if not packet_pts:
+        if not probe.packet_pts:
             raise DecodeError("no video frames")
-        tb = float(stream.time_base) if stream.time_base else None
-        seekable = len(packet_pts) > 1 and all(p is not None for p in packet_pts)
-        if tb and seekable and len(set(packet_pts)) == len(packet_pts):
+        if probe.seekable:
             yielded = 0
             try:
-                for clip in _clips_by_pts(container, stream, sorted(packet_pts), keyframes, tb, w):
+                for clip in _clips_by_pts(container, stream, probe, w):
                     yielded += 1
                     yield clip
                 return
@@ -204,7 +285,7 @@ def read_video_clips(path: str, w: Windowing) -> Iterator[Clip]:
         container = _open(path)
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        yield from _clips_sequential(container, stream, len(packet_pts), w)
+        yield from _clips_sequential(container, stream, probe, w)
     except av.FFmpegError as exc:
         raise DecodeError(f"decoding failed ({exc.__class__.__name__}: {exc})") from None
     finally:
@@ -216,36 +297,51 @@ def _duration(times: np.ndarray, rate_fps: float | None) -> float:
     return float(times[-1] + step)
 
 
-def _clips_by_pts(container, stream, pts: list[int], keyframes: list[int], tb: float, w: Windowing):
-    times = (np.asarray(pts, np.float64) - pts[0]) * tb
-    rate = float(stream.average_rate) if stream.average_rate else None
-    asm = _Assembler(plan_clips(times, _duration(times, rate), w))
+def _decode_needed(container, stream, needed_pts: set[int], skip_unneeded: bool):
+    """Frames from the current position on. With `skip_unneeded`, non-reference frames no clip needs are not
+    decoded at all (FFmpeg's skip_frame=NONREF, set per packet): nothing refers to them, so every other frame
+    decodes the same."""
+    cc = stream.codec_context
+    cc.skip_frame = "DEFAULT"
+    for packet in container.demux(stream):
+        if skip_unneeded and packet.pts is not None:
+            cc.skip_frame = "DEFAULT" if packet.pts in needed_pts else "NONREF"
+        yield from cc.decode(packet)
+
+
+def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, skip_unneeded: bool = True):
+    pts = probe.pts
+    asm = ClipAssembler(probe.plan(w))
     index_of = {p: i for i, p in enumerate(pts)}
-    key_index = sorted(index_of[k] for k in keyframes if k in index_of)
+    key_index = sorted(index_of[k] for k in probe.keyframes if k in index_of)
+    needed = asm.needed()
+    needed_pts = {pts[i] for i in needed}
     rotation = _stream_rotation(stream)
     frames_iter, cur_i, cur_frame = None, -1, None
-    for target in asm.needed():
-        k = bisect.bisect_right(key_index, target) - 1
-        keyframe = key_index[k] if k >= 0 else 0
-        if frames_iter is None or keyframe > cur_i:  # a keyframe lies ahead: seeking skips decoding work
-            container.seek(pts[keyframe], stream=stream, backward=True)
-            frames_iter, cur_i, cur_frame = container.decode(stream), -1, None
-        while cur_i < target:
-            frame = next(frames_iter, None)
-            if frame is None:
-                raise DecodeError(f"truncated: frame {target} of {len(pts)} could not be decoded")
-            if frame.pts in index_of:
-                cur_i, cur_frame = index_of[frame.pts], frame
+    for target in needed:
+        while True:
+            k = bisect.bisect_right(key_index, target) - 1
+            keyframe = key_index[k] if k >= 0 else 0
+            if frames_iter is None or keyframe > cur_i:  # a keyframe lies ahead: seeking skips decoding work
+                container.seek(pts[keyframe], stream=stream, backward=True)
+                frames_iter, cur_i, cur_frame = _decode_needed(container, stream, needed_pts, skip_unneeded), -1, None
+            while cur_i < target:
+                frame = next(frames_iter, None)
+                if frame is None:
+                    raise DecodeError(f"truncated: frame {target} of {len(pts)} could not be decoded")
+                if frame.pts in index_of:
+                    cur_i, cur_frame = index_of[frame.pts], frame
+            if cur_i > target and skip_unneeded:  # a needed frame did not come out: decode again, skipping nothing
+                skip_unneeded, frames_iter = False, None
+                continue
+            break
         # cur_i > target only when the decoder never output `target`: the next frame stands in
         yield from asm.add(target, _rotate(cur_frame.to_ndarray(format="rgb24"), cur_frame.rotation or rotation))
 
 
-def _clips_sequential(container, stream, packet_count: int, w: Windowing):
+def _clips_sequential(container, stream, probe: VideoProbe, w: Windowing):
     """Streams whose packets lack timestamps: decode everything once, frame numbers by order."""
-    rate = float(stream.average_rate or 0) or FOLDER_FPS
-    times = np.arange(packet_count) / rate
-    plan = plan_clips(times, packet_count / rate, w)
-    asm = _Assembler(plan)
+    asm = ClipAssembler(probe.plan_by_count(w))
     needed = set(asm.needed())
     rotation = _stream_rotation(stream)
     last = None

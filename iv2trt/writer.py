@@ -3,13 +3,15 @@
 Layout of an output directory:
   job.json                     settings that decide the features (checked when resuming)
   shards/shard-00000.npy       float16/float32 [N, D], L2-normalised (absent with per_video_npy)
-  shards/shard-00000.parquet   one row per feature row: video, id, clip, window, frame indices, file, file_row
+  shards/shard-00000.parquet   one row per feature row: row (global), video, id, clip, window, frame indices,
+                               file, file_row
   videos/<id>.npy              with per_video_npy: [clips, D] per video
   failures.jsonl               inputs that could not be read in the last run: path, id, reason
-  summary.json                 counts and speeds of the last run
+  summary.json                 counts and speeds of the last run, and the directory's totals
 
 A shard holds whole videos only and its manifest is written last (atomically), so a video is
 finished exactly when a committed manifest names it: a run killed at any moment resumes cleanly.
+Reading it back is results.py's job (`iv2trt.load_features`).
 """
 from __future__ import annotations
 
@@ -23,44 +25,14 @@ import numpy as np
 
 from .errors import PipelineError
 from .fileio import atomic_path, write_text_atomic
+from .results import SHARD_DIR, finished_ids, load_features, manifest_paths  # noqa: F401 (load_features re-exported)
 
 log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
-SHARD_DIR = "shards"
 VIDEO_DIR = "videos"
 FAILURES_FILE = "failures.jsonl"
 SUMMARY_FILE = "summary.json"
-
-
-def _manifest_paths(out_dir: Path) -> list[Path]:
-    return sorted((out_dir / SHARD_DIR).glob("shard-*.parquet"))
-
-
-def read_manifest(out_dir: str | Path):
-    """All committed manifest rows (a pyarrow Table, shards in order); empty Table when none."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = [pq.read_table(p) for p in _manifest_paths(Path(out_dir))]
-    return pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string())})
-
-
-def finished_ids(out_dir: str | Path) -> set[str]:
-    return set(read_manifest(out_dir).column("id").to_pylist())
-
-
-def load_features(out_dir: str | Path) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Every committed feature row with its manifest row, in shard order."""
-    out_dir = Path(out_dir)
-    rows = read_manifest(out_dir).to_pylist()
-    cache: dict[str, np.ndarray] = {}
-    feats = []
-    for row in rows:
-        if row["file"] not in cache:
-            cache[row["file"]] = np.load(out_dir / row["file"], mmap_mode="r")
-        feats.append(np.asarray(cache[row["file"]][row["file_row"]]))
-    return (np.stack(feats) if feats else np.zeros((0, 0), np.float32)), rows
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -106,13 +78,16 @@ class FeatureWriter:
 
     def __init__(self, out_dir: str | Path, dtype: str = "float16", shard_size: int = 4096,
                  per_video_npy: bool = False):
+        import pyarrow.parquet as pq
+
         self.out_dir = Path(out_dir)
         self.dtype = np.dtype(dtype)
         self.shard_size = shard_size
         self.per_video_npy = per_video_npy
         (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        manifests = _manifest_paths(self.out_dir)
+        manifests = manifest_paths(self.out_dir)
         self.next_shard = int(manifests[-1].stem.split("-")[1]) + 1 if manifests else 0
+        self.next_row = sum(pq.read_metadata(p).num_rows for p in manifests)  # rows are numbered across shards
         for npy in (self.out_dir / SHARD_DIR).glob("shard-*.npy"):  # features whose manifest never landed
             if not npy.with_suffix(".parquet").exists():
                 npy.unlink()
@@ -160,11 +135,12 @@ class FeatureWriter:
                             ("clip", pa.int32()), ("num_clips", pa.int32()), ("window_start_s", pa.float64()),
                             ("window_end_s", pa.float64()), ("frame_indices", pa.list_(pa.int32())),
                             ("file", pa.string()), ("file_row", pa.int64())])
-        table = pa.Table.from_pylist([{"row": i, **r} for i, r in enumerate(rows)], schema)
+        table = pa.Table.from_pylist([{"row": self.next_row + i, **r} for i, r in enumerate(rows)], schema)
         with atomic_path(self.out_dir / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)
         log.debug("committed %s (%d rows)", name, len(rows))
         self.next_shard += numbered
+        self.next_row += len(rows)
         self.pending, self.pending_rows = [], 0
 
 

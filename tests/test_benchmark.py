@@ -75,6 +75,7 @@ def test_writers_and_targets(tmp_path):
     results = _fake_results()
     results["targets"] = targets(results)
     assert results["targets"][0]["status"] == "met"
+    assert results["targets"][1]["status"] == "MISSED" and "1066.7 clips/s" in results["targets"][1]["detail"]
     paths = write_results(results, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["encoder"]["rows"][0]["clips_per_s"] == 1066.7
     md = paths["md"].read_text()
@@ -101,3 +102,28 @@ def test_tiny_run_end_to_end_on_cpu(tmp_path, tiny_model, tiny_onnx):
     results["targets"] = targets(results)
     paths = write_results(results, tmp_path)
     assert all(p.is_file() and p.stat().st_size for p in paths.values()) and len(paths) == 3
+
+
+def test_pipeline_benchmark_on_cpu(tmp_path, tiny_onnx):
+    """The pipeline part end to end on tiny videos: decode ceilings and end-to-end runs per decoder (CPU only
+    here), targets, and the stage-throughput chart."""
+    from iv2trt.bench_pipeline import run_pipeline, write_test_video
+    from iv2trt.runners import OnnxRuntimeRunner
+    from iv2trt.video import Windowing
+
+    spec = {"width": 64, "height": 48, "fps": 10, "seconds": 2, "codec": "libx264", "gop": None, "preset": "medium",
+            "crf": 23}
+    paths = [write_test_video(tmp_path / f"v{i}.mp4", i, spec) for i in range(3)]
+    runner = OnnxRuntimeRunner(tiny_onnx["fp32"])
+    pipe = run_pipeline(runner, "onnxruntime-cpu", 100.0, 0.02, paths, Windowing(4, 1.0), 56, 2, [1, 2], 2, 2)
+    runs = pipe["decoder_runs"]
+    assert runs["decoders"] == ["cpu"] and runs["nvdec_unavailable"]
+    assert runs["end_to_end"]["cpu"]["clips"] == runs["decode_ceiling"]["cpu"]["clips"] == 6  # 3 videos x 2 windows
+    assert runs["end_to_end"]["cpu"]["decoders"]["cpu"]["workers"] == 2
+    pipe["encoder_only_timing"] = "host"  # set by benchmark.py around run_pipeline
+    results = {"machine": _fake_results()["machine"], "variant": "tiny", "pipeline": pipe}
+    results["targets"] = targets(results)
+    assert any(t["name"] == "GPU decode targets" and t["status"] == "not measured" for t in results["targets"])
+    out = write_results(results, tmp_path / "res")
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| cpu |" in out["md"].read_text()

@@ -59,6 +59,7 @@ def test_s14_engine_builds_with_metadata(s14_onnx, tmp_path, precision, capsys):
     assert not meta["onnx"]["converted_to_fp16"]
     assert meta["build"]["seconds"] > 0 and meta["engine_bytes"] == engine.stat().st_size
     assert not cache.exists()  # timing caches are no-ops in TensorRT-RTX: skipped, not written
+    assert meta["build"]["timing_cache"] is None  # and the .json says so
     assert leftovers(tmp_path) == sorted([engine.name, engine.name + ".json"])
     print(f"S/14 {precision} build: {meta['build']['seconds']:.1f}s, {meta['engine_bytes'] / 1e6:.1f} MB")
 
@@ -181,9 +182,9 @@ def test_missing_backend_names_the_pip_package(monkeypatch):
         return real(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", fake)
-    with pytest.raises(BackendUnavailable, match="pip install tensorrt or pip install tensorrt-rtx-cu13"):
+    with pytest.raises(BackendUnavailable, match="pip install tensorrt-cu12 or pip install tensorrt-rtx-cu13"):
         import_tensorrt("auto")
-    with pytest.raises(BackendUnavailable, match="pip install tensorrt$"):
+    with pytest.raises(BackendUnavailable, match="pip install tensorrt-cu12$"):
         import_tensorrt("tensorrt")
 
 
@@ -206,3 +207,140 @@ def test_read_onnx_info(tiny_onnx):
     got = read_onnx_info(tiny_onnx["fp32"])
     assert got.input_dims == ("batch", "frames", 3, 56, 56) and got.precision == "fp32"
     assert (got.max_batch, got.max_frames) == (8, 16)
+
+
+# ---------------------------------------------------------------- a GPU host's first build (fakes on CPU)
+
+def _unstartable_tensorrt() -> TensorRT:
+    """Full TensorRT whose Builder cannot start CUDA, as pybind11 reports it."""
+    def builder(logger):
+        raise TypeError("pybind11::init(): factory function returned nullptr")
+
+    module = types.SimpleNamespace(__version__="10.13.0.35", Builder=builder,
+                                   Logger=type("Logger", (), {"WARNING": 2, "INFO": 3, "__init__": lambda s, v: None}))
+    return TensorRT(module, "tensorrt")
+
+
+@pytest.fixture
+def tensorrt_cannot_start(monkeypatch):
+    from iv2trt import cuda_env, engine_build
+
+    real = engine_build.import_tensorrt
+    monkeypatch.setattr(engine_build, "import_tensorrt",
+                        lambda backend="auto": _unstartable_tensorrt() if backend == "tensorrt" else real(backend))
+    monkeypatch.setattr(cuda_env, "driver_cuda_version", lambda: None)
+
+
+def test_tensorrt_that_cannot_start_is_exit_4(tensorrt_cannot_start, tiny_onnx, tmp_path, capsys):
+    assert build(tiny_onnx["fp16"], tmp_path / "x.engine", "--backend", "tensorrt", "--max", "4x8", "--opt",
+                 "2x4") == 4
+    err = capsys.readouterr().err
+    assert "tensorrt 10.13.0.35 could not start CUDA" in err and "Traceback" not in err
+    assert leftovers(tmp_path) == []
+
+
+def test_auto_build_falls_back_to_rtx_when_tensorrt_cannot_start(tensorrt_cannot_start, caplog):
+    from iv2trt.engine_build import start_builder
+
+    trt, _logger, builder = start_builder("auto")
+    assert trt.flavour == "tensorrt-rtx" and builder is not None
+    assert "could not start CUDA" in caplog.text and "building with tensorrt-rtx" in caplog.text
+
+
+def test_builder_is_not_started_on_a_driver_too_old_for_the_wheel(monkeypatch):
+    from iv2trt import cuda_env
+    from iv2trt.engine_build import create_builder
+
+    started = []
+    module = types.SimpleNamespace(__version__="11.4.0.106", Builder=lambda logger: started.append(1))
+    monkeypatch.setattr(cuda_env, "driver_cuda_version", lambda: (12, 4))
+    monkeypatch.setattr(cuda_env, "wheel_cuda", lambda flavour: ("tensorrt-cu13", 13))
+    with pytest.raises(BackendUnavailable, match=r"driver supports CUDA up to 12.4, but tensorrt-cu13 .*r580 or "
+                                                 r"newer.*pip install tensorrt-cu12"):
+        create_builder(TensorRT(module, "tensorrt"), None)
+    assert started == []
+    monkeypatch.setattr(cuda_env, "driver_cuda_version", lambda: (13, 0))
+    create_builder(TensorRT(module, "tensorrt"), None)
+    assert started == [1]
+
+
+def test_wheel_cuda_reads_the_installed_distributions(monkeypatch):
+    import importlib.metadata
+
+    from iv2trt.cuda_env import wheel_cuda
+
+    dists = [types.SimpleNamespace(metadata={"Name": n}) for n in
+             ("numpy", "tensorrt", "tensorrt_cu13", "tensorrt_cu13_libs", "tensorrt-rtx-cu12")]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: dists)
+    assert wheel_cuda("tensorrt") == ("tensorrt-cu13", 13)
+    assert wheel_cuda("tensorrt-rtx") == ("tensorrt-rtx-cu12", 12)
+
+
+def test_requirements_pick_the_tensorrt_wheel_for_current_drivers():
+    """The bare `tensorrt` package is the CUDA 13 build (driver r580+); the file must name its CUDA."""
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements-gpu.txt").read_text().splitlines()]
+    tensorrt = [line for line in lines if line.startswith("tensorrt")]
+    assert tensorrt and all(line.startswith("tensorrt-cu12") for line in tensorrt), tensorrt
+    assert "r580" in (ROOT / "requirements-gpu.txt").read_text()
+
+
+def test_build_gpu_is_named_through_pycuda_when_torch_knows_none(monkeypatch):
+    """A CPU-only torch knows no GPU; pycuda (or libcuda) does. Full TensorRT never records "none"."""
+    import sys
+
+    from iv2trt import cuda_env
+    from iv2trt.engine_build import build_gpu
+    from fake_tensorrt import FakeCuda
+
+    monkeypatch.setattr(cuda_env, "_libcuda", lambda: None)  # no driver library reachable here
+    monkeypatch.setitem(sys.modules, "pycuda", None)  # nor pycuda (even on a GPU machine)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
+    full, rtx = TensorRT(types.SimpleNamespace(), "tensorrt"), TensorRT(types.SimpleNamespace(), "tensorrt-rtx")
+    with pytest.raises(BackendUnavailable, match="could name the GPU"):
+        build_gpu(full)
+    assert build_gpu(rtx) == {"name": "none", "compute_capability": "none"}  # RTX builds on CPUs
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = FakeCuda()
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", pycuda.driver)
+    assert build_gpu(full) == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
+class FakeTimingConfig:
+    """IBuilderConfig's timing cache calls; caches made on "another GPU" are refused by set_timing_cache."""
+
+    def __init__(self):
+        self.attached = None
+
+    def create_timing_cache(self, data):
+        return types.SimpleNamespace(data=bytes(data), serialize=lambda: bytes(data) + b"+timings of this build")
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache.data.startswith(b"other gpu") and not ignore_mismatch:
+            return False
+        self.attached = cache
+        return True
+
+    def get_timing_cache(self):
+        return self.attached
+
+
+def test_foreign_timing_cache_is_replaced_not_kept_forever(tmp_path, caplog):
+    from iv2trt.engine_build import load_timing_cache, save_timing_cache
+
+    trt = TensorRT(types.SimpleNamespace(__version__="10.13.0.35"), "tensorrt")
+    path = tmp_path / "timing.cache"
+    path.write_bytes(b"other gpu's timings")
+    config = FakeTimingConfig()
+    assert load_timing_cache(trt, config, path) == path
+    assert config.attached.data == b"" and "starting a fresh one" in caplog.text
+    save_timing_cache(config, path)
+    assert path.read_bytes() == b"+timings of this build"
+    config = FakeTimingConfig()  # the next build reads it back
+    assert load_timing_cache(trt, config, path) == path and config.attached.data == b"+timings of this build"
+
+
+def test_negative_workspace_is_refused(tiny_onnx, tmp_path, capsys):
+    assert build(tiny_onnx["fp16"], tmp_path / "x.engine", "--workspace-gb", "-1") == 2
+    assert "--workspace-gb must be 0 (no limit) or a positive size in GiB, got -1" in capsys.readouterr().err
+    assert leftovers(tmp_path) == []

@@ -121,3 +121,49 @@ def test_export_refuses_ranges_it_cannot_serve_or_validate(tmp_path, args, messa
     out = tmp_path / "x.onnx"
     assert run_main(export_cmd.main, ["--random-init", "--output", str(out), *args]) == 2
     assert message in capfd.readouterr().err and not out.exists()
+
+
+# ---------------------------------------------------------------- bad input is exit 2 with a message, never a traceback
+
+@pytest.mark.parametrize("args, message", [
+    (["--opset", "5"], "--opset 5: the exporter writes opsets 18.."),
+    (["--opset", "17"], "--opset 17: the exporter writes opsets 18.."),
+    (["--variant", "s15"], "unknown model variant 's15': pass --variant with one of ['internvideo2_clip_b14'"),
+])
+def test_values_the_exporter_would_ignore_or_crash_on_are_refused(tmp_path, args, message, capfd):
+    from iv2trt.cli import run_main
+
+    out = tmp_path / "x.onnx"
+    assert run_main(export_cmd.main, ["--random-init", "--output", str(out), *args]) == 2
+    err = capfd.readouterr().err
+    assert message in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("name, codec, what", [("clip.avi", "mpeg4", "an AVI/WAV file"),
+                                               ("clip.mp4", "libx264", "an MP4/MOV video")])
+def test_a_video_given_as_checkpoint_is_bad_input(tmp_path, name, codec, what, capfd):
+    from iv2trt.cli import run_main
+    from iv2trt.samples import pattern_frames, write_video
+
+    video = write_video(tmp_path / name, pattern_frames(3, 32, 32, seed=0), codec=codec)
+    assert run_main(export_cmd.main, ["--checkpoint", str(video), "--output", str(tmp_path / "x.onnx")]) == 2
+    err = capfd.readouterr().err
+    assert f"{video} is not a checkpoint but {what}" in err and "Traceback" not in err
+
+
+def test_random_init_with_a_checkpoint_is_refused_without_contradiction(tmp_path, capfd):
+    from iv2trt.cli import run_main
+
+    argv = ["--random-init", "--checkpoint", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "x.onnx")]
+    assert run_main(export_cmd.main, argv) == 2
+    err = capfd.readouterr().err
+    assert "--random-init and --checkpoint" in err and "exclude each other" in err
+    assert "pass --random-init" not in err  # the old message told a user who had passed it to pass it
+
+
+def test_missing_checkpoint_names_the_working_directory(tmp_path, capfd, monkeypatch):
+    from iv2trt.cli import run_main
+
+    monkeypatch.chdir(tmp_path)
+    assert run_main(export_cmd.main, ["--checkpoint", "weights/s14.pth", "--output", "x.onnx"]) == 2
+    assert f"weights/s14.pth (relative to the working directory {tmp_path})" in capfd.readouterr().err

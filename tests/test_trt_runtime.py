@@ -25,7 +25,7 @@ def _gpu_stack_available() -> bool:
         return False
 
 
-GPU_REASON = "needs an NVIDIA GPU with TensorRT (pip install tensorrt) and pycuda"
+GPU_REASON = "needs an NVIDIA GPU with TensorRT and pycuda (pip install -r requirements-gpu.txt)"
 needs_gpu = pytest.mark.skipif(not _gpu_stack_available(), reason=GPU_REASON)
 
 META = {"tensorrt": {"flavour": "tensorrt", "module": "tensorrt", "version": "10.13.0.35"},
@@ -201,3 +201,188 @@ def test_metadata_of_another_engine_file_is_refused(tmp_path):
     meta["engine_sha256"] = hashlib.sha256(b"plan-v2").hexdigest()
     (tmp_path / "x.engine.json").write_text(json.dumps(meta))
     assert load_engine_metadata(engine)["precision"] == "fp16"
+
+
+# ---------------------------------------------------------------- the runner on fake TensorRT + pycuda (CPU)
+
+from fake_tensorrt import (CHW, FakeCuda, FakeEngine, expected_features, fake_tensorrt,  # noqa: E402
+                           install, write_engine)
+
+
+def _frames(batch, frames=4, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, frames, *CHW)).astype(np.float32)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """(cuda, trt module, engine path) with TensorRTRunner wired to them."""
+    cuda = FakeCuda()
+    module = fake_tensorrt(cuda)
+    install(monkeypatch, cuda, module)
+    return cuda, module, write_engine(tmp_path)
+
+
+def test_fake_runner_computes_through_pinned_buffers(fake_gpu):
+    cuda, module, engine = fake_gpu
+    runner = TensorRTRunner(engine)
+    x = _frames(6)  # 6 > max batch 4: two engine calls
+    np.testing.assert_allclose(runner.infer(x), expected_features(x.astype(np.float16)), rtol=2e-3, atol=1e-3)
+    runner.close()
+
+
+def test_plugins_are_registered_before_deserialising(fake_gpu):
+    cuda, module, engine = fake_gpu
+    TensorRTRunner(engine).close()
+    assert module.calls == ["Runtime", "init_libnvinfer_plugins('')", "deserialize_cuda_engine"]
+
+
+def test_primary_context_is_retained_once_per_process_and_never_left_on_the_stack(fake_gpu):
+    cuda, module, engine = fake_gpu
+    for _ in range(3):
+        runner = TensorRTRunner(engine)
+        runner.infer(_frames(2))
+        runner.close()
+        assert cuda.stack() == []  # nothing left current on this thread
+    assert cuda.retains == 1 and cuda.releases == 0
+
+
+def test_close_waits_for_a_running_engine_call(fake_gpu):
+    """Ctrl-C: the job's inference thread may be inside execute_async_v3 when the runner is closed."""
+    import threading
+    import time
+
+    cuda, module, engine = fake_gpu
+    runner = TensorRTRunner(engine)
+    call = module.engine.contexts[0]
+    call.release.clear()  # the engine call blocks until released
+    results, errors = [], []
+    x = _frames(3)
+
+    def infer():
+        try:
+            results.append(runner.infer(x))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    worker = threading.Thread(target=infer)
+    worker.start()
+    assert call.started.wait(5)
+    closer = threading.Thread(target=runner.close)
+    closer.start()
+    time.sleep(0.3)
+    assert closer.is_alive(), "close() returned while the engine was running"
+    call.release.set()
+    worker.join(5)
+    closer.join(5)
+    assert not cuda.use_after_free and not errors
+    np.testing.assert_allclose(results[0], expected_features(x.astype(np.float16)), rtol=2e-3, atol=1e-3)
+    assert cuda.allocations == set()  # freed once the call had returned
+    with pytest.raises(PipelineError, match="closed"):
+        runner.infer(x)
+
+
+def test_close_gives_up_rather_than_freeing_under_a_stuck_call(fake_gpu, caplog):
+    import threading
+
+    cuda, module, engine = fake_gpu
+    runner = TensorRTRunner(engine)
+    call = module.engine.contexts[0]
+    call.release.clear()
+    worker = threading.Thread(target=runner.infer, args=(_frames(1),))
+    worker.start()
+    assert call.started.wait(5)
+    runner.close(timeout=0.1)
+    assert "left to the process exit" in caplog.text and not cuda.use_after_free
+    call.release.set()
+    worker.join(5)
+    runner.close()
+    assert cuda.allocations == set() and not cuda.use_after_free
+
+
+@pytest.mark.parametrize("output_shape", [(-1, -1), (-1, 4, 6), (-1,)])
+def test_engine_output_must_be_batch_by_fixed_features(monkeypatch, tmp_path, output_shape):
+    cuda = FakeCuda()
+    install(monkeypatch, cuda, fake_tensorrt(cuda, FakeEngine(cuda, output_shape=output_shape)))
+    with pytest.raises(PipelineError, match=r"needs \[batch, features\] with a fixed feature size"):
+        TensorRTRunner(write_engine(tmp_path))
+    assert cuda.stack() == []
+
+
+def test_output_shape_is_checked_after_setting_the_input_shape(monkeypatch, tmp_path):
+    cuda = FakeCuda()
+    engine = FakeEngine(cuda, context_output_shape=lambda shape: (shape[0], 7))  # not what the buffer holds
+    install(monkeypatch, cuda, fake_tensorrt(cuda, engine))
+    runner = TensorRTRunner(write_engine(tmp_path))
+    with pytest.raises(PipelineError, match=r"output 'features' is \[2, 7\], not \[2, 6\]"):
+        runner.infer(_frames(2))
+    assert not cuda.use_after_free
+    runner.close()
+
+
+def test_runtime_that_cannot_start_cuda_is_exit_4(monkeypatch, tmp_path):
+    from iv2trt.errors import BackendUnavailable
+
+    cuda = FakeCuda()
+    install(monkeypatch, cuda, fake_tensorrt(cuda, runtime_starts=False))
+    with pytest.raises(BackendUnavailable, match="could not start CUDA .*factory function returned nullptr") as err:
+        TensorRTRunner(write_engine(tmp_path))
+    assert err.value.exit_code == 4 and cuda.stack() == []
+
+
+def test_driver_older_than_the_wheels_cuda_is_refused_with_the_fix(monkeypatch, tmp_path):
+    from iv2trt import cuda_env
+    from iv2trt.errors import BackendUnavailable
+
+    cuda = FakeCuda()
+    module = fake_tensorrt(cuda)
+    install(monkeypatch, cuda, module)
+    monkeypatch.setattr(cuda_env, "driver_cuda_version", lambda: (12, 8))
+    monkeypatch.setattr(cuda_env, "wheel_cuda", lambda flavour: ("tensorrt-cu13", 13))
+    with pytest.raises(BackendUnavailable, match=r"CUDA up to 12.8, but tensorrt-cu13 is built for CUDA 13 \(driver "
+                                                 r"r580 or newer\).*pip install tensorrt-cu12"):
+        TensorRTRunner(write_engine(tmp_path))
+    assert module.calls == []  # refused before TensorRT was asked to start
+
+
+def test_rtx_engine_on_a_gpu_rtx_does_not_support_asks_for_full_tensorrt(monkeypatch, tmp_path):
+    """H100 (9.0) is not an RTX target: refused up front, with the --backend tensorrt rebuild command."""
+    cuda = FakeCuda()
+    module = fake_tensorrt(cuda, version="1.7.1.116", flavour_module="tensorrt_rtx",
+                           compute_capabilities=["7.5", "8.0", "8.6", "8.9", "12.0", "12.1"])
+    install(monkeypatch, cuda, module, flavour="tensorrt-rtx")
+    engine = write_engine(tmp_path, flavour="tensorrt-rtx", version="1.7.1.116")
+    with pytest.raises(EngineMismatch) as err:
+        TensorRTRunner(engine)
+    message = str(err.value)
+    assert "TensorRT-RTX does not run on this GPU (NVIDIA H100 80GB HBM3, compute capability 9.0" in message
+    assert "needs full TensorRT" in message and "--backend tensorrt" in message and "tensorrt-rtx" not in \
+        message.split("rebuild the engine:")[1]
+    assert module.calls == []  # nothing deserialised
+    cuda.gpu = ("NVIDIA GeForce RTX 4090", (8, 9))  # a supported GPU gets past the check
+    TensorRTRunner(engine).close()
+
+
+def test_rtx_engine_check_is_pure_logic():
+    from iv2trt.errors import BackendUnavailable
+
+    rtx = {**META, "tensorrt": {"flavour": "tensorrt-rtx", "version": "1.7.1.116"}}
+    with pytest.raises(EngineMismatch, match="needs full TensorRT.*--backend tensorrt$"):
+        check_engine_metadata(rtx, "x.engine", "tensorrt-rtx", "1.7.1.116", "NVIDIA B200", "10.0", ["8.9", "12.0"])
+    with pytest.raises(BackendUnavailable, match="built with tensorrt, which is not installed"):
+        check_engine_metadata(META, "x.engine", "tensorrt-rtx", "1.7.1.116", "NVIDIA H100", "9.0", ["8.9"])
+
+
+def test_auto_backend_falls_back_to_onnxruntime_when_tensorrt_cannot_start(monkeypatch, tmp_path, tiny_onnx):
+    from types import SimpleNamespace
+
+    from iv2trt import backends
+
+    cuda = FakeCuda()
+    install(monkeypatch, cuda, fake_tensorrt(cuda, runtime_starts=False))
+    monkeypatch.setattr(backends, "tensorrt_missing", lambda engine: None)  # installed, a GPU, an engine file
+    s = SimpleNamespace(backend="auto", engine=str(write_engine(tmp_path)), onnx=str(tiny_onnx["fp32"]))
+    assert backends.create_runner(s).name == "onnxruntime"
+    from iv2trt.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="could not start CUDA"):
+        backends.create_runner(SimpleNamespace(**{**vars(s), "backend": "tensorrt"}))

@@ -174,13 +174,15 @@ def test_failed_input_rows_are_dropped_from_open_batches():
 
 def _fake_trt_runner(dtype, max_batch=2, min_batch=1):
     """TensorRTRunner's buffer logic without a GPU: the 'engine' returns each row's sum and mean."""
+    import threading
     from types import SimpleNamespace
 
     from iv2trt.trt_runtime import TensorRTRunner
 
     r = object.__new__(TensorRTRunner)
+    r._lock = threading.Lock()
     r.frame_range, r.chw, r.feature_dim = (1, 4), (3, 8, 8), 2
-    r.min_batch, r.max_batch, r.input_name = min_batch, max_batch, "frames"
+    r.min_batch, r.max_batch, r.input_name, r.output_name = min_batch, max_batch, "frames", "features"
     r.device_in = r.device_out = None
     r.host_in = np.empty((max_batch, 4, 3, 8, 8), dtype)
     r.host_out = np.empty((max_batch, 2), np.float32)
@@ -193,7 +195,8 @@ def _fake_trt_runner(dtype, max_batch=2, min_batch=1):
         device["out"] = np.stack([x.sum(1), x.mean(1)], 1).astype(np.float32)
         return True
 
-    r.context = SimpleNamespace(set_input_shape=lambda name, shape: True, execute_async_v3=execute)
+    r.context = SimpleNamespace(set_input_shape=lambda name, shape: device.__setitem__("shape", shape) or True,
+                                get_tensor_shape=lambda name: (device["shape"][0], 2), execute_async_v3=execute)
     r.cuda = SimpleNamespace(memcpy_htod_async=lambda dst, src, stream: device.__setitem__("in", src.copy()),
                              memcpy_dtoh_async=lambda dst, src, stream: dst.__setitem__(slice(None),
                                                                                           device["out"]))

@@ -72,6 +72,29 @@ def test_windows_with_seeking_match_full_decode(tmp_path):
     assert ranges[-1][1] == 250  # the last window reaches the end
 
 
+def test_unneeded_non_reference_frames_are_not_decoded(tmp_path):
+    """B-frames nothing refers to are skipped unless a clip takes them; the clip's frames are unchanged."""
+    from iv2trt import video
+
+    path = write_video(tmp_path / "b.mp4", pattern_frames(60, 48, 64), gop=60)  # libx264: B-frames
+    reference = full_decode(path)
+    decoded = {}
+    original = video._decode_needed
+
+    def counting(container, stream, needed_pts, skip_unneeded):
+        frames = list(original(container, stream, needed_pts, skip_unneeded))
+        decoded[skip_unneeded] = len(frames)
+        return iter(frames)
+
+    video._decode_needed = counting
+    try:
+        clip = next(read_clips(str(path), Windowing(frames=4)))
+    finally:
+        video._decode_needed = original
+    np.testing.assert_array_equal(clip.frames, np.stack([reference[i] for i in clip.indices]))
+    assert decoded == {True: decoded[True]} and decoded[True] < 50  # skipping ran, and skipped frames
+
+
 @pytest.mark.parametrize("rotation", [90, -90, 180])
 def test_rotation_metadata_is_applied(tmp_path, rotation):
     frames = pattern_frames(6, 32, 64)

@@ -1,0 +1,49 @@
+"""What the three stage scripts share: exit codes, and leaving cleanly when interrupted."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# a stage whose worker thread is inside ONNX Runtime (a C++ call) when Ctrl-C reaches the main thread
+INTERRUPTED_DURING_NATIVE_CALL = textwrap.dedent(f"""
+    import sys, threading, time
+    sys.path.insert(0, {str(ROOT)!r})
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from iv2trt.cli import exit_with
+
+    def main(argv):
+        n = 1024
+        weight = numpy_helper.from_array(np.eye(n, dtype=np.float32), "w")
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], [weight])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = np.ones((n, n), np.float32)
+
+        def infer():
+            while True:
+                session.run(None, {{"x": x}})
+
+        threading.Thread(target=infer, daemon=True).start()
+        time.sleep(0.4)
+        raise KeyboardInterrupt
+
+    exit_with(main)
+""")
+
+
+def test_interrupt_while_a_thread_is_in_native_code_exits_130():
+    """Before: interpreter shutdown under the running ONNX Runtime call aborted the process (exit 134,
+    'terminate called without an active exception')."""
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", INTERRUPTED_DURING_NATIVE_CALL], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 130, result.stderr[-2000:]
+        assert "interrupted" in result.stderr and "terminate called" not in result.stderr

@@ -1,0 +1,179 @@
+"""The decode scheduler with a fake NVDEC (no GPU needed): one queue for both paths, fallbacks to the CPU,
+failures with both reasons, timeouts, the --decoder choice, and the run's where-the-time-went summary."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iv2trt import nvdec
+from iv2trt.cli import run_main
+from iv2trt.decoders import DecoderPlan, iter_clips
+from iv2trt.errors import BackendUnavailable
+from iv2trt.infer_cmd import main
+from iv2trt.inputs import discover
+from iv2trt.job import JobOptions, run_job
+from iv2trt.runners import OnnxRuntimeRunner
+from iv2trt.samples import pattern_frames, write_image, write_video
+from iv2trt.video import DecodeError, Windowing
+from iv2trt.writer import FeatureWriter, load_features
+
+RELEASE_HANG = threading.Event()
+
+
+class FakeSession:
+    """Stands in for NvdecSession: decodes with the CPU path's code, in the GPU worker's thread, but refuses
+    files named *nvfail* (as NVDEC refuses a codec), fails mid-file on *nvbreak* (after one clip), and hangs
+    on *nvhang* until released. Records which inputs it decoded."""
+
+    decoded: list[str] = []
+
+    def __init__(self, gpu, windowing, img_size):
+        self.w, self.size = windowing, img_size
+        self.frames_decoded = self.frames_dropped = 0
+
+    def clips(self, kind, path):
+        from iv2trt.inputs import InputItem
+
+        name = Path(path).name
+        if "nvfail" in name:
+            raise nvdec.NvdecUnsupported("fake NVDEC does not take this codec")
+        if "nvhang" in name:
+            RELEASE_HANG.wait(30)
+            raise DecodeError("released")
+        count = 0
+        for info, frames in iter_clips(InputItem(path, name, kind), self.w, self.size):
+            if "nvbreak" in name and count == 1:
+                raise DecodeError("fake NVDEC error mid-stream")
+            count += 1
+            self.frames_decoded += len(info["indices"])
+            yield info, frames, None
+        FakeSession.decoded.append(name)
+
+
+@pytest.fixture
+def fake_nvdec(monkeypatch):
+    monkeypatch.setattr(nvdec, "nvdec_unavailable", lambda gpu=0: None)
+    monkeypatch.setattr(nvdec, "gpu_jpeg_available", lambda: False)
+    monkeypatch.setattr(nvdec, "NvdecSession", FakeSession)
+    monkeypatch.setattr("iv2trt.decoders.torch_device_scope", lambda gpu: _null_scope())
+    FakeSession.decoded = []
+    RELEASE_HANG.clear()
+    yield FakeSession
+    RELEASE_HANG.set()
+
+
+class _null_scope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("dec_inputs")
+    for i in range(6):
+        write_video(root / f"v{i}.mp4", pattern_frames(30 + 3 * i, 48, 64, seed=i), gop=10)
+    write_video(root / "x_nvfail.mp4", pattern_frames(20, 48, 64, seed=11))
+    write_video(root / "y_nvbreak.mp4", pattern_frames(40, 48, 64, seed=12), gop=5)
+    write_image(root / "still.png", pattern_frames(1, 40, 60, seed=13)[0])
+    return root
+
+
+def _run(tmp_path, tiny_onnx, root, decoder, name, timeout=120.0, workers=2, extra=()):
+    items = discover([str(root), *extra])
+    runner = OnnxRuntimeRunner(tiny_onnx["fp32"])
+    out = tmp_path / name
+    writer = FeatureWriter(out, "float32", 1000)
+    options = JobOptions(Windowing(frames=4, window_frames=12), 56, 4, workers, timeout, False, decoder, 3)
+    summary = run_job(items, runner, out, writer, options)
+    feats, rows = load_features(out)
+    return summary, {(r["id"], r["clip"]): f for f, r in zip(feats, rows)}, out
+
+
+def test_auto_uses_both_paths_and_matches_cpu_only(tmp_path, tiny_onnx, inputs, fake_nvdec):
+    cpu_summary, cpu_feats, _ = _run(tmp_path, tiny_onnx, inputs, "cpu", "cpu")
+    summary, feats, out = _run(tmp_path, tiny_onnx, inputs, "auto", "auto")
+    assert summary["failed"] == cpu_summary["failed"] == 0
+    assert feats.keys() == cpu_feats.keys()
+    for key in feats:
+        np.testing.assert_allclose(feats[key], cpu_feats[key], atol=1e-6)
+    d = summary["decoders"]
+    assert d["nvdec"]["inputs"] >= 1 and d["cpu"]["inputs"] >= 1  # both pulled from the queue
+    assert d["nvdec"]["fallbacks_to_cpu"] <= 2                      # nvfail, nvbreak: if the GPU took them
+    assert d["nvdec"]["inputs"] + d["cpu"]["inputs"] == summary["ok"]
+    assert "x_nvfail.mp4" not in fake_nvdec.decoded and "still.png" not in fake_nvdec.decoded
+    assert 0 <= summary["encoder_busy_fraction"] <= 1 and summary["bound_by"]
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["decoders"]["nvdec"]["workers"] == 3 and saved["decoder"] == "auto"
+    assert "cpu" in saved["decoders"] and "clips_per_s" in saved["decoders"]["cpu"]
+
+
+def test_nvdec_mode_sends_only_what_the_gpu_cannot_take_to_the_cpu(tmp_path, tiny_onnx, inputs, fake_nvdec):
+    summary, feats, _ = _run(tmp_path, tiny_onnx, inputs, "nvdec", "nvdec")
+    assert summary["failed"] == 0
+    d = summary["decoders"]
+    # every video the fake takes was decoded there; the CPU only did the image and the two fallbacks
+    assert d["cpu"]["inputs"] == 3 and d["nvdec"]["inputs"] == 6
+    assert d["nvdec"]["fallbacks_to_cpu"] == 2  # nvfail refused, nvbreak failed after its first clip
+    assert sorted(fake_nvdec.decoded) == [f"v{i}.mp4" for i in range(6)]
+
+
+def test_a_file_failing_on_both_paths_is_listed_with_both_reasons(tmp_path, tiny_onnx, inputs, fake_nvdec):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "garbage_nvfail.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    (broken / "garbage2.mp4").write_bytes(np.random.default_rng(1).integers(0, 256, 4000, np.uint8).tobytes())
+    summary, _, out = _run(tmp_path, tiny_onnx, inputs, "nvdec", "both", extra=[str(broken)])
+    assert summary["failed"] == 2
+    failures = {json.loads(line)["id"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").read_text().splitlines()}
+    assert failures["garbage_nvfail.mp4"].startswith("NVDEC: fake NVDEC does not take this codec; CPU: ")
+    assert failures["garbage2.mp4"].startswith("NVDEC: ") and "; CPU: " in failures["garbage2.mp4"]
+
+
+def test_a_hung_gpu_session_is_abandoned_and_the_input_decoded_on_the_cpu(tmp_path, tiny_onnx, inputs, fake_nvdec):
+    root = tmp_path / "hang"
+    root.mkdir()
+    write_video(root / "z_nvhang.mp4", pattern_frames(20, 48, 64, seed=3))
+    write_video(root / "w.mp4", pattern_frames(20, 48, 64, seed=4))
+    summary, feats, _ = _run(tmp_path, tiny_onnx, root, "nvdec", "hang", timeout=3.0)
+    assert summary["failed"] == 0 and summary["ok"] == 2
+    assert summary["decoders"]["nvdec"]["fallbacks_to_cpu"] == 1
+    assert {k[0] for k in feats} == {"z_nvhang.mp4", "w.mp4"}
+
+
+def test_decoder_nvdec_without_nvdec_exits_4_and_auto_falls_back_quietly(tmp_path, tiny_onnx, inputs, monkeypatch,
+                                                                           capsys):
+    monkeypatch.setattr(nvdec, "nvdec_unavailable", lambda gpu=0: "no CUDA GPU is visible to PyTorch")
+    argv = ["--backend", "onnxruntime", "--onnx", str(tiny_onnx["fp32"]), "--frames", "4", "--workers", "2",
+            "--no-progress", "--inputs", str(inputs / "v0.mp4")]
+    out = tmp_path / "n"
+    assert run_main(main, [*argv, "--output", str(out), "--decoder", "nvdec"]) == 4
+    assert not (out / "shards").exists()
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
+        DecoderPlan("nvdec", 2, 4)
+    assert "--decoder nvdec cannot run here: no CUDA GPU" in capsys.readouterr().err
+    assert run_main(main, [*argv, "--output", str(tmp_path / "a"), "--decoder", "auto"]) == 0
+    assert "NVDEC not used (no CUDA GPU is visible to PyTorch)" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert list(summary["decoders"]) == ["cpu"]
+
+
+def test_gpu_takes_videos_and_jpegs_only():
+    assert nvdec.gpu_takes("video", "a.mp4", jpeg=False)
+    assert not nvdec.gpu_takes("image", "a.jpg", jpeg=False) and nvdec.gpu_takes("image", "a.JPG", jpeg=True)
+    assert not nvdec.gpu_takes("image", "a.png", jpeg=True) and not nvdec.gpu_takes("npy", "a.npy", jpeg=True)
+    assert nvdec.gpu_takes("frames", "dir", jpeg=True) and not nvdec.gpu_takes("frames", "dir", jpeg=False)
+
+
+def test_h264_non_reference_detection():
+    sei, sps = b"\x00\x00\x00\x01\x06\x05\x10", b"\x00\x00\x00\x01\x67\x64\x00\x1f"
+    assert nvdec.h264_droppable(sei + b"\x00\x00\x01\x01\x9e")         # nal_ref_idc 0, non-IDR slice
+    assert not nvdec.h264_droppable(sei + b"\x00\x00\x01\x21\x9a")     # nal_ref_idc 1
+    assert not nvdec.h264_droppable(sps + b"\x00\x00\x01\x65\x88")     # IDR
+    assert not nvdec.h264_droppable(b"\x00\x00\x01\x06\x05")           # no slice in the bytes seen: keep it

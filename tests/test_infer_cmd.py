@@ -1,0 +1,145 @@
+"""Stage 3 as a new user meets it: settings refused by name, random weights said loudly, the CPU's fastest
+graph, resumed runs' totals, the output read back, Ctrl-C at any moment (exit 130, committed work kept)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow.parquet as pq
+import pytest
+
+from iv2trt.cli import run_main
+from iv2trt.infer_cmd import main
+from iv2trt.results import load_features
+from iv2trt.samples import pattern_frames, write_video
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clips")
+    for i in range(3):
+        write_video(root / f"v{i}.mp4", pattern_frames(5 + i, 40, 48, seed=i))
+    return root
+
+
+@pytest.fixture(scope="module")
+def random_onnx(tiny_onnx, tmp_path_factory) -> dict[str, Path]:
+    """The tiny graphs labelled as export_onnx.py labels --random-init ones."""
+    out = tmp_path_factory.mktemp("random_onnx")
+    paths = {}
+    for precision, path in tiny_onnx.items():
+        model = onnx.load(str(path))
+        model.metadata_props.add(key="random_init", value="true")
+        paths[precision] = out / f"tiny_random_{precision}.onnx"
+        onnx.save(model, str(paths[precision]))
+    return paths
+
+
+def _argv(onnx_path, inputs, out, *extra):
+    return ["--backend", "onnxruntime", "--onnx", str(onnx_path), "--frames", "4", "--workers", "1",
+            "--no-progress", "--inputs", *map(str, inputs), "--output", str(out), *map(str, extra)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--workers", "0"], "--workers 0: must be positive"),
+    (["--batch-size", "-2", "--decode-timeout-s", "0"], "--batch-size -2, --decode-timeout-s 0.0: must be positive"),
+    (["--stride", "2"], "--stride 2 needs a window to step: add --window-seconds or --window-frames"),
+])
+def test_settings_are_refused_by_name(tmp_path, clips, tiny_onnx, extra, message, capfd):
+    out = tmp_path / "out"
+    assert run_main(main, _argv(tiny_onnx["fp32"], [clips], out, *extra)) == 2
+    assert message in capfd.readouterr().err and not out.exists()
+
+
+def test_missing_default_onnx_names_the_working_directory_and_the_flag(tmp_path, clips, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--backend", "onnxruntime", "--inputs", str(clips), "--output", "out", "--no-progress"]
+    assert run_main(main, argv) == 2
+    err = capfd.readouterr().err
+    assert f"build/internvideo2_clip_s14_fp16.onnx (relative to the working directory {tmp_path})" in err
+    assert "--onnx PATH" in err
+
+
+def test_random_weights_are_said_and_recorded(tmp_path, clips, random_onnx, capfd):
+    out = tmp_path / "out"
+    assert run_main(main, _argv(random_onnx["fp32"], [clips / "v0.mp4"], out)) == 0
+    assert "WARNING iv2trt.infer_cmd: RANDOM WEIGHTS" in capfd.readouterr().err
+    assert json.loads((out / "job.json").read_text())["random_init"] is True
+    assert json.loads((out / "summary.json").read_text())["random_init"] is True
+
+
+def test_cpu_runs_an_fp16_graph_as_fp32(tmp_path, clips, random_onnx, capfd):
+    """fp16 arithmetic is emulated on CPUs: the job converts the graph and says so; fp16-level agreement."""
+    fp16, fp32 = tmp_path / "fp16", tmp_path / "fp32"
+    assert run_main(main, _argv(random_onnx["fp16"], [clips], fp16, "--dtype", "float32")) == 0
+    assert "converted to fp32 for the CPU" in capfd.readouterr().err
+    assert json.loads((fp16 / "job.json").read_text())["converted_to_fp32"] is True
+    assert run_main(main, _argv(random_onnx["fp32"], [clips], fp32, "--dtype", "float32")) == 0
+    assert json.loads((fp32 / "job.json").read_text())["converted_to_fp32"] is False
+    a, rows_a = load_features(fp16)
+    b, rows_b = load_features(fp32)
+    assert [(r["id"], r["clip"]) for r in rows_a] == [(r["id"], r["clip"]) for r in rows_b]
+    assert float(np.min(np.sum(a * b, axis=1))) >= 0.999  # unit vectors: cosine
+
+
+def test_cpu_conversion_matches_the_fp16_graph_and_keeps_its_thresholds(tiny_onnx):
+    from iv2trt.backends import cpu_fp32_runner, runner_precision
+    from iv2trt.compare import compare
+    from iv2trt.runners import OnnxRuntimeRunner
+
+    runner = cpu_fp32_runner(tiny_onnx["fp16"])
+    assert runner.input_dtype == np.float32 and runner_precision(runner) == "fp16"
+    x = np.random.default_rng(5).standard_normal((2, 3, 3, 56, 56), dtype=np.float32)
+    reference = OnnxRuntimeRunner(tiny_onnx["fp32"], providers=["CPUExecutionProvider"]).infer(x)
+    half = OnnxRuntimeRunner(tiny_onnx["fp16"], providers=["CPUExecutionProvider"]).infer(x)
+    widened = runner.infer(x)
+    assert compare(reference, widened).passes("fp16")
+    assert compare(reference, widened).max_abs_error <= compare(reference, half).max_abs_error * 1.5
+
+
+def test_resumed_run_reports_the_outputs_totals_and_rows_are_numbered_globally(tmp_path, clips, tiny_onnx):
+    out = tmp_path / "out"
+    videos = sorted(clips.glob("*.mp4"))
+    assert run_main(main, _argv(tiny_onnx["fp32"], videos[:2], out, "--shard-size", 1)) == 0
+    assert run_main(main, _argv(tiny_onnx["fp32"], videos, out, "--shard-size", 1)) == 0  # resumes: v2 only
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] == 1 and summary["skipped_already_done"] == 2  # this run
+    assert summary["output_totals"] == {"inputs": 3, "clips": 3, "shards": 3}  # the output directory
+    stored = [row for p in sorted((out / "shards").glob("*.parquet")) for row in pq.read_table(p).column("row")
+              .to_pylist()]
+    assert stored == [0, 1, 2]  # one numbering across shards and runs
+    features, rows = load_features(out)
+    assert [r["row"] for r in rows] == [0, 1, 2] and features.shape[0] == 3
+
+
+def test_ctrl_c_exits_130_and_keeps_committed_work(tmp_path, tiny_onnx):
+    """SIGINT to a running job (as `timeout -s INT` sends it): exit 130, shards committed so far stay readable,
+    the same command resumes to the complete output."""
+    inputs = tmp_path / "in"
+    for i in range(16):
+        write_video(inputs / f"v{i:02d}.mp4", pattern_frames(6 + i % 4, 24, 32, seed=i))
+    command = [sys.executable, str(ROOT / "trt_inference.py"),
+               *_argv(tiny_onnx["fp32"], [inputs], tmp_path / "out", "--batch-size", 2, "--shard-size", 2)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (len(list((tmp_path / "out" / "shards").glob("*.parquet"))) < 2 and proc.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.005)
+    assert proc.poll() is None, "the job finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "terminate called" not in err and "Traceback" not in err
+    _, rows = load_features(tmp_path / "out")
+    assert 0 < len({r["id"] for r in rows}) < 16
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    _, rows = load_features(tmp_path / "out")
+    assert sorted(r["id"] for r in rows) == [f"v{i:02d}.mp4" for i in range(16)]

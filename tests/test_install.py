@@ -1,0 +1,82 @@
+"""`pip install .`: a wheel with the packages, the configs and one console script per stage, and the documented
+way to read features back, working outside the repository and without pandas."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iv2trt.writer import FeatureWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """The project built as a wheel (offline, from a copy of its sources) and installed into a folder."""
+    tmp = tmp_path_factory.mktemp("install")
+    src = tmp / "src"
+    src.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", src)
+    shutil.copy(ROOT / "README.md", src)
+    for package in ("iv2trt", "models", "configs"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "wheel"),
+                    str(src)], check=True, capture_output=True)
+    wheel = next((tmp / "wheel").glob("iv2trt-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(tmp / "site"), str(wheel)],
+                   check=True, capture_output=True)
+    return tmp / "site"
+
+
+def _run(site: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "1000"}  # --help on one line a setting
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script, says", [("iv2trt-export", "Stage 1"), ("iv2trt-build", "Stage 2"),
+                                          ("iv2trt-infer", "Stage 3")])
+def test_console_scripts_run_the_stages(installed, tmp_path, script, says):
+    result = _run(installed, [str(installed / "bin" / script), "--help"], tmp_path)
+    assert result.returncode == 0 and says in result.stdout, result.stderr
+    assert str(installed / "iv2trt" / "configs" / "internvideo2_clip_s14.yaml") in result.stdout  # its --config
+
+
+def test_installed_package_loads_features_without_pandas(installed, tmp_path):
+    out = tmp_path / "features"
+    writer = FeatureWriter(out, "float32", shard_size=2)
+    expected = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    clips = [{"start_s": 0.0, "end_s": 2.0, "indices": [0, 1]}, {"start_s": 2.0, "end_s": 4.0, "indices": [50, 51]}]
+    writer.add_video("/in/a.mp4", "a.mp4", "video", clips, expected[:2])
+    writer.add_video("/in/b.mp4", "b.mp4", "video", clips[:1], expected[2:])
+    writer.flush()
+    script = f"""
+import json, sys
+
+class NoPandas:  # importing pandas fails from here on, as where it is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pandas":
+            raise ModuleNotFoundError("No module named 'pandas'", name=name)
+
+sys.meta_path.insert(0, NoPandas())
+import iv2trt
+from iv2trt import load_features
+from iv2trt.cli import resolve_variant
+features, rows = load_features({str(out)!r})
+assert "pandas" not in sys.modules
+print(json.dumps({{"module": iv2trt.__file__, "variant": resolve_variant("s14"), "features": features.tolist(),
+                  "rows": [[r["row"], r["video"], r["clip"], r["window_start_s"], r["window_end_s"]] for r in rows]}}))
+"""
+    result = _run(installed, [sys.executable, "-c", script], tmp_path)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got["module"].startswith(str(installed)) and got["variant"].startswith(str(installed))
+    np.testing.assert_array_equal(np.array(got["features"], np.float32), expected)
+    assert got["rows"] == [[0, "/in/a.mp4", 0, 0.0, 2.0], [1, "/in/a.mp4", 1, 2.0, 4.0], [2, "/in/b.mp4", 0, 0.0, 2.0]]

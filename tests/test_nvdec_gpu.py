@@ -1,0 +1,252 @@
+"""GPU decoding (NVDEC through PyNvVideoCodec) against the CPU path: same clips, same pixels, fallbacks.
+Needs an NVIDIA GPU with NVDEC and PyNvVideoCodec; skips with the reason elsewhere (CI has no GPU)."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from iv2trt.decoders import iter_clips
+from iv2trt.inputs import InputItem
+from iv2trt.nvdec import nvdec_unavailable
+from iv2trt.samples import pattern_frames, write_image, write_video
+from iv2trt.video import DecodeError, Windowing
+
+REASON = nvdec_unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"needs NVDEC: {REASON}")
+
+SIZE = 112
+
+
+def _encoder(name: str) -> bool:
+    try:
+        av.codec.Codec(name, "w")
+        return True
+    except Exception:
+        return False
+
+
+def natural_frames(count: int, h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth moving colour fields with texture and an object: something like footage, cheap to make."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    tex = rng.normal(0, 10, (h, w, 3)).astype(np.float32)
+    out = np.empty((count, h, w, 3), np.uint8)
+    for t in range(count):
+        base = np.stack([128 + 90 * np.sin((x + 4 * t) / 37.0), 128 + 80 * np.cos((y - 3 * t) / 23.0),
+                         128 + 70 * np.sin((x + y + 5 * t) / 51.0)], -1)
+        frame = base + tex
+        cy, cx = int(h / 2 + h / 3 * np.sin(t / 9)), int(w / 2 + w / 3 * np.cos(t / 11))
+        frame[max(cy - h // 8, 0):cy + h // 8, max(cx - w // 8, 0):cx + w // 8] = (230, 40, 60)
+        out[t] = np.clip(frame, 0, 255)
+    return out
+
+
+def encode(path: Path, frames: np.ndarray, codec: str, fps: int = 30, options=None, pix_fmt="yuv420p",
+           colorspace=None, color_range=None, rotation=None) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=options or {})
+        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], pix_fmt
+        if colorspace is not None:
+            stream.codec_context.colorspace = colorspace
+        if color_range is not None:
+            stream.codec_context.color_range = color_range
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def session():
+    from iv2trt.nvdec import NvdecSession
+
+    return lambda w: NvdecSession(0, w, SIZE)
+
+
+def gpu_clips(session, path: Path, w: Windowing, kind: str = "video"):
+    s = session(w)
+    out = []
+    for info, frames, ready in s.clips(kind, str(path)):
+        ready.synchronize()
+        out.append((info, frames.cpu().numpy()))
+    return out, s
+
+
+def cpu_clips(path: Path, w: Windowing, kind: str = "video"):
+    return list(iter_clips(InputItem(str(path), path.name, kind), w, SIZE))
+
+
+def assert_same_clips(gpu, cpu, mean_max: float = 0.5, exact: bool = False) -> dict:
+    assert [i["indices"] for i, _ in gpu] == [i["indices"] for i, _ in cpu]
+    assert [(i["start_s"], i["end_s"]) for i, _ in gpu] == pytest.approx([(i["start_s"], i["end_s"]) for i, _ in cpu])
+    a = np.stack([f for _, f in gpu]).astype(int)
+    b = np.stack([f for _, f in cpu]).astype(int)
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    stats = {"mean_abs": float(diff.mean()), "max_abs": int(diff.max()), "identical": float((diff == 0).mean())}
+    print(json.dumps(stats))
+    assert stats["mean_abs"] <= mean_max, stats
+    if exact:
+        assert stats["max_abs"] <= 1, stats  # a resize rounding may fall the other way on the GPU
+    return stats
+
+
+WINDOWINGS = [Windowing(frames=8), Windowing(frames=4, window_seconds=1.0), Windowing(frames=8, window_frames=24,
+                                                                                        stride=16)]
+CODECS = [("libx264", "mp4", {"bf": "3"}, True), ("libx265", "mp4", {"x265-params": "log-level=0"}, True),
+          ("libvpx-vp9", "webm", {}, True), ("mpeg4", "mp4", {"bf": "2"}, False)]
+
+
+@pytest.mark.parametrize("codec,ext,options,bit_exact", CODECS, ids=[c[0] for c in CODECS])
+@pytest.mark.parametrize("w", WINDOWINGS, ids=["one-clip", "1s-windows", "frame-windows"])
+def test_clips_match_the_cpu_path(tmp_path, session, codec, ext, options, bit_exact, w):
+    if not _encoder(codec):
+        pytest.skip(f"no {codec} encoder in this FFmpeg build")
+    path = encode(tmp_path / f"v.{ext}", natural_frames(75, 144, 256, seed=1), codec, options=options)
+    gpu, _ = gpu_clips(session, path, w)
+    # H.264, HEVC and VP9 decode bit-exactly everywhere; MPEG-4 Part 2 lets IDCTs differ by a level or so
+    assert_same_clips(gpu, cpu_clips(path, w), exact=bit_exact)
+
+
+@pytest.mark.parametrize("colorspace,color_range,pix_fmt", [(1, 1, "yuv420p"), (1, 2, "yuv420p"), (5, 2, "yuvj420p"),
+                                                            (9, 1, "yuv420p")])
+def test_colour_metadata_is_followed(tmp_path, session, colorspace, color_range, pix_fmt):
+    path = encode(tmp_path / "c.mp4", natural_frames(20, 96, 160, seed=2), "libx264", pix_fmt=pix_fmt,
+                  colorspace=colorspace, color_range=color_range)
+    w = Windowing(frames=4)
+    assert_same_clips(gpu_clips(session, path, w)[0], cpu_clips(path, w), exact=True)
+
+
+@pytest.mark.parametrize("rotation", [90, 180, -90])
+def test_rotation(tmp_path, session, rotation):
+    path = encode(tmp_path / "r.mp4", natural_frames(12, 96, 160, seed=3), "libx264", rotation=rotation)
+    w = Windowing(frames=4)
+    assert_same_clips(gpu_clips(session, path, w)[0], cpu_clips(path, w), exact=True)
+
+
+def test_1080p_surface_padding(tmp_path, session):
+    """1080 rows are coded as 1088: the decoder's surface is cropped to the picture."""
+    path = encode(tmp_path / "hd.mp4", natural_frames(6, 1080, 1920, seed=4), "libx264")
+    w = Windowing(frames=3)
+    assert_same_clips(gpu_clips(session, path, w)[0], cpu_clips(path, w), exact=True)
+
+
+def test_sparse_clips_seek_and_drop_frames(tmp_path, session):
+    """A 20 s video with 1 s GOPs, one 4-frame clip every 5 s: the session seeks past whole GOPs and does not
+    decode unneeded non-reference frames; the clips still equal the CPU path's."""
+    path = encode(tmp_path / "long.mp4", natural_frames(600, 72, 128, seed=5), "libx264",
+                  options={"g": "30", "bf": "3", "keyint_min": "30"})
+    w = Windowing(frames=4, window_seconds=1.0, stride=5.0)
+    gpu, s = gpu_clips(session, path, w)
+    assert_same_clips(gpu, cpu_clips(path, w), exact=True)
+    assert s.frames_decoded < 300, s.frames_decoded  # far fewer than the 600 frames of the file
+    assert s.frames_dropped > 0
+
+
+def test_session_reuse_across_inputs_and_codecs(tmp_path, session):
+    a = encode(tmp_path / "a.mp4", natural_frames(30, 96, 160, seed=6), "libx264")
+    b = encode(tmp_path / "b.mp4", natural_frames(40, 120, 200, seed=7), "libx264")
+    w = Windowing(frames=4, window_frames=10)
+    s = session(w)
+    for path in (a, b, a):
+        clips = []
+        for info, frames, ready in s.clips("video", str(path)):
+            ready.synchronize()
+            clips.append((info, frames.cpu().numpy()))
+        assert_same_clips(clips, cpu_clips(path, w), exact=True)
+
+
+def test_corrupt_streams_fail_cleanly_and_leave_the_gpu_usable(tmp_path, session):
+    from iv2trt.nvdec import NvdecUnsupported
+
+    good = encode(tmp_path / "good.mp4", natural_frames(60, 96, 160, seed=8), "libx264")
+    data = bytearray(good.read_bytes())
+    rng = np.random.default_rng(0)
+    broken = tmp_path / "broken.mp4"
+    noisy = bytearray(data)
+    for i in rng.integers(len(data) // 5, len(data) - 2000, 400):  # mdat damage, the index intact
+        noisy[i] = rng.integers(0, 256)
+    broken.write_bytes(bytes(noisy))
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(bytes(data[:len(data) // 2]))
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(rng.integers(0, 256, 20000, np.uint8).tobytes())
+    w = Windowing(frames=8, window_frames=20)
+    s = session(w)
+    for path in (broken, truncated, garbage):
+        try:
+            for _, frames, ready in s.clips("video", str(path)):
+                ready.synchronize()
+        except DecodeError as exc:  # NvdecUnsupported is one; both send the file to the CPU path
+            assert exc.reason
+    for _ in range(2):  # the same session and the GPU still work
+        clips = []
+        for info, frames, ready in s.clips("video", str(good)):
+            ready.synchronize()
+            clips.append((info, frames.cpu().numpy()))
+        assert_same_clips(clips, cpu_clips(good, w), exact=True)
+    assert torch.ones(4, device="cuda").sum().item() == 4
+    with pytest.raises(NvdecUnsupported):
+        list(s.clips("video", str(encode(tmp_path / "hi.mp4", natural_frames(4, 64, 64, seed=9), "libx264",
+                                         pix_fmt="yuv444p"))))
+
+
+def test_jpeg_images_and_folders_on_the_gpu(tmp_path, session):
+    from iv2trt.nvdec import gpu_jpeg_available
+
+    if not gpu_jpeg_available():
+        pytest.skip("torchvision's GPU JPEG decoder is not installed")
+    frames = natural_frames(10, 240, 320, seed=10)
+    image = write_image(tmp_path / "one.jpg", frames[0])
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, rgb in enumerate(frames):
+        write_image(folder / f"{i:03d}.jpg", rgb)
+    w = Windowing(frames=4)
+    # nvJPEG's IDCT and chroma upsampling are not FFmpeg's: close, not identical
+    assert_same_clips(gpu_clips(session, image, w, "image")[0], cpu_clips(image, w, "image"), mean_max=1.0)
+    assert_same_clips(gpu_clips(session, folder, w, "frames")[0], cpu_clips(folder, w, "frames"), mean_max=1.0)
+
+
+def test_job_features_nvdec_vs_cpu(tmp_path, tiny_model):
+    """The whole job, fp32 model on the GPU: features from --decoder nvdec equal --decoder cpu's."""
+    from iv2trt.job import JobOptions, run_job
+    from iv2trt.runners import TorchRunner
+    from iv2trt.inputs import discover
+    from iv2trt.writer import FeatureWriter, load_features
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, (codec, ext) in enumerate([("libx264", "mp4"), ("libx265", "mp4"), ("libvpx-vp9", "webm"), ("mpeg4", "mp4"),
+                                      ("mpeg4", "avi")]):  # MPEG-4 in AVI: NVDEC refuses, the CPU decodes it
+        if _encoder(codec):
+            encode(root / f"{i}.{ext}", natural_frames(60, 144, 176, seed=20 + i), codec)
+    (root / "broken.mp4").write_bytes(np.random.default_rng(1).integers(0, 256, 5000, np.uint8).tobytes())
+    results = {}
+    for decoder in ("cpu", "nvdec"):
+        runner = TorchRunner(copy.deepcopy(tiny_model), device="cuda", precision="fp32")
+        out = tmp_path / decoder
+        summary = run_job(discover([str(root)]), runner, out, FeatureWriter(out, "float32"),
+                          JobOptions(Windowing(frames=4, window_frames=20), 56, 4, 2, 60, False, decoder, 2))
+        feats, rows = load_features(out)
+        results[decoder] = ({(r["id"], r["clip"]): f for f, r in zip(feats, rows)}, summary)
+    cpu, nv = results["cpu"][0], results["nvdec"][0]
+    assert cpu.keys() == nv.keys() and len(cpu) >= 6
+    cos = min(float(np.dot(cpu[k], nv[k])) for k in cpu)
+    print(json.dumps({"min_cosine_nvdec_vs_cpu": cos, "nvdec": results["nvdec"][1]["decoders"]}))
+    assert cos >= 0.9999
+    summary = results["nvdec"][1]
+    assert summary["failed"] == 1 and summary["decoders"]["nvdec"]["inputs"] == 4
+    assert summary["decoders"]["nvdec"]["fallbacks_to_cpu"] == 2  # the AVI and the broken file
+    failure = json.loads((tmp_path / "nvdec" / "failures.jsonl").read_text().splitlines()[0])
+    assert failure["reason"].startswith("NVDEC: ") and "; CPU: " in failure["reason"]

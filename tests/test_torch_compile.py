@@ -1,0 +1,220 @@
+"""torch.compile of the PyTorch runner: mode choice, shape classes, background compiling with the eager model
+meanwhile, failures, the kernel-group profile; and, on a GPU, the compiled fp16 path against fp32."""
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from iv2trt.bench_profile import GROUPS, group_times, kernel_group
+from iv2trt.compare import compare
+from iv2trt.errors import PipelineError
+from iv2trt.runners import TorchRunner
+from iv2trt.torch_compile import DEFAULT_MODE, CompiledForward, cache_dir, resolve_mode, shape_class
+
+
+class CountingBackend:
+    """A torch.compile backend that runs dynamo's graph as is, counts graphs, and can hold or fail a compile."""
+
+    def __init__(self, fail: bool = False):
+        self.graphs = 0
+        self.fail = fail
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, gm, example_inputs):
+        self.release.wait(60)
+        if self.fail:
+            raise RuntimeError("planted compiler failure")
+        self.graphs += 1
+        return gm.forward
+
+
+def frames(batch: int, t: int) -> torch.Tensor:
+    return torch.randn(batch, t, 3, TINY.img_size, TINY.img_size)
+
+
+def test_resolve_mode(monkeypatch):
+    monkeypatch.delenv("IV2TRT_TORCH_COMPILE", raising=False)
+    assert resolve_mode(None, "cuda", torch.float16) == DEFAULT_MODE
+    assert resolve_mode(None, "cuda", torch.float32) is None      # the fp32 model is the reference: eager
+    assert resolve_mode("default", "cuda", torch.float32) == "default"
+    assert resolve_mode("off", "cuda", torch.float16) is None
+    assert resolve_mode(None, "cpu", torch.float16) is None       # compiling is for GPUs only
+    assert resolve_mode("max-autotune", "cpu", torch.float32) is None
+    monkeypatch.setenv("IV2TRT_TORCH_COMPILE", "off")
+    assert resolve_mode(None, "cuda", torch.float16) is None
+    monkeypatch.setenv("IV2TRT_TORCH_COMPILE", "fastest")
+    with pytest.raises(PipelineError, match="IV2TRT_TORCH_COMPILE"):
+        resolve_mode(None, "cuda", torch.float16)
+
+
+def test_cache_dir_is_persistent_and_overridable(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / "iv2trt" / "torchinductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # torch's /tmp default, set by torch
+    assert cache_dir() == tmp_path / "iv2trt" / "torchinductor"
+
+
+def test_shape_classes():
+    assert shape_class((32, 8, 3, 224, 224)) == shape_class((5, 8, 3, 224, 224))
+    assert shape_class((1, 8, 3, 224, 224)) != shape_class((2, 8, 3, 224, 224))
+    assert shape_class((32, 8, 3, 224, 224)) != shape_class((32, 1, 3, 224, 224))
+    assert shape_class((32, 8, 3, 224, 224), dynamic_batch=False) != shape_class((5, 8, 3, 224, 224), False)
+
+
+def test_background_compile_runs_eager_meanwhile_then_one_graph_per_class(tiny_model):
+    backend = CountingBackend()
+    backend.release.clear()  # hold the first compile
+    compiled = CompiledForward(tiny_model, "default", backend=backend)
+    try:
+        x = frames(3, 4)
+        with torch.inference_mode():
+            expected = tiny_model(x)
+            out = compiled(x)               # the compile starts and waits; this call ran the eager model
+            assert compiled.busy and not compiled.ready(x.shape)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+            backend.release.set()
+            compiled.wait(60)
+            assert not compiled.busy and compiled.ready(x.shape) and compiled.ready((7, 4, 3, 56, 56))
+            assert compiled.select(x) is compiled.run_compiled
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+            # the batch is dynamic from 2 (probed with batch 4 while compiling): no new graph for batch 6
+            assert backend.graphs == 1
+            y = frames(6, 4)
+            torch.testing.assert_close(compiled(y), tiny_model(y), rtol=1e-5, atol=1e-6)
+            assert backend.graphs == 1
+            # batch 1 and another frame count are classes of their own
+            for z in (frames(1, 4), frames(2, 2)):
+                compiled(z)
+                compiled.wait(60)
+                torch.testing.assert_close(compiled(z), tiny_model(z), rtol=1e-5, atol=1e-6)
+            assert backend.graphs == 3
+            assert set(compiled.seconds) == {("batch2+", 4, 3, 56, 56), ("batch1", 4, 3, 56, 56),
+                                             ("batch2+", 2, 3, 56, 56)}
+    finally:
+        compiled.close()
+
+
+def test_compile_failure_leaves_the_class_eager(tiny_model, caplog):
+    compiled = CompiledForward(tiny_model, "default", backend=CountingBackend(fail=True))
+    x = frames(2, 4)
+    with caplog.at_level(logging.WARNING, logger="iv2trt.torch_compile"), torch.inference_mode():
+        compiled(x)
+        compiled.wait(60)
+        assert "planted compiler failure" in caplog.text
+        assert compiled.key(x.shape) in compiled.failed and not compiled.ready(x.shape)
+        assert compiled.select(x) is tiny_model and not compiled.busy  # not tried again
+        torch.testing.assert_close(compiled(x), tiny_model(x), rtol=0, atol=0)
+
+
+def test_runner_on_cpu_stays_eager_and_uses_a_given_compiled_forward(tiny_model):
+    runner = TorchRunner(copy.deepcopy(tiny_model), device="cpu", precision="fp32", compile_mode="max-autotune")
+    assert runner.compiled is None and runner.compile_mode is None
+    backend = CountingBackend()
+    runner.compiled = CompiledForward(runner.model, "default", backend=backend, background=False)
+    runner.prepare([(2, 4)])
+    assert backend.graphs == 1 and runner.compiled.ready((2, 4, 3, 56, 56))
+    u8 = np.random.default_rng(0).integers(0, 256, (3, 4, TINY.img_size, TINY.img_size, 3), dtype=np.uint8)
+    ref = TorchRunner(copy.deepcopy(tiny_model), device="cpu", precision="fp32", compile_mode="off")
+    assert compare(ref.infer_uint8(u8), runner.infer_uint8(u8)).max_rel_error < 1e-5
+    assert backend.graphs == 1
+    runner.close()
+
+
+def test_kernel_groups():
+    assert kernel_group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64") == "attention"
+    assert kernel_group("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
+    assert kernel_group("triton_tem_fused_addmm_gelu_3") == "matmul+epilogue (Triton)"
+    assert kernel_group("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT") == "matmul (cuBLAS)"
+    assert kernel_group("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "matmul (cuBLAS)"
+    assert kernel_group("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_2") == "norm/reduction"
+    assert kernel_group("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention_split_7") \
+        == "norm/reduction"
+    assert kernel_group("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half>") \
+        == "norm/reduction"
+    assert kernel_group("triton_poi_fused_add_mul_4") == "elementwise/copies"
+    assert kernel_group("void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>") \
+        == "elementwise/copies"
+    profile = group_times([("nvjet_a", 300.0), ("fmha_b", 500.0), ("triton_poi_c", 100.0), ("nvjet_a", 100.0)],
+                          calls=2)
+    assert profile["total_ms"] == pytest.approx(0.5)
+    assert profile["groups"]["attention"] == {"ms": pytest.approx(0.25), "share": pytest.approx(0.5)}
+    assert set(profile["groups"]) == set(GROUPS)
+    assert profile["kernels"][0] == {"name": "fmha_b", "group": "attention", "ms": 0.25, "launches": 0}
+    assert profile["kernels"][1]["ms"] == pytest.approx(0.2) and profile["kernels"][1]["launches"] == 1
+
+
+# --- GPU -----------------------------------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="no CUDA GPU: the compiled fp16 path (TorchInductor, Triton) runs only there")
+
+
+@pytest.fixture(scope="module")
+def s14_fp32_gpu():
+    from models import create_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return create_model("s14", random_init=True, device="cuda")
+
+
+# every shape class of the default mode (T=8 batch >= 2, T=8 batch 1, T=1); the other mode's T=8 batch >= 2
+# class only (each class is a compile of its own: a minute or more when the cache is cold); the eager model
+GPU_SHAPES = {mode: [(32, 8), (5, 8), (1, 8), (4, 1)] if mode in (DEFAULT_MODE, "off") else [(32, 8), (5, 8)]
+              for mode in ("max-autotune", "default", "off")}
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", list(GPU_SHAPES), ids=lambda mode: mode.replace("-", "_"))
+def test_gpu_fused_fp16_matches_fp32(s14_fp32_gpu, mode):
+    runner = TorchRunner(copy.deepcopy(s14_fp32_gpu).cpu(), precision="fp16", compile_mode=mode)
+    runner.prepare(GPU_SHAPES[mode])
+    worst = 1.0
+    try:
+        for b, t in GPU_SHAPES[mode]:  # 5x8: the batch-dynamic specialisation of 32x8 (same compile)
+            x = torch.randn(b, t, 3, 224, 224, device="cuda")
+            with torch.inference_mode():
+                ref = s14_fp32_gpu(x).double().cpu().numpy()
+                out = runner.forward_device(x.half()).double().cpu().numpy()
+            compiled = runner.compiled
+            if compiled is not None:
+                assert compiled.ready(x.shape) and not compiled.failed
+            # the graph replayed is the compiled model's (the eager model's with compiling off)
+            assert runner._graphs[tuple(x.shape)][3] is (compiled.run_compiled if compiled else runner.model)
+            c = compare(ref, out)
+            worst = min(worst, c.min_cosine)
+            seconds = compiled.compile_seconds(x.shape) if compiled else None
+            print(f"{mode:<13} {b}x{t:<2} min cos {c.min_cosine:.7f} max abs {c.max_abs_error:.2e} "
+                  f"compile {'-' if seconds is None else f'{seconds:.1f} s'}")
+    finally:
+        runner.close()
+    assert worst >= 0.9999
+
+
+@needs_gpu
+def test_gpu_new_shape_runs_eager_while_compiling(s14_fp32_gpu):
+    runner = TorchRunner(copy.deepcopy(s14_fp32_gpu).cpu(), precision="fp16")  # the default mode
+    try:
+        x = torch.randn(3, 8, 3, 224, 224, device="cuda")
+        with torch.inference_mode():
+            ref = s14_fp32_gpu(x).double().cpu().numpy()
+            first = runner.forward_device(x.half()).double().cpu().numpy()  # starts the compile
+            assert runner.compiled.busy or runner.compiled.ready(x.shape)
+            runner.compiled.wait(600)
+            second = runner.forward_device(x.half()).double().cpu().numpy()
+            assert runner._graphs[tuple(x.shape)][3] is runner.compiled.run_compiled
+        for out in (first, second):
+            assert compare(ref, out).min_cosine >= 0.9999
+    finally:
+        runner.close()
