@@ -35,7 +35,7 @@ def _pattern(frames: int, size: int) -> np.ndarray:
 
 
 def synthetic_clips(item: InputItem, windowing, img_size: int):
-    """A source (like job.iter_clips): `item.path` = "synthetic/<clips>/<n>" -> <clips> clips of one pattern."""
+    """A source (like decoders.iter_clips): `item.path` = "synthetic/<clips>/<n>" -> <clips> clips of one pattern."""
     frames = _pattern(windowing.frames, img_size)
     for c in range(int(item.path.split("/")[-2])):
         yield {"start_s": float(c), "end_s": float(c + 1), "indices": list(range(windowing.frames))}, frames

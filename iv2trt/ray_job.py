@@ -2,7 +2,7 @@
 
     driver (this process)                        cluster (ray_stages.py)
     discover inputs, cut them into partitions
-    ray.data.from_items(inputs)  ------------->  decode tasks: CPU, any node (spread); job.iter_clips
+    ray.data.from_items(inputs)  ------------->  decode tasks: CPU, any node (spread); iter_clips
                                                  encoder actors: one per GPU (or CPU actors without
                                                  GPUs), TensorRT / PyTorch / ONNX Runtime as locally
     iter_batches(feature rows)  <--------------
@@ -236,12 +236,12 @@ def _stage(busy_s: float, count: int, unit: str) -> dict[str, Any]:
 def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runner=None) -> dict[str, Any]:
     """Run the job described by settings `s` (InferSettings) over `items` on Ray; returns the summary.
 
-    `source(item, windowing, img_size)` yields an input's clips (default: job.iter_clips); `make_runner()` builds
+    `source(item, windowing, img_size)` yields an input's clips (default: decoders.iter_clips); `make_runner()` builds
     the runner on a node (default: the one `s` names, with the engine map applied). Benchmarks replace them."""
     from tqdm import tqdm
 
     from .infer_cmd import complete_identity, finish_summary
-    from .job import iter_clips
+    from .decoders import iter_clips
     from .partitions import PartitionAssembler, plan_partitions
     from .ray_stages import DecodeSpec, SettingsRunner, probe_runner
     from .stages import log_done, summarize

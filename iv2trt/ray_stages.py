@@ -1,6 +1,6 @@
 """What runs on the Ray cluster: the decode tasks and the encoder actors (the driver is ray_job.py).
 
-Both wrap the shared stages (stages.py, job.iter_clips); this module only adds the row format Ray Data
+Both wrap the shared stages (stages.py, decoders.iter_clips); this module only adds the row format Ray Data
 moves between them. One row per clip:
 
   number       position of the input in the job's input list (the driver maps it back to path and id)
@@ -47,7 +47,7 @@ def _info_json(info: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    """What a decode task needs: the source (job.iter_clips, or a benchmark's), how to cut clips, what the
+    """What a decode task needs: the source (decoders.iter_clips, or a benchmark's), how to cut clips, what the
     model takes (frames outside its range fail the input, as in the local job) and the per-clip deadline."""
 
     source: Callable
@@ -134,8 +134,8 @@ class Encoder:
     (max_concurrency=2) a runner with submit_uint8 uploads the next batch while computing this one.
     A runner with `warm_up` (PyTorch on a GPU) compiles and captures its full-batch CUDA graph in __init__,
     before any call: a capture must not overlap another thread's CUDA calls, and partial batches replay the
-    full batch's graph. A runner that cannot be built here (an engine for another GPU, say) fails the actor's first batch with
-    that PipelineError: raised in __init__, it would reach the driver as a bare ActorDiedError."""
+    full batch's graph. A runner that cannot be built here (an engine for another GPU, say) fails the actor's
+    first batch with that PipelineError: raised in __init__, it would reach the driver as a bare ActorDiedError."""
 
     PASSED = ("number", "clip", "count", "info", "error", "decode_s", "decode_node")
 
@@ -148,11 +148,11 @@ class Encoder:
         self.runner, self.broken = None, None
         try:
             self.runner = make_runner()
+            warm_up = getattr(self.runner, "warm_up", None)
+            if warm_up is not None:
+                warm_up(batch_size, frames, img_size)
         except PipelineError as exc:
             self.broken = exc
-        warm_up = getattr(self.runner, "warm_up", None)
-        if warm_up is not None:
-            warm_up(batch_size, frames, img_size)
         self.feature_dim, self.batch_size = feature_dim, batch_size
         self.name = f"{_node()}/{ray.get_runtime_context().get_actor_id()[:12]}"  # node/actor
         self.lock = threading.Lock()

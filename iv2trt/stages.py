@@ -1,9 +1,10 @@
 """The job's stages as plain functions, called by every executor (the local job and the Ray pipeline).
 
 source -> batcher -> runner -> writer (see STYLE.md, "The job as stages"):
-  source  `job.iter_clips(item, windowing, img_size)`: one input -> its clips (uint8 [T, S, S, 3] resized frames,
-          float32 [T, 3, S, S] for .npy inputs); `clips_with_deadline` bounds how long one clip may take;
-          `clip_frames_problem` refuses clips the model cannot take
+  source  `decoders.iter_clips(item, windowing, img_size)` (CPU; NVDEC sessions in the local job): one input ->
+          its clips (uint8 [T, S, S, 3] resized frames, float32 [T, 3, S, S] for .npy inputs);
+          `clips_with_deadline` bounds how long one clip may take; `clip_frames_problem` and
+          `timeout_reason` give an input's failure reason
   runner  `start_inference(runner, frames)` -> a function that waits for the raw features; `encode` adds the
           L2 normalisation
   writer  writer.py (`FeatureWriter`, `FailureLog`, `write_summary`); `summarize` and `log_done` give both
@@ -89,11 +90,16 @@ def clips_with_deadline(clips: Iterable, timeout_s: float) -> Iterator:
 
 
 # --- runner -------------------------------------------------------------------------------------------------
-def start_inference(runner, frames: np.ndarray) -> Callable[[], np.ndarray]:
-    """Begin inference of a batch; returns a function that waits for its raw features. Runners with
-    `submit_uint8` (uint8 frames) return at once, so the caller can prepare the next batch meanwhile."""
+def is_cuda_tensor(frames) -> bool:
+    return type(frames).__module__.startswith("torch") and getattr(frames, "is_cuda", False)
+
+
+def start_inference(runner, frames) -> Callable[[], np.ndarray]:
+    """Begin inference of a batch (a host array, or a CUDA tensor of GPU-decoded clips); returns a function that
+    waits for its raw features. Runners with `submit_uint8` (uint8 frames) return at once, so the caller can
+    prepare the next batch meanwhile."""
     submit = getattr(runner, "submit_uint8", None)
-    if submit is not None and frames.dtype == np.uint8:
+    if submit is not None and (is_cuda_tensor(frames) or frames.dtype == np.uint8):
         return submit(frames)
     result = infer_frames(runner, frames)
     return lambda: result
