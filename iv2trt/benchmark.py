@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-shape", default="32x8", help="batch x frames (default: %(default)s)")
     r.add_argument("--ray-seconds", type=float, default=20.0,
                    help="about how long each run encodes, at the encoder-alone speed (default: %(default)s)")
-    r.add_argument("--ray-clips-per-video", type=int, default=16, help="clips per synthetic input (default: %(default)s)")
+    r.add_argument("--ray-clips-per-video", type=int, default=16,
+                   help="clips per synthetic input (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
