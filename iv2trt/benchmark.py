@@ -40,7 +40,9 @@ BATCHxFRAMES cells (same random inputs, one process), and with --pipeline the ex
 CPU (2 cores, a few minutes):
   python benchmark.py --backends torch-fp32 onnxruntime-cpu --grid 1x1 8x1 1x8 8x8 --warmup 1 --iters 3
 GPU:
-  python benchmark.py --pipeline"""
+  python benchmark.py --pipeline
+Ray, encoder actors 1 vs one per GPU (requirements-distributed.txt):
+  python benchmark.py --skip-encoder --ray-scaling"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stage-batches", type=int, default=64,
                    help="batches in the overhead measurement (a second run of a quarter as many gives the "
                         "steady-state cost per batch)")
+    r = p.add_argument_group("Ray scaling (--ray-scaling; needs requirements-distributed.txt)")
+    r.add_argument("--ray-scaling", action="store_true",
+                   help="the Ray job with 1 vs N encoder actors on synthetic (encoder-bound) clips")
+    r.add_argument("--ray-address", help="Ray cluster (default: a local Ray on this machine)")
+    r.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    r.add_argument("--ray-object-store-gb", type=float, help="object store of the local Ray (default: Ray's)")
+    r.add_argument("--ray-encoders", type=int, nargs="+", help="encoder counts (default: 1 and one per GPU)")
+    r.add_argument("--ray-backends", nargs="+", choices=("torch-fp16", "torch-fp32"),
+                   help="runners of the encoders (default: torch-fp16 torch-fp32 with GPUs, else torch-fp32)")
+    r.add_argument("--ray-shape", default="32x8", help="batch x frames (default: %(default)s)")
+    r.add_argument("--ray-seconds", type=float, default=20.0,
+                   help="about how long each run encodes, at the encoder-alone speed (default: %(default)s)")
+    r.add_argument("--ray-clips-per-video", type=int, default=16,
+                   help="clips per synthetic input (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -204,6 +220,10 @@ def markdown_report(results: dict[str, Any]) -> str:
                   f"{st['short_run']['batches']} and {st['batches']} batches); whole {st['batches']}-batch run "
                   f"{st['overhead_pct']:.1f}% (thread start, pinned buffers, first batch's assembly and the final "
                   "flush included)", ""]
+    if results.get("ray_scaling"):
+        from .bench_ray import markdown
+
+        lines += markdown(results["ray_scaling"])
     targets = results.get("targets")
     if targets:
         lines += ["## Targets", ""] + [f"- {t['name']}: {t['status']} ({t['detail']})" for t in targets] + [""]
@@ -239,6 +259,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, str]]:
                     "detail": f"{st['steady_state_overhead_pct']:.1f}% per further batch with {pipe['backend']}; "
                               f"{st['overhead_pct']:.1f}% over a whole {st['batches']}-batch run"})
         out += decode_targets(pipe)
+    if results.get("ray_scaling"):
+        from .bench_ray import target
+
+        out.append(target(results["ray_scaling"]))
     return out
 
 
@@ -436,6 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   a.engine, a.seed, factory, a.ort_threads, a.torch_compile)
         if a.pipeline:
             results["pipeline"] = _pipeline(a, model, info, tmpdir)
+        if a.ray_scaling:
+            from .bench_ray import run_ray_scaling
+
+            results["ray_scaling"] = run_ray_scaling(a, model.cfg.img_size, tmpdir)
     results["targets"] = targets(results)
     out_dir = Path(a.output_dir) if a.output_dir else default_output_dir(info)
     paths = write_results(results, out_dir)

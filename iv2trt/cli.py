@@ -27,17 +27,18 @@ class ModelSettings:
 
 
 def load_model(s: ModelSettings):
-    """The PyTorch model named by the model settings (fp32, CPU, eval); PipelineError for bad settings."""
+    """The PyTorch model named by the model settings (fp32, CPU, eval); PipelineError for bad settings. `variant`
+    may also be a VisionConfig itself (on a Ray node, where the YAML files are not)."""
     import yaml
 
-    from models import create_model, load_vision_config
+    from models import VisionConfig, create_model, load_vision_config
 
     if s.random_init and s.checkpoint:
         raise PipelineError(f"--random-init and --checkpoint {s.checkpoint} exclude each other (either may come from "
                             "the config file): drop --random-init (or pass --no-random-init) to use the checkpoint's "
                             "weights, or drop --checkpoint for random ones")
     try:
-        cfg = load_vision_config(resolve_variant(s.variant))
+        cfg = s.variant if isinstance(s.variant, VisionConfig) else load_vision_config(resolve_variant(s.variant))
     except (ValueError, OSError, TypeError, yaml.YAMLError) as exc:
         raise PipelineError(f"--variant {s.variant}: {exc}") from None
     for path in (s.checkpoint, s.align_checkpoint):

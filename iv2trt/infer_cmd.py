@@ -49,6 +49,18 @@ class InferSettings(ModelSettings):
                                           "for --random-init weights) and check agreement (exit 3 if off)")
     progress: bool = setting(True, "progress bar")
     make_samples: str | None = setting(None, "write a few small sample videos into this folder and exit")
+    # engines per GPU model, and the Ray executor (iv2trt/engine_map.py, iv2trt/ray_job.py)
+    engines: list[str] = setting([], "one TensorRT engine per GPU model, as GPU_MODEL=PATH (e.g. "
+                                 "H100=build/s14_h100.engine): a GPU whose name contains GPU_MODEL uses PATH, "
+                                 "others --engine")
+    ray: str | None = setting(None, "run the job on Ray (pip install -r requirements-distributed.txt): --ray alone "
+                              "starts Ray on this machine; --ray auto joins the cluster of `ray start`; --ray "
+                              "HOST:PORT another (see README)", const="local")
+    ray_partition_size: int = setting(512, "--ray: inputs per partition, the unit of resume: one shard each, "
+                                      "committed once all its inputs finished (replaces --shard-size)")
+    ray_encoders: int = setting(0, "--ray: encoder actors (0: one per GPU in the cluster; one CPU actor without GPUs)")
+    ray_encoder_cpus: float = setting(1.0, "--ray: CPUs reserved per encoder actor")
+    ray_decode_cpus: float = setting(1.0, "--ray: CPUs per decode task (as many tasks run as CPUs are free)")
 
 
 DESCRIPTION = """Stage 3: extract L2-normalised InternVideo2-CLIP features from videos, images and frame folders.
@@ -64,7 +76,8 @@ EPILOG = """exit codes:
   2    bad settings or input paths (the message says which)
   3    --compare-pytorch: the backend disagrees with PyTorch beyond tolerance
   4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing, a driver too old for the
-       TensorRT wheel; --decoder nvdec without NVDEC); --backend auto falls back to onnxruntime instead
+       TensorRT wheel; --decoder nvdec without NVDEC; Ray missing for --ray); --backend auto falls back to
+       onnxruntime instead
   5    the engine was built for another GPU or TensorRT version (the message gives the rebuild command)
   6    some inputs failed (unreadable, truncated, timed out); they are listed in <output>/failures.jsonl
   130  interrupted (committed shards are kept; rerun the same command to resume)
@@ -73,7 +86,9 @@ results: <output>/shards/*.npy (features) and *.parquet (which video, clip and w
   videos/<id>.npy with --per-video-npy; read them with `from iv2trt import load_features`. Default paths
   (build/..., outputs/...) are relative to the working directory.
 
-example: python trt_inference.py --inputs videos/ --output outputs/feats --backend onnxruntime --onnx build/x.onnx"""
+example: python trt_inference.py --inputs videos/ --output outputs/feats --backend onnxruntime --onnx build/x.onnx
+on a Ray cluster (ray start --head, then ray start --address HEAD:6379 on the others; README):
+         python trt_inference.py --ray auto --inputs /shared/videos/ --output outputs/feats"""
 
 
 def job_identity(s: InferSettings, runner, img_size: int) -> dict[str, Any]:
@@ -93,6 +108,18 @@ def job_identity(s: InferSettings, runner, img_size: int) -> dict[str, Any]:
             "img_size": img_size,
             "window_seconds": s.window_seconds, "window_frames": s.window_frames, "stride": s.stride,
             "frame_folders": s.frame_folders, "dtype": s.dtype, "per_video_npy": s.per_video_npy}
+
+
+def complete_identity(identity: dict[str, Any], s: InferSettings) -> dict[str, Any]:
+    """`identity` (job_identity's, computed where the runner is) with the engine map added; warns about random
+    weights. Both executors call it."""
+    from .engine_map import engine_map_identity
+
+    identity.update(engine_map_identity(s, identity["backend"]))
+    if identity["random_init"]:
+        log.warning("RANDOM WEIGHTS: the %s model was made with --random-init; its features mean nothing "
+                    "(export a --checkpoint for real ones)", identity["backend"])
+    return identity
 
 
 def check_settings(s: InferSettings) -> None:
@@ -167,15 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
     items = discover(s.inputs, s.frame_folders)
+    if s.ray is not None:
+        from .ray_job import run_ray_job
+
+        summary = run_ray_job(s, items, windowing)
+        return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
     check_decoder(s.decoder)
-    runner = create_runner(s)
+    from .engine_map import settings_for_this_gpu
+
+    runner = create_runner(settings_for_this_gpu(s))
     try:
         img_size = runner_img_size(runner)
         check_frame_count(runner, s.frames)
-        identity = job_identity(s, runner, img_size)
-        if identity["random_init"]:
-            log.warning("RANDOM WEIGHTS: the %s model was made with --random-init; its features mean nothing "
-                        "(export a --checkpoint for real ones)", runner.name)
+        identity = complete_identity(job_identity(s, runner, img_size), s)
         done = prepare_output(s.output, identity, s.overwrite)
         todo = [item for item in items if item.id not in done]
         log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),

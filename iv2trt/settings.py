@@ -34,12 +34,13 @@ def config_dir() -> Path:
 DEFAULT_CONFIG = config_dir() / CONFIG_NAME
 
 
-def setting(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    """A dataclass field carrying its --help text (and allowed values)."""
+def setting(default: Any, help: str, choices: Sequence[str] | None = None, const: Any = None) -> Any:
+    """A dataclass field carrying its --help text (and allowed values; with `const`, the flag's value may be left
+    out and means `const`)."""
+    metadata = {"help": help, "choices": choices, "const": const}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default),
-                                 metadata={"help": help, "choices": choices})
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -86,6 +87,8 @@ def build_parser(cls: type, description: str, epilog: str | None = None) -> argp
             kwargs["choices"] = f.metadata["choices"]
         if is_list:
             kwargs["nargs"] = "+"
+        elif f.metadata.get("const") is not None:
+            kwargs.update(nargs="?", const=f.metadata["const"])
         parser.add_argument(flag, type=inner if inner in (int, float) else str, **kwargs)
     return parser
 

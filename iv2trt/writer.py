@@ -116,14 +116,16 @@ class FeatureWriter:
             raise PipelineError(f"id {video_id!r} cannot name a file under {VIDEO_DIR}/: use relative ids")
         return f"{VIDEO_DIR}/{rel.as_posix()}.npy"
 
-    def flush(self) -> None:
-        """Commit the buffered videos as one shard."""
+    def flush(self, name: str | None = None) -> None:
+        """Commit the buffered videos as one shard: the next numbered one, or `name` (relative to the output
+        directory, no suffix; an existing shard of that name is replaced)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not self.pending:
             return
-        name = f"{SHARD_DIR}/shard-{self.next_shard:05d}"
+        numbered = name is None
+        name = f"{SHARD_DIR}/shard-{self.next_shard:05d}" if numbered else name
         rows = [row for video_rows, _ in self.pending for row in video_rows]
         if not self.per_video_npy:
             _save_npy(self.out_dir / f"{name}.npy", np.concatenate([f for _, f in self.pending]).astype(self.dtype))
@@ -137,7 +139,7 @@ class FeatureWriter:
         with atomic_path(self.out_dir / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)
         log.debug("committed %s (%d rows)", name, len(rows))
-        self.next_shard += 1
+        self.next_shard += numbered
         self.next_row += len(rows)
         self.pending, self.pending_rows = [], 0
 
