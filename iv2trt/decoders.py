@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DECODERS = ("auto", "nvdec", "cpu")
 DEFAULT_NVDEC_SESSIONS = 8  # decoder sessions that saturate the NVDEC engines (docs/benchmarks.md, H100/H200)
+CPU_WORKER_NICENESS = 10    # CPU workers run at lower priority: they take the cores the job's process leaves
 GPU_OUTBOX_CLIPS = 64       # clips decoded on the GPU and not yet taken by the job (bounds GPU memory)
 
 
@@ -84,6 +85,7 @@ def worker_context():
 def _cpu_worker_main(conn, w: Windowing, img_size: int) -> None:
     """Worker process: receive (number, item), send ("clip", ...)..., then ("done"|"failed", ...)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
+    os.nice(CPU_WORKER_NICENESS)  # the job's own process (GPU decoder threads, batching) goes first
     import torch
 
     torch.set_num_threads(1)

@@ -24,6 +24,7 @@ which stage bounded the run.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -76,6 +77,15 @@ def check_frame_count(runner, frames: int) -> None:
     if frames < lo or hi is not None and frames > hi:
         raise PipelineError(f"frames={frames} is outside what the {runner.name} model takes ({lo}..{hi}); "
                             "pass --frames in that range, or export/build for more frames")
+
+
+def on_stream(stream):
+    """A context making `stream` the thread's current CUDA stream; no-op for None."""
+    if stream is None:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.cuda.stream(stream)
 
 
 def is_cuda_tensor(frames) -> bool:
@@ -153,10 +163,11 @@ class InferenceThread:
     `busy_s` is the time at least one batch was in the runner's hands (the encoder's busy time).
     """
 
-    def __init__(self, runner, reference=None, depth: int = QUEUE_DEPTH):
+    def __init__(self, runner, reference=None, depth: int = QUEUE_DEPTH, cuda_stream=None):
         from .runners import infer_frames
 
         self.runner, self.reference, self._infer = runner, reference, infer_frames
+        self.cuda_stream = cuda_stream  # the CUDA stream the runners compute on (the job's; None: the default)
         self.inbox: queue.Queue = queue.Queue(maxsize=depth)
         self.outbox: queue.Queue = queue.Queue()
         self.in_flight = 0  # submitted and not yet returned by results() (main thread only)
@@ -203,6 +214,10 @@ class InferenceThread:
         return done
 
     def _loop(self) -> None:
+        with on_stream(self.cuda_stream):
+            self._run_batches()
+
+    def _run_batches(self) -> None:
         """Runs batches in order. A runner with `submit_uint8` gets the next batch submitted before the
         previous one is waited for, so its upload overlaps the previous compute."""
         pending: deque = deque()  # (batch, started, wait-for-features) submitted, not yet finished
@@ -288,13 +303,17 @@ class Job:
         self.stats = {"ok": 0, "failed": 0, "clips": 0, "batches": 0, "infer_s": 0.0}
         self.paths: dict[str, _PathStats] = {}
         self._next_number = 0
+        # GPU batches are assembled and encoded on a stream of the job's own, not the legacy default stream,
+        # which synchronises with every other blocking stream (and so with the GPU decoders' copies)
+        self.cuda_stream = None
 
     # --- results -------------------------------------------------------------------------------------------
     def _discard(self, number: int) -> _Video:
         """Forget an input: its clips leave the open and ready batches (features in flight are ignored)."""
         video = self.videos.pop(number)
-        for batch in [*self.open.values(), *self.ready]:
-            batch.drop(number)
+        with on_stream(self.cuda_stream):
+            for batch in [*self.open.values(), *self.ready]:
+                batch.drop(number)
         for key, batch in list(self.open.items()):
             if not len(batch):
                 del self.open[key]
@@ -376,17 +395,19 @@ class Job:
         if is_cuda_tensor(array):
             import torch
 
-            stream = torch.cuda.current_stream(array.device)
+            if self.cuda_stream is None:
+                self.cuda_stream = torch.cuda.Stream(array.device)
             if ready is not None:
-                stream.wait_event(ready)
-            array.record_stream(stream)  # its memory is not reused before the copy below has run
+                self.cuda_stream.wait_event(ready)
+            array.record_stream(self.cuda_stream)  # its memory is not reused before the copy below has run
             key = (str(array.device), str(array.dtype), tuple(array.shape))
         else:
             key = ("cpu", np.dtype(array.dtype).str, tuple(array.shape))
-        batch = self.open.get(key)
-        if batch is None:
-            batch = self.open[key] = _Batch(key, self._buffer(key))
-        batch.add(number, clip, array)
+        with on_stream(self.cuda_stream if key[0] != "cpu" else None):
+            batch = self.open.get(key)
+            if batch is None:
+                batch = self.open[key] = _Batch(key, self._buffer(key))
+            batch.add(number, clip, array)
         if batch.full:
             self.ready.append(self.open.pop(key))
 
@@ -502,6 +523,11 @@ class Job:
             if warm_up is not None and self.items:
                 warm_up(self.batch_size, self.o.windowing.frames, self.o.img_size)
         workers, pool = self._start_workers()
+        if pool is not None:
+            import torch
+
+            if torch.cuda.is_available():  # (the scheduler's tests run a fake GPU path on CPU-only machines)
+                self.cuda_stream = torch.cuda.Stream(torch.device("cuda", self.o.gpu))
         self.gpu_queue: deque = deque()   # inputs any worker may take (all of them, when no GPU worker runs)
         self.cpu_queue: deque = deque()   # inputs for CPU workers only
         for item in self.items:
@@ -509,7 +535,7 @@ class Job:
             (self.gpu_queue if on_gpu else self.cpu_queue).append((self._new_video(item), item))
         self.bar = tqdm(total=len(self.items), unit="video", disable=not self.o.progress, mininterval=1.0,
                         dynamic_ncols=True, file=sys.stderr)
-        self.inference = InferenceThread(self.runner, self.reference)
+        self.inference = InferenceThread(self.runner, self.reference, cuda_stream=self.cuda_stream)
         interrupted = False
         last_received = time.monotonic()
         try:
