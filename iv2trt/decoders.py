@@ -38,14 +38,16 @@ CPU_WORKER_NICENESS = 10    # CPU workers run at lower priority: they take the c
 GPU_OUTBOX_CLIPS = 64       # clips decoded on the GPU and not yet taken by the job (bounds GPU memory)
 
 
-RESERVED_CORES_WITH_NVDEC = 2  # cores left to the job's own process (NVDEC threads, batching) beside NVDEC
+CPU_WORKERS_PER_CORE_WITH_NVDEC = 0.25  # measured on 16 cores: 4 CPU workers beside 8 NVDEC sessions gave 74
+                                         # clips/s end to end, 14 workers 58 (they slow the GPU path more than
+                                         # they add), none 80 (docs/benchmarks.md)
 
 
 def default_workers(nvdec: bool = False) -> int:
-    """CPU decoding processes when none are asked for: one per core; with NVDEC sessions running in the job's
-    process, RESERVED_CORES_WITH_NVDEC fewer, so their threads are not starved."""
+    """CPU decoding processes when none are asked for: one per core; a quarter of the cores while NVDEC sessions
+    run in the job's process (more CPU workers cost the GPU path more than they add)."""
     cores = os.cpu_count() or 1
-    return max(1, cores - (RESERVED_CORES_WITH_NVDEC if nvdec else 0))
+    return max(1, int(cores * CPU_WORKERS_PER_CORE_WITH_NVDEC) if nvdec else cores)
 
 
 # --- the CPU path ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ class InferSettings(ModelSettings):
                            choices=DECODERS)
     nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) on the GPU")
     workers: int | None = setting(None, f"CPU decoding processes (default: one per core, {default_workers()} here; "
-                                  "two fewer while NVDEC sessions run)")
+                                  f"a quarter of the cores, {default_workers(nvdec=True)} here, beside NVDEC)")
     window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
                                            "per video)")
     window_frames: int | None = setting(None, "one clip per window of this many frames")
