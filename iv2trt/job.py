@@ -44,6 +44,7 @@ from .compare import l2_normalize
 from .decoders import (DEFAULT_NVDEC_SESSIONS, CpuWorker, DecoderPlan, GpuWorker, GpuWorkerPool, default_workers,
                        iter_clips, worker_context)
 from .inputs import InputItem
+from .stages import clip_frames_problem, is_cuda_tensor, log_done, start_inference, summarize, timeout_reason
 from .video import Windowing
 from .writer import FailureLog, FeatureWriter, write_summary
 
@@ -86,10 +87,6 @@ def on_stream(stream):
     import torch
 
     return torch.cuda.stream(stream)
-
-
-def is_cuda_tensor(frames) -> bool:
-    return type(frames).__module__.startswith("torch") and getattr(frames, "is_cuda", False)
 
 
 @dataclass
@@ -250,11 +247,7 @@ class InferenceThread:
     def _start(self, frames):
         """Begin inference of `frames` (a host array, or a CUDA tensor of GPU-decoded clips); returns a function
         that waits for the raw features."""
-        submit = getattr(self.runner, "submit_uint8", None)
-        if submit is not None and (is_cuda_tensor(frames) or frames.dtype == np.uint8):
-            return submit(frames)
-        result = self._infer(self.runner, frames)
-        return lambda: result
+        return start_inference(self.runner, frames)
 
     def _notify(self) -> None:
         try:
@@ -368,9 +361,9 @@ class Job:
             return None
         if kind == "clip":
             _, _, info, array, ready = message
-            lo, hi = self.runner.frame_range
-            if not lo <= array.shape[0] <= (hi or array.shape[0]):
-                self._fail(number, f"clips of {array.shape[0]} frames; the {self.runner.name} model takes {lo}..{hi}")
+            problem = clip_frames_problem(array.shape[0], self.runner.frame_range, self.runner.name)
+            if problem:
+                self._fail(number, problem)
                 return number
             video = self.videos[number]
             clip = len(video.infos)
@@ -642,7 +635,7 @@ class Job:
                 continue
             number = wk.task
             self._replace(workers, wk)
-            reason = f"decoding timed out (no progress for {self.o.decode_timeout_s:g}s)"
+            reason = timeout_reason(self.o.decode_timeout_s)
             if number in self.videos:
                 if wk.path == "nvdec":
                     self._to_cpu_path(number, reason)
@@ -657,12 +650,7 @@ class Job:
         workers[workers.index(wk)] = fresh
 
     def _summary(self, elapsed: float) -> dict[str, Any]:
-        s = self.stats
-        summary = {"inputs": len(self.items), "ok": s["ok"], "failed": s["failed"], "clips": s["clips"],
-                   "batches": s["batches"], "seconds": round(elapsed, 3),
-                   "videos_per_s": round((s["ok"] + s["failed"]) / max(elapsed, 1e-9), 3),
-                   "clips_per_s": round(s["clips"] / max(elapsed, 1e-9), 3), "infer_seconds": round(s["infer_s"], 3),
-                   "backend": self.runner.name, "batch_size": self.batch_size}
+        summary = summarize(self.stats, len(self.items), elapsed, self.runner.name, self.batch_size)
         decoders = {}
         for name, p in self.paths.items():
             if p.workers:
@@ -698,10 +686,7 @@ def run_job(items: list[InputItem], runner, out_dir, writer: FeatureWriter, opti
     summary = Job(items, runner, writer, failures, options, reference).run()
     summary["skipped_already_done"] = skipped
     write_summary(out_dir, summary)
-    log.info("done: %d ok, %d failed, %d skipped (already done); %d clips in %.1fs (%.2f videos/s, %.1f clips/s)%s",
-             summary["ok"], summary["failed"], skipped, summary["clips"], summary["seconds"],
-             summary["videos_per_s"], summary["clips_per_s"],
-             f"; failures listed in {failures.path}" if summary["failed"] else "")
+    log_done(summary, failures.path)
     for name, d in summary["decoders"].items():
         log.info("decode %s: %d worker(s), %d inputs, %.1f clips/s, busy %.0f%%%s", name, d["workers"], d["inputs"],
                  d["clips_per_s"], 100 * d["busy_fraction"],

@@ -60,11 +60,16 @@ class HostNormalize:
         return self.infer(x)
 
 
+def is_cuda_tensor(frames) -> bool:
+    """Frames in a torch tensor on a GPU (GPU-decoded clips)."""
+    return type(frames).__module__.startswith("torch") and getattr(frames, "is_cuda", False)
+
+
 def infer_frames(runner, frames: np.ndarray) -> np.ndarray:
     """runner.infer_uint8 for uint8 [B, T, H, W, 3], runner.infer for float [B, T, 3, H, W]; runners without
     infer_uint8 get host-normalised frames. Frames in a CUDA tensor (GPU-decoded) go to runners that take them
     (`takes_cuda_frames`) as they are, to the others as a host copy."""
-    if type(frames).__module__.startswith("torch") and frames.is_cuda:
+    if is_cuda_tensor(frames):
         if getattr(runner, "takes_cuda_frames", False):
             return runner.infer_uint8(frames)
         frames = frames.cpu().numpy()

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .compare import l2_normalize
-from .runners import infer_frames
+from .runners import infer_frames, is_cuda_tensor
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,6 @@ def clips_with_deadline(clips: Iterable, timeout_s: float) -> Iterator:
 
 
 # --- runner -------------------------------------------------------------------------------------------------
-def is_cuda_tensor(frames) -> bool:
-    return type(frames).__module__.startswith("torch") and getattr(frames, "is_cuda", False)
-
-
 def start_inference(runner, frames) -> Callable[[], np.ndarray]:
     """Begin inference of a batch (a host array, or a CUDA tensor of GPU-decoded clips); returns a function that
     waits for its raw features. Runners with `submit_uint8` (uint8 frames) return at once, so the caller can
