@@ -286,7 +286,7 @@ def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int
 def preload_clips(paths: list[Path], windowing, img_size: int) -> list[list[np.ndarray]]:
     """Every video's clips in memory, exactly as the workers send them (uint8 [T, S, S, 3] resized frames)."""
     from .inputs import InputItem
-    from .job import iter_clips
+    from .decoders import iter_clips
 
     return [[a for _, a in iter_clips(InputItem(str(p), p.name, "video"), windowing, img_size)] for p in paths]
 

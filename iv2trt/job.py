@@ -24,14 +24,9 @@ which stage bounded the run.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import queue
-import socket
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,11 +35,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .batching import QUEUE_DEPTH, Batch, Comparison, InferenceThread, on_stream
 from .compare import l2_normalize
 from .decoders import (DEFAULT_NVDEC_SESSIONS, CpuWorker, DecoderPlan, GpuWorker, GpuWorkerPool, default_workers,
                        iter_clips, worker_context)
 from .inputs import InputItem
-from .stages import clip_frames_problem, is_cuda_tensor, log_done, start_inference, summarize, timeout_reason
+from .stages import clip_frames_problem, is_cuda_tensor, log_done, summarize, timeout_reason
 from .video import Windowing
 from .writer import FailureLog, FeatureWriter, write_summary
 
@@ -54,7 +50,6 @@ __all__ = ["Job", "JobOptions", "InferenceThread", "run_job", "check_frame_count
 log = logging.getLogger(__name__)
 
 PARTIAL_BATCH_WAIT_S = 0.5  # how long clips wait for more to fill a batch while decoders are working
-QUEUE_DEPTH = 2             # batches ready for the inference thread (besides the one it is running)
 
 
 @dataclass
@@ -80,15 +75,6 @@ def check_frame_count(runner, frames: int) -> None:
                             "pass --frames in that range, or export/build for more frames")
 
 
-def on_stream(stream):
-    """A context making `stream` the thread's current CUDA stream; no-op for None."""
-    if stream is None:
-        return contextlib.nullcontext()
-    import torch
-
-    return torch.cuda.stream(stream)
-
-
 @dataclass
 class _Video:
     item: InputItem
@@ -96,171 +82,6 @@ class _Video:
     features: dict[int, np.ndarray] = field(default_factory=dict)
     count: int | None = None        # known once the worker says done
     nvdec_failure: str | None = None  # why the GPU path could not decode it (then it is on the CPU path)
-
-
-@dataclass
-class Comparison:
-    """Running agreement of the job's runner with a reference runner (raw features)."""
-
-    min_cosine: float = 1.0
-    max_abs_error: float = 0.0
-    max_ref: float = 0.0
-    clips: int = 0
-
-    def update(self, reference: np.ndarray, output: np.ndarray) -> None:
-        from .compare import compare
-
-        c = compare(reference, output)
-        self.min_cosine = min(self.min_cosine, c.min_cosine)
-        self.max_abs_error = max(self.max_abs_error, c.max_abs_error)
-        self.max_ref = max(self.max_ref, float(np.abs(reference).max()))
-        self.clips += len(reference)
-
-    @property
-    def max_rel_error(self) -> float:
-        return self.max_abs_error / (self.max_ref or 1.0)
-
-
-class _Batch:
-    """Clips of one (dtype, shape) assembled in place: `frames[:len(self)]` are the rows, `rows` their owners."""
-
-    def __init__(self, key: tuple, frames: np.ndarray):
-        self.key, self.frames = key, frames
-        self.rows: list[tuple[int, int]] = []  # (input number, clip index)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def full(self) -> bool:
-        return len(self.rows) == len(self.frames)
-
-    def add(self, number: int, clip: int, array: np.ndarray) -> None:
-        self.frames[len(self.rows)] = array
-        self.rows.append((number, clip))
-
-    def drop(self, number: int) -> None:
-        """Remove the rows of a failed input (the others move up)."""
-        keep = [i for i, (n, _) in enumerate(self.rows) if n != number]
-        if len(keep) == len(self.rows):
-            return
-        for slot, i in enumerate(keep):
-            if slot != i:
-                self.frames[slot] = self.frames[i]
-        self.rows = [self.rows[i] for i in keep]
-
-
-class InferenceThread:
-    """Runs batches through the runner (and the reference runner, if any) in a thread of its own.
-
-    `submit` never blocks (False when QUEUE_DEPTH batches are already waiting); `results` returns the
-    finished batches as (batch, raw features, reference features, runner seconds) and re-raises an
-    exception of the thread (after which the thread has stopped). `fileno()` turns readable when a
-    result is ready, so multiprocessing.connection.wait can wait for workers and results together.
-    `busy_s` is the time at least one batch was in the runner's hands (the encoder's busy time).
-    """
-
-    def __init__(self, runner, reference=None, depth: int = QUEUE_DEPTH, cuda_stream=None):
-        from .runners import infer_frames
-
-        self.runner, self.reference, self._infer = runner, reference, infer_frames
-        self.cuda_stream = cuda_stream  # the CUDA stream the runners compute on (the job's; None: the default)
-        self.inbox: queue.Queue = queue.Queue(maxsize=depth)
-        self.outbox: queue.Queue = queue.Queue()
-        self.in_flight = 0  # submitted and not yet returned by results() (main thread only)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._stop = threading.Event()
-        self.busy_s = 0.0
-        self.thread = threading.Thread(target=self._loop, name="iv2trt-inference", daemon=True)
-        self.thread.start()
-
-    def fileno(self) -> int:
-        return self._wake_r.fileno()
-
-    def submit(self, batch: _Batch) -> bool:
-        if not self.thread.is_alive() and self.outbox.empty():
-            raise RuntimeError("the inference thread has stopped")
-        try:
-            self.inbox.put_nowait(batch)
-        except queue.Full:
-            return False
-        self.in_flight += 1
-        return True
-
-    def results(self, timeout: float = 0.0) -> list[tuple]:
-        """Finished batches, in submission order; waits up to `timeout` s for the first when none is ready."""
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        done = []
-        try:
-            if timeout > 0 and self.in_flight:
-                done.append(self.outbox.get(timeout=timeout))
-            while True:
-                done.append(self.outbox.get_nowait())
-        except queue.Empty:
-            pass
-        self.in_flight -= len(done)
-        for item in done:
-            if isinstance(item, BaseException):
-                raise item
-        return done
-
-    def _loop(self) -> None:
-        with on_stream(self.cuda_stream):
-            self._run_batches()
-
-    def _run_batches(self) -> None:
-        """Runs batches in order. A runner with `submit_uint8` gets the next batch submitted before the
-        previous one is waited for, so its upload overlaps the previous compute."""
-        pending: deque = deque()  # (batch, started, wait-for-features) submitted, not yet finished
-        busy_since = 0.0
-        while not self._stop.is_set() or pending:
-            try:
-                batch = None if self._stop.is_set() else self.inbox.get(timeout=0.0 if pending else 0.1)
-            except queue.Empty:
-                batch = None
-            try:
-                if batch is not None:
-                    if not pending:
-                        busy_since = time.perf_counter()
-                    pending.append((batch, time.perf_counter(), self._start(batch.frames[:len(batch)])))
-                if pending and (batch is None or len(pending) > 1):
-                    done, started, wait = pending.popleft()
-                    raw = wait()
-                    seconds = time.perf_counter() - started
-                    frames = done.frames[:len(done)]
-                    ref = self._infer(self.reference, frames) if self.reference is not None else None
-                    if not pending:
-                        self.busy_s += time.perf_counter() - busy_since
-                    self.outbox.put((done, raw, ref, seconds))
-                    self._notify()
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
-                self.outbox.put(exc)
-                self._notify()
-                return
-
-    def _start(self, frames):
-        """Begin inference of `frames` (a host array, or a CUDA tensor of GPU-decoded clips); returns a function
-        that waits for the raw features."""
-        return start_inference(self.runner, frames)
-
-    def _notify(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):  # full: the main thread has wake-ups pending anyway
-            pass
-
-    def close(self, timeout: float = 60.0) -> None:
-        """Stop the thread (after the batch it is running) and free its sockets."""
-        self._stop.set()
-        self.thread.join(timeout)
-        self._wake_r.close()
-        self._wake_w.close()
 
 
 class _PathStats:
@@ -289,8 +110,8 @@ class Job:
         self.batch_size = max(1, min(options.batch_size, runner.max_batch or options.batch_size))
         check_frame_count(runner, options.windowing.frames)
         self.videos: dict[int, _Video] = {}
-        self.open: dict[tuple, _Batch] = {}      # batches being filled, one per (device, dtype, clip shape)
-        self.ready: deque[_Batch] = deque()      # full (or flushed) batches waiting for room in the queue
+        self.open: dict[tuple, Batch] = {}      # batches being filled, one per (device, dtype, clip shape)
+        self.ready: deque[Batch] = deque()      # full (or flushed) batches waiting for room in the queue
         self._free: dict[tuple, list[Any]] = {}  # batch buffers to reuse
         self.inference: InferenceThread | None = None
         self.stats = {"ok": 0, "failed": 0, "clips": 0, "batches": 0, "infer_s": 0.0}
@@ -399,7 +220,7 @@ class Job:
         with on_stream(self.cuda_stream if key[0] != "cpu" else None):
             batch = self.open.get(key)
             if batch is None:
-                batch = self.open[key] = _Batch(key, self._buffer(key))
+                batch = self.open[key] = Batch(key, self._buffer(key))
             batch.add(number, clip, array)
         if batch.full:
             self.ready.append(self.open.pop(key))
@@ -416,7 +237,7 @@ class Job:
         alloc = getattr(self.runner, "new_host_buffer", None)  # pinned memory for GPU runners
         return alloc(shape, np.dtype(dtype)) if alloc is not None else np.empty(shape, np.dtype(dtype))
 
-    def _recycle(self, batch: _Batch) -> None:
+    def _recycle(self, batch: Batch) -> None:
         free = self._free.setdefault(batch.key, [])
         if len(free) < QUEUE_DEPTH + 2:
             free.append(batch.frames)
@@ -444,7 +265,7 @@ class Job:
         while done and self.ready and self.inference.submit(self.ready[0]):
             self.ready.popleft()
 
-    def _complete(self, batch: _Batch, raw: np.ndarray, ref: np.ndarray | None, seconds: float) -> None:
+    def _complete(self, batch: Batch, raw: np.ndarray, ref: np.ndarray | None, seconds: float) -> None:
         self.stats["infer_s"] += seconds
         if self.comparison is not None:
             self.comparison.update(ref, raw)

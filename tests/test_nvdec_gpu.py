@@ -14,7 +14,7 @@ import torch
 from iv2trt.decoders import iter_clips
 from iv2trt.inputs import InputItem
 from iv2trt.nvdec import nvdec_unavailable
-from iv2trt.samples import pattern_frames, write_image, write_video
+from iv2trt.samples import write_image
 from iv2trt.video import DecodeError, Windowing
 
 REASON = nvdec_unavailable()

@@ -151,7 +151,7 @@ def test_inference_thread_error_reaches_the_main_thread(tmp_path):
     assert len(load_features(tmp_path)[1]) == 8  # the two videos finished before the error are kept
 
     thread = InferenceThread(_Exploding(after=0, exc=MemoryError("boom")))
-    from iv2trt.job import _Batch
+    from iv2trt.batching import Batch as _Batch
 
     batch = _Batch(("|u1", (4, 56, 56, 3)), np.zeros((2, 4, 56, 56, 3), np.uint8))
     batch.add(0, 0, np.zeros((4, 56, 56, 3), np.uint8))
@@ -163,7 +163,7 @@ def test_inference_thread_error_reaches_the_main_thread(tmp_path):
 
 
 def test_failed_input_rows_are_dropped_from_open_batches():
-    from iv2trt.job import _Batch
+    from iv2trt.batching import Batch as _Batch
 
     batch = _Batch(("|u1", (1,)), np.zeros((4, 1), np.uint8))
     for i, n in enumerate((0, 1, 0, 2)):
