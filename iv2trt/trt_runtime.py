@@ -197,6 +197,7 @@ class TensorRTRunner:
     [B, T, H, W, 3] (infer_uint8) -> float32 features [B, D] (raw)."""
 
     name = "tensorrt"
+    takes_cuda_frames = True  # infer_uint8 also takes a uint8 CUDA tensor (GPU-decoded clips) and stays on the GPU
 
     def __init__(self, engine_path: str | Path, device: int = 0):
         from .cuda_env import driver_problem
@@ -282,7 +283,8 @@ class TensorRTRunner:
         """float frames [B, T, 3, H, W] -> float32 features [B, D]."""
         frames = np.asarray(frames)
         check_frames_shape(frames.shape, self.frame_range, self.chw)
-        return self._infer_rows(frames.shape, lambda dst, a, b: np.copyto(dst, frames[a:b], casting="unsafe"))
+        return self._infer_rows(frames.shape,
+                                self._host_input(lambda dst, a, b: np.copyto(dst, frames[a:b], casting="unsafe")))
 
     def infer_uint8(self, frames: np.ndarray) -> np.ndarray:
         """uint8 resized frames [B, T, H, W, 3] -> float32 features [B, D]; normalised on the host straight
@@ -290,14 +292,56 @@ class TensorRTRunner:
         from .runners import check_uint8_frames, normalized_shape
         from .transforms import normalize_frames
 
+        from .runners import is_cuda_tensor
+
+        if is_cuda_tensor(frames):
+            return self._infer_device(frames)
         frames = check_uint8_frames(frames)
         shape = normalized_shape(frames.shape)
         check_frames_shape(shape, self.frame_range, self.chw)
-        return self._infer_rows(shape, lambda dst, a, b: normalize_frames(frames[a:b], out=dst))
+        return self._infer_rows(shape, self._host_input(lambda dst, a, b: normalize_frames(frames[a:b], out=dst)))
 
-    def _infer_rows(self, shape: tuple[int, ...], fill) -> np.ndarray:
-        """Run all rows of a [B, T, C, H, W] batch; fill(dst, start, stop) writes rows [start, stop) into dst,
-        a view of the pinned input buffer in the engine's dtype."""
+    def _infer_device(self, frames) -> np.ndarray:
+        """uint8 frames [B, T, H, W, 3] in GPU memory (a torch CUDA tensor): normalised there by PyTorch into the
+        engine's dtype, copied device to device into the engine's input; no pixel goes through host memory."""
+        import torch
+
+        from .runners import normalized_shape
+        from .transforms import normalize_frames
+
+        if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+            raise PipelineError(f"infer_uint8 takes uint8 frames [batch, frames, H, W, 3], got {frames.dtype} "
+                                f"{tuple(frames.shape)}")
+        shape = normalized_shape(tuple(frames.shape))
+        check_frames_shape(shape, self.frame_range, self.chw)
+        dtype = torch.from_numpy(np.empty(0, self.input_dtype)).dtype
+        x = normalize_frames(frames, out=torch.empty(shape, dtype=dtype, device=frames.device))
+        torch.cuda.current_stream(frames.device).synchronize()  # x is written before pycuda's stream reads it
+        row = x[0].numel() * x.element_size()
+
+        def put(chunk: Chunk, run_shape: tuple[int, ...]) -> None:
+            rows = chunk.stop - chunk.start
+            self.cuda.memcpy_dtod_async(self.device_in, x.data_ptr() + chunk.start * row, rows * row, self.stream)
+            if chunk.run_batch > rows:  # zero the padding rows of the profile's minimum batch
+                self.cuda.memset_d8_async(int(self.device_in) + rows * row, 0, (chunk.run_batch - rows) * row,
+                                          self.stream)
+        return self._infer_rows(shape, put)
+
+    def _host_input(self, fill):
+        """put() for host frames: fill(dst, start, stop) writes rows [start, stop) into dst, a view of the pinned
+        input buffer in the engine's dtype; padding rows are zeroed; one upload."""
+        def put(chunk: Chunk, run_shape: tuple[int, ...]) -> None:
+            rows = chunk.stop - chunk.start
+            host_in = self.host_in.reshape(-1)[:int(np.prod(run_shape))].reshape(run_shape)  # pinned buffer view
+            fill(host_in[:rows], chunk.start, chunk.stop)  # -> engine dtype, on the host
+            if chunk.run_batch > rows:
+                host_in[rows:] = 0
+            self.cuda.memcpy_htod_async(self.device_in, host_in, self.stream)
+        return put
+
+    def _infer_rows(self, shape: tuple[int, ...], put) -> np.ndarray:
+        """Run all rows of a [B, T, C, H, W] batch; put(chunk, run_shape) places a chunk's rows (padded to the
+        run shape) into the engine's input buffer on the runner's stream."""
         out = np.empty((shape[0], self.feature_dim), np.float32)
         with self._lock:
             if self.context_cuda is None:
@@ -305,19 +349,15 @@ class TensorRTRunner:
             self.context_cuda.push()
             try:
                 for chunk in plan_batches(shape[0], self.min_batch, self.max_batch):
-                    out[chunk.start:chunk.stop] = self._run(chunk, shape[1], fill)
+                    out[chunk.start:chunk.stop] = self._run(chunk, shape[1], put)
             finally:
                 self.context_cuda.pop()
         return out
 
-    def _run(self, chunk: Chunk, n_frames: int, fill) -> np.ndarray:
+    def _run(self, chunk: Chunk, n_frames: int, put) -> np.ndarray:
         """One engine call on rows that fit the profile (zero-padded up to run_batch)."""
         rows, run_batch = chunk.stop - chunk.start, chunk.run_batch
         shape = (run_batch, n_frames, *self.chw)
-        host_in = self.host_in.reshape(-1)[:int(np.prod(shape))].reshape(shape)  # a view of the pinned buffer
-        fill(host_in[:rows], chunk.start, chunk.stop)  # -> engine dtype, on the host
-        if run_batch > rows:
-            host_in[rows:] = 0
         if not self.context.set_input_shape(self.input_name, shape):
             raise PipelineError(f"the engine refused input shape {shape}: profile is batch {self.min_batch}.."
                                 f"{self.max_batch}, frames {self.frame_range[0]}..{self.frame_range[1]}")
@@ -325,7 +365,7 @@ class TensorRTRunner:
         if out_shape != (run_batch, self.feature_dim):  # the buffer holds [max_batch, D]
             raise PipelineError(f"for input {shape} the engine's output '{self.output_name}' is {list(out_shape)}, "
                                 f"not [{run_batch}, {self.feature_dim}]: rebuild it from export_onnx.py's ONNX")
-        self.cuda.memcpy_htod_async(self.device_in, host_in, self.stream)
+        put(chunk, shape)
         if not self.context.execute_async_v3(self.stream.handle):
             raise PipelineError(f"TensorRT execution failed for shape {shape} (see its log above)")
         host_out = self.host_out[:run_batch]

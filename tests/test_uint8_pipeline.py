@@ -211,3 +211,37 @@ def test_tensorrt_infer_uint8_normalises_into_the_pinned_input(dtype):
     np.testing.assert_array_equal(runner.infer_uint8(x), expected)
     with pytest.raises(PipelineError, match="outside this engine's profile range"):
         runner.infer_uint8(_clips(batch=1, frames=5, size=8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tensorrt_takes_gpu_frames_device_to_device(dtype, monkeypatch):
+    """GPU-decoded clips (a CUDA tensor) reach the engine without host memory: normalised by PyTorch where they
+    are, then one device-to-device copy per chunk, padding rows zeroed on the device. A CPU tensor and a fake
+    pycuda that reads 'device' addresses as host ones stand in for the GPU; the features must equal the host
+    path's (3 rows: chunks of 2 and 1, the second padded to the engine's minimum batch of 2)."""
+    import ctypes
+    from types import SimpleNamespace
+
+    import torch
+
+    x = _clips(batch=3, frames=4, size=8, seed=5)
+    expected = _fake_trt_runner(dtype, max_batch=2, min_batch=2).infer_uint8(x)
+    runner = _fake_trt_runner(dtype, max_batch=2, min_batch=2)
+    runner.input_dtype, runner.device_in = dtype, 0  # the fake's device address
+    upload = runner.cuda.memcpy_htod_async  # the fake engine reads what this was given
+    rows: dict = {}
+
+    def dtod(dst, src, size, stream):
+        rows["in"] = np.frombuffer((ctypes.c_uint8 * size).from_address(src), dtype).reshape(-1, 4, 3, 8, 8).copy()
+        upload(None, rows["in"], None)
+
+    def memset(dst, value, size, stream):
+        assert value == 0
+        rows["in"] = np.concatenate([rows["in"], np.zeros((size // rows["in"][0].nbytes, 4, 3, 8, 8), dtype)])
+        upload(None, rows["in"], None)
+
+    runner.cuda = SimpleNamespace(memcpy_dtod_async=dtod, memset_d8_async=memset,
+                                  memcpy_htod_async=lambda *a: pytest.fail("pixels went through host memory"),
+                                  memcpy_dtoh_async=runner.cuda.memcpy_dtoh_async)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(synchronize=lambda: None))
+    np.testing.assert_array_equal(runner._infer_device(torch.from_numpy(x)), expected)
