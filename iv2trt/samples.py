@@ -25,16 +25,22 @@ def pattern_frames(count: int, height: int, width: int, seed: int = 0) -> np.nda
 
 def write_video(path: str | Path, frames: np.ndarray, codec: str = "libx264", fps: int = 25,
                 rotation: int | None = None, pts: Sequence[int] | None = None, pix_fmt: str | None = None,
-                gop: int | None = None) -> Path:
+                gop: int | None = None, options: dict[str, str] | None = None, colorspace: int | None = None,
+                color_range: int | None = None) -> Path:
     """Encode uint8 RGB frames; `pts` (in 1/fps/100 units) makes a variable frame rate video,
-    `rotation` (counter-clockwise degrees) sets the display matrix."""
+    `rotation` (counter-clockwise degrees) sets the display matrix, `colorspace`/`color_range` (AVColorSpace,
+    AVColorRange) tag the stream, `options` go to the encoder."""
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
+        stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.height, stream.width = frames.shape[1], frames.shape[2]
+        if colorspace is not None:
+            stream.codec_context.colorspace = colorspace
+        if color_range is not None:
+            stream.codec_context.color_range = color_range
         stream.pix_fmt = pix_fmt or ("yuvj420p" if codec == "mjpeg" else "yuv420p")
         if gop:
             stream.codec_context.gop_size = gop

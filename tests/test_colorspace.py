@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from iv2trt.colorspace import nv12_to_rgb, split_nv12, stream_yuv_to_rgb, yuv_to_rgb
-from iv2trt.samples import pattern_frames
+from iv2trt.samples import pattern_frames, write_video
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -76,19 +76,8 @@ def test_every_yuv_triple_matches_pyav():
 
 
 def _encode(path, frames, colorspace=None, color_range=None, pix_fmt="yuv420p"):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25, options={"bframes": "3"})
-        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], pix_fmt
-        if colorspace is not None:
-            stream.codec_context.colorspace = colorspace
-        if color_range is not None:
-            stream.codec_context.color_range = color_range
-        for rgb in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return write_video(path, frames, options={"bframes": "3"}, pix_fmt=pix_fmt, colorspace=colorspace,
+                       color_range=color_range)
 
 
 @pytest.mark.parametrize("colorspace,color_range,pix_fmt", [(None, None, "yuv420p"), (1, 1, "yuv420p"),

@@ -14,7 +14,7 @@ import torch
 from iv2trt.decoders import iter_clips
 from iv2trt.inputs import InputItem
 from iv2trt.nvdec import nvdec_unavailable
-from iv2trt.samples import write_image
+from iv2trt.samples import write_image, write_video
 from iv2trt.video import DecodeError, Windowing
 
 REASON = nvdec_unavailable()
@@ -49,21 +49,8 @@ def natural_frames(count: int, h: int, w: int, seed: int) -> np.ndarray:
 
 def encode(path: Path, frames: np.ndarray, codec: str, fps: int = 30, options=None, pix_fmt="yuv420p",
            colorspace=None, color_range=None, rotation=None) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps, options=options or {})
-        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], pix_fmt
-        if colorspace is not None:
-            stream.codec_context.colorspace = colorspace
-        if color_range is not None:
-            stream.codec_context.color_range = color_range
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        for rgb in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    return write_video(path, frames, codec, fps, rotation=rotation, pix_fmt=pix_fmt, options=options,
+                       colorspace=colorspace, color_range=color_range)
 
 
 @pytest.fixture(scope="module")
