@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import socket
 import threading
 import time
 from collections import deque
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .doorbell import Doorbell
 from .stages import start_inference
 
 QUEUE_DEPTH = 2             # batches ready for the inference thread (besides the one it is running)
@@ -101,16 +101,14 @@ class InferenceThread:
         self.inbox: queue.Queue = queue.Queue(maxsize=depth)
         self.outbox: queue.Queue = queue.Queue()
         self.in_flight = 0  # submitted and not yet returned by results() (main thread only)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._doorbell = Doorbell()  # rung when a result is ready
         self._stop = threading.Event()
         self.busy_s = 0.0
         self.thread = threading.Thread(target=self._loop, name="iv2trt-inference", daemon=True)
         self.thread.start()
 
     def fileno(self) -> int:
-        return self._wake_r.fileno()
+        return self._doorbell.fileno()
 
     def submit(self, batch: Batch) -> bool:
         if not self.thread.is_alive() and self.outbox.empty():
@@ -124,11 +122,7 @@ class InferenceThread:
 
     def results(self, timeout: float = 0.0) -> list[tuple]:
         """Finished batches, in submission order; waits up to `timeout` s for the first when none is ready."""
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._doorbell.clear()
         done = []
         try:
             if timeout > 0 and self.in_flight:
@@ -171,10 +165,10 @@ class InferenceThread:
                     if not pending:
                         self.busy_s += time.perf_counter() - busy_since
                     self.outbox.put((done, raw, ref, seconds))
-                    self._notify()
+                    self._doorbell.ring()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
                 self.outbox.put(exc)
-                self._notify()
+                self._doorbell.ring()
                 return
 
     def _start(self, frames):
@@ -182,15 +176,8 @@ class InferenceThread:
         that waits for the raw features."""
         return start_inference(self.runner, frames)
 
-    def _notify(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):  # full: the main thread has wake-ups pending anyway
-            pass
-
     def close(self, timeout: float = 60.0) -> None:
         """Stop the thread (after the batch it is running) and free its sockets."""
         self._stop.set()
         self.thread.join(timeout)
-        self._wake_r.close()
-        self._wake_w.close()
+        self._doorbell.close()

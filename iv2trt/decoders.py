@@ -19,13 +19,13 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import threading
 import time
 from typing import Any, Iterator
 
 import numpy as np
 
+from .doorbell import Doorbell
 from .errors import BackendUnavailable
 from .inputs import InputItem
 from .video import DecodeError, Windowing, read_clips
@@ -156,12 +156,10 @@ class GpuWorkerPool:
         self.gpu, self.w, self.img_size, self.jpeg = gpu, w, img_size, jpeg
         self.outbox: queue.Queue = queue.Queue(maxsize=GPU_OUTBOX_CLIPS)
         self.stopping = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._doorbell = Doorbell()  # rung when messages wait
 
     def fileno(self) -> int:
-        return self._wake_r.fileno()
+        return self._doorbell.fileno()
 
     def put(self, worker: "GpuWorker", message: tuple) -> bool:
         """Queue a message (waits while the outbox is full); False once the job is stopping."""
@@ -170,19 +168,12 @@ class GpuWorkerPool:
                 self.outbox.put((worker, message), timeout=0.1)
             except queue.Full:
                 continue
-            try:
-                self._wake_w.send(b"\0")
-            except (BlockingIOError, OSError):
-                pass
+            self._doorbell.ring()
             return True
         return False
 
     def messages(self) -> list[tuple["GpuWorker", tuple]]:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._doorbell.clear()
         out = []
         try:
             while True:
@@ -193,8 +184,7 @@ class GpuWorkerPool:
 
     def close(self) -> None:
         self.stopping.set()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._doorbell.close()
 
 
 class GpuWorker:

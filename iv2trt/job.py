@@ -418,8 +418,8 @@ class Job:
         info = {"start_s": math.nan, "end_s": math.nan, "indices": []}
         try:
             for clips in videos:
-                number = len(self.items)
-                self.items.append(InputItem(f"preloaded/{number}", f"preloaded/{number}", "video"))
+                name = f"preloaded/{len(self.items)}"
+                self.items.append(InputItem(name, name, "video"))
                 number = self._new_video(self.items[-1])
                 count = 0
                 for array in clips:

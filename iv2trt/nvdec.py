@@ -186,7 +186,8 @@ class NvdecSession:
         plan = probe.plan(self.w)
         pts = probe.pts
         index_of = {p: i for i, p in enumerate(pts)}
-        needed_pts = {pts[i] for i in needed_frames(plan)}
+        needed = needed_frames(plan)
+        needed_pts = {pts[i] for i in needed}
         asm = ClipAssembler(plan, stack=torch.stack)
         turns = int(round(rotation / 90.0)) % 4
         drop = probe.codec == "h264"
@@ -218,7 +219,6 @@ class NvdecSession:
                     done.record(self.stream)
                     yield {"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices}, resized, done
 
-        needed = needed_frames(plan)
         got: set[int] = set()
         fed, seeked_to, next_needed, seeking = -1, None, 0, True  # fed: latest frame (presentation index) sent
         try:
@@ -265,7 +265,7 @@ class NvdecSession:
         finally:
             self._flush(key)
         if not asm.done:
-            raise DecodeError(f"NVDEC returned {len(asm.frames)} of the {len(needed_pts)} needed frames "
+            raise DecodeError(f"NVDEC returned {len(got)} of the {len(needed)} needed frames "
                               "(truncated or corrupt stream)")
 
     # --- JPEG images and folders ------------------------------------------------------------------------------

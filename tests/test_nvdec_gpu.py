@@ -6,7 +6,6 @@ import copy
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -17,18 +16,12 @@ from iv2trt.nvdec import nvdec_unavailable
 from iv2trt.samples import write_image, write_video
 from iv2trt.video import DecodeError, Windowing
 
+from test_video import _has_encoder  # noqa: E402 - the tests' own helper
+
 REASON = nvdec_unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"needs NVDEC: {REASON}")
 
 SIZE = 112
-
-
-def _encoder(name: str) -> bool:
-    try:
-        av.codec.Codec(name, "w")
-        return True
-    except Exception:
-        return False
 
 
 def natural_frames(count: int, h: int, w: int, seed: int) -> np.ndarray:
@@ -97,7 +90,7 @@ CODECS = [("libx264", "mp4", {"bf": "3"}, True), ("libx265", "mp4", {"x265-param
 @pytest.mark.parametrize("codec,ext,options,bit_exact", CODECS, ids=[c[0] for c in CODECS])
 @pytest.mark.parametrize("w", WINDOWINGS, ids=["one-clip", "1s-windows", "frame-windows"])
 def test_clips_match_the_cpu_path(tmp_path, session, codec, ext, options, bit_exact, w):
-    if not _encoder(codec):
+    if not _has_encoder(codec):
         pytest.skip(f"no {codec} encoder in this FFmpeg build")
     path = encode(tmp_path / f"v.{ext}", natural_frames(75, 144, 256, seed=1), codec, options=options)
     gpu, _ = gpu_clips(session, path, w)
@@ -216,7 +209,7 @@ def test_job_features_nvdec_vs_cpu(tmp_path, tiny_model):
     root.mkdir()
     for i, (codec, ext) in enumerate([("libx264", "mp4"), ("libx265", "mp4"), ("libvpx-vp9", "webm"), ("mpeg4", "mp4"),
                                       ("mpeg4", "avi")]):  # MPEG-4 in AVI: NVDEC refuses, the CPU decodes it
-        if _encoder(codec):
+        if _has_encoder(codec):
             encode(root / f"{i}.{ext}", natural_frames(60, 144, 176, seed=20 + i), codec)
     (root / "broken.mp4").write_bytes(np.random.default_rng(1).integers(0, 256, 5000, np.uint8).tobytes())
     results = {}
