@@ -177,6 +177,7 @@ class TorchBench:
 
         self.torch = torch
         self.runner = TorchRunner(copy.deepcopy(model), device, precision, compile_mode=compile_mode)
+        self.runner.replay_larger_graphs = False  # each cell times its own shape's graph
         self.cuda = self.runner.device.type == "cuda"
 
     def compile_info(self, batch: int, frames: int) -> dict[str, Any]:

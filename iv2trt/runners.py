@@ -12,6 +12,7 @@ trt_runtime.py, the only module that touches TensorRT's execution API.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ import numpy as np
 from .errors import BackendUnavailable, PipelineError
 
 log = logging.getLogger(__name__)
+
+GRAPH_STREAMS_ENV = "IV2TRT_GRAPH_STREAMS"  # TorchRunner's default graph_streams
 
 
 def check_uint8_frames(frames) -> np.ndarray:
@@ -88,7 +91,8 @@ class TorchRunner:
     (a CUDA tensor from the GPU decoders) are normalised where they are. `submit_uint8` starts a
     batch and returns a function that waits for its features, so the next batch's upload overlaps this
     one's compute. Each input shape's forward pass is captured once as a CUDA graph (`cuda_graphs`) and
-    replayed, which removes the per-kernel launch cost that dominates small batches.
+    replayed, which removes the per-kernel launch cost that dominates small batches; a large batch is
+    captured as `graph_streams` parts on parallel streams (see `_forward_parts`).
     The model is moved to the device and dtype in place and switched to fused kernels. On a GPU in fp16/bf16
     it is also torch.compile'd (`compile_mode`, see torch_compile.py): a new input shape runs the eager model
     (uncaptured while a compile is in flight) until its compiled form is ready, compiled in the background
@@ -97,9 +101,12 @@ class TorchRunner:
 
     name = "torch"
     MAX_GRAPHS = 8
+    GRAPH_STREAMS = 2      # default graph_streams on a GPU (IV2TRT_GRAPH_STREAMS overrides)
+    MIN_PART_FRAMES = 64   # a batch splits over the streams only when each part has this many frames
 
     def __init__(self, model, device: str | None = None, precision: str | None = None, cuda_graphs: bool = True,
-                 compile_mode: str | None = None, compile_in_background: bool = True):
+                 compile_mode: str | None = None, compile_in_background: bool = True,
+                 graph_streams: int | None = None):
         import torch
 
         from .torch_compile import CompiledForward, resolve_mode
@@ -113,6 +120,9 @@ class TorchRunner:
         self.max_batch = None
         self.frame_range = (1, None)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graph_streams = graph_streams or int(os.environ.get(GRAPH_STREAMS_ENV) or self.GRAPH_STREAMS)
+        self._part_streams: list = []
+        self.replay_larger_graphs = True  # False: every batch size gets its own graph (benchmarks)
         self.compile_mode = resolve_mode(compile_mode, self.device.type, self.dtype)
         self.compiled = CompiledForward(self.model, self.compile_mode, background=compile_in_background) \
             if self.compile_mode else None
@@ -147,7 +157,8 @@ class TorchRunner:
             entry = self._graphs.get(key)
             if entry is None or entry[3] is not forward:
                 larger = [k for k, e in self._graphs.items() if k[1:] == key[1:] and k[0] > key[0] and e[3] is forward]
-                if entry is None and larger:  # a smaller batch replays a larger one's graph (extra rows ignored)
+                if entry is None and larger and self.replay_larger_graphs:
+                    # a smaller batch (a job's last) replays a larger one's graph (extra rows ignored)
                     graph, static_in, static_out, _ = self._graphs[min(larger)]
                     static_in[:len(x)].copy_(x)
                     graph.replay()
@@ -173,18 +184,51 @@ class TorchRunner:
     def _capture(self, forward, x) -> tuple:
         torch = self.torch
         static_in = x.clone()
+        parts = self._graph_parts(forward, x)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: kernels picked and workspaces allocated outside the capture
-                forward(static_in)
+                for part in parts:
+                    forward(static_in[part])
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            static_out = forward(static_in)
-        log.debug("captured a CUDA graph for input %s (%s)", tuple(x.shape),
-                  "eager" if forward is self.model else f"compiled, {self.compile_mode}")
+            static_out = self._forward_parts(forward, static_in, parts)
+        log.debug("captured a CUDA graph for input %s (%s, %d stream(s))", tuple(x.shape),
+                  "eager" if forward is self.model else f"compiled, {self.compile_mode}", len(parts))
         return graph, static_in, static_out, forward
+
+    def _graph_parts(self, forward, x) -> list[slice]:
+        """The batch slices captured on parallel streams: `graph_streams` equal parts when the batch splits
+        into parts of 2 or more clips that run the same compiled specialisation (or the eager model), else
+        the whole batch."""
+        n, batch = self.graph_streams, x.shape[0]
+        if n < 2 or batch % n or batch // n < 2 or batch // n * x.shape[1] < self.MIN_PART_FRAMES:
+            return [slice(None)]
+        if forward is not self.model and not self.compiled.ready((batch // n, *x.shape[1:])):
+            return [slice(None)]
+        step = batch // n
+        return [slice(i * step, (i + 1) * step) for i in range(n)]
+
+    def _forward_parts(self, forward, x, parts: list[slice]):
+        """forward over the batch parts, each on its own stream forked from the current one and joined back,
+        so one part's memory-bound kernels and kernel tails overlap another's compute (inside a CUDA graph
+        the parts are parallel branches)."""
+        torch = self.torch
+        if len(parts) == 1:
+            return forward(x)
+        while len(self._part_streams) < len(parts):
+            self._part_streams.append(torch.cuda.Stream(self.device))
+        current = torch.cuda.current_stream(self.device)
+        outs = []
+        for part, stream in zip(parts, self._part_streams):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                outs.append(forward(x[part]))
+        for stream in self._part_streams[:len(parts)]:
+            current.wait_stream(stream)
+        return torch.cat(outs)
 
     def prepare(self, batch_frames, wait: bool = True) -> None:
         """Get ready for inputs of these (batch, frames): request their compiles (torch.compile on) and, with

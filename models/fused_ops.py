@@ -1,0 +1,54 @@
+"""The fused path's custom ops: Triton kernels wrapped so torch.compile and CUDA graphs treat them as one op.
+
+`attention_cls_split(q, k, v, scale)` -> [B, N, heads * head_dim]: exact attention with token 0 handled
+apart, so cuDNN's flash kernel sees the N - 1 = 2,048 patch tokens, a whole number of its tiles (see
+models.triton_kernels). Used only where `cls_split_available` holds: a CUDA GPU in fp16/bf16 with Triton and
+cuDNN's attention; elsewhere the model keeps torch's SDPA. `IV2TRT_CLS_SPLIT=off` turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+ENV_VAR = "IV2TRT_CLS_SPLIT"
+QUERIES = "all"  # cuDNN takes all queries (see triton_kernels.attention_cls_split)
+
+
+@functools.cache
+def _kernels():
+    """models.triton_kernels, or None where Triton cannot be imported."""
+    try:
+        from . import triton_kernels
+    except Exception:  # no Triton (CPU installs) or a broken one: the model keeps torch's SDPA
+        return None
+    return triton_kernels
+
+
+def cls_split_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `attention_cls_split` serves a model on this device in this dtype: a CUDA GPU of compute
+    capability 8.0 or later, fp16/bf16, Triton importable, cuDNN's attention allowed, not turned off."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if os.environ.get(ENV_VAR, "on").lower() in ("off", "0", "false", "no") or _kernels() is None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def cls_split_shape_ok(q: torch.Tensor) -> bool:
+    """q [B, heads, N, head_dim] has a cls token to split off and a head dim cuDNN's kernel takes."""
+    return q.shape[-2] >= 2 and q.shape[-1] in (32, 64, 128)
+
+
+@torch.library.custom_op("iv2trt::attention_cls_split", mutates_args=())
+def attention_cls_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over [B, heads, N, head_dim] -> [B, N, heads * head_dim], token 0 apart."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _kernels().attention_cls_split(q, k, v, scale, queries=QUERIES)
+
+
+@attention_cls_split.register_fake
+def _(q, k, v, scale):
+    B, H, N, D = q.shape
+    return q.new_empty(B, N, H * D)
