@@ -1,8 +1,8 @@
 """Where the PyTorch encoder's GPU time goes: kernel time per group from a torch.profiler profile, per
 compile mode, and the attention kernels torch's SDPA offers at the model's shape (tools/profile_encoder.py).
 
-Groups (first match wins, on the kernel's name): attention (SDPA's kernels), matmul with a fused epilogue
-(TorchInductor's Triton templates), matmul (cuBLAS/CUTLASS, split-K reductions included), norm/reduction
+Groups (first match wins, on the kernel's name): attention (SDPA's kernels, the cls split's merge), matmul
+with a fused epilogue (TorchInductor's Triton templates, the qkv + q/k norm kernel), matmul (cuBLAS/CUTLASS, split-K reductions included), norm/reduction
 (norm kernels, TorchInductor's reductions, which hold the fused residual adds), elementwise/copies
 (everything else: GELU, adds, casts, layout copies, TorchInductor's pointwise kernels)."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 GROUPS = ("attention", "matmul+epilogue (Triton)", "matmul (cuBLAS)", "norm/reduction", "elementwise/copies")
 _RULES = (  # TorchInductor's kernels by kind first: their names list the ops fused in (attention's too)
-    ("matmul+epilogue (Triton)", re.compile(r"^triton_tem")),
+    ("matmul+epilogue (Triton)", re.compile(r"^triton_tem|^_qkv_rmsnorm_kernel")),  # models.triton_kernels' too
+    ("attention", re.compile(r"^_cls_merge_kernel")),
     ("norm/reduction", re.compile(r"^triton_(per|red)_")),
     ("elementwise/copies", re.compile(r"^triton_")),
     ("attention", re.compile(r"sdpa|fmha|flash|attention|attn_fwd", re.I)),

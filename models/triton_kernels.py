@@ -1,10 +1,7 @@
 """Triton kernels of the fused fp16 path on a GPU: what TensorRT folds into its matrix products and attention.
 
-- `linear_rownorm`: x @ W^T + b with an epilogue that works on whole rows of 384 (the model's width) at
-  once, so the RMSNorm that follows a matrix product needs no pass of its own:
-  - the residual branch's end (attention's proj, the MLP's fc2): residual + gamma * (x W^T + b), and the
-    next norm of that sum, both written by the one kernel;
-  - qkv: the q and k RMSNorms over their full width, applied before q, k and v are written.
+- `qkv_rmsnorm`: the qkv projection with the q and k RMSNorms in its epilogue: one program holds whole
+  rows of q, k or v (384 columns, three accumulators of 128), normalises q's and k's and writes them once.
 - `attention_cls_split`: cuDNN's flash attention over the 2,048 patch tokens alone (a whole number of
   tiles; the 2,049th token costs cuDNN a quarter more), merged with the cls key through the log-sum-exp
   cuDNN returns, and the cls query on its own.
@@ -33,13 +30,6 @@ def _bias_round(acc, bias_ptr, cols, HAS_BIAS: tl.constexpr, dtype: tl.constexpr
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     return acc.to(dtype).to(tl.float32)
-
-
-@triton.jit
-def _residual(y, res_ptrs, gamma_ptr, cols, mask, dtype: tl.constexpr):
-    """residual + gamma * y, rounded to the activation dtype (the stored residual stream), in float32."""
-    res = tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return (res + y * tl.load(gamma_ptr + cols).to(tl.float32)[None, :]).to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -79,16 +69,11 @@ def _store_normed_row(ptrs, y0, y1, y2, y3, w_ptr, mask, eps, CHUNK: tl.constexp
 
 
 @triton.jit
-def _linear_rownorm_kernel(
-        a_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, gamma_ptr, norm_w_ptr, normed_ptr,
-        M, stride_am, stride_wn, stride_om, stride_rm, stride_nm, eps, K: tl.constexpr,
-        CHUNK: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, NORM_SECTIONS: tl.constexpr, RESIDUAL: tl.constexpr, NORM_OUT: tl.constexpr):
-    """One program: BLOCK_M rows x one section of R = CHUNK * CHUNKS output columns (program axis 1).
-
-    RESIDUAL: out = residual + gamma * (a W^T + b); with NORM_OUT also normed = RMSNorm(out) * norm_w.
-    Else: out[:, section] = a W^T + b, RMSNorm'd with norm_w[section] for the first NORM_SECTIONS sections.
-    """
+def _qkv_rmsnorm_kernel(a_ptr, w_ptr, bias_ptr, q_norm_ptr, k_norm_ptr, out_ptr, M, stride_am, stride_wn,
+                        stride_om, eps, K: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One program: BLOCK_M rows of one section (program axis 1: q, k or v) of R = CHUNK * CHUNKS columns of
+    a W^T (+ b); q's and k's rows are RMSNorm'd over their R columns before they are stored."""
     dtype = out_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     section = tl.program_id(1)
@@ -126,80 +111,46 @@ def _linear_rownorm_kernel(
     if CHUNKS > 3:
         acc3 = _bias_round(acc3, bias_ptr, c0 + 3 * CHUNK, HAS_BIAS, dtype)
     out_ptrs = out_ptr + rows64 * stride_om + c0[None, :]
-    if RESIDUAL:
-        res_ptrs = res_ptr + rows64 * stride_rm + c0[None, :]
-        acc0 = _residual(acc0, res_ptrs, gamma_ptr, c0, row_ok, dtype)
-        if CHUNKS > 1:
-            acc1 = _residual(acc1, res_ptrs + CHUNK, gamma_ptr, c0 + CHUNK, row_ok, dtype)
-        if CHUNKS > 2:
-            acc2 = _residual(acc2, res_ptrs + 2 * CHUNK, gamma_ptr, c0 + 2 * CHUNK, row_ok, dtype)
-        if CHUNKS > 3:
-            acc3 = _residual(acc3, res_ptrs + 3 * CHUNK, gamma_ptr, c0 + 3 * CHUNK, row_ok, dtype)
-        _store_row(out_ptrs, acc0, acc1, acc2, acc3, row_ok, CHUNK, CHUNKS, dtype)
-        if NORM_OUT:
-            _store_normed_row(normed_ptr + rows64 * stride_nm + rn[None, :], acc0, acc1, acc2, acc3, norm_w_ptr,
-                              row_ok, eps, CHUNK, CHUNKS, dtype)
+    if section == 0:
+        _store_normed_row(out_ptrs, acc0, acc1, acc2, acc3, q_norm_ptr, row_ok, eps, CHUNK, CHUNKS, dtype)
+    elif section == 1:
+        _store_normed_row(out_ptrs, acc0, acc1, acc2, acc3, k_norm_ptr, row_ok, eps, CHUNK, CHUNKS, dtype)
     else:
-        if section < NORM_SECTIONS:
-            _store_normed_row(out_ptrs, acc0, acc1, acc2, acc3, norm_w_ptr + section * R, row_ok, eps, CHUNK,
-                              CHUNKS, dtype)
-        else:
-            _store_row(out_ptrs, acc0, acc1, acc2, acc3, row_ok, CHUNK, CHUNKS, dtype)
+        _store_row(out_ptrs, acc0, acc1, acc2, acc3, row_ok, CHUNK, CHUNKS, dtype)
 
 
-# (BLOCK_M, BLOCK_K, num_warps, num_stages) per reduction length K; overridable for the benchmark's sweep.
-CONFIGS: dict[int, tuple[int, int, int, int]] = {}
-DEFAULT_CONFIG = (128, 64, 8, 3)
+# (BLOCK_M, BLOCK_K, num_warps, num_stages): the fastest of a sweep for S/14's qkv (K = 384) on an H200
+# (tools/bench_fused_kernels.py --gemms).
+QKV_CONFIG = (128, 32, 8, 4)
 
 
 def row_chunks(width: int) -> int:
     """Accumulators per row of `width` columns; the kernel holds up to 4 (rows of 128 to 512)."""
     if width % CHUNK or not 1 <= width // CHUNK <= 4:
-        raise ValueError(f"linear_rownorm needs a row width of 128, 256, 384 or 512 columns, got {width}")
+        raise ValueError(f"qkv_rmsnorm needs a width of 128, 256, 384 or 512 columns, got {width}")
     return width // CHUNK
 
 
-def linear_rownorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, width: int,
-                   norm_weight: torch.Tensor | None = None, norm_sections: int = 0,
-                   residual: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
-                   eps: float = 1e-6, config: tuple[int, int, int, int] | None = None):
-    """x [..., K] @ weight[N, K]^T + bias in sections of `width` columns.
-
-    With residual (N == width): returns (residual + gamma * y, RMSNorm of that * norm_weight), the second
-    None without norm_weight. Without: returns y with its first norm_sections sections RMSNorm'd by
-    norm_weight [norm_sections * width]."""
+def qkv_rmsnorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_norm: torch.Tensor,
+                k_norm: torch.Tensor, eps: float, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [..., C] @ weight[3C, C]^T (+ bias) -> [..., 3C] = [RMSNorm(q) * q_norm, RMSNorm(k) * k_norm, v]."""
     K = x.shape[-1]
     N = weight.shape[0]
+    width = N // 3
+    chunks = row_chunks(width)
+    block_m, block_k, warps, stages = config or QKV_CONFIG
+    if N != 3 * width or K % block_k or weight.stride(-1) != 1:
+        raise ValueError(f"qkv_rmsnorm: weight {tuple(weight.shape)} is not [3C, K] with K a multiple of {block_k}")
     a = x.reshape(-1, K)
     if a.stride(-1) != 1:
         a = a.contiguous()
     M = a.shape[0]
-    chunks = row_chunks(width)
-    block_m, block_k, warps, stages = config or CONFIGS.get(K, DEFAULT_CONFIG)
-    if K % block_k or N % width or weight.stride(-1) != 1:
-        raise ValueError(f"linear_rownorm: K={K} must divide by {block_k} and N={N} by {width}")
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    normed = None
-    if residual is not None:
-        res = residual.reshape(-1, N)
-        if res.stride(-1) != 1:
-            res = res.contiguous()
-        normed = torch.empty_like(out) if norm_weight is not None else None
-        args = (res, gamma, norm_weight if norm_weight is not None else gamma, normed if normed is not None else out,
-                M, a.stride(0), weight.stride(0), out.stride(0), res.stride(0), out.stride(0), eps, K)
-    else:
-        nw = norm_weight if norm_weight is not None else weight
-        args = (out, weight, nw, out, M, a.stride(0), weight.stride(0), out.stride(0), out.stride(0),
-                out.stride(0), eps, K)
-    grid = (triton.cdiv(M, block_m), N // width)
-    _linear_rownorm_kernel[grid](a, weight, bias if bias is not None else weight, out, *args, CHUNK=CHUNK,
-                                 CHUNKS=chunks, BLOCK_M=block_m, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-                                 NORM_SECTIONS=norm_sections, RESIDUAL=residual is not None,
-                                 NORM_OUT=norm_weight is not None, num_warps=warps, num_stages=stages)
-    shape = (*x.shape[:-1], N)
-    if residual is not None:
-        return out.reshape(shape), normed.reshape(shape) if normed is not None else None
-    return out.reshape(shape)
+    grid = (triton.cdiv(M, block_m), 3)
+    _qkv_rmsnorm_kernel[grid](a, weight, bias if bias is not None else weight, q_norm, k_norm, out, M, a.stride(0),
+                              weight.stride(0), out.stride(0), eps, K=K, CHUNK=CHUNK, CHUNKS=chunks, BLOCK_M=block_m,
+                              BLOCK_K=block_k, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+    return out.reshape(*x.shape[:-1], N)
 
 
 @triton.jit

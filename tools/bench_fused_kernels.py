@@ -1,11 +1,11 @@
 """Time the fused path's Triton kernels against what they replace, at the S/14 32x8 shape (GPU only).
 
-For each matrix product with a row-norm epilogue (qkv + q/k RMSNorm; proj and fc2 + residual, LayerScale
-and the next RMSNorm), the baseline is cuBLAS plus TorchInductor's fused norm kernel (what the compiled
-model runs today); the Triton kernel is swept over block and pipeline configurations. Attention: cuDNN over
-[cls + 2048] tokens against the cls split. Prints a table and writes JSON.
+Attention: cuDNN over [cls + 2048] tokens against the cls split (both query variants) and the merge kernel
+over block sizes. With --qkv: the qkv projection + q/k RMSNorm, cuBLAS plus TorchInductor's fused norm
+kernel (what the compiled model ran before) against the Triton kernel over a few configurations. GPU time
+of CUDA-graph replays. Prints a table and writes JSON.
 
-    python tools/bench_fused_kernels.py --output fused_kernels.json
+    python tools/bench_fused_kernels.py --qkv --output fused_kernels.json
 """
 from __future__ import annotations
 
@@ -53,73 +53,47 @@ def rms(x, w, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
 
 
-def gemm_cases(batch: int, tokens: int, dim: int, hidden: int):
+def qkv_case(batch: int, tokens: int, dim: int):
+    """The qkv projection + q/k RMSNorm: (baseline fn, its args, fused fn of a config, fp32 reference, flops)."""
     dev, dt = "cuda", torch.float16
     M = batch * tokens
     g = torch.Generator(device=dev).manual_seed(0)
-    randn = lambda *s, std=1.0: (torch.randn(*s, device=dev, generator=g) * std).to(dt)  # noqa: E731
-    ones = lambda n: (0.5 + torch.rand(n, device=dev, generator=g)).to(dt)  # noqa: E731
+    x = torch.randn(M, dim, device=dev, generator=g).to(dt)
+    w_qkv = (torch.randn(3 * dim, dim, device=dev, generator=g) * 0.05).to(dt)
+    qw, kw = ((0.5 + torch.rand(dim, device=dev, generator=g)).to(dt) for _ in range(2))
 
-    x = randn(M, dim)
-    w_qkv, qw, kw = randn(3 * dim, dim, std=0.05), ones(dim), ones(dim)
-
-    def qkv_base(x):
+    def base(x):
         q, k, v = F.linear(x, w_qkv).chunk(3, -1)
         return torch.cat([F.rms_norm(q, (dim,), qw, 1e-6), F.rms_norm(k, (dim,), kw, 1e-6), v], -1)
 
-    def qkv_ref():
+    def ref():
         q, k, v = (x.float() @ w_qkv.float().T).chunk(3, -1)
         return torch.cat([rms(q, qw), rms(k, kw), v], -1)
 
-    nw_qk = torch.cat([qw, kw])
-    yield ("qkv + q/k RMSNorm", dim, torch.compile(qkv_base), (x,),
-           lambda cfg: tk.linear_rownorm(x, w_qkv, None, width=dim, norm_weight=nw_qk, norm_sections=2, config=cfg),
-           qkv_ref, 2 * M * dim * 3 * dim)
-    for name, K in (("proj + residual + RMSNorm", dim), ("fc2 + residual + RMSNorm", hidden)):
-        a, w, b = randn(M, K), randn(dim, K, std=0.05), randn(dim, std=0.1)
-        res, gam, nw = randn(M, dim), (0.1 * ones(dim)).to(dt), ones(dim)
-
-        def base(a, res, w=w, b=b, gam=gam, nw=nw):
-            xo = torch.addcmul(res, F.linear(a, w, b), gam)
-            return xo, F.rms_norm(xo, (dim,), nw, 1e-6)
-
-        def ref(a=a, w=w, b=b, res=res, gam=gam, nw=nw):
-            xo = res.float() + gam.float() * (a.float() @ w.float().T + b.float())
-            return torch.cat([xo, rms(xo, nw)], -1)
-
-        yield (name, K, torch.compile(base), (a, res),
-               lambda cfg, a=a, w=w, b=b, res=res, gam=gam, nw=nw: torch.cat(
-                   tk.linear_rownorm(a, w, b, width=dim, residual=res, gamma=gam, norm_weight=nw, config=cfg), -1),
-               ref, 2 * M * dim * K)
+    return (torch.compile(base), (x,), lambda cfg: tk.qkv_rmsnorm(x, w_qkv, None, qw, kw, 1e-6, config=cfg), ref,
+            2 * M * dim * 3 * dim)
 
 
-def bench_gemms(args) -> list[dict]:
-    rows = []
-    configs = list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3, 4)))
-    for name, K, base, base_args, fused, ref, flops in gemm_cases(args.batch, args.tokens, 384, 1536):
-        expected = ref()
-        base_out = base(*base_args)
-        base_out = torch.cat(base_out, -1) if isinstance(base_out, tuple) else base_out
-        row = {"case": name, "K": K, "base_ms": median_ms(lambda: base(*base_args)),
-               "base_max_err": (base_out.float() - expected).abs().max().item(), "configs": []}
-        for cfg in configs:
-            try:
-                out = fused(cfg)
-                err = (out.float() - expected).abs().max().item()
-                ms = median_ms(lambda: fused(cfg))
-                row["configs"].append({"config": cfg, "ms": ms, "max_err": err, "tflops": flops / ms / 1e9})
-            except Exception as exc:  # out of shared memory or registers: a result too
-                row["configs"].append({"config": cfg, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
-        ok = [c for c in row["configs"] if "ms" in c]
-        row["best"] = min(ok, key=lambda c: c["ms"]) if ok else None
-        rows.append(row)
-        best = row["best"]
-        print(f"{name:28s} K={K:5d} base {row['base_ms']:.4f} ms (err {row['base_max_err']:.2e})  "
-              f"triton best {best['ms']:.4f} ms {best['config']} (err {best['max_err']:.2e}, "
-              f"{best['tflops']:.0f} TFLOP/s)" if best else "no config ran", flush=True)
-        for c in sorted(ok, key=lambda c: c["ms"])[:6]:
-            print(f"    {c['config']}: {c['ms']:.4f} ms", flush=True)
-    return rows
+def bench_qkv(args) -> dict:
+    """cuBLAS + TorchInductor's q/k norm (what the compiled model ran before) against the Triton kernel over
+    a few configurations; error against fp32."""
+    configs = [(128, 32, 8, 4), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 4), (64, 32, 8, 4)]
+    base, base_args, fused, ref, flops = qkv_case(args.batch, args.tokens, 384)
+    expected = ref()
+    row = {"case": "qkv + q/k RMSNorm", "base_ms": median_ms(lambda: base(*base_args)),
+           "base_max_err": (base(*base_args).float() - expected).abs().max().item(), "configs": []}
+    for cfg in configs:
+        try:
+            err = (fused(cfg).float() - expected).abs().max().item()
+            ms = median_ms(lambda: fused(cfg))
+            row["configs"].append({"config": cfg, "ms": ms, "max_err": err, "tflops": flops / ms / 1e9})
+        except Exception as exc:  # out of shared memory or registers: a result too
+            row["configs"].append({"config": cfg, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+    print(f"qkv + q/k RMSNorm: cuBLAS + Inductor norm {row['base_ms']:.4f} ms (max err {row['base_max_err']:.2e})")
+    for c in row["configs"]:
+        print(f"    Triton {c['config']}: " + (f"{c['ms']:.4f} ms, {c['tflops']:.0f} TFLOP/s, max err {c['max_err']:.2e}"
+                                             if "ms" in c else c["error"]), flush=True)
+    return row
 
 
 def _config_of(name: str):
@@ -156,8 +130,8 @@ def bench_attention(args) -> list[dict]:
     cases = {
         "cuDNN, 2049 tokens (today)": lambda: flat(cudnn(q, k, v)),
         "cuDNN, 2048 tokens (bound)": lambda: flat(cudnn(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:])),
-        "cuDNN 2048 q x 2048 kv with LSE": lambda: with_lse(1),
-        "cuDNN 2049 q x 2048 kv with LSE": lambda: with_lse(0),
+        "cuDNN 2048 q x 2048 kv with LSE": lambda: with_lse(1)[0],
+        "cuDNN 2049 q x 2048 kv with LSE": lambda: with_lse(0)[0],
         "cls query alone (SDPA)": lambda: F.scaled_dot_product_attention(q[:, :, :1], k, v, scale=scale),
         "2048 q x 2049 kv + cls query + cat": q2048_kv2049,
         "cls split, patch queries": lambda: tk.attention_cls_split(q, k, v, scale, queries="patches"),
@@ -190,14 +164,14 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tokens", type=int, default=2049)
     p.add_argument("--output", type=Path, default=Path("fused_kernels.json"))
-    p.add_argument("--gemms", action="store_true", help="also sweep the Triton matrix products with row-norm epilogues")
+    p.add_argument("--qkv", action="store_true", help="also time the qkv projection + q/k norm kernel")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": __import__("triton").__version__, "batch": args.batch, "tokens": args.tokens}
     results["attention"] = bench_attention(args)
-    if args.gemms:
-        results["gemms"] = bench_gemms(args)
+    if args.qkv:
+        results["qkv"] = bench_qkv(args)
     args.output.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output}")
     return 0

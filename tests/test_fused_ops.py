@@ -1,0 +1,211 @@
+"""The fused path's Triton kernels (models.triton_kernels, models.fused_ops).
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess so no other test sees
+it) against float64 references; on a GPU compiled, at the model's shapes, and inside the model."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iv2trt.compare import compare
+from iv2trt.runners import TorchRunner
+from models import fused_ops
+from models.internvideo2_clip import Attention
+
+ROOT = Path(__file__).resolve().parents[1]
+has_triton = importlib.util.find_spec("triton") is not None
+
+# float64 references shared by the interpreter script and the GPU tests
+REFERENCES = textwrap.dedent('''
+    import torch, torch.nn.functional as F
+
+    def qkv_reference(x, w, b, qw, kw, eps):
+        y = x.double() @ w.double().T + (b.double() if b is not None else 0)
+        q, k, v = y.chunk(3, -1)
+        rms = lambda t, g: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+        return torch.cat([rms(q, qw), rms(k, kw), v], -1)
+
+    def attention_reference(q, k, v, scale):
+        B, H, N, D = q.shape
+        out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+        return out.transpose(1, 2).reshape(B, N, H * D)
+
+    def patch_attention(q, k, v, scale, first):
+        """What cuDNN returns for queries first.. over the patch keys: output and natural-log LSE."""
+        s = (q[:, :, first:].double() @ k[:, :, 1:].double().transpose(-1, -2)) * scale
+        return (s.softmax(-1) @ v[:, :, 1:].double()).to(q.dtype), s.logsumexp(-1).float()
+''')
+exec(REFERENCES)  # noqa: S102  (the same definitions here and in the interpreter's subprocess)
+
+INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from models import triton_kernels as tk
+
+    torch.manual_seed(0)
+    dt = torch.float16
+    for M, width, bias in ((77, 384, False), (40, 128, True), (130, 256, True)):
+        x = torch.randn(M, width).to(dt)
+        w = (torch.randn(3 * width, width) * 0.05).to(dt)
+        b = torch.randn(3 * width).to(dt) if bias else None
+        qw, kw = (torch.rand(width) + 0.5).to(dt), (torch.rand(width) + 0.5).to(dt)
+        for config in ((32, 32, 4, 2), (64, 64, 4, 2)):
+            out = tk.qkv_rmsnorm(x, w, b, qw, kw, 1e-6, config=config)
+            err = (out.double() - qkv_reference(x, w, b, qw, kw, 1e-6)).abs().max().item()
+            print(f"qkv M={M} width={width} bias={bias} config={config} max err {err:.2e}")
+            assert out.shape == (M, 3 * width) and out.dtype == dt and err < 8e-3, err
+    for B, H, N, D in ((2, 3, 70, 64), (1, 2, 33, 32)):
+        q, k, v = (torch.randn(B, H, N, D).to(dt) for _ in range(3))
+        scale = D ** -0.5
+        ref = attention_reference(q, k, v, scale)
+        for first in (0, 1):
+            o, lse = patch_attention(q, k, v, scale, first)
+            oc = F.scaled_dot_product_attention(q[:, :, :1], k, v, scale=scale) if first else None
+            for config in ((16, 4), (64, 2)):
+                out = tk.cls_merge(o, lse, q, k, v, oc, scale, config=config)
+                err = (out.double() - ref).abs().max().item()
+                print(f"merge B={B} H={H} N={N} D={D} patch queries only={bool(first)} config={config} max err {err:.2e}")
+                assert out.shape == (B, N, H * D) and err < 3e-3, err
+    try:
+        tk.cls_merge(o, lse, q, k, v, None, scale)  # N - 1 merged rows need the cls query's output
+    except ValueError as exc:
+        print("refused:", exc)
+    else:
+        raise AssertionError("cls_merge took P = N - 1 rows without oc")
+    print("ok")
+''')
+
+
+@pytest.mark.skipif(not has_triton, reason="Triton is not installed (requirements.txt installs it)")
+def test_kernels_in_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, str(ROOT)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    print(run.stdout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok") and "refused: cls_merge" in run.stdout
+
+
+def test_cpu_and_fp32_models_keep_torch_ops(tiny_model, monkeypatch):
+    model = copy.deepcopy(tiny_model).set_fused_kernels(True)
+    assert not any(m.triton for m in model.modules() if isinstance(m, Attention))
+    assert not fused_ops.available(torch.device("cpu"), torch.float16)
+    assert not fused_ops.available(torch.device("cuda"), torch.float32)
+    monkeypatch.setenv(fused_ops.ENV_VAR, "off")
+    assert not fused_ops.available(torch.device("cuda"), torch.float16)  # refused before CUDA is asked
+
+
+def test_qkv_width_and_shape_rules():
+    assert fused_ops.qkv_width_ok(384, 384) and fused_ops.qkv_width_ok(128, 128)
+    assert not fused_ops.qkv_width_ok(768, 768)   # over the kernel's 4 accumulators of 128
+    assert not fused_ops.qkv_width_ok(192, 192)   # not a multiple of 128
+    assert fused_ops.cls_split_shape_ok(torch.empty(2, 6, 2049, 64))
+    assert not fused_ops.cls_split_shape_ok(torch.empty(2, 6, 1, 64))
+    assert not fused_ops.cls_split_shape_ok(torch.empty(2, 6, 9, 48))
+
+
+def test_graph_parts_rule(tiny_model):
+    runner = TorchRunner(copy.deepcopy(tiny_model), device="cpu", graph_streams=2)
+    size = tiny_model.cfg.img_size
+    parts = lambda b, t: runner._graph_parts(runner.model, torch.empty(b, t, 3, size, size))  # noqa: E731
+    assert parts(32, 8) == [slice(0, 16), slice(16, 32)]
+    assert parts(16, 8) == [slice(0, 8), slice(8, 16)]  # 8 clips x 8 frames = 64 frames a part
+    for b, t in ((32, 1), (8, 8), (31, 8), (1, 8)):      # small parts, odd batch, one clip: one stream
+        assert parts(b, t) == [slice(None)]
+    assert TorchRunner(copy.deepcopy(tiny_model), device="cpu", graph_streams=1)._graph_parts(
+        runner.model, torch.empty(32, 8, 3, size, size)) == [slice(None)]
+
+
+# --- GPU -----------------------------------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the Triton kernels compile for one")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_qkv_rmsnorm(dtype):
+    from models import triton_kernels as tk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for M, width, bias in ((32 * 2049, 384, False), (77, 384, True), (300, 256, False)):
+        x = torch.randn(M, width, device="cuda", generator=g).to(dtype)
+        w = (torch.randn(3 * width, width, device="cuda", generator=g) * 0.05).to(dtype)
+        b = torch.randn(3 * width, device="cuda", generator=g).to(dtype) if bias else None
+        qw, kw = ((torch.rand(width, device="cuda", generator=g) + 0.5).to(dtype) for _ in range(2))
+        ref = qkv_reference(x, w, b, qw, kw, 1e-6)
+        out = tk.qkv_rmsnorm(x, w, b, qw, kw, 1e-6)
+        y = F.linear(x, w, b)  # torch's own: cuBLAS in dtype, then the norms
+        q, k, v = y.chunk(3, -1)
+        torch_out = torch.cat([F.rms_norm(q, (width,), qw, 1e-6), F.rms_norm(k, (width,), kw, 1e-6), v], -1)
+        err, torch_err = ((t.double() - ref).abs().max().item() for t in (out, torch_out))
+        print(f"qkv {M}x{width} {dtype} bias={bias}: max err {err:.2e} (torch's ops {torch_err:.2e})")
+        assert err <= 2 * torch_err + 1e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("queries", ["all", "patches"])
+def test_gpu_attention_cls_split(dtype, queries):
+    from models import triton_kernels as tk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for B, H, N, D in ((32, 6, 2049, 64), (3, 6, 257, 64), (1, 6, 100, 64), (2, 4, 70, 32), (2, 2, 130, 128)):
+        qkv = torch.randn(B, N, 3, H, D, device="cuda", generator=g).to(dtype)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # the model's strided views of one qkv tensor
+        scale = D ** -0.5
+        ref = attention_reference(q, k, v, scale)
+        out = tk.attention_cls_split(q, k, v, scale, queries=queries)
+        sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
+        err, sdpa_err = ((t.double() - ref).norm().item() / ref.norm().item() for t in (out, sdpa))
+        print(f"cls split ({queries}) {B}x{H}x{N}x{D} {dtype}: rel err {err:.2e} (SDPA {sdpa_err:.2e})")
+        assert out.shape == (B, N, H * D) and err <= 1.5 * sdpa_err + 1e-5
+
+
+@needs_gpu
+def test_gpu_model_uses_the_kernels_and_matches_fp32(monkeypatch):
+    from models import create_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref_model = create_model("s14", random_init=True, device="cuda")
+    half = copy.deepcopy(ref_model).half().set_fused_kernels(True)
+    assert all(m.triton for m in half.modules() if isinstance(m, Attention))
+    x = torch.randn(4, 8, 3, 224, 224, device="cuda")
+    with torch.inference_mode():
+        ref = ref_model(x).double().cpu().numpy()
+        fused = half(x.half()).double().cpu().numpy()
+        monkeypatch.setenv(fused_ops.ENV_VAR, "off")
+        plain = half.set_fused_kernels(True)
+        assert not any(m.triton for m in plain.modules() if isinstance(m, Attention))
+        without = plain(x.half()).double().cpu().numpy()
+    c, c_without = compare(ref, fused), compare(ref, without)
+    print(f"eager fp16 with the Triton kernels: min cos {c.min_cosine:.7f}; without: {c_without.min_cosine:.7f}")
+    assert c.min_cosine >= 0.9999 and c.min_cosine >= c_without.min_cosine - 1e-6
+
+
+@needs_gpu
+def test_gpu_graph_streams_give_the_same_features():
+    from models import create_model
+
+    model = create_model("s14", random_init=True)
+    x = torch.randn(32, 8, 3, 224, 224, device="cuda").half()
+    outs = {}
+    for streams in (1, 2):
+        runner = TorchRunner(copy.deepcopy(model), precision="fp16", graph_streams=streams)
+        try:
+            runner.prepare([(32, 8)])
+            assert len(runner._graph_parts(runner.compiled.run_compiled, x)) == streams
+            outs[streams] = runner.forward_device(x).double().cpu().numpy()
+        finally:
+            runner.close()
+    c = compare(outs[1], outs[2])
+    print(f"1 vs 2 graph streams: min cos {c.min_cosine:.8f} max abs {c.max_abs_error:.2e}")
+    assert c.min_cosine >= 0.999999
