@@ -71,12 +71,20 @@ def _store_normed_row(ptrs, y0, y1, y2, y3, w_ptr, mask, eps, CHUNK: tl.constexp
 @triton.jit
 def _qkv_rmsnorm_kernel(a_ptr, w_ptr, bias_ptr, q_norm_ptr, k_norm_ptr, out_ptr, M, stride_am, stride_wn,
                         stride_om, eps, K: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """One program: BLOCK_M rows of one section (program axis 1: q, k or v) of R = CHUNK * CHUNKS columns of
-    a W^T (+ b); q's and k's rows are RMSNorm'd over their R columns before they are stored."""
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        ROWS_MAJOR: tl.constexpr):
+    """One program: BLOCK_M rows of one section (q, k or v) of R = CHUNK * CHUNKS columns of a W^T (+ b); q's
+    and k's rows are RMSNorm'd over their R columns before they are stored. ROWS_MAJOR: the three programs of
+    the same rows are neighbours, so their shared rows of `a` come from L2 after the first read."""
     dtype = out_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
-    section = tl.program_id(1)
+    pid = tl.program_id(0)
+    if ROWS_MAJOR:
+        pid_m = pid // 3
+        section = pid % 3
+    else:
+        num_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_m
+        section = pid // num_m
     R: tl.constexpr = CHUNK * CHUNKS
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = (rows < M)[:, None]
@@ -132,7 +140,8 @@ def row_chunks(width: int) -> int:
 
 
 def qkv_rmsnorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, q_norm: torch.Tensor,
-                k_norm: torch.Tensor, eps: float, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                k_norm: torch.Tensor, eps: float, config: tuple[int, int, int, int] | None = None,
+                rows_major: bool = True) -> torch.Tensor:
     """x [..., C] @ weight[3C, C]^T (+ bias) -> [..., 3C] = [RMSNorm(q) * q_norm, RMSNorm(k) * k_norm, v]."""
     K = x.shape[-1]
     N = weight.shape[0]
@@ -146,10 +155,11 @@ def qkv_rmsnorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         a = a.contiguous()
     M = a.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(M, block_m), 3)
+    grid = (triton.cdiv(M, block_m) * 3,)
     _qkv_rmsnorm_kernel[grid](a, weight, bias if bias is not None else weight, q_norm, k_norm, out, M, a.stride(0),
                               weight.stride(0), out.stride(0), eps, K=K, CHUNK=CHUNK, CHUNKS=chunks, BLOCK_M=block_m,
-                              BLOCK_K=block_k, HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+                              BLOCK_K=block_k, HAS_BIAS=bias is not None, ROWS_MAJOR=rows_major, num_warps=warps,
+                              num_stages=stages)
     return out.reshape(*x.shape[:-1], N)
 
 

@@ -53,46 +53,60 @@ def rms(x, w, eps=1e-6):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.float()
 
 
-def qkv_case(batch: int, tokens: int, dim: int):
-    """The qkv projection + q/k RMSNorm: (baseline fn, its args, fused fn of a config, fp32 reference, flops)."""
+def qkv_case(batch: int, tokens: int, dim: int, buffers: int = 8):
+    """The qkv projection + q/k RMSNorm: (baseline fn, fused fn of (config, rows_major), fp32 reference, flops).
+    Successive calls read `buffers` different inputs in turn, so the input is not in L2 (as in the model,
+    where it was written by the norm kernel)."""
     dev, dt = "cuda", torch.float16
     M = batch * tokens
     g = torch.Generator(device=dev).manual_seed(0)
-    x = torch.randn(M, dim, device=dev, generator=g).to(dt)
+    xs = [torch.randn(M, dim, device=dev, generator=g).to(dt) for _ in range(buffers)]
+    turn = [0]
+
+    def next_x():
+        turn[0] = (turn[0] + 1) % buffers
+        return xs[turn[0]]
+
     w_qkv = (torch.randn(3 * dim, dim, device=dev, generator=g) * 0.05).to(dt)
     qw, kw = ((0.5 + torch.rand(dim, device=dev, generator=g)).to(dt) for _ in range(2))
 
-    def base(x):
+    def base_fn(x):
         q, k, v = F.linear(x, w_qkv).chunk(3, -1)
         return torch.cat([F.rms_norm(q, (dim,), qw, 1e-6), F.rms_norm(k, (dim,), kw, 1e-6), v], -1)
 
+    compiled = torch.compile(base_fn)
+
     def ref():
-        q, k, v = (x.float() @ w_qkv.float().T).chunk(3, -1)
+        q, k, v = (xs[0].float() @ w_qkv.float().T).chunk(3, -1)
         return torch.cat([rms(q, qw), rms(k, kw), v], -1)
 
-    return (torch.compile(base), (x,), lambda cfg: tk.qkv_rmsnorm(x, w_qkv, None, qw, kw, 1e-6, config=cfg), ref,
-            2 * M * dim * 3 * dim)
+    return (lambda first=False: compiled(xs[0] if first else next_x()),
+            lambda cfg, rows_major, first=False: tk.qkv_rmsnorm(xs[0] if first else next_x(), w_qkv, None, qw, kw,
+                                                                1e-6, config=cfg, rows_major=rows_major),
+            ref, 2 * M * dim * 3 * dim)
 
 
 def bench_qkv(args) -> dict:
     """cuBLAS + TorchInductor's q/k norm (what the compiled model ran before) against the Triton kernel over
-    a few configurations; error against fp32."""
-    configs = [(128, 32, 8, 4), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 4), (64, 32, 8, 4)]
-    base, base_args, fused, ref, flops = qkv_case(args.batch, args.tokens, 384)
+    a few configurations and both program orders; error against fp32."""
+    configs = [(128, 32, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 4), (64, 64, 4, 4), (64, 32, 8, 4)]
+    base, fused, ref, flops = qkv_case(args.batch, args.tokens, 384)
     expected = ref()
-    row = {"case": "qkv + q/k RMSNorm", "base_ms": median_ms(lambda: base(*base_args)),
-           "base_max_err": (base(*base_args).float() - expected).abs().max().item(), "configs": []}
-    for cfg in configs:
-        try:
-            err = (fused(cfg).float() - expected).abs().max().item()
-            ms = median_ms(lambda: fused(cfg))
-            row["configs"].append({"config": cfg, "ms": ms, "max_err": err, "tflops": flops / ms / 1e9})
-        except Exception as exc:  # out of shared memory or registers: a result too
-            row["configs"].append({"config": cfg, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+    row = {"case": "qkv + q/k RMSNorm", "base_ms": median_ms(base),
+           "base_max_err": (base(first=True).float() - expected).abs().max().item(), "configs": []}
     print(f"qkv + q/k RMSNorm: cuBLAS + Inductor norm {row['base_ms']:.4f} ms (max err {row['base_max_err']:.2e})")
-    for c in row["configs"]:
-        print(f"    Triton {c['config']}: " + (f"{c['ms']:.4f} ms, {c['tflops']:.0f} TFLOP/s, max err {c['max_err']:.2e}"
-                                             if "ms" in c else c["error"]), flush=True)
+    for cfg, rows_major in itertools.product(configs, (True, False)):
+        entry = {"config": cfg, "rows_major": rows_major}
+        try:
+            entry["max_err"] = (fused(cfg, rows_major, first=True).float() - expected).abs().max().item()
+            entry["ms"] = median_ms(lambda: fused(cfg, rows_major))
+            entry["tflops"] = flops / entry["ms"] / 1e9
+        except Exception as exc:  # out of shared memory or registers: a result too
+            entry["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        row["configs"].append(entry)
+        print(f"    Triton {cfg} rows_major={rows_major}: " + (
+            f"{entry['ms']:.4f} ms, {entry['tflops']:.0f} TFLOP/s, max err {entry['max_err']:.2e}"
+            if "ms" in entry else entry["error"]), flush=True)
     return row
 
 
