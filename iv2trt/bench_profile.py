@@ -2,7 +2,7 @@
 compile mode, and the attention kernels torch's SDPA offers at the model's shape (tools/profile_encoder.py).
 
 Groups (first match wins, on the kernel's name): attention (SDPA's kernels, the cls split's merge), matmul
-with a fused epilogue (TorchInductor's Triton templates, the qkv + q/k norm kernel), matmul (cuBLAS/CUTLASS, split-K reductions included), norm/reduction
+with a fused epilogue (TorchInductor's Triton templates), matmul (cuBLAS/CUTLASS, split-K reductions included), norm/reduction
 (norm kernels, TorchInductor's reductions, which hold the fused residual adds), elementwise/copies
 (everything else: GELU, adds, casts, layout copies, TorchInductor's pointwise kernels)."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 GROUPS = ("attention", "matmul+epilogue (Triton)", "matmul (cuBLAS)", "norm/reduction", "elementwise/copies")
 _RULES = (  # TorchInductor's kernels by kind first: their names list the ops fused in (attention's too)
-    ("matmul+epilogue (Triton)", re.compile(r"^triton_tem|^_qkv_rmsnorm_kernel")),  # models.triton_kernels' too
-    ("attention", re.compile(r"^_cls_merge_kernel")),
+    ("matmul+epilogue (Triton)", re.compile(r"^triton_tem")),
+    ("attention", re.compile(r"^_cls_merge_kernel")),  # models.triton_kernels: the cls split's merge
     ("norm/reduction", re.compile(r"^triton_(per|red)_")),
     ("elementwise/copies", re.compile(r"^triton_")),
     ("attention", re.compile(r"sdpa|fmha|flash|attention|attn_fwd", re.I)),

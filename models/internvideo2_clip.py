@@ -88,10 +88,10 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with RMS qk-normalisation over the full width.
 
-    fused=True on a GPU in fp16/bf16 (`triton`, set by set_fused_kernels; see models.fused_ops): the q/k
-    norms run in the qkv projection's epilogue, and attention takes token 0 (the cls token) apart: cuDNN's
-    flash kernel over the other keys, a whole number of its tiles, and the cls key merged in through the
-    log-sum-exp. Exact: attention over a set of keys is the merge of any split of them."""
+    fused=True on a GPU in fp16/bf16 (`cls_split`, set by set_fused_kernels; see models.fused_ops): attention
+    takes token 0's key (the cls token's) apart: cuDNN's flash kernel over the other keys, a whole number of
+    its tiles, and the cls key merged in through the log-sum-exp. Exact: attention over a set of keys is the
+    merge of attention over any split of them."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -99,7 +99,7 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_heads
         self.scale = (dim // cfg.num_heads) ** -0.5
         self.fused = True
-        self.triton = False  # set by set_fused_kernels from the model's device and dtype
+        self.cls_split = False  # set by set_fused_kernels from the model's device and dtype
         self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
         self.q_norm = RMSNorm(dim, cfg.norm_eps) if cfg.qk_normalization else nn.Identity()
         self.k_norm = RMSNorm(dim, cfg.norm_eps) if cfg.qk_normalization else nn.Identity()
@@ -107,15 +107,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        if self.fused and self.triton and isinstance(self.q_norm, RMSNorm) \
-                and fused_ops.qkv_width_ok(C, self.qkv.in_features):
-            q, k, v = fused_ops.qkv_rmsnorm(x, self.qkv.weight, self.qkv.bias, self.q_norm.weight,
-                                            self.k_norm.weight, self.q_norm.eps).chunk(3, dim=-1)
-        else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.reshape(B, N, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        if self.fused and self.triton and fused_ops.cls_split_shape_ok(q):
+        if self.fused and self.cls_split and fused_ops.cls_split_shape_ok(q):
             return self.proj(fused_ops.attention_cls_split(q, k, v, self.scale))
         x = attend(q, k, v, self.scale, self.fused)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
@@ -258,15 +253,15 @@ class InternVideo2CLIPVision(nn.Module):
     def set_fused_kernels(self, fused: bool) -> "InternVideo2CLIPVision":
         """torch's fused kernels (SDPA, RMSNorm, patch matmul, on a GPU in half precision GELU in fc1's
         epilogue; fused=True, for PyTorch inference), or attention, norms and the patch convolution spelled
-        out with explicit float32 islands (fused=False, for ONNX export). Attention's Triton kernels (see
-        Attention) are chosen here from the model's current device and dtype: call this after moving it."""
+        out with explicit float32 islands (fused=False, for ONNX export). Attention's Triton kernel (see
+        Attention) is chosen here from the model's current device and dtype: call this after moving it."""
         param = self.vision_encoder.cls_token
-        triton = fused and fused_ops.available(param.device, param.dtype)
+        cls_split = fused and fused_ops.available(param.device, param.dtype)
         for module in self.modules():
             if isinstance(module, (Attention, RMSNorm, PatchEmbed, Mlp)):
                 module.fused = fused
             if isinstance(module, Attention):
-                module.triton = triton
+                module.cls_split = cls_split
         return self
 
     def init_random_weights(self, seed: int = 0) -> "InternVideo2CLIPVision":

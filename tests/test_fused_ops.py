@@ -1,7 +1,7 @@
-"""The fused path's Triton kernels (models.triton_kernels, models.fused_ops).
+"""The fused path's cls-split attention (models.triton_kernels, models.fused_ops).
 
-On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess so no other test sees
-it) against float64 references; on a GPU compiled, at the model's shapes, and inside the model."""
+On CPU the merge kernel runs in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess so no other test
+sees it) against float64 references; on a GPU compiled, at the model's shapes, and inside the model."""
 from __future__ import annotations
 
 import copy
@@ -28,20 +28,14 @@ has_triton = importlib.util.find_spec("triton") is not None
 REFERENCES = textwrap.dedent('''
     import torch, torch.nn.functional as F
 
-    def qkv_reference(x, w, b, qw, kw, eps):
-        y = x.double() @ w.double().T + (b.double() if b is not None else 0)
-        q, k, v = y.chunk(3, -1)
-        rms = lambda t, g: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * g.double()
-        return torch.cat([rms(q, qw), rms(k, kw), v], -1)
-
     def attention_reference(q, k, v, scale):
         B, H, N, D = q.shape
         out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
         return out.transpose(1, 2).reshape(B, N, H * D)
 
-    def patch_attention(q, k, v, scale, first):
-        """What cuDNN returns for queries first.. over the patch keys: output and natural-log LSE."""
-        s = (q[:, :, first:].double() @ k[:, :, 1:].double().transpose(-1, -2)) * scale
+    def patch_attention(q, k, v, scale):
+        """What cuDNN returns for all queries over the keys after token 0: output and natural-log LSE."""
+        s = (q.double() @ k[:, :, 1:].double().transpose(-1, -2)) * scale
         return (s.softmax(-1) @ v[:, :, 1:].double()).to(q.dtype), s.logsumexp(-1).float()
 ''')
 exec(REFERENCES)  # noqa: S102  (the same definitions here and in the interpreter's subprocess)
@@ -53,34 +47,22 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
 
     torch.manual_seed(0)
     dt = torch.float16
-    for M, width, bias in ((77, 384, False), (40, 128, True), (130, 256, True)):
-        x = torch.randn(M, width).to(dt)
-        w = (torch.randn(3 * width, width) * 0.05).to(dt)
-        b = torch.randn(3 * width).to(dt) if bias else None
-        qw, kw = (torch.rand(width) + 0.5).to(dt), (torch.rand(width) + 0.5).to(dt)
-        for config in ((32, 32, 4, 2), (64, 64, 4, 2)):
-            out = tk.qkv_rmsnorm(x, w, b, qw, kw, 1e-6, config=config)
-            err = (out.double() - qkv_reference(x, w, b, qw, kw, 1e-6)).abs().max().item()
-            print(f"qkv M={M} width={width} bias={bias} config={config} max err {err:.2e}")
-            assert out.shape == (M, 3 * width) and out.dtype == dt and err < 8e-3, err
     for B, H, N, D in ((2, 3, 70, 64), (1, 2, 33, 32)):
         q, k, v = (torch.randn(B, H, N, D).to(dt) for _ in range(3))
         scale = D ** -0.5
         ref = attention_reference(q, k, v, scale)
-        for first in (0, 1):
-            o, lse = patch_attention(q, k, v, scale, first)
-            oc = F.scaled_dot_product_attention(q[:, :, :1], k, v, scale=scale) if first else None
-            for config in ((16, 4), (64, 2)):
-                out = tk.cls_merge(o, lse, q, k, v, oc, scale, config=config)
-                err = (out.double() - ref).abs().max().item()
-                print(f"merge B={B} H={H} N={N} D={D} patch queries only={bool(first)} config={config} max err {err:.2e}")
-                assert out.shape == (B, N, H * D) and err < 3e-3, err
+        o, lse = patch_attention(q, k, v, scale)
+        for config in ((16, 4), (64, 2)):
+            out = tk.cls_merge(o, lse, q, k, v, scale, config=config)
+            err = (out.double() - ref).abs().max().item()
+            print(f"merge B={B} H={H} N={N} D={D} config={config} max err {err:.2e}")
+            assert out.shape == (B, N, H * D) and out.dtype == dt and err < 3e-3, err
     try:
-        tk.cls_merge(o, lse, q, k, v, None, scale)  # N - 1 merged rows need the cls query's output
+        tk.cls_merge(o[:, :, 1:], lse[:, :, 1:], q, k, v, scale)  # rows that do not match q's
     except ValueError as exc:
         print("refused:", exc)
     else:
-        raise AssertionError("cls_merge took P = N - 1 rows without oc")
+        raise AssertionError("cls_merge took o and lse of other shapes than q's")
     print("ok")
 ''')
 
@@ -97,20 +79,17 @@ def test_kernels_in_the_triton_interpreter():
 
 def test_cpu_and_fp32_models_keep_torch_ops(tiny_model, monkeypatch):
     model = copy.deepcopy(tiny_model).set_fused_kernels(True)
-    assert not any(m.triton for m in model.modules() if isinstance(m, Attention))
+    assert not any(m.cls_split for m in model.modules() if isinstance(m, Attention))
     assert not fused_ops.available(torch.device("cpu"), torch.float16)
     assert not fused_ops.available(torch.device("cuda"), torch.float32)
     monkeypatch.setenv(fused_ops.ENV_VAR, "off")
     assert not fused_ops.available(torch.device("cuda"), torch.float16)  # refused before CUDA is asked
 
 
-def test_qkv_width_and_shape_rules():
-    assert fused_ops.qkv_width_ok(384, 384) and fused_ops.qkv_width_ok(128, 128)
-    assert not fused_ops.qkv_width_ok(768, 768)   # over the kernel's 4 accumulators of 128
-    assert not fused_ops.qkv_width_ok(192, 192)   # not a multiple of 128
+def test_cls_split_shape_rule():
     assert fused_ops.cls_split_shape_ok(torch.empty(2, 6, 2049, 64))
-    assert not fused_ops.cls_split_shape_ok(torch.empty(2, 6, 1, 64))
-    assert not fused_ops.cls_split_shape_ok(torch.empty(2, 6, 9, 48))
+    assert not fused_ops.cls_split_shape_ok(torch.empty(2, 6, 1, 64))   # no token besides the cls
+    assert not fused_ops.cls_split_shape_ok(torch.empty(2, 6, 9, 48))   # a head dim cuDNN's kernel lacks
 
 
 def test_graph_parts_rule(tiny_model):
@@ -126,34 +105,12 @@ def test_graph_parts_rule(tiny_model):
 
 
 # --- GPU -----------------------------------------------------------------------------------------------------
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the Triton kernels compile for one")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the Triton kernel and cuDNN run there")
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_gpu_qkv_rmsnorm(dtype):
-    from models import triton_kernels as tk
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for M, width, bias in ((32 * 2049, 384, False), (77, 384, True), (300, 256, False)):
-        x = torch.randn(M, width, device="cuda", generator=g).to(dtype)
-        w = (torch.randn(3 * width, width, device="cuda", generator=g) * 0.05).to(dtype)
-        b = torch.randn(3 * width, device="cuda", generator=g).to(dtype) if bias else None
-        qw, kw = ((torch.rand(width, device="cuda", generator=g) + 0.5).to(dtype) for _ in range(2))
-        ref = qkv_reference(x, w, b, qw, kw, 1e-6)
-        out = tk.qkv_rmsnorm(x, w, b, qw, kw, 1e-6)
-        y = F.linear(x, w, b)  # torch's own: cuBLAS in dtype, then the norms
-        q, k, v = y.chunk(3, -1)
-        torch_out = torch.cat([F.rms_norm(q, (width,), qw, 1e-6), F.rms_norm(k, (width,), kw, 1e-6), v], -1)
-        err, torch_err = ((t.double() - ref).abs().max().item() for t in (out, torch_out))
-        print(f"qkv {M}x{width} {dtype} bias={bias}: max err {err:.2e} (torch's ops {torch_err:.2e})")
-        assert err <= 2 * torch_err + 1e-3
-
-
-@needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("queries", ["all", "patches"])
-def test_gpu_attention_cls_split(dtype, queries):
+def test_gpu_attention_cls_split(dtype):
     from models import triton_kernels as tk
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -162,32 +119,32 @@ def test_gpu_attention_cls_split(dtype, queries):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # the model's strided views of one qkv tensor
         scale = D ** -0.5
         ref = attention_reference(q, k, v, scale)
-        out = tk.attention_cls_split(q, k, v, scale, queries=queries)
+        out = tk.attention_cls_split(q, k, v, scale)
         sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, H * D)
         err, sdpa_err = ((t.double() - ref).norm().item() / ref.norm().item() for t in (out, sdpa))
-        print(f"cls split ({queries}) {B}x{H}x{N}x{D} {dtype}: rel err {err:.2e} (SDPA {sdpa_err:.2e})")
+        print(f"cls split {B}x{H}x{N}x{D} {dtype}: rel err {err:.2e} (SDPA {sdpa_err:.2e})")
         assert out.shape == (B, N, H * D) and err <= 1.5 * sdpa_err + 1e-5
 
 
 @needs_gpu
-def test_gpu_model_uses_the_kernels_and_matches_fp32(monkeypatch):
+def test_gpu_model_uses_the_cls_split_and_matches_fp32(monkeypatch):
     from models import create_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ref_model = create_model("s14", random_init=True, device="cuda")
     half = copy.deepcopy(ref_model).half().set_fused_kernels(True)
-    assert all(m.triton for m in half.modules() if isinstance(m, Attention))
+    assert all(m.cls_split for m in half.modules() if isinstance(m, Attention))
     x = torch.randn(4, 8, 3, 224, 224, device="cuda")
     with torch.inference_mode():
         ref = ref_model(x).double().cpu().numpy()
         fused = half(x.half()).double().cpu().numpy()
         monkeypatch.setenv(fused_ops.ENV_VAR, "off")
         plain = half.set_fused_kernels(True)
-        assert not any(m.triton for m in plain.modules() if isinstance(m, Attention))
+        assert not any(m.cls_split for m in plain.modules() if isinstance(m, Attention))
         without = plain(x.half()).double().cpu().numpy()
     c, c_without = compare(ref, fused), compare(ref, without)
-    print(f"eager fp16 with the Triton kernels: min cos {c.min_cosine:.7f}; without: {c_without.min_cosine:.7f}")
+    print(f"eager fp16 with the cls split: min cos {c.min_cosine:.7f}; without: {c_without.min_cosine:.7f}")
     assert c.min_cosine >= 0.9999 and c.min_cosine >= c_without.min_cosine - 1e-6
 
 

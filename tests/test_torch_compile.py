@@ -136,7 +136,6 @@ def test_kernel_groups():
     assert kernel_group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64") == "attention"
     assert kernel_group("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"
     assert kernel_group("triton_tem_fused_addmm_gelu_3") == "matmul+epilogue (Triton)"
-    assert kernel_group("_qkv_rmsnorm_kernel") == "matmul+epilogue (Triton)"  # models.triton_kernels
     assert kernel_group("_cls_merge_kernel") == "attention"
     assert kernel_group("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT") == "matmul (cuBLAS)"
     assert kernel_group("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64") == "matmul (cuBLAS)"
