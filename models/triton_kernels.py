@@ -1,9 +1,9 @@
 """Triton kernels of the fused fp16 path on a GPU.
 
 `attention_cls_split`: exact attention over [cls, 2,048 patch tokens] with the cls key apart. cuDNN's flash
-kernel takes all queries against the patch keys and values alone (a whole number of its 128-key tiles: the
-2,049th key costs it a fifth more) and returns its log-sum-exp; `_cls_merge_kernel` merges in the cls key's
-share. Attention over a set of keys is the merge of attention over any split of it:
+kernel takes all queries against the patch keys and values alone (a whole number of its 128-key tiles:
+the 2,049th key costs it a fifth to a quarter more) and returns its log-sum-exp; `_cls_merge_kernel`
+merges in the cls key's share. Attention over a set of keys is the merge of attention over any split of it:
 
     out = o + sigmoid(s - lse) * (v_cls - o),   s = q . k_cls * scale,
 
