@@ -24,6 +24,16 @@ log = logging.getLogger(__name__)
 GRAPH_STREAMS_ENV = "IV2TRT_GRAPH_STREAMS"  # TorchRunner's default graph_streams
 
 
+def graph_streams_from_env(default: int) -> int:
+    """$IV2TRT_GRAPH_STREAMS (a whole number from 1 to 8), else `default`; PipelineError naming the variable."""
+    value = os.environ.get(GRAPH_STREAMS_ENV, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= 8:
+        raise PipelineError(f"${GRAPH_STREAMS_ENV} must be a whole number from 1 to 8 (1: one stream), got {value!r}")
+    return int(value)
+
+
 def check_uint8_frames(frames) -> np.ndarray:
     """frames as a C-contiguous uint8 array [B, T, H, W, 3]; PipelineError otherwise."""
     frames = np.asarray(frames)
@@ -116,11 +126,14 @@ class TorchRunner:
         precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.precision = precision
-        self.model = model.to(device=self.device, dtype=self.dtype).eval().set_fused_kernels(True)
+        try:
+            self.model = model.to(device=self.device, dtype=self.dtype).eval().set_fused_kernels(True)
+        except ValueError as exc:  # a bad $IV2TRT_TRITON_KERNELS
+            raise PipelineError(str(exc)) from None
         self.max_batch = None
         self.frame_range = (1, None)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graph_streams = graph_streams or int(os.environ.get(GRAPH_STREAMS_ENV) or self.GRAPH_STREAMS)
+        self.graph_streams = graph_streams or graph_streams_from_env(self.GRAPH_STREAMS)
         self._part_streams: list = []
         self.replay_larger_graphs = True  # False: every batch size gets its own graph (benchmarks)
         self.compile_mode = resolve_mode(compile_mode, self.device.type, self.dtype)

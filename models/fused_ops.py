@@ -26,11 +26,19 @@ def _kernels():
     return triton_kernels
 
 
+def enabled() -> bool:
+    """$IV2TRT_TRITON_KERNELS: on (default) or off; ValueError naming the variable for anything else."""
+    value = os.environ.get(ENV_VAR, "on").strip().lower()
+    if value not in ("on", "off", "1", "0", "true", "false", "yes", "no", ""):
+        raise ValueError(f"${ENV_VAR} must be on or off, got {os.environ[ENV_VAR]!r}")
+    return value not in ("off", "0", "false", "no")
+
+
 def available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the custom op serves a model on this device in this dtype."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+    if not enabled() or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    if os.environ.get(ENV_VAR, "on").lower() in ("off", "0", "false", "no") or _kernels() is None:
+    if _kernels() is None:
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0) and torch.backends.cuda.cudnn_sdp_enabled()
 

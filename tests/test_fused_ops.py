@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from iv2trt.compare import compare
-from iv2trt.runners import TorchRunner
+from iv2trt.errors import PipelineError
+from iv2trt.runners import GRAPH_STREAMS_ENV, TorchRunner
 from models import fused_ops
 from models.internvideo2_clip import Attention
 
@@ -84,6 +85,21 @@ def test_cpu_and_fp32_models_keep_torch_ops(tiny_model, monkeypatch):
     assert not fused_ops.available(torch.device("cuda"), torch.float32)
     monkeypatch.setenv(fused_ops.ENV_VAR, "off")
     assert not fused_ops.available(torch.device("cuda"), torch.float16)  # refused before CUDA is asked
+    monkeypatch.setenv(fused_ops.ENV_VAR, "fast")
+    with pytest.raises(PipelineError, match=r"\$IV2TRT_TRITON_KERNELS must be on or off, got 'fast'"):
+        TorchRunner(copy.deepcopy(tiny_model), device="cpu")
+
+
+def test_graph_streams_from_env(tiny_model, monkeypatch):
+    monkeypatch.setenv(GRAPH_STREAMS_ENV, "3")
+    assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == 3
+    assert TorchRunner(copy.deepcopy(tiny_model), device="cpu", graph_streams=1).graph_streams == 1
+    for bad in ("0", "two", "-1", "9"):
+        monkeypatch.setenv(GRAPH_STREAMS_ENV, bad)
+        with pytest.raises(PipelineError, match=r"\$IV2TRT_GRAPH_STREAMS must be a whole number from 1 to 8"):
+            TorchRunner(copy.deepcopy(tiny_model), device="cpu")
+    monkeypatch.delenv(GRAPH_STREAMS_ENV)
+    assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == TorchRunner.GRAPH_STREAMS
 
 
 def test_cls_split_shape_rule():
