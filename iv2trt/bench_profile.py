@@ -123,55 +123,26 @@ def _attention_inputs(layout: str, batch: int, heads: int, tokens: int, head_dim
         randn(batch, heads, tokens, head_dim)
 
 
-def attend_cls_split(q, k, v, log_base: float = 1.0):
-    """Experiment: attention over [cls, 2048 patch tokens] as cuDNN's kernel over the patch tokens alone (a
-    whole number of tiles), merged with the cls key through the log-sum-exp cuDNN returns (read as natural
-    log, or log2 with log_base=ln 2), and the cls query on its own."""
-    import torch
-    import torch.nn.functional as F
-
-    scale = q.shape[-1] ** -0.5
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], None, True,
-                                                                   scale=scale)[:2]
-    lse = lse.reshape(out.shape[:3]).float() * log_base
-    s_cls = (q[:, :, 1:].float() * k[:, :, :1].float()).sum(-1) * scale
-    total = torch.logaddexp(lse, s_cls)
-    out = out.float() * (lse - total).exp()[..., None] + v[:, :, :1].float() * (s_cls - total).exp()[..., None]
-    cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, scale=scale)
-    return torch.cat([cls, out.to(q.dtype)], dim=2)
-
-
 def sdpa_backends(batch: int, heads: int, head_dim: int, tokens: int, repeats: int = 20) -> list[dict]:
     """Time SDPA's backends at the model's attention shape (fp16; the model's q/k/v layout), cuDNN on other
-    layouts and at one token fewer (a whole number of tiles), and the cls-split experiment (compiled);
-    error against fp32 math on the first clip."""
-    import contextlib
-    import math
-
+    layouts and at one token fewer (a whole number of tiles); error against fp32 math on the first clip. The
+    fused path's cls split is timed by tools/bench_cls_split.py."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     cudnn, flash, efficient = SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
     cases = [("model", tokens, b) for b in (cudnn, flash, efficient)]
-    cases += [("qkv slices", tokens, cudnn), ("BHSD", tokens, cudnn), ("model", tokens - 1, cudnn),
-              ("model", tokens, "cls split")]
+    cases += [("qkv slices", tokens, cudnn), ("BHSD", tokens, cudnn), ("model", tokens - 1, cudnn)]
     rows = []
     for layout, n, backend in cases:
         q, k, v = _attention_inputs(layout, batch, heads, n, head_dim)
         ref = F.scaled_dot_product_attention(*(t[:1].float() for t in (q, k, v)))
-        name = backend if isinstance(backend, str) else backend.name
-        row = {"layout": layout, "tokens": n, "backend": name, "batch": batch, "heads": heads, "head_dim": head_dim}
+        row = {"layout": layout, "tokens": n, "backend": backend.name, "batch": batch, "heads": heads,
+               "head_dim": head_dim}
         try:
-            if backend == "cls split":
-                fn = torch.compile(attend_cls_split)
-                for base in (1.0, math.log(2.0)):
-                    out = attend_cls_split(q, k, v, base)
-                    row[f"rel_error_log_base_{base:.3f}"] = ((out[:1].float() - ref).norm() / ref.norm()).item()
-                call = lambda: fn(q, k, v)  # noqa: E731
-            else:
-                call = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-            with contextlib.nullcontext() if isinstance(backend, str) else sdpa_kernel([backend]):
+            call = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+            with sdpa_kernel([backend]):
                 out = call()
                 ms = median_ms(torch, call, repeats)
             err = ((out[:1].float() - ref).norm() / ref.norm()).item()

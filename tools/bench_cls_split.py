@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from iv2trt.bench_profile import median_ms  # noqa: E402
 from models import triton_kernels as tk  # noqa: E402
 
 
-def median_ms(fn, repeats: int = 20, calls: int = 10) -> float:
-    """GPU time of fn: `calls` calls captured in one CUDA graph, replayed `repeats` times (median / calls),
-    so host-side launch cost is not counted."""
+def graph_ms(fn, repeats: int = 20, calls: int = 10) -> float:
+    """GPU time of fn: `calls` calls captured in one CUDA graph, its replays timed by bench_profile.median_ms
+    (divided by `calls`), so host-side launch cost is not counted."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -34,17 +35,7 @@ def median_ms(fn, repeats: int = 20, calls: int = 10) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
+    return median_ms(torch, graph.replay, repeats) / calls
 
 
 def bench_attention(args) -> list[dict]:
@@ -83,7 +74,7 @@ def bench_attention(args) -> list[dict]:
             if out.dim() == 3 and out.shape[1] == N:
                 row["max_err"] = (out[:2].float() - ref).abs().max().item()
                 row["rel_err"] = ((out[:2].float() - ref).norm() / ref.norm()).item()
-            row["ms"] = median_ms(fn)
+            row["ms"] = graph_ms(fn)
             row["ms_per_forward"] = 12 * row["ms"]
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
