@@ -88,21 +88,16 @@ def encoder_alone(make_runner, batch: int, frames: int, img_size: int, seconds: 
 def run_ray_scaling(a, img_size: int, tmpdir: str) -> dict[str, Any]:
     """The benchmark (arguments `a` from benchmark.build_parser); returns its results."""
     from .onnx_export import parse_shape
-    from .ray_job import import_ray, ray_session, runtime_env
+    from .ray_job import ray_session
 
-    ray = import_ray()
     batch, frames = parse_shape(a.ray_shape)
     address = a.ray_address or "local"
-    owned = address == "local" and not ray.is_initialized()
-    if owned:  # a local Ray of --ray-cpus CPUs (ray_session would start one with all of them)
+    options = {}
+    if address == "local":  # a local Ray of --ray-cpus CPUs (by default ray_session would start one with all)
         store = int(a.ray_object_store_gb * 2**30) if a.ray_object_store_gb else None
-        ray.init(address="local", num_cpus=a.ray_cpus, object_store_memory=store, include_dashboard=False,
-                 runtime_env=runtime_env(), log_to_driver=False, logging_level=logging.WARNING)
-    try:
-        return _measure(ray_session(address), a, batch, frames, img_size, tmpdir, address)
-    finally:
-        if owned:
-            ray.shutdown()
+        options = {"num_cpus": a.ray_cpus, "object_store_memory": store, "log_to_driver": False,
+                   "logging_level": logging.WARNING}
+    return _measure(ray_session(address, **options), a, batch, frames, img_size, tmpdir, address)
 
 
 def _measure(session, a, batch: int, frames: int, img_size: int, tmpdir: str, address: str) -> dict[str, Any]:

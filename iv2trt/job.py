@@ -40,7 +40,7 @@ from .compare import l2_normalize
 from .decoders import (DEFAULT_NVDEC_SESSIONS, CpuWorker, DecoderPlan, GpuWorker, GpuWorkerPool, default_workers,
                        iter_clips, worker_context)
 from .inputs import InputItem
-from .stages import clip_frames_problem, is_cuda_tensor, log_done, summarize, timeout_reason
+from .stages import check_frame_count, clip_frames_problem, is_cuda_tensor, log_done, summarize, timeout_reason
 from .video import Windowing
 from .writer import FailureLog, FeatureWriter, write_summary
 
@@ -63,16 +63,6 @@ class JobOptions:
     decoder: str = "cpu"            # auto | nvdec | cpu
     nvdec_sessions: int = DEFAULT_NVDEC_SESSIONS
     gpu: int = 0                    # the GPU whose decoders (and, for GPU runners, memory) the job uses
-
-
-def check_frame_count(runner, frames: int) -> None:
-    """PipelineError unless the runner's model takes clips of `frames` frames."""
-    from .errors import PipelineError
-
-    lo, hi = runner.frame_range
-    if frames < lo or hi is not None and frames > hi:
-        raise PipelineError(f"frames={frames} is outside what the {runner.name} model takes ({lo}..{hi}); "
-                            "pass --frames in that range, or export/build for more frames")
 
 
 @dataclass

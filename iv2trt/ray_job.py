@@ -58,9 +58,10 @@ def runtime_env() -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def ray_session(address: str) -> Iterator[Any]:
+def ray_session(address: str, **init_options) -> Iterator[Any]:
     """Ray connected to `address` ('local': a new Ray on this machine, shut down afterwards; 'auto': the cluster
-    this machine joined with `ray start`; HOST:PORT or ray://HOST:PORT: that cluster)."""
+    this machine joined with `ray start`; HOST:PORT or ray://HOST:PORT: that cluster). `init_options`: more
+    ray.init options (over the defaults) for a Ray this call starts."""
     ray = import_ray()
     verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     owned = not ray.is_initialized()
@@ -69,6 +70,7 @@ def ray_session(address: str) -> Iterator[Any]:
                                    "logging_level": logging.INFO if verbose else logging.WARNING}
         if address == "local":
             options["include_dashboard"] = False
+        options.update(init_options)
         try:
             ray.init(**options)
         except ConnectionError as exc:
@@ -264,7 +266,8 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
             info = ray.get(probe.remote(make_runner, s.frames, node_settings(s)))
             if isinstance(make_runner, SettingsRunner):  # every encoder runs the backend the probe chose
                 s = dataclasses.replace(s, backend=info["name"])
-                make_runner = settings_runner(s)
+                make_runner = dataclasses.replace(
+                    make_runner, settings=dataclasses.replace(make_runner.settings, backend=info["name"]))
             identity = complete_identity(info["identity"], s)
             done = prepare_output(s.output, identity, s.overwrite)
             partitions, committed = plan_partitions(items, s.ray_partition_size, done)

@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .compare import l2_normalize
-from .stages import DecodeStalled, clip_frames_problem, clips_with_deadline, start_inference, timeout_reason
+from .stages import (DecodeStalled, check_frame_count, clip_frames_problem, clips_with_deadline, start_inference,
+                     timeout_reason)
 
 ROWS_PER_OUTPUT = 8  # decoded clips per output batch of a decode task (keeps the stream moving)
 NO_FRAMES = np.zeros((0, 0, 0, 0), np.uint8)
@@ -175,14 +176,15 @@ class Encoder:
         n = len(batch["number"])
         features = np.zeros((n, self.feature_dim), np.float32)
         encode_s = np.zeros(n)
-        groups: dict[tuple, list[int]] = {}
+        clips: dict[tuple, list[tuple[int, np.ndarray]]] = {}  # (dtype, shape) -> (row, frames) of each clip
         for i in np.flatnonzero(batch["error"] == ""):
             frames = clip_frames(batch["frames"][i], bool(batch["is_float"][i]))
-            groups.setdefault((frames.dtype.str, frames.shape), []).append(int(i))
-        for key, rows in groups.items():
+            clips.setdefault((frames.dtype.str, frames.shape), []).append((int(i), frames))
+        for key, group in clips.items():
+            rows = [i for i, _ in group]
             buf = self._buffer(key, len(rows))
-            for slot, i in enumerate(rows):
-                buf[slot] = clip_frames(batch["frames"][i], bool(batch["is_float"][i]))
+            for slot, (_, frames) in enumerate(group):
+                buf[slot] = frames
             started = time.perf_counter()
             with self.lock:
                 wait = start_inference(self.runner, buf[:len(rows)])
@@ -233,7 +235,6 @@ def probe_runner(make_runner: Callable[[], Any], frames: int, settings) -> dict[
     of `frames` frames."""
     from .backends import runner_img_size
     from .infer_cmd import job_identity
-    from .job import check_frame_count
     from .runners import infer_frames
 
     runner = make_runner()

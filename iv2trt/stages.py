@@ -35,6 +35,16 @@ def clip_frames_problem(frames: int, frame_range: tuple[int, int | None], runner
     return None
 
 
+def check_frame_count(runner, frames: int) -> None:
+    """PipelineError unless the runner's model takes clips of `frames` frames (checked before a job starts)."""
+    if clip_frames_problem(frames, runner.frame_range, runner.name):
+        from .errors import PipelineError
+
+        lo, hi = runner.frame_range
+        raise PipelineError(f"frames={frames} is outside what the {runner.name} model takes ({lo}..{hi}); "
+                            "pass --frames in that range, or export/build for more frames")
+
+
 def timeout_reason(timeout_s: float) -> str:
     return f"decoding timed out (no progress for {timeout_s:g}s)"
 
