@@ -29,8 +29,6 @@ _FFMPEG_YUV2RGB_COEFFS = {
     9: (110013, 140363, 12277, 42626),   # BT.2020 non-constant luminance
     10: (110013, 140363, 12277, 42626),  # BT.2020 constant luminance (same table; swscale refuses it)
 }
-COLORSPACE_NAMES = {0: "rgb", 1: "bt709", 2: "unspecified", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m",
-                    8: "ycgco", 9: "bt2020nc", 10: "bt2020c"}
 AVCOL_RANGE_JPEG = 2
 UNSUPPORTED_COLORSPACES = {0: "RGB matrix on YUV data", 8: "YCgCo", 10: "BT.2020 constant luminance"}
 
@@ -47,10 +45,6 @@ class YuvToRgb:
     u_blue: int
     u_green: int
     v_green: int
-
-    @property
-    def name(self) -> str:
-        return f"{COLORSPACE_NAMES.get(self.colorspace, self.colorspace)}/{'full' if self.full_range else 'limited'}"
 
 
 def _round_to_int16(x: int) -> int:

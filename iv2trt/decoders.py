@@ -152,8 +152,8 @@ class GpuWorkerPool:
     """The GPU workers' shared outbox: a bounded queue of (worker, message) and a socket that turns readable
     when messages wait (for multiprocessing.connection.wait)."""
 
-    def __init__(self, gpu: int, w: Windowing, img_size: int, jpeg: bool):
-        self.gpu, self.w, self.img_size, self.jpeg = gpu, w, img_size, jpeg
+    def __init__(self, gpu: int, w: Windowing, img_size: int):
+        self.gpu, self.w, self.img_size = gpu, w, img_size
         self.outbox: queue.Queue = queue.Queue(maxsize=GPU_OUTBOX_CLIPS)
         self.stopping = threading.Event()
         self._doorbell = Doorbell()  # rung when messages wait
@@ -285,7 +285,6 @@ class DecoderPlan:
             log.info("decoder %s: %d NVDEC session(s) on GPU %d%s and %d CPU worker(s)%s", decoder,
                      self.gpu_sessions, gpu, " (+ nvJPEG for JPEG images)" if self.jpeg else "", self.cpu_workers,
                      " for what NVDEC cannot take" if self.gpu_first else ", pulling from one queue")
-        self.unavailable_reason = reason
 
     def gpu_takes(self, item: InputItem) -> bool:
         from .nvdec import gpu_takes

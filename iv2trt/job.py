@@ -195,15 +195,15 @@ class Job:
     # --- batching ------------------------------------------------------------------------------------------
     def _add_clip(self, number: int, clip: int, array, ready=None) -> None:
         """Copy a clip into its slot of the open batch of its kind; a full batch becomes ready. A GPU clip is
-        copied on this thread's CUDA stream once the decoder's stream has written it (`ready`)."""
+        copied on the stream the inference thread computes on (the job's, else the default stream) once the
+        decoder's stream has written it (`ready`)."""
         if is_cuda_tensor(array):
             import torch
 
-            if self.cuda_stream is None:
-                self.cuda_stream = torch.cuda.Stream(array.device)
+            stream = self.cuda_stream or torch.cuda.current_stream(array.device)
             if ready is not None:
-                self.cuda_stream.wait_event(ready)
-            array.record_stream(self.cuda_stream)  # its memory is not reused before the copy below has run
+                stream.wait_event(ready)
+            array.record_stream(stream)  # its memory is not reused before the copy below has run
             key = (str(array.device), str(array.dtype), tuple(array.shape))
         else:
             key = ("cpu", np.dtype(array.dtype).str, tuple(array.shape))
@@ -293,7 +293,7 @@ class Job:
         workers: list = [CpuWorker(self.ctx, o.windowing, o.img_size) for _ in range(n_cpu)]
         pool = None
         if n_gpu:
-            pool = GpuWorkerPool(o.gpu, o.windowing, o.img_size, plan.jpeg)
+            pool = GpuWorkerPool(o.gpu, o.windowing, o.img_size)
             workers += [GpuWorker(pool, f"iv2trt-nvdec-{i}") for i in range(n_gpu)]
         return workers, pool
 
