@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from .video import IMAGE_EXTENSIONS, DecodeError, Windowing, list_frame_folder, needed_frames, probe_video
+from .video import IMAGE_EXTENSIONS, DecodeError, Windowing, list_frame_folder, probe_video
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +183,12 @@ class NvdecSession:
             colour = stream_yuv_to_rgb(probe.colorspace, probe.color_range, probe.pix_fmt)
         except ValueError as exc:
             raise NvdecUnsupported(str(exc)) from None
-        plan = probe.plan(self.w)
-        pts = probe.pts
-        index_of = {p: i for i, p in enumerate(pts)}
-        needed = needed_frames(plan)
+        pts, index_of, keyframes = probe.pts, probe.index_of, probe.keyframe_indices
+        asm = ClipAssembler(probe.plan(self.w), stack=torch.stack)
+        needed = asm.needed()
         needed_pts = {pts[i] for i in needed}
-        asm = ClipAssembler(plan, stack=torch.stack)
         turns = int(round(rotation / 90.0)) % 4
         drop = probe.codec == "h264"
-        keyframes = sorted(index_of[k] for k in probe.keyframes if k in index_of)
         try:
             demuxer = self.nvc.CreateDemuxer(filename=path)
         except Exception as exc:
@@ -274,7 +271,7 @@ class NvdecSession:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         from .transforms import resize_planar
-        from .video import FOLDER_FPS, plan_clips
+        from .video import FOLDER_FPS, plan_by_count
 
         torch = self.torch
         files = [path] if kind == "image" else list_frame_folder(path)
@@ -282,8 +279,7 @@ class NvdecSession:
             raise DecodeError("folder has no image frames")
         if any(Path(f).suffix.lower() not in JPEG_EXTENSIONS for f in files):
             raise NvdecUnsupported("not all frames are JPEG")
-        plan = ([([0], 0.0, 0.0)] if kind == "image" else
-                plan_clips(np.arange(len(files)) / FOLDER_FPS, len(files) / FOLDER_FPS, self.w))
+        plan = [([0], 0.0, 0.0)] if kind == "image" else plan_by_count(len(files), FOLDER_FPS, self.w)
         with torch.cuda.stream(self.stream):
             for idx, t0, t1 in plan:
                 unique = sorted(set(idx))

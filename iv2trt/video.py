@@ -11,6 +11,7 @@ Images are one-frame clips; a folder of images is a video (frames in name order)
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -192,10 +193,20 @@ class VideoProbe:
         return (bool(self.time_base) and len(pts) > 1 and all(p is not None for p in pts)
                 and len(set(pts)) == len(pts))
 
-    @property
+    @functools.cached_property
     def pts(self) -> list[int]:
         """Frame timestamps in presentation order (frame i of the plans has pts[i]); needs `seekable`."""
         return sorted(self.packet_pts)
+
+    @functools.cached_property
+    def index_of(self) -> dict[int, int]:
+        """The frame index of each timestamp (inverse of `pts`)."""
+        return {p: i for i, p in enumerate(self.pts)}
+
+    @functools.cached_property
+    def keyframe_indices(self) -> list[int]:
+        """Frame indices of the keyframes, sorted: where a seek can land."""
+        return sorted(self.index_of[k] for k in self.keyframes if k in self.index_of)
 
     def plan(self, w: Windowing) -> list[tuple[list[int], float, float]]:
         """The clips of this video (frame indices in presentation order, window start and end in seconds),
@@ -206,9 +217,13 @@ class VideoProbe:
 
     def plan_by_count(self, w: Windowing) -> list[tuple[list[int], float, float]]:
         """The clips when timestamps cannot be trusted: frame i at i / frame rate."""
-        rate = self.rate or FOLDER_FPS
-        count = len(self.packet_pts)
-        return plan_clips(np.arange(count) / rate, count / rate, w)
+        return plan_by_count(len(self.packet_pts), self.rate or FOLDER_FPS, w)
+
+
+def plan_by_count(count: int, rate: float, w: Windowing) -> list[tuple[list[int], float, float]]:
+    """The clips of `count` frames at a constant `rate` (frame i at i / rate): folders of images, or videos
+    whose timestamps cannot be trusted."""
+    return plan_clips(np.arange(count) / rate, count / rate, w)
 
 
 def probe_stream(container, stream) -> VideoProbe:
@@ -310,10 +325,8 @@ def _decode_needed(container, stream, needed_pts: set[int], skip_unneeded: bool)
 
 
 def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, skip_unneeded: bool = True):
-    pts = probe.pts
+    pts, index_of, key_index = probe.pts, probe.index_of, probe.keyframe_indices
     asm = ClipAssembler(probe.plan(w))
-    index_of = {p: i for i, p in enumerate(pts)}
-    key_index = sorted(index_of[k] for k in probe.keyframes if k in index_of)
     needed = asm.needed()
     needed_pts = {pts[i] for i in needed}
     rotation = _stream_rotation(stream)
@@ -367,8 +380,7 @@ def read_folder_clips(folder: str, w: Windowing) -> Iterator[Clip]:
     files = list_frame_folder(folder)
     if not files:
         raise DecodeError("folder has no image frames")
-    times = np.arange(len(files)) / FOLDER_FPS
-    for idx, t0, t1 in plan_clips(times, len(files) / FOLDER_FPS, w):
+    for idx, t0, t1 in plan_by_count(len(files), FOLDER_FPS, w):
         cache = {i: read_image(files[i]) for i in sorted(set(idx))}
         shapes = {f.shape for f in cache.values()}
         if len(shapes) > 1:
