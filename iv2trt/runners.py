@@ -34,13 +34,16 @@ def graph_streams_from_env(default: int) -> int:
     return int(value)
 
 
-def check_uint8_frames(frames) -> np.ndarray:
-    """frames as a C-contiguous uint8 array [B, T, H, W, 3]; PipelineError otherwise."""
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+def check_uint8_frames(frames):
+    """frames as a C-contiguous uint8 array [B, T, H, W, 3] (a CUDA tensor of that dtype and shape is returned
+    as it is); PipelineError otherwise."""
+    on_gpu = is_cuda_tensor(frames)
+    if not on_gpu:
+        frames = np.asarray(frames)
+    if str(frames.dtype) not in ("uint8", "torch.uint8") or frames.ndim != 5 or frames.shape[-1] != 3:
         raise PipelineError(f"infer_uint8 takes uint8 frames [batch, frames, H, W, 3], got {frames.dtype} "
                             f"{tuple(frames.shape)}")
-    return np.ascontiguousarray(frames)
+    return frames if on_gpu else np.ascontiguousarray(frames)
 
 
 def normalized_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -329,11 +332,7 @@ class TorchRunner:
 
     def _submit_device(self, frames):
         """submit_uint8 for uint8 frames [B, T, H, W, 3] already in GPU memory (read on the current stream)."""
-        torch = self.torch
-        if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
-            raise PipelineError(f"infer_uint8 takes uint8 frames [batch, frames, H, W, 3], got {frames.dtype} "
-                                f"{tuple(frames.shape)}")
-        return self._encode_on_device(frames.to(self.device, non_blocking=True))
+        return self._encode_on_device(check_uint8_frames(frames).to(self.device, non_blocking=True))
 
     def _encode_on_device(self, x):
         """Queue normalise + forward of uint8 frames x on the GPU (current stream) and the copy of the features

@@ -289,10 +289,8 @@ class TensorRTRunner:
     def infer_uint8(self, frames: np.ndarray) -> np.ndarray:
         """uint8 resized frames [B, T, H, W, 3] -> float32 features [B, D]; normalised on the host straight
         into the pinned input buffer, in the engine's input dtype (no full-size float32 temporary)."""
-        from .runners import check_uint8_frames, normalized_shape
+        from .runners import check_uint8_frames, is_cuda_tensor, normalized_shape
         from .transforms import normalize_frames
-
-        from .runners import is_cuda_tensor
 
         if is_cuda_tensor(frames):
             return self._infer_device(frames)
@@ -306,12 +304,10 @@ class TensorRTRunner:
         engine's dtype, copied device to device into the engine's input; no pixel goes through host memory."""
         import torch
 
-        from .runners import normalized_shape
+        from .runners import check_uint8_frames, normalized_shape
         from .transforms import normalize_frames
 
-        if frames.dtype != torch.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
-            raise PipelineError(f"infer_uint8 takes uint8 frames [batch, frames, H, W, 3], got {frames.dtype} "
-                                f"{tuple(frames.shape)}")
+        check_uint8_frames(frames)
         shape = normalized_shape(tuple(frames.shape))
         check_frames_shape(shape, self.frame_range, self.chw)
         dtype = torch.from_numpy(np.empty(0, self.input_dtype)).dtype
