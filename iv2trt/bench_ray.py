@@ -101,9 +101,7 @@ def run_ray_scaling(a, img_size: int, tmpdir: str) -> dict[str, Any]:
 
 
 def _measure(session, a, batch: int, frames: int, img_size: int, tmpdir: str, address: str) -> dict[str, Any]:
-    from models import load_vision_config
-
-    from .cli import resolve_variant
+    from .cli import vision_config
     from .infer_cmd import InferSettings
     from .ray_job import cluster_resources, run_ray_job
     from .video import Windowing
@@ -116,9 +114,9 @@ def _measure(session, a, batch: int, frames: int, img_size: int, tmpdir: str, ad
         backends = a.ray_backends or (["torch-fp16", "torch-fp32"] if gpus else ["torch-fp32"])
         log.info("ray scaling: %d node(s), %g CPUs, %d GPUs; encoders %s; backends %s", resources["nodes"],
                  resources["cpus"], gpus, counts, backends)
+        checkpoint = os.path.abspath(a.checkpoint) if a.checkpoint else None
+        variant = dataclasses.asdict(vision_config(a.variant))
         for backend in backends:
-            checkpoint = os.path.abspath(a.checkpoint) if a.checkpoint else None
-            variant = dataclasses.asdict(load_vision_config(resolve_variant(a.variant)))
             factory = TorchRunnerFactory(variant, checkpoint, a.seed, backend.split("-")[1])
             need = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
             task = ray.remote(max_calls=1, **need)(encoder_alone)

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, PipelineError
 from .fileio import shown_path
-from .settings import config_dir, setting
+from .settings import setting
 
 log = logging.getLogger("iv2trt")
 
@@ -29,18 +29,13 @@ class ModelSettings:
 def load_model(s: ModelSettings):
     """The PyTorch model named by the model settings (fp32, CPU, eval); PipelineError for bad settings. `variant`
     may also be a VisionConfig itself (on a Ray node, where the YAML files are not)."""
-    import yaml
-
-    from models import VisionConfig, create_model, load_vision_config
+    from models import VisionConfig, create_model
 
     if s.random_init and s.checkpoint:
         raise PipelineError(f"--random-init and --checkpoint {s.checkpoint} exclude each other (either may come from "
                             "the config file): drop --random-init (or pass --no-random-init) to use the checkpoint's "
                             "weights, or drop --checkpoint for random ones")
-    try:
-        cfg = s.variant if isinstance(s.variant, VisionConfig) else load_vision_config(resolve_variant(s.variant))
-    except (ValueError, OSError, TypeError, yaml.YAMLError) as exc:
-        raise PipelineError(f"--variant {s.variant}: {exc}") from None
+    cfg = s.variant if isinstance(s.variant, VisionConfig) else vision_config(s.variant)
     for path in (s.checkpoint, s.align_checkpoint):
         if path:
             check_checkpoint_file(path)
@@ -51,14 +46,28 @@ def load_model(s: ModelSettings):
 def resolve_variant(variant: str) -> str:
     """A variant name (`internvideo2_clip_s14`, or short `s14`) -> its YAML under configs/models/ (the
     repository's or the installed package's); a path is returned as it is. PipelineError for unknown names."""
+    from models import list_variants
+    from models.config import variant_path
+
     if Path(variant).suffix:
         return variant
-    folder = config_dir() / "models"
-    for name in (variant.lower(), f"internvideo2_clip_{variant.lower()}"):
-        if (folder / f"{name}.yaml").is_file():
-            return str(folder / f"{name}.yaml")
-    known = sorted(p.stem for p in folder.glob("*.yaml"))
-    raise PipelineError(f"unknown model variant {variant!r}: pass --variant with one of {known} or a YAML path")
+    path = variant_path(variant)
+    if path is None:
+        raise PipelineError(f"unknown model variant {variant!r}: pass --variant with one of {list_variants()} or a "
+                            "YAML path")
+    return str(path)
+
+
+def vision_config(variant: str):
+    """The VisionConfig of --variant (a name or a YAML path); PipelineError naming the variant otherwise."""
+    import yaml
+
+    from models import load_vision_config
+
+    try:
+        return load_vision_config(resolve_variant(variant))
+    except (ValueError, OSError, TypeError, yaml.YAMLError) as exc:
+        raise PipelineError(f"--variant {variant}: {exc}") from None
 
 
 # first bytes of files people pass as --checkpoint by mistake

@@ -111,16 +111,9 @@ def settings_runner(s):
 
     if s.backend != "torch" or not isinstance(s.variant, (str, Path)):
         return SettingsRunner(node_settings(s))
-    import yaml
+    from .cli import vision_config
 
-    from models import load_vision_config
-
-    from .cli import resolve_variant
-
-    try:
-        variant = dataclasses.asdict(load_vision_config(resolve_variant(s.variant)))
-    except (ValueError, OSError, TypeError, yaml.YAMLError) as exc:
-        raise PipelineError(f"--variant {s.variant}: {exc}") from None
+    variant = dataclasses.asdict(vision_config(s.variant))
     return SettingsRunner(node_settings(s), variant)
 
 

@@ -7,7 +7,17 @@ from pathlib import Path
 
 import yaml
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def _model_config_dir() -> Path:
+    """configs/models/: the copy `pip install .` puts inside iv2trt (iv2trt/configs/models), else the repository
+    checkout's (the same rule as iv2trt.settings.config_dir)."""
+    root = Path(__file__).resolve().parent.parent
+    installed = root / "iv2trt" / "configs" / "models"
+    return installed if installed.is_dir() else root / "configs" / "models"
+
+
+MODEL_CONFIG_DIR = _model_config_dir()
 
 
 @dataclass(frozen=True)
@@ -67,13 +77,18 @@ def list_variants() -> list[str]:
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
 
 
+def variant_path(name: str) -> Path | None:
+    """The YAML of a variant name (`internvideo2_clip_s14`, or short `s14`) under MODEL_CONFIG_DIR, or None."""
+    name = name.lower()
+    candidates = (MODEL_CONFIG_DIR / f"{name}.yaml", MODEL_CONFIG_DIR / f"internvideo2_clip_{name}.yaml")
+    return next((p for p in candidates if p.exists()), None)
+
+
 def load_vision_config(variant: str | Path) -> VisionConfig:
     """Read a variant by name (`internvideo2_clip_s14`, or short `s14`) or by YAML path."""
     path = Path(variant)
     if not path.suffix:
-        name = str(variant).lower()
-        candidates = [MODEL_CONFIG_DIR / f"{name}.yaml", MODEL_CONFIG_DIR / f"internvideo2_clip_{name}.yaml"]
-        path = next((p for p in candidates if p.exists()), candidates[0])
+        path = variant_path(str(variant)) or MODEL_CONFIG_DIR / f"{str(variant).lower()}.yaml"
     if not path.exists():
         raise ValueError(f"unknown model variant {str(variant)!r}: choose one of {list_variants()} or give a YAML path")
     data = yaml.safe_load(path.read_text()) or {}

@@ -69,6 +69,8 @@ sys.meta_path.insert(0, NoPandas())
 import iv2trt
 from iv2trt import load_features
 from iv2trt.cli import resolve_variant
+from models import list_variants, load_vision_config
+assert "internvideo2_clip_s14" in list_variants() and load_vision_config("s14").embed_dim == 384
 features, rows = load_features({str(out)!r})
 assert "pandas" not in sys.modules
 print(json.dumps({{"module": iv2trt.__file__, "variant": resolve_variant("s14"), "features": features.tolist(),
