@@ -66,6 +66,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from iv2trt.compare import cosine_rows
     from iv2trt.decoders import iter_clips
     from iv2trt.inputs import InputItem, discover
     from iv2trt.nvdec import NvdecSession, nvdec_unavailable
@@ -101,12 +102,10 @@ def main(argv=None) -> int:
             ready.synchronize()
             gpu.append(frames)
         a_cpu = np.stack(cpu)
-        a_gpu = torch.stack(gpu).cpu().numpy()
-        diff = np.abs(a_cpu.astype(np.int16) - a_gpu.astype(np.int16))
+        t_gpu = torch.stack(gpu)
+        diff = np.abs(a_cpu.astype(np.int16) - t_gpu.cpu().numpy().astype(np.int16))
         f_cpu = np.concatenate([runner.infer_uint8(a_cpu[i:i + 8]) for i in range(0, len(a_cpu), 8)])
-        f_gpu = np.concatenate([runner.infer_uint8(torch.stack(gpu[i:i + 8])) for i in range(0, len(gpu), 8)])
-        f_cpu /= np.linalg.norm(f_cpu, axis=1, keepdims=True)
-        f_gpu /= np.linalg.norm(f_gpu, axis=1, keepdims=True)
+        f_gpu = np.concatenate([runner.infer_uint8(t_gpu[i:i + 8]) for i in range(0, len(t_gpu), 8)])
         import av
 
         with av.open(str(path)) as c:
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
             fmt = f"{cc.name} {cc.pix_fmt} {cc.width}x{cc.height} cs{cc.colorspace} range{cc.color_range}"
         rows.append({"file": path.name, "format": fmt, "clips": len(cpu), "mean_abs_diff": float(diff.mean()),
                      "max_abs_diff": int(diff.max()), "identical": float((diff == 0).mean()),
-                     "min_cosine": float((f_cpu * f_gpu).sum(1).min()), "seconds": time.perf_counter() - started})
+                     "min_cosine": float(cosine_rows(f_cpu, f_gpu).min()), "seconds": time.perf_counter() - started})
         r = rows[-1]
         print(f"| {r['file']} | {r['format']} | {r['clips']} | {r['mean_abs_diff']:.4f} | {r['max_abs_diff']} | "
               f"{100 * r['identical']:.3f}% | {r['min_cosine']:.7f} |", flush=True)
