@@ -22,8 +22,9 @@ class InferSettings(ModelSettings):
     inputs: list[str] = setting([], "directories (recursive), globs, list files (.txt; .csv/.jsonl with path[,id]), "
                                 "video/image files, folders of frames, or .npy preprocessed frames [B,T,3,H,W]")
     output: str = setting("outputs/features", "output directory (shards, manifests, failures.jsonl, summary.json)")
-    backend: str = setting("auto", "tensorrt | onnxruntime | torch | auto (TensorRT when it can run, "
-                           "else onnxruntime)", choices=BACKENDS)
+    backend: str = setting("auto", "tensorrt | onnxruntime | torch | auto (TensorRT when it can run; else "
+                           "PyTorch fp16 on a CUDA GPU when --checkpoint or --random-init gives weights; else "
+                           "onnxruntime)", choices=BACKENDS)
     engine: str = setting("build/internvideo2_clip_s14_fp16.engine", "TensorRT engine (backend tensorrt/auto)")
     onnx: str = setting("build/internvideo2_clip_s14_fp16.onnx", "ONNX file (backend onnxruntime/auto)")
     frames: int = setting(8, "frames per clip (T), sampled as upstream: middle frame of T equal segments")
@@ -77,7 +78,7 @@ EPILOG = """exit codes:
   3    --compare-pytorch: the backend disagrees with PyTorch beyond tolerance
   4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing, a driver too old for the
        TensorRT wheel; --decoder nvdec without NVDEC; Ray missing for --ray); --backend auto falls back to
-       onnxruntime instead
+       PyTorch on a GPU (with weights) or onnxruntime instead
   5    the engine was built for another GPU or TensorRT version (the message gives the rebuild command)
   6    some inputs failed (unreadable, truncated, timed out); they are listed in <output>/failures.jsonl
   130  interrupted (committed shards are kept; rerun the same command to resume)

@@ -105,11 +105,14 @@ def node_settings(s):
 
 
 def settings_runner(s):
-    """The runner factory the nodes call for settings `s` (ray_stages.SettingsRunner); the PyTorch backend gets the
-    model variant's config along (the YAML files under configs/ stay here)."""
+    """The runner factory the nodes call for settings `s` (ray_stages.SettingsRunner); the PyTorch backend (asked
+    for, or one `auto` may choose on a GPU node) gets the model variant's config along (the YAML files under
+    configs/ stay here)."""
+    from .backends import has_weights
     from .ray_stages import SettingsRunner
 
-    if s.backend != "torch" or not isinstance(s.variant, (str, Path)):
+    torch_possible = s.backend == "torch" or (s.backend == "auto" and has_weights(s))
+    if not torch_possible or not isinstance(s.variant, (str, Path)):
         return SettingsRunner(node_settings(s))
     from .cli import vision_config
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from iv2trt.cli import run_main
+from iv2trt.errors import PipelineError
 from iv2trt.infer_cmd import main
 from iv2trt.results import load_features
 from iv2trt.samples import pattern_frames, write_video
@@ -143,3 +144,72 @@ def test_ctrl_c_exits_130_and_keeps_committed_work(tmp_path, tiny_onnx):
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
     _, rows = load_features(tmp_path / "out")
     assert sorted(r["id"] for r in rows) == [f"v{i:02d}.mp4" for i in range(16)]
+
+
+def _auto_settings(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"backend": "auto", "engine": "missing.engine", "checkpoint": None, "random_init": False,
+                              **kw})
+
+
+@pytest.mark.parametrize("weights, gpu, expected", [
+    ({"random_init": True}, None, "torch"),
+    ({"checkpoint": "ckpt.pth"}, None, "torch"),
+    ({}, None, "onnxruntime"),                                            # no weights: the ONNX file's
+    ({"random_init": True}, "no CUDA GPU visible to torch", "onnxruntime"),  # CPU: ONNX Runtime, as before
+])
+def test_auto_without_tensorrt_prefers_pytorch_on_a_gpu_when_weights_are_given(monkeypatch, weights, gpu, expected):
+    from iv2trt import backends
+
+    monkeypatch.setattr(backends, "torch_gpu_missing", lambda: gpu)
+    backend, why = backends.resolve_backend(_auto_settings(**weights))
+    assert backend == expected and why.startswith("auto: TensorRT unavailable (")
+    assert ("PyTorch fp16 on the GPU" in why) == (expected == "torch")
+    assert backends.resolve_backend(_auto_settings(backend="onnxruntime", **weights)) == ("onnxruntime", "asked for")
+
+
+def test_auto_falls_back_to_pytorch_when_tensorrt_cannot_start(monkeypatch):
+    from iv2trt import backends
+    from iv2trt.errors import BackendUnavailable
+
+    def cannot_start(s, why):
+        raise BackendUnavailable("could not start CUDA")
+
+    monkeypatch.setattr(backends, "tensorrt_missing", lambda engine: None)
+    monkeypatch.setattr(backends, "tensorrt_runner", cannot_start)
+    monkeypatch.setattr(backends, "torch_gpu_missing", lambda: None)
+    monkeypatch.setattr(backends, "onnxruntime_runner", lambda path, why: pytest.fail("ONNX Runtime was chosen"))
+    s = _auto_settings(random_init=True, variant="no-such-variant", seed=0, align_checkpoint=None)
+    with pytest.raises(PipelineError, match="no-such-variant"):  # it went on to load the PyTorch model
+        backends.create_runner(s)
+
+
+def test_auto_runs_pytorch_end_to_end_and_records_it(tmp_path, clips, monkeypatch, capfd):
+    """The CLI with --backend auto and --random-init where TensorRT is missing and torch sees a GPU (faked: the
+    runner then runs on the CPU) extracts with PyTorch and says why; the Ray factory ships the variant for it."""
+    import dataclasses
+
+    import yaml
+
+    from iv2trt import backends
+    from iv2trt.ray_job import settings_runner
+    from tests.conftest import TINY
+
+    monkeypatch.setattr(backends, "torch_gpu_missing", lambda: None)
+    variant = tmp_path / "tiny.yaml"
+    variant.write_text(yaml.safe_dump(dataclasses.asdict(TINY)))
+    out = tmp_path / "out"
+    argv = ["--random-init", "--variant", str(variant), "--frames", "4", "--workers", "1", "--no-progress",
+            "--inputs", str(clips), "--output", str(out)]
+    assert run_main(main, argv) == 0
+    err = capfd.readouterr().err
+    assert "backend torch (auto: TensorRT unavailable (" in err and "PyTorch fp16 on the GPU" in err
+    assert json.loads((out / "job.json").read_text())["backend"] == "torch"
+    assert load_features(out)[0].shape == (3, TINY.align_dim)
+
+    from iv2trt.infer_cmd import InferSettings
+
+    s = dataclasses.replace(InferSettings(), random_init=True, variant=str(variant))
+    assert settings_runner(s).variant == dataclasses.asdict(TINY)                     # auto may pick torch there
+    assert settings_runner(dataclasses.replace(s, random_init=False)).variant is None  # ONNX Runtime only
