@@ -17,15 +17,22 @@ Compilation, per input shape class:
   `TORCHINDUCTOR_CACHE_DIR` if set, else `$XDG_CACHE_HOME/iv2trt/torchinductor`
   (`~/.cache/iv2trt/torchinductor`): a warm cache turns a compile into a few seconds;
 - logged: what is compiled, how long it took, and whether the cache answered.
+
+A compile still running when the program ends cannot be stopped midway, and the interpreter's shutdown under
+it aborts the process ("terminate called without an active exception", exit 134). The stages' entry point
+(cli.exit_with) therefore leaves without that shutdown when `compiles_in_flight()` names one; any other
+program waits for it at exit (an atexit hook) rather than abort.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,12 +100,32 @@ def _counter(group: str, name: str) -> int:
     return int(counters[group].get(name, 0))
 
 
+_LIVE: "weakref.WeakSet[CompiledForward]" = weakref.WeakSet()  # instances whose compile thread has started
+
+
+def compiles_in_flight() -> list[str]:
+    """What this process's background compiles are still working on ("Model [B>=2, 8, 3, 224, 224]")."""
+    return [f"{c.name} {_describe(key)}" for c in list(_LIVE) for key in c.pending()]
+
+
+@atexit.register
+def _wait_for_compiles() -> None:
+    """At exit, wait for the running background compiles instead of letting the shutdown abort under them."""
+    for compiled in list(_LIVE):
+        compiled.close()  # queued compiles are dropped; the running one finishes
+    for what in compiles_in_flight():
+        log.info("waiting for the background torch.compile of %s to finish before exiting (it cannot be "
+                 "stopped midway)", what)
+    for compiled in list(_LIVE):
+        compiled.wait()
+
+
 class CompiledForward:
     """A model and its torch.compile'd twin; `__call__` runs the twin for inputs whose specialisation is
     compiled and the eager model otherwise (asking for that compile the first time it sees the class).
 
-    One background thread compiles, one class at a time (`background=False`: in the caller's thread); it is
-    a daemon, so a compile still running when the program ends does not hold it up.
+    One background thread compiles, one class at a time (`background=False`: in the caller's thread); a
+    compile still running at the program's end is left (cli.exit_with) or waited for (see the module's doc).
     Calls come from one thread (the runner's); `busy` is True while a compile is in flight or queued, and
     callers must not capture CUDA graphs then (the compile thread launches work of its own).
     `backend` is torch.compile's (a callable in tests; MODES' options apply to "inductor" only).
@@ -140,8 +167,12 @@ class CompiledForward:
 
     @property
     def busy(self) -> bool:
+        return bool(self.pending())
+
+    def pending(self) -> list[tuple]:
+        """The classes whose compile is queued or running."""
         with self._lock:
-            return not all(done.is_set() for done in self._requested.values())
+            return [key for key, done in self._requested.items() if not done.is_set()]
 
     def compile_seconds(self, shape) -> float | None:
         return self.seconds.get(self.key(shape))
@@ -169,6 +200,7 @@ class CompiledForward:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._work, name="torch-compile", daemon=True)
                     self._thread.start()
+                    _LIVE.add(self)
                 self._queue.put(job)
                 return
         self._compile_job(job)
@@ -268,8 +300,15 @@ class CompiledForward:
         return self.select(x)(x)
 
     def close(self) -> None:
-        """Stop the compile thread after its current compile (without waiting for it)."""
+        """Stop the compile thread after its current compile (without waiting for it); queued ones are dropped."""
         if self._thread is not None:
+            with self._lock:
+                while True:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    job[-1].set()  # never compiled: not pending
             self._queue.put(None)
             self._thread = None
 

@@ -106,6 +106,80 @@ def test_background_compile_runs_eager_meanwhile_then_one_graph_per_class(tiny_m
         compiled.close()
 
 
+def test_unfinished_compiles_are_named_and_close_drops_the_queued_ones(tiny_model):
+    from iv2trt.torch_compile import compiles_in_flight
+
+    backend = CountingBackend()
+    backend.release.clear()  # the first compile hangs until released
+    compiled = CompiledForward(tiny_model, "default", backend=backend)
+    try:
+        with torch.inference_mode():
+            compiled(frames(3, 4))
+            compiled(frames(1, 4))  # queued behind the first
+        assert sorted(compiles_in_flight()) == ["InternVideo2CLIPVision [1, 4, 3, 56, 56]",
+                                                "InternVideo2CLIPVision [B>=2, 4, 3, 56, 56]"]
+        compiled.close()
+        assert compiles_in_flight() == ["InternVideo2CLIPVision [B>=2, 4, 3, 56, 56]"]  # the running one stays
+    finally:
+        backend.release.set()
+        compiled.wait(60)
+    assert compiles_in_flight() == [] and backend.graphs == 1
+
+
+_EXIT_SCRIPT = """
+import atexit, logging, sys, time
+import torch
+sys.path.insert(0, {root!r})
+from iv2trt.cli import exit_with
+from iv2trt.torch_compile import CompiledForward
+
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+marker = {marker!r}
+
+def slow_backend(gm, example_inputs):  # a compile that is still running when the program ends
+    time.sleep({seconds})
+    open(marker, "w").write("compiled")
+    return gm.forward
+
+compiled = CompiledForward(torch.nn.Flatten(), "default", backend=slow_backend)
+atexit.register(lambda: print("ATEXIT RAN", flush=True))
+
+def main(argv=None):
+    with torch.inference_mode():
+        compiled(torch.randn(2, 4, 3, 2, 2))
+    return 0
+
+if {through_exit_with}:
+    exit_with(main)
+main()
+"""
+
+
+@pytest.mark.parametrize("through_exit_with", [True, False])
+def test_program_end_with_a_compile_running_neither_aborts_nor_hangs(tmp_path, through_exit_with):
+    """The stages' entry point leaves at once (no interpreter shutdown under the compile: on a GPU that
+    aborted with exit 134); any other program waits for the running compile at exit."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    marker = tmp_path / "marker"
+    seconds = 30 if through_exit_with else 2
+    script = _EXIT_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]), marker=str(marker),
+                                 seconds=seconds, through_exit_with=through_exit_with)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    if through_exit_with:
+        assert "leaving with the background torch.compile of Flatten [B>=2, 4, 3, 2, 2] unfinished" in done.stderr
+        assert "ATEXIT RAN" not in done.stdout and not marker.exists() and elapsed < seconds
+    else:
+        assert "waiting for the background torch.compile of Flatten [B>=2, 4, 3, 2, 2]" in done.stderr
+        assert marker.read_text() == "compiled" and "ATEXIT RAN" in done.stdout
+
+
 def test_compile_failure_leaves_the_class_eager(tiny_model, caplog):
     compiled = CompiledForward(tiny_model, "default", backend=CountingBackend(fail=True))
     x = frames(2, 4)
