@@ -117,18 +117,19 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 
 
 def exit_with(main: Callable[[Sequence[str] | None], int]) -> None:
-    """Run a stage's main as a program. After an interrupt, or while a background torch.compile is still
-    running, leave without the interpreter's shutdown: a thread of the job may still be inside ONNX Runtime,
-    TensorRT or TorchInductor, and shutting down under it aborts the process ("terminate called without an
-    active exception", exit 134). Committed results are on disk already (written atomically, fsynced); the
-    log is flushed. An unfinished compile is dropped: the next run that needs its shape compiles it again."""
+    """Run a stage's main as a program. After an interrupt, or once torch.compile has run in this process,
+    leave without the interpreter's shutdown: a thread of the job may still be inside ONNX Runtime, TensorRT
+    or TorchInductor, and shutting down under it aborts the process ("terminate called without an active
+    exception", exit 134); and TorchInductor's exit hook waits for its compile worker processes (seconds
+    after a short job). Committed results are on disk already (written atomically, fsynced); the log is
+    flushed. An unfinished compile is dropped: the next run that needs its shape compiles it again."""
     code = run_main(main)
     compiling = sys.modules.get("iv2trt.torch_compile")
     unfinished = compiling.compiles_in_flight() if compiling else []
     if unfinished:
         log.info("leaving with the background torch.compile of %s unfinished (dropped; compiled again when "
                  "needed)", ", ".join(unfinished))
-    if code == EXIT_INTERRUPTED or unfinished:
+    if code == EXIT_INTERRUPTED or (compiling and compiling.compiled_here()):
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

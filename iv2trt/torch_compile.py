@@ -19,9 +19,11 @@ Compilation, per input shape class:
 - logged: what is compiled, how long it took, and whether the cache answered.
 
 A compile still running when the program ends cannot be stopped midway, and the interpreter's shutdown under
-it aborts the process ("terminate called without an active exception", exit 134). The stages' entry point
-(cli.exit_with) therefore leaves without that shutdown when `compiles_in_flight()` names one; any other
-program waits for it at exit (an atexit hook) rather than abort.
+it aborts the process ("terminate called without an active exception", exit 134); and once TorchInductor has
+compiled, its own exit hook waits for its compile worker processes (seen: over 6 s after a 20 s job, as
+they were still starting). The stages' entry point (cli.exit_with) therefore leaves without that shutdown
+once `compiled_here()`; any other program waits for a running compile at exit (an atexit hook) rather than
+abort.
 """
 from __future__ import annotations
 
@@ -101,6 +103,12 @@ def _counter(group: str, name: str) -> int:
 
 
 _LIVE: "weakref.WeakSet[CompiledForward]" = weakref.WeakSet()  # instances whose compile thread has started
+_COMPILED_HERE = threading.Event()  # set once any compile has started in this process
+
+
+def compiled_here() -> bool:
+    """Whether this process has started a torch.compile (TorchInductor's workers and exit hook may exist)."""
+    return _COMPILED_HERE.is_set()
 
 
 def compiles_in_flight() -> list[str]:
@@ -226,6 +234,7 @@ class CompiledForward:
             done.set()
 
     def _compile(self, key: tuple, shape: tuple, dtype, device) -> None:
+        _COMPILED_HERE.set()
         started = time.perf_counter()
         hits, misses = _counter("inductor", "fxgraph_cache_hit"), _counter("inductor", "fxgraph_cache_miss")
         try:
