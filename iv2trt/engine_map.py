@@ -38,10 +38,12 @@ def engine_for_gpu(mapping: dict[str, str], gpu_name: str | None, default: str) 
 
 
 def local_gpu_name() -> str | None:
-    """The name of the first GPU this process sees (the one Ray gave it), or None without one."""
-    import torch
+    """The name of the first GPU this process sees (the one Ray gave it), or None without one: the name the
+    engine's metadata records (cuda_env.gpu_info, through pycuda or the CUDA driver; no torch needed)."""
+    from .cuda_env import gpu_info
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpu = gpu_info()
+    return gpu["name"] if gpu else None
 
 
 def settings_for_this_gpu(s):

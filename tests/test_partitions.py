@@ -159,6 +159,17 @@ def test_engine_map_picks_the_longest_matching_key():
     assert engine_for_gpu(mapping, "NVIDIA H100 NVL", "default.engine") == "nvl.engine"
     assert engine_for_gpu(mapping, "NVIDIA A10G", "default.engine") == "default.engine"
     assert engine_for_gpu(mapping, None, "default.engine") == "default.engine"
+
+
+def test_local_gpu_name_is_the_name_engines_record(monkeypatch):
+    """The engine map looks a node's GPU up by the name build_engine.py writes into the engine's metadata."""
+    from iv2trt import cuda_env, engine_map
+
+    monkeypatch.setattr(cuda_env, "GPU_PROBES", (lambda device: None,
+                                                 lambda device: {"name": "NVIDIA L4", "compute_capability": "8.9"}))
+    assert engine_map.local_gpu_name() == "NVIDIA L4"
+    monkeypatch.setattr(cuda_env, "GPU_PROBES", (lambda device: None,))
+    assert engine_map.local_gpu_name() is None
     with pytest.raises(PipelineError, match="GPU_MODEL=PATH"):
         parse_engine_map(["h100.engine"])
 
