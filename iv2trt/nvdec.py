@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import logging
 import os
 from pathlib import Path
@@ -37,8 +38,10 @@ class NvdecUnsupported(DecodeError):
     """An input the GPU decoders cannot take; the CPU path can."""
 
 
+@functools.cache
 def nvdec_unavailable(gpu: int = 0) -> str | None:
-    """Why NVDEC cannot be used here (no GPU, no PyNvVideoCodec, no libnvcuvid), or None when it can."""
+    """Why NVDEC cannot be used here (no GPU, no PyNvVideoCodec, no libnvcuvid), or None when it can. Probed
+    once per process (the stage's early check, the job's decoder plan and the benchmark ask it again)."""
     try:
         import torch
     except ImportError:

@@ -177,3 +177,12 @@ def test_h264_non_reference_detection():
     assert not nvdec.h264_droppable(sei + b"\x00\x00\x01\x21\x9a")     # nal_ref_idc 1
     assert not nvdec.h264_droppable(sps + b"\x00\x00\x01\x65\x88")     # IDR
     assert not nvdec.h264_droppable(b"\x00\x00\x01\x06\x05")           # no slice in the bytes seen: keep it
+
+
+def test_nvdec_is_probed_once_per_process():
+    """The stage's early check, the job's decoder plan and the benchmark all ask; the GPU is probed once."""
+    from iv2trt import nvdec
+
+    nvdec.nvdec_unavailable.cache_clear()
+    first = nvdec.nvdec_unavailable(0)
+    assert nvdec.nvdec_unavailable(0) == first and nvdec.nvdec_unavailable.cache_info().misses == 1
