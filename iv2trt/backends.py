@@ -115,9 +115,6 @@ def onnxruntime_runner(onnx_path: str | None, why: str):
 
     if not onnx_path:
         raise PipelineError("backend onnxruntime needs --onnx PATH (made by export_onnx.py)")
-    if not Path(onnx_path).is_file():
-        raise PipelineError(f"ONNX file {shown_path(onnx_path)} not found: run export_onnx.py first, or pass "
-                            "--onnx PATH")
     runner = OnnxRuntimeRunner(onnx_path)
     if runner.providers[0] == "CPUExecutionProvider" and runner.input_dtype == np.float16:
         runner = cpu_fp32_runner(onnx_path)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BackendUnavailable, PipelineError
+from .fileio import shown_path
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +368,8 @@ class OnnxRuntimeRunner(HostNormalize):
         except ImportError as exc:  # pragma: no cover - onnxruntime is in requirements.txt
             raise BackendUnavailable("onnxruntime is not installed: pip install -r requirements.txt") from exc
         if not Path(onnx_path).is_file():
-            raise PipelineError(f"ONNX file {onnx_path} not found: run export_onnx.py first")
+            raise PipelineError(f"ONNX file {shown_path(onnx_path)} not found: run export_onnx.py first, or pass "
+                                "--onnx PATH")
         available = ort.get_available_providers()
         providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         options = ort.SessionOptions()
