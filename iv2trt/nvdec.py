@@ -180,7 +180,7 @@ class NvdecSession:
         from .video import ClipAssembler
 
         torch = self.torch
-        probe, rotation = probe_video(path)
+        probe, rotation = probe_video(path, accept=self._codec)  # refused before any frame is decoded
         codec = self._codec(probe)
         try:
             colour = stream_yuv_to_rgb(probe.colorspace, probe.color_range, probe.pix_fmt)

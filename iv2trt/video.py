@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -243,10 +243,11 @@ def probe_stream(container, stream) -> VideoProbe:
                       rate=float(rate) if rate else None, packet_pts=pts, keyframes=sorted(keys))
 
 
-def probe_video(path: str) -> tuple[VideoProbe, float]:
+def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None) -> tuple[VideoProbe, float]:
     """(probe, counter-clockwise rotation in degrees) of a video file, for a decoder other than PyAV. The
     rotation of the display matrix is only attached to decoded frames, so the first frame is decoded
-    (one keyframe, on the CPU). Raises DecodeError."""
+    (one keyframe, on the CPU). `accept(probe)` runs before that and may raise to refuse the file (a
+    decoder that cannot take its codec). Raises DecodeError."""
     import av
 
     container = _open(path)
@@ -256,6 +257,8 @@ def probe_video(path: str) -> tuple[VideoProbe, float]:
             probe = probe_stream(container, stream)
             if not probe.packet_pts:
                 raise DecodeError("no video frames")
+            if accept is not None:
+                accept(probe)
             container.seek(min(probe.keyframes or [0]), stream=stream, backward=True)
             first = next(container.decode(stream), None)
         except av.FFmpegError as exc:

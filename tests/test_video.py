@@ -170,3 +170,32 @@ def test_broken_files_raise_decode_error(tmp_path):
         with pytest.raises(DecodeError) as info:
             list(read_clips(str(tmp_path / name), Windowing()))
         assert expected in info.value.reason, (name, info.value.reason)
+
+
+def test_probe_video_refuses_through_accept_before_decoding(tmp_path, monkeypatch):
+    """A decoder that cannot take the codec refuses the file before its first keyframe is decoded."""
+    from iv2trt import video
+
+    path = tmp_path / "v.mp4"
+    write_video(path, pattern_frames(6, 32, 48, seed=0))
+    decoded = []
+    real_open = video._open
+
+    def counting_open(p):
+        container = real_open(p)
+        real_decode = container.decode
+        container_decode = lambda *a, **k: (decoded.append(1), real_decode(*a, **k))[1]  # noqa: E731
+        return type("Counting", (), {"__getattr__": lambda self, name: getattr(container, name),
+                                     "decode": staticmethod(container_decode)})()
+
+    monkeypatch.setattr(video, "_open", counting_open)
+    probe, rotation = video.probe_video(str(path))
+    assert probe.codec == "h264" and rotation == 0.0 and decoded == [1]
+
+    def refuse(probe):
+        raise DecodeError(f"this decoder does not take {probe.codec}")
+
+    decoded.clear()
+    with pytest.raises(DecodeError, match="does not take h264"):
+        video.probe_video(str(path), accept=refuse)
+    assert decoded == []
