@@ -117,8 +117,9 @@ def compiles_in_flight() -> list[str]:
 
 
 @atexit.register
-def _wait_for_compiles() -> None:
-    """At exit, wait for the running background compiles instead of letting the shutdown abort under them."""
+def finish_compiles() -> None:
+    """Drop queued background compiles and wait for the running ones (at exit, instead of letting the
+    interpreter's shutdown abort under them; tests call it too)."""
     for compiled in list(_LIVE):
         compiled.close()  # queued compiles are dropped; the running one finishes
     for what in compiles_in_flight():

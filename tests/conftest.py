@@ -30,6 +30,16 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+@pytest.fixture(autouse=True)
+def _no_compile_outlives_its_test():
+    """A background torch.compile a test started (GPU runners) ends inside that test, not in the next one or
+    after pytest has closed its streams."""
+    yield
+    from iv2trt.torch_compile import finish_compiles
+
+    finish_compiles()
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg() -> VisionConfig:
     return TINY

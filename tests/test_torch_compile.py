@@ -26,8 +26,10 @@ class CountingBackend:
         self.fail = fail
         self.release = threading.Event()
         self.release.set()
+        self.entered = threading.Event()  # set once a compile is running
 
     def __call__(self, gm, example_inputs):
+        self.entered.set()
         self.release.wait(60)
         if self.fail:
             raise RuntimeError("planted compiler failure")
@@ -118,6 +120,7 @@ def test_unfinished_compiles_are_named_and_close_drops_the_queued_ones(tiny_mode
             compiled(frames(1, 4))  # queued behind the first
         assert sorted(compiles_in_flight()) == ["InternVideo2CLIPVision [1, 4, 3, 56, 56]",
                                                 "InternVideo2CLIPVision [B>=2, 4, 3, 56, 56]"]
+        assert backend.entered.wait(30)  # the first is running, the second queued
         compiled.close()
         assert compiles_in_flight() == ["InternVideo2CLIPVision [B>=2, 4, 3, 56, 56]"]  # the running one stays
     finally:
