@@ -53,8 +53,10 @@ def import_ray():
 
 
 def runtime_env() -> dict[str, Any]:
-    """This checkout's packages, shipped to every worker (the nodes need the dependencies, not the code)."""
-    return {"py_modules": [str(ROOT / "iv2trt"), str(ROOT / "models")], "excludes": ["__pycache__", "*.pyc"]}
+    """This checkout's packages, shipped to every worker (the nodes need the dependencies, not the code), and
+    the workers' setup hook (ray_stages.worker_setup: torch imported before any task)."""
+    return {"py_modules": [str(ROOT / "iv2trt"), str(ROOT / "models")], "excludes": ["__pycache__", "*.pyc"],
+            "worker_process_setup_hook": "iv2trt.ray_stages.worker_setup"}
 
 
 @contextlib.contextmanager

@@ -35,6 +35,16 @@ ROWS_PER_OUTPUT = 8  # decoded clips per output batch of a decode task (keeps th
 NO_FRAMES = np.zeros((0, 0, 0, 0), np.uint8)
 
 
+def worker_setup() -> None:
+    """Ray's worker_process_setup_hook for the job (ray_job.runtime_env): every worker imports torch when it
+    starts, before any task. Imported lazily inside a task instead (the decoders' resize on first use), an
+    import interrupted with its task (cancelled as a job stops) leaves a half-imported torch in a worker that
+    Ray reuses, and every later import of it there fails ("Only a single TORCH_LIBRARY can be used to register
+    the namespace triton": seen once in a CI run of tests/test_ray_job.py)."""
+    import torch  # noqa: F401
+
+
+
 def _node() -> str:
     import ray
 

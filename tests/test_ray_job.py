@@ -113,6 +113,15 @@ def local_ray():
     ray.shutdown()
 
 
+def test_workers_import_torch_before_any_task(local_ray):
+    """ray_job.runtime_env's setup hook: a task can no longer be interrupted inside torch's first import."""
+    @ray.remote
+    def torch_already_imported():
+        return "torch" in sys.modules
+
+    assert all(ray.get([torch_already_imported.remote() for _ in range(4)]))
+
+
 def test_hanging_decoder_is_timed_out(tmp_path, tiny_onnx, inputs, local_ray):
     fifo = tmp_path / "hangs.mp4"
     os.mkfifo(fifo)  # opening a FIFO nobody writes to blocks forever
