@@ -68,12 +68,10 @@ class TorchRunnerFactory:
 def encoder_alone(make_runner, batch: int, frames: int, img_size: int, seconds: float) -> dict[str, Any]:
     """clips/s of `stages.encode` (what an encoder actor calls) on one device, same uint8 batch over and over."""
     from .engine_map import local_gpu_name
-    from .stages import encode
+    from .stages import encode, warm_up
 
     runner = make_runner()
-    warm_up = getattr(runner, "warm_up", None)  # compile and capture first, as the encoder actors do
-    if warm_up is not None:
-        warm_up(batch, frames, img_size)
+    warm_up(runner, batch, frames, img_size)  # compile and capture first, as the encoder actors do
     x = np.random.default_rng(1).integers(0, 256, (batch, frames, img_size, img_size, 3), dtype=np.uint8)
     for _ in range(3):
         encode(runner, x)

@@ -40,7 +40,8 @@ from .compare import l2_normalize
 from .decoders import (DEFAULT_NVDEC_SESSIONS, CpuWorker, DecoderPlan, GpuWorker, GpuWorkerPool, default_workers,
                        iter_clips, worker_context)
 from .inputs import InputItem
-from .stages import check_frame_count, clip_frames_problem, is_cuda_tensor, log_done, summarize, timeout_reason
+from .stages import (batch_size_for, check_frame_count, clip_frames_problem, host_buffer, is_cuda_tensor, log_done,
+                     summarize, timeout_reason, warm_up)
 from .video import Windowing
 from .writer import FailureLog, FeatureWriter, write_summary
 
@@ -97,7 +98,7 @@ class Job:
         self.items, self.runner, self.writer, self.failures, self.o = items, runner, writer, failures, options
         self.reference = reference
         self.comparison = Comparison() if reference is not None else None
-        self.batch_size = max(1, min(options.batch_size, runner.max_batch or options.batch_size))
+        self.batch_size = batch_size_for(options.batch_size, runner.max_batch)
         check_frame_count(runner, options.windowing.frames)
         self.videos: dict[int, _Video] = {}
         self.open: dict[tuple, Batch] = {}      # batches being filled, one per (device, dtype, clip shape)
@@ -224,8 +225,7 @@ class Job:
             import torch
 
             return torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)
-        alloc = getattr(self.runner, "new_host_buffer", None)  # pinned memory for GPU runners
-        return alloc(shape, np.dtype(dtype)) if alloc is not None else np.empty(shape, np.dtype(dtype))
+        return host_buffer(self.runner, shape, np.dtype(dtype))
 
     def _recycle(self, batch: Batch) -> None:
         free = self._free.setdefault(batch.key, [])
@@ -323,9 +323,8 @@ class Job:
 
         started = time.perf_counter()
         for runner in (self.runner, self.reference):  # CUDA graphs captured before GPU decoders share the GPU
-            warm_up = getattr(runner, "warm_up", None)
-            if warm_up is not None and self.items:
-                warm_up(self.batch_size, self.o.windowing.frames, self.o.img_size)
+            if runner is not None and self.items:
+                warm_up(runner, self.batch_size, self.o.windowing.frames, self.o.img_size)
         workers, pool = self._start_workers()
         if pool is not None:
             import torch

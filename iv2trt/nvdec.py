@@ -270,7 +270,6 @@ class NvdecSession:
 
     # --- JPEG images and folders ------------------------------------------------------------------------------
     def jpeg_clips(self, path: str, kind: str) -> Iterator[tuple[dict, Any, Any]]:
-        import numpy as np
         from torchvision.io import ImageReadMode, decode_jpeg
 
         from .transforms import resize_planar

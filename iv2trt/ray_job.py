@@ -244,7 +244,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     from .decoders import iter_clips
     from .partitions import PartitionAssembler, plan_partitions
     from .ray_stages import DecodeSpec, SettingsRunner, probe_runner
-    from .stages import log_done, summarize
+    from .stages import batch_size_for, log_done, summarize
     from .writer import FailureLog, FeatureWriter, prepare_output
 
     if s.compare_pytorch:
@@ -275,7 +275,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
                      len(items) - len(numbers), s.output, len(partitions) + committed, s.ray_partition_size, committed,
                      resources["nodes"], resources["cpus"], resources["gpus"], encoders,
                      "GPU" if "num_gpus" in need else "CPU", info["name"])
-            batch_size = max(1, min(s.batch_size, info["max_batch"] or s.batch_size))
+            batch_size = batch_size_for(s.batch_size, info["max_batch"])
             writer = FeatureWriter(s.output, s.dtype, shard_size=sys.maxsize, per_video_npy=s.per_video_npy)
             failures = FailureLog(s.output)
             bar = tqdm(total=len(numbers), unit="video", disable=not s.progress, mininterval=1.0, dynamic_ncols=True,

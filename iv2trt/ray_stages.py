@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .compare import l2_normalize
-from .stages import (DecodeStalled, check_frame_count, clip_frames_problem, clips_with_deadline, start_inference,
-                     timeout_reason)
+from .stages import (DecodeStalled, check_frame_count, clip_frames_problem, clips_with_deadline, host_buffer,
+                     start_inference, timeout_reason, warm_up)
 
 ROWS_PER_OUTPUT = 8  # decoded clips per output batch of a decode task (keeps the stream moving)
 NO_FRAMES = np.zeros((0, 0, 0, 0), np.uint8)
@@ -159,9 +159,7 @@ class Encoder:
         self.runner, self.broken = None, None
         try:
             self.runner = make_runner()
-            warm_up = getattr(self.runner, "warm_up", None)
-            if warm_up is not None:
-                warm_up(batch_size, frames, img_size)
+            warm_up(self.runner, batch_size, frames, img_size)
         except PipelineError as exc:
             self.broken = exc
         self.feature_dim, self.batch_size = feature_dim, batch_size
@@ -176,9 +174,7 @@ class Encoder:
             free = self.free.get(key)
             if free:
                 return free.pop()
-            shape, dtype = (max(rows, self.batch_size), *key[1]), np.dtype(key[0])
-            alloc = getattr(self.runner, "new_host_buffer", None)
-            return alloc(shape, dtype) if alloc is not None else np.empty(shape, dtype)
+            return host_buffer(self.runner, (max(rows, self.batch_size), *key[1]), np.dtype(key[0]))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.broken is not None:

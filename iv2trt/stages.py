@@ -100,6 +100,26 @@ def clips_with_deadline(clips: Iterable, timeout_s: float) -> Iterator:
 
 
 # --- runner -------------------------------------------------------------------------------------------------
+def batch_size_for(asked: int, max_batch: int | None) -> int:
+    """The batch size a job runs: the one asked for, capped by the runner's maximum (its engine's or graph's)."""
+    return max(1, min(asked, max_batch or asked))
+
+
+def warm_up(runner, batch: int, frames: int, img_size: int) -> None:
+    """Compile and capture the runner's full-batch CUDA graph now, where it has that step (PyTorch on a GPU):
+    before GPU decoders share the GPU, and so that partial batches replay it."""
+    step = getattr(runner, "warm_up", None)
+    if step is not None:
+        step(batch, frames, img_size)
+
+
+def host_buffer(runner, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An empty host array to assemble a batch in: the runner's (page-locked memory for GPU runners), else
+    plain memory."""
+    alloc = getattr(runner, "new_host_buffer", None)
+    return alloc(shape, dtype) if alloc is not None else np.empty(shape, dtype)
+
+
 def start_inference(runner, frames) -> Callable[[], np.ndarray]:
     """Begin inference of a batch (a host array, or a CUDA tensor of GPU-decoded clips); returns a function that
     waits for its raw features. Runners with `submit_uint8` (uint8 frames) return at once, so the caller can
