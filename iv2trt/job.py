@@ -29,7 +29,7 @@ import math
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Iterable
 
@@ -40,8 +40,8 @@ from .compare import l2_normalize
 from .decoders import (DEFAULT_NVDEC_SESSIONS, CpuWorker, DecoderPlan, GpuWorker, GpuWorkerPool, default_workers,
                        iter_clips, worker_context)
 from .inputs import InputItem
-from .stages import (batch_size_for, check_frame_count, clip_frames_problem, host_buffer, is_cuda_tensor, log_done,
-                     summarize, timeout_reason, warm_up)
+from .stages import (InputClips, batch_size_for, check_frame_count, clip_frames_problem, host_buffer, is_cuda_tensor,
+                     log_done, summarize, timeout_reason, warm_up)
 from .video import Windowing
 from .writer import FailureLog, FeatureWriter, write_summary
 
@@ -67,11 +67,8 @@ class JobOptions:
 
 
 @dataclass
-class _Video:
-    item: InputItem
-    infos: dict[int, dict] = field(default_factory=dict)
-    features: dict[int, np.ndarray] = field(default_factory=dict)
-    count: int | None = None        # known once the worker says done
+class _Video(InputClips):
+    item: InputItem | None = None   # (count is known once the worker says done)
     nvdec_failure: str | None = None  # why the GPU path could not decode it (then it is on the CPU path)
 
 
@@ -149,20 +146,18 @@ class Job:
 
     def _new_video(self, item: InputItem) -> int:
         number, self._next_number = self._next_number, self._next_number + 1
-        self.videos[number] = _Video(item)
+        self.videos[number] = _Video(item=item)
         return number
 
     def _finish_ready(self, number: int) -> None:
         video = self.videos.get(number)
-        if video is None or video.count is None or len(video.features) < video.count:
+        if video is None or not video.complete:
             return
         if video.count == 0:
             self._fail(number, "no clips")
             return
         del self.videos[number]
-        order = range(video.count)
-        self.writer.add_video(video.item.path, video.item.id, video.item.kind, [video.infos[i] for i in order],
-                              np.stack([video.features[i] for i in order]))
+        self.writer.add_video(video.item.path, video.item.id, video.item.kind, *video.ordered())
         self.stats["ok"] += 1
         self.bar.update(1)
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .inputs import InputItem
+from .stages import InputClips
 from .results import SHARD_DIR
 from .writer import FailureLog, FeatureWriter
 
@@ -50,13 +51,6 @@ def plan_partitions(items: Sequence[InputItem], size: int, done: set[str]) -> tu
 
 
 @dataclass
-class _Video:
-    infos: dict[int, dict[str, Any]] = field(default_factory=dict)
-    features: dict[int, np.ndarray] = field(default_factory=dict)
-    count: int | None = None  # known once its last clip arrived
-
-
-@dataclass
 class _Open:
     partition: Partition
     left: set[int]
@@ -77,7 +71,7 @@ class PartitionAssembler:
         self.on_finished = on_finished or (lambda ok: None)
         self.open = {p.index: _Open(p, set(p.numbers)) for p in partitions}
         self.partition_of = {n: p.index for p in partitions for n in p.numbers}
-        self.videos: dict[int, _Video] = {}
+        self.videos: dict[int, InputClips] = {}
         self.done: set[int] = set()
         self.stats = {"ok": 0, "failed": 0, "clips": 0, "shards": 0}
 
@@ -88,14 +82,13 @@ class PartitionAssembler:
     def add_clip(self, number: int, clip: int, info: dict[str, Any], feature: np.ndarray, count: int) -> None:
         if number in self.done:
             return
-        video = self.videos.setdefault(number, _Video())
+        video = self.videos.setdefault(number, InputClips())
         video.infos[clip], video.features[clip] = info, feature
         if count:
-            video.count = count
-        if video.count is not None and len(video.features) == video.count:
+            video.count = count  # known once its last clip arrived
+        if video.complete:
             del self.videos[number]
-            order = range(video.count)
-            self._finish(number, ([video.infos[i] for i in order], np.stack([video.features[i] for i in order])))
+            self._finish(number, video.ordered())
 
     def add_failure(self, number: int, reason: str) -> None:
         if number in self.done:

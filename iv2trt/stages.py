@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -97,6 +98,26 @@ def clips_with_deadline(clips: Iterable, timeout_s: float) -> Iterator:
             yield clip
     finally:
         signal.signal(signal.SIGALRM, previous)
+
+
+# --- an input's clips, as they arrive -----------------------------------------------------------------------
+@dataclass
+class InputClips:
+    """One input's clips as they arrive, in any order: each clip's window info and feature, and the input's clip
+    count once known (both executors collect inputs in these)."""
+    infos: dict[int, dict[str, Any]] = field(default_factory=dict)
+    features: dict[int, np.ndarray] = field(default_factory=dict)
+    count: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every clip's feature is in (the count known)."""
+        return self.count is not None and len(self.features) >= self.count
+
+    def ordered(self) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """(infos, features [count, D]) in clip order, for the writer."""
+        order = range(self.count or 0)
+        return [self.infos[i] for i in order], np.stack([self.features[i] for i in order])
 
 
 # --- runner -------------------------------------------------------------------------------------------------
