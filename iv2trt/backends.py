@@ -69,7 +69,8 @@ def resolve_backend(s) -> tuple[str, str]:
 
 def create_runner(s) -> object:
     """The runner named by settings `s` (fields backend, engine, onnx and the model settings). With backend auto,
-    a TensorRT that is installed but cannot start here (driver, GPU) falls back as `fallback_backend` says."""
+    a TensorRT that is installed but cannot start here (driver, GPU) falls back as `fallback_backend` says, and
+    a PyTorch model that cannot be loaded (variant, checkpoint) falls back to the ONNX file when there is one."""
     backend, why = resolve_backend(s)
     if backend == "tensorrt":
         try:
@@ -80,18 +81,30 @@ def create_runner(s) -> object:
             backend, why = fallback_backend(s, "TensorRT cannot run here")
             log.warning("TensorRT cannot run here: %s; using %s", exc,
                         "PyTorch" if backend == "torch" else "ONNX Runtime")
+    if backend == "torch":
+        from models import CheckpointError
+
+        try:
+            return torch_runner(s, why)
+        except (PipelineError, CheckpointError) as exc:
+            if s.backend != "auto" or not s.onnx or not Path(s.onnx).is_file():
+                raise
+            log.warning("PyTorch cannot load the model (%s); using ONNX Runtime on %s", exc, s.onnx)
+            backend, why = "onnxruntime", "auto: the PyTorch model could not be loaded"
     if backend == "onnxruntime":
         return onnxruntime_runner(s.onnx, why)
-    if backend == "torch":
-        from .cli import load_model
-        from .runners import TorchRunner
-
-        if not has_weights(s):
-            raise PipelineError("backend torch needs --checkpoint PATH (or --random-init to try the pipeline)")
-        runner = TorchRunner(load_model(s))
-        log.info("backend torch (%s): %s %s on %s", why, s.variant, runner.precision, runner.device)
-        return runner
     raise PipelineError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+
+
+def torch_runner(s, why: str):
+    from .cli import load_model
+    from .runners import TorchRunner
+
+    if not has_weights(s):
+        raise PipelineError("backend torch needs --checkpoint PATH (or --random-init to try the pipeline)")
+    runner = TorchRunner(load_model(s))
+    log.info("backend torch (%s): %s %s on %s", why, s.variant, runner.precision, runner.device)
+    return runner
 
 
 def tensorrt_runner(s, why: str):

@@ -22,9 +22,9 @@ class InferSettings(ModelSettings):
     inputs: list[str] = setting([], "directories (recursive), globs, list files (.txt; .csv/.jsonl with path[,id]), "
                                 "video/image files, folders of frames, or .npy preprocessed frames [B,T,3,H,W]")
     output: str = setting("outputs/features", "output directory (shards, manifests, failures.jsonl, summary.json)")
-    backend: str = setting("auto", "tensorrt | onnxruntime | torch | auto (TensorRT when it can run; else "
-                           "PyTorch fp16 on a CUDA GPU when --checkpoint or --random-init gives weights; else "
-                           "onnxruntime)", choices=BACKENDS)
+    backend: str = setting("auto", "tensorrt | onnxruntime | torch | auto (TensorRT when it can run: installed, "
+                           "with pycuda, a GPU and the engine file; else PyTorch fp16 on a CUDA GPU when "
+                           "--checkpoint or --random-init gives weights; else onnxruntime)", choices=BACKENDS)
     engine: str = setting("build/internvideo2_clip_s14_fp16.engine", "TensorRT engine (backend tensorrt/auto)")
     onnx: str = setting("build/internvideo2_clip_s14_fp16.onnx", "ONNX file (backend onnxruntime/auto)")
     frames: int = setting(8, "frames per clip (T), sampled as upstream: middle frame of T equal segments")

@@ -103,11 +103,12 @@ def _counter(group: str, name: str) -> int:
 
 
 _LIVE: "weakref.WeakSet[CompiledForward]" = weakref.WeakSet()  # instances whose compile thread has started
-_COMPILED_HERE = threading.Event()  # set once any compile has started in this process
+_COMPILED_HERE = threading.Event()  # set once any compile has been asked for in this process
+EXIT_WAIT_S = 120.0  # finish_compiles: the longest wait for a running compile at exit
 
 
 def compiled_here() -> bool:
-    """Whether this process has started a torch.compile (TorchInductor's workers and exit hook may exist)."""
+    """Whether this process has asked for a torch.compile (TorchInductor's workers and exit hook may exist)."""
     return _COMPILED_HERE.is_set()
 
 
@@ -117,16 +118,22 @@ def compiles_in_flight() -> list[str]:
 
 
 @atexit.register
-def finish_compiles() -> None:
-    """Drop queued background compiles and wait for the running ones (at exit, instead of letting the
-    interpreter's shutdown abort under them; tests call it too)."""
+def finish_compiles(timeout: float = EXIT_WAIT_S) -> None:
+    """Drop queued background compiles and wait up to `timeout` seconds for the running ones (at exit, instead
+    of letting the interpreter's shutdown abort under them; tests call it too)."""
     for compiled in list(_LIVE):
         compiled.close()  # queued compiles are dropped; the running one finishes
     for what in compiles_in_flight():
-        log.info("waiting for the background torch.compile of %s to finish before exiting (it cannot be "
-                 "stopped midway)", what)
+        log.info("waiting up to %.0f s for the background torch.compile of %s to finish before exiting (it "
+                 "cannot be stopped midway)", timeout, what)
+    deadline = time.monotonic() + timeout
     for compiled in list(_LIVE):
-        compiled.wait()
+        try:
+            compiled.wait(max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            log.warning("leaving with the background torch.compile of %s still running",
+                        ", ".join(compiles_in_flight()))
+            return
 
 
 class CompiledForward:
@@ -191,6 +198,7 @@ class CompiledForward:
         """Start compiling for x's class unless it is compiled, compiling or failed (shape, dtype, device
         are taken from x; the compile runs on fresh random inputs, never on x itself)."""
         key = self.key(x.shape)
+        _COMPILED_HERE.set()
         with self._lock:
             if key in self._requested:
                 return
@@ -235,7 +243,6 @@ class CompiledForward:
             done.set()
 
     def _compile(self, key: tuple, shape: tuple, dtype, device) -> None:
-        _COMPILED_HERE.set()
         started = time.perf_counter()
         hits, misses = _counter("inductor", "fxgraph_cache_hit"), _counter("inductor", "fxgraph_cache_miss")
         try:

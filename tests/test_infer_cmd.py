@@ -184,9 +184,22 @@ def test_auto_falls_back_to_pytorch_when_tensorrt_cannot_start(monkeypatch):
     monkeypatch.setattr(backends, "tensorrt_runner", cannot_start)
     monkeypatch.setattr(backends, "torch_gpu_missing", lambda: None)
     monkeypatch.setattr(backends, "onnxruntime_runner", lambda path, why: pytest.fail("ONNX Runtime was chosen"))
-    s = _auto_settings(random_init=True, variant="no-such-variant", seed=0, align_checkpoint=None)
+    s = _auto_settings(random_init=True, variant="no-such-variant", seed=0, align_checkpoint=None, onnx=None)
     with pytest.raises(PipelineError, match="no-such-variant"):  # it went on to load the PyTorch model
         backends.create_runner(s)
+
+
+def test_auto_falls_back_to_the_onnx_file_when_pytorch_cannot_load_the_model(monkeypatch, tiny_onnx, caplog):
+    from iv2trt import backends
+
+    monkeypatch.setattr(backends, "torch_gpu_missing", lambda: None)
+    s = _auto_settings(checkpoint="missing.pth", variant="internvideo2_clip_s14", seed=0, align_checkpoint=None,
+                       random_init=False, onnx=str(tiny_onnx["fp32"]))
+    with caplog.at_level("WARNING"):
+        assert backends.create_runner(s).name == "onnxruntime"
+    assert "PyTorch cannot load the model" in caplog.text and "missing.pth" in caplog.text
+    with pytest.raises(PipelineError, match="missing.pth"):  # asked for by name: no fallback
+        backends.create_runner(_auto_settings(**{**vars(s), "backend": "torch"}))
 
 
 def test_auto_runs_pytorch_end_to_end_and_records_it(tmp_path, clips, monkeypatch, capfd):

@@ -159,6 +159,8 @@ def test_engine_map_picks_the_longest_matching_key():
     assert engine_for_gpu(mapping, "NVIDIA H100 NVL", "default.engine") == "nvl.engine"
     assert engine_for_gpu(mapping, "NVIDIA A10G", "default.engine") == "default.engine"
     assert engine_for_gpu(mapping, None, "default.engine") == "default.engine"
+    with pytest.raises(PipelineError, match="GPU_MODEL=PATH"):
+        parse_engine_map(["h100.engine"])
 
 
 def test_local_gpu_name_is_the_name_engines_record(monkeypatch):
@@ -170,8 +172,6 @@ def test_local_gpu_name_is_the_name_engines_record(monkeypatch):
     assert engine_map.local_gpu_name() == "NVIDIA L4"
     monkeypatch.setattr(cuda_env, "GPU_PROBES", (lambda device: None,))
     assert engine_map.local_gpu_name() is None
-    with pytest.raises(PipelineError, match="GPU_MODEL=PATH"):
-        parse_engine_map(["h100.engine"])
 
 
 def test_ray_flag_takes_an_optional_address_and_missing_ray_exits_4(tmp_path, monkeypatch):

@@ -129,8 +129,30 @@ def test_unfinished_compiles_are_named_and_close_drops_the_queued_ones(tiny_mode
     assert compiles_in_flight() == [] and backend.graphs == 1
 
 
+def test_finish_compiles_waits_a_bounded_time(tiny_model, caplog):
+    import time
+
+    from iv2trt.torch_compile import compiles_in_flight, finish_compiles
+
+    backend = CountingBackend()
+    backend.release.clear()  # a compile that does not end by itself
+    compiled = CompiledForward(tiny_model, "default", backend=backend)
+    try:
+        with torch.inference_mode():
+            compiled(frames(3, 4))
+        assert backend.entered.wait(30)
+        started = time.perf_counter()
+        with caplog.at_level(logging.INFO, logger="iv2trt.torch_compile"):
+            finish_compiles(timeout=0.5)
+        assert 0.4 < time.perf_counter() - started < 10
+        assert "still running" in caplog.text and compiles_in_flight()
+    finally:
+        backend.release.set()
+        compiled.wait(60)
+
+
 _EXIT_SCRIPT = """
-import atexit, logging, sys, time
+import atexit, logging, os, sys, time
 import torch
 sys.path.insert(0, {root!r})
 from iv2trt.cli import exit_with
@@ -140,6 +162,7 @@ logging.basicConfig(level=logging.INFO, format="%(message)s")
 marker = {marker!r}
 
 def slow_backend(gm, example_inputs):  # a compile that may still be running when the program ends
+    open(marker + ".started", "w").close()
     time.sleep({seconds})
     open(marker, "w").write("compiled")
     return gm.forward
@@ -150,8 +173,11 @@ atexit.register(lambda: print("ATEXIT RAN", flush=True))
 def main(argv=None):
     with torch.inference_mode():
         compiled(torch.randn(2, 4, 3, 2, 2))
-        if {finish}:
-            compiled.wait(60)
+    if {finish}:
+        compiled.wait(60)
+    else:  # end while the compile runs (not merely queued)
+        while not os.path.exists(marker + ".started"):
+            time.sleep(0.05)
     return 0
 
 if {through_exit_with}:
@@ -183,7 +209,7 @@ def test_program_end_after_a_compile_neither_aborts_nor_hangs(tmp_path, through_
         assert (unfinished in done.stderr) == (not finish) and "ATEXIT RAN" not in done.stdout
         assert marker.exists() == finish and elapsed < 30
     else:
-        assert "waiting for the background torch.compile of Flatten [B>=2, 4, 3, 2, 2]" in done.stderr
+        assert "s for the background torch.compile of Flatten [B>=2, 4, 3, 2, 2] to finish" in done.stderr
         assert marker.read_text() == "compiled" and "ATEXIT RAN" in done.stdout
 
 

@@ -70,3 +70,14 @@ def test_failure_log(tmp_path):
     log.add("/in/y.mp4", "y.mp4", "no video stream")
     lines = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert [e["reason"] for e in lines] == ["empty file", "no video stream"]
+
+
+def test_another_backends_output_names_the_backend_to_go_on_with(tmp_path):
+    """A folder that --backend auto filled with one backend, resumed where auto picks another."""
+    prepare_output(tmp_path, {"backend": "onnxruntime", "frames": 8}, overwrite=False)
+    with pytest.raises(PipelineError, match=r"backend: 'onnxruntime' there, 'torch' now.*--backend onnxruntime to "
+                                            r"go on with that job"):
+        prepare_output(tmp_path, {"backend": "torch", "frames": 8}, overwrite=False)
+    with pytest.raises(PipelineError) as refused:  # the backend agrees: nothing to add about it
+        prepare_output(tmp_path, {"backend": "onnxruntime", "frames": 4}, overwrite=False)
+    assert "--backend" not in str(refused.value)
