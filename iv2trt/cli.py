@@ -129,7 +129,7 @@ def exit_with(main: Callable[[Sequence[str] | None], int]) -> None:
     if unfinished:
         log.info("leaving with the background torch.compile of %s unfinished (dropped; compiled again when "
                  "needed)", ", ".join(unfinished))
-    if code == EXIT_INTERRUPTED or unfinished or (compiling and compiling.compiled_here()):
+    if code == EXIT_INTERRUPTED or (compiling and compiling.compiled_here()):  # unfinished implies compiled_here
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -66,9 +66,9 @@ class JobOptions:
     gpu: int = 0                    # the GPU whose decoders (and, for GPU runners, memory) the job uses
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Video(InputClips):
-    item: InputItem | None = None   # (count is known once the worker says done)
+    item: InputItem                 # (count is known once the worker says done)
     nvdec_failure: str | None = None  # why the GPU path could not decode it (then it is on the CPU path)
 
 

@@ -58,10 +58,10 @@ def prepare_output(out_dir: str | Path, job: dict[str, Any], overwrite: bool) ->
         diff = [f"{k}: {previous.get(k)!r} there, {job.get(k)!r} now" for k in sorted(set(previous) | set(job))
                 if previous.get(k) != job.get(k)]
         if diff:
-            same_backend = (f", or --backend {previous['backend']} to go on with that job"
+            backend_hint = (f", or --backend {previous['backend']} to go on with that job"
                             if previous.get("backend") not in (None, job.get("backend")) else "")
             raise PipelineError(f"output directory {out_dir} holds features of another job ({'; '.join(diff)}); "
-                                f"pass a new --output, or --overwrite to delete them{same_backend}")
+                                f"pass a new --output, or --overwrite to delete them{backend_hint}")
     elif out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
         raise PipelineError(f"output directory {out_dir} is not empty and has no {JOB_FILE}: "
                             "pass a new --output, or --overwrite to reuse it")
