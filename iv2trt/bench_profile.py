@@ -2,9 +2,9 @@
 compile mode, and the attention kernels torch's SDPA offers at the model's shape (tools/profile_encoder.py).
 
 Groups (first match wins, on the kernel's name): attention (SDPA's kernels, the cls split's merge), matmul
-with a fused epilogue (TorchInductor's Triton templates), matmul (cuBLAS/CUTLASS, split-K reductions included), norm/reduction
-(norm kernels, TorchInductor's reductions, which hold the fused residual adds), elementwise/copies
-(everything else: GELU, adds, casts, layout copies, TorchInductor's pointwise kernels)."""
+with a fused epilogue (TorchInductor's Triton templates), matmul (cuBLAS/CUTLASS, split-K reductions
+included), norm/reduction (norm kernels, TorchInductor's reductions, which hold the fused residual adds),
+elementwise/copies (everything else: GELU, adds, casts, layout copies, TorchInductor's pointwise kernels)."""
 from __future__ import annotations
 
 import re

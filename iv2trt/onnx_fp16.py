@@ -168,4 +168,3 @@ def convert_to_fp32(model):
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
     return model
-

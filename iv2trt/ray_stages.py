@@ -44,7 +44,6 @@ def worker_setup() -> None:
     import torch  # noqa: F401
 
 
-
 def _node() -> str:
     import ray
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import yaml
 
 
-
 def _model_config_dir() -> Path:
     """configs/models/: the copy `pip install .` puts inside iv2trt (iv2trt/configs/models), else the repository
     checkout's (the same rule as iv2trt.settings.config_dir)."""

@@ -121,7 +121,8 @@ def test_graph_parts_rule(tiny_model):
 
 
 # --- GPU -----------------------------------------------------------------------------------------------------
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: the Triton kernel and cuDNN run there")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
+                               reason="no CUDA GPU: the Triton kernel and cuDNN run there")
 
 
 @needs_gpu

@@ -66,8 +66,8 @@ def main() -> int:
                 except Exception as exc:
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 rows.append(row)
-                print(f"M={M:6d} {lib:8s} {name:40s} " + (f"{row['ms'] * 1e3:8.1f} us" if "ms" in row else row["error"]),
-                      flush=True)
+                shown = f"{row['ms'] * 1e3:8.1f} us" if "ms" in row else row["error"]
+                print(f"M={M:6d} {lib:8s} {name:40s} {shown}", flush=True)
         torch.backends.cuda.preferred_blas_library("default")
     args.output.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                        "rows": rows}, indent=1))
