@@ -1,4 +1,10 @@
-"""The fused path's Triton kernel as a custom op, so torch.compile and CUDA graphs treat it as one op.
+"""The fused path's own kernels: which ones serve a model, and the Triton attention kernel as a custom op.
+
+`quack_gemms(device, dtype)`: the matrix products with the block's norms in their epilogues
+(models.quack_gemms), where quack is installed and the GPU is a Hopper or Blackwell one;
+`IV2TRT_QUACK_GEMMS=off` turns them off.
+
+The Triton kernel is a custom op, so torch.compile and CUDA graphs treat it as one op.
 
 `attention_cls_split(q, k, v, scale)` -> [B, N, heads * head_dim]: exact attention with token 0 (the cls
 token) apart, so cuDNN's flash kernel sees the 2,048 patch keys, a whole number of its tiles
@@ -14,6 +20,7 @@ import os
 import torch
 
 ENV_VAR = "IV2TRT_TRITON_KERNELS"
+QUACK_ENV_VAR = "IV2TRT_QUACK_GEMMS"
 
 
 @functools.cache
@@ -26,12 +33,31 @@ def _kernels():
     return triton_kernels
 
 
-def enabled() -> bool:
-    """$IV2TRT_TRITON_KERNELS: on (default) or off; ValueError naming the variable for anything else."""
-    value = os.environ.get(ENV_VAR, "on").strip().lower()
+@functools.cache
+def _quack():
+    """models.quack_gemms, or None where quack (or its CuTe DSL) cannot be imported."""
+    try:
+        from . import quack_gemms
+    except Exception:  # not installed (it is optional: requirements-gpu.txt) or broken: the plain block
+        return None
+    return quack_gemms
+
+
+def enabled(var: str = ENV_VAR) -> bool:
+    """$var (IV2TRT_TRITON_KERNELS by default): on (default) or off; ValueError naming it for anything else."""
+    value = os.environ.get(var, "on").strip().lower()
     if value not in ("on", "off", "1", "0", "true", "false", "yes", "no", ""):
-        raise ValueError(f"${ENV_VAR} must be on or off, got {os.environ[ENV_VAR]!r}")
+        raise ValueError(f"${var} must be on or off, got {os.environ[var]!r}")
     return value not in ("off", "0", "false", "no")
+
+
+def quack_gemms(device: torch.device, dtype: torch.dtype):
+    """models.quack_gemms where it serves a model on this device in this dtype, else None."""
+    if not enabled(QUACK_ENV_VAR) or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10) or _quack() is None:
+        return None
+    return _quack()
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_ops
+from . import deferred_norm, fused_ops
 from .config import VisionConfig
 from .pos_embed import pos_embed_for_frames, sincos_pos_embed_3d
 
@@ -106,14 +106,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(self.attend_qkv(self.qkv(x)))
+
+    def attend_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [B, N, 3 * C] -> q/k-normalised multi-head attention [B, N, C], before the output projection."""
+        B, N, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.chunk(3, dim=-1)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.reshape(B, N, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
         if self.fused and self.cls_split and fused_ops.cls_split_shape_ok(q):
-            return self.proj(fused_ops.attention_cls_split(q, k, v, self.scale))
+            return fused_ops.attention_cls_split(q, k, v, self.scale)
         x = attend(q, k, v, self.scale, self.fused)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return x.transpose(1, 2).reshape(B, N, C)
 
 
 class LayerScale(nn.Module):
@@ -151,7 +155,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + gamma1 * attn(norm1(x)), then x + gamma2 * mlp(norm2(x))."""
+    """Pre-norm transformer block: x + gamma1 * attn(norm1(x)), then x + gamma2 * mlp(norm2(x)).
+
+    With `gemms` set (InternVideo2CLIPVision.defer_norms) the backbone runs `forward_deferred` instead: the
+    norms, LayerScale and residual adds in the matrix products' epilogues (models.deferred_norm)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -162,10 +169,15 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(dim, cfg.norm_eps)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.gelu_approximate)
         self.ls2 = LayerScale(dim, cfg.init_values)
+        self.gemms = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ls1(self.attn(self.norm1(x)), residual=x)
         return self.ls2(self.mlp(self.norm2(x)), residual=x)
+
+    def forward_deferred(self, x: torch.Tensor, sqsum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, N, C] and its rows' float32 sums of squares [B * N] -> the same pair after this block."""
+        return deferred_norm.block_forward(self, x, sqsum, self.gemms)
 
 
 class CrossAttention(nn.Module):
@@ -230,8 +242,13 @@ class InternVideo2Backbone(nn.Module):
         frame_index = torch.arange(T, dtype=torch.float32, device=x.device)
         pos = pos_embed_for_frames(self.pos_embed.float(), self.cfg.num_frames, frame_index)
         x = x + pos.to(x.dtype)
-        for block in self.blocks:
-            x = block(x)
+        if self.blocks and self.blocks[0].gemms is not None:
+            sqsum = deferred_norm.sum_of_squares(x)
+            for block in self.blocks:
+                x, sqsum = block.forward_deferred(x, sqsum)
+        else:
+            for block in self.blocks:
+                x = block(x)
         return self.clip_projector(x)
 
 
@@ -254,7 +271,8 @@ class InternVideo2CLIPVision(nn.Module):
         """torch's fused kernels (SDPA, RMSNorm, patch matmul, on a GPU in half precision GELU in fc1's
         epilogue; fused=True, for PyTorch inference), or attention, norms and the patch convolution spelled
         out with explicit float32 islands (fused=False, for ONNX export). Attention's Triton kernel (see
-        Attention) is chosen here from the model's current device and dtype: call this after moving it."""
+        Attention) and the blocks' deferred norms on quack's products (see Block) are chosen here from the
+        model's current device and dtype: call this after loading weights and moving the model."""
         param = self.vision_encoder.cls_token
         cls_split = fused and fused_ops.available(param.device, param.dtype)
         for module in self.modules():
@@ -262,6 +280,16 @@ class InternVideo2CLIPVision(nn.Module):
                 module.fused = fused
             if isinstance(module, Attention):
                 module.cls_split = cls_split
+        gemms = fused_ops.quack_gemms(param.device, param.dtype) if fused else None
+        return self.defer_norms(gemms)
+
+    def defer_norms(self, gemms) -> "InternVideo2CLIPVision":
+        """Run the blocks with their norms in the matrix products' epilogues, through `gemms`
+        (models.quack_gemms, or models.deferred_norm.TorchGemms), or as written (None). Folds the norm
+        weights and LayerScale into copies of the weights: call it again after loading or moving weights."""
+        for block in self.vision_encoder.blocks:
+            block.gemms = gemms
+            (deferred_norm.fold if gemms is not None else deferred_norm.unfold)(block)
         return self
 
     def init_random_weights(self, seed: int = 0) -> "InternVideo2CLIPVision":

@@ -1,0 +1,87 @@
+"""The transformer block with its RMSNorms deferred into the matrix products' epilogues.
+
+A pre-norm block computes norm(x) @ W^T with norm(x) = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per
+row. The row scale commutes with the product and the norm weight folds into W:
+
+    norm(x) @ W^T = rstd * (x @ (W * w)^T)
+
+so no pass over the activations is needed to normalise them: the product that writes the residual stream
+(proj, fc2) also returns each row's sum of squares, and the next product (fc1, the next block's qkv) scales
+its rows by the rstd made from it. LayerScale and the bias fold into that writing product's epilogue:
+x + gamma * (a @ W^T + b) = x + (a @ W^T) * gamma + gamma * b. What is left between the products is the
+q/k norm and attention. The algebra is exact; the rounding differs from the unfused block only in where
+fp16 roundings fall (the normalised activations are never rounded to fp16, the folded weights are).
+
+`gemms` is the implementation of the three fused products: models.quack_gemms on a GPU, `TorchGemms` (the
+same arithmetic in torch ops) for tests of the algebra on any device. GELU is its tanh form, as in the fused
+path's cuBLASLt epilogue (models.internvideo2_clip.Mlp).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_FOLDED = ("qkv_weight", "proj_scale", "proj_shift", "fc1_weight", "fc2_scale", "fc2_shift")
+
+
+class TorchGemms:
+    """The fused products' arithmetic in torch ops: products in the input's dtype, epilogues in float32."""
+
+    @staticmethod
+    def row_scaled(a: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        return (F.linear(a, w).float() * rstd[:, None]).to(a.dtype)
+
+    @staticmethod
+    def residual_rms(a, w, scale, shift, residual) -> tuple[torch.Tensor, torch.Tensor]:
+        y = residual.float() + F.linear(a, w).float() * scale + shift
+        return y.to(a.dtype), y.square().sum(-1)
+
+    @staticmethod
+    def row_scaled_gelu(a, w, rstd, bias) -> torch.Tensor:
+        x = F.linear(a, w).float() * rstd[:, None] + bias.float()
+        return F.gelu(x, approximate="tanh").to(a.dtype)
+
+
+def fold(block: nn.Module) -> None:
+    """Register the block's folded weights as non-persistent buffers (from its current weights, device and
+    dtype; fold again after changing any of them)."""
+    attn, mlp = block.attn, block.mlp
+    folded = {
+        "qkv_weight": attn.qkv.weight.float() * block.norm1.weight.float(),
+        "proj_scale": block.ls1.gamma.float(),
+        "proj_shift": block.ls1.gamma.float() * attn.proj.bias.float(),
+        "fc1_weight": mlp.fc1.weight.float() * block.norm2.weight.float(),
+        "fc2_scale": block.ls2.gamma.float(),
+        "fc2_shift": block.ls2.gamma.float() * mlp.fc2.bias.float(),
+    }
+    dtype = attn.qkv.weight.dtype
+    for name, value in folded.items():
+        value = value.to(dtype) if name.endswith("weight") else value
+        block.register_buffer(f"deferred_{name}", value.contiguous(), persistent=False)
+
+
+def unfold(block: nn.Module) -> None:
+    """Drop the folded buffers."""
+    for name in _FOLDED:
+        block._buffers.pop(f"deferred_{name}", None)
+
+
+def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    """x [B, N, C] -> sum(x^2) over C per row, float32 [B * N]: the first block's norm statistics."""
+    return x.reshape(-1, x.shape[-1]).float().square().sum(-1)
+
+
+def block_forward(block: nn.Module, x: torch.Tensor, sqsum: torch.Tensor, gemms) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block on the residual stream x [B, N, C] with its rows' sums of squares -> the same pair after it."""
+    B, N, C = x.shape
+    rows = x.reshape(B * N, C)
+    qkv = gemms.row_scaled(rows, block.deferred_qkv_weight, torch.rsqrt(sqsum / C + block.norm1.eps))
+    o = block.attn.attend_qkv(qkv.reshape(B, N, 3 * C)).reshape(B * N, C)
+    rows, sqsum = gemms.residual_rms(o, block.attn.proj.weight, block.deferred_proj_scale,
+                                     block.deferred_proj_shift, rows)
+    h = gemms.row_scaled_gelu(rows, block.deferred_fc1_weight, torch.rsqrt(sqsum / C + block.norm2.eps),
+                              block.mlp.fc1.bias)
+    rows, sqsum = gemms.residual_rms(h, block.mlp.fc2.weight, block.deferred_fc2_scale,
+                                     block.deferred_fc2_shift, rows)
+    return rows.reshape(B, N, C), sqsum

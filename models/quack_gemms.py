@@ -1,0 +1,110 @@
+"""The fused path's matrix products with the block's norms in their epilogues, on quack's CuTe DSL GEMMs.
+
+models.deferred_norm defers each RMSNorm of the block through the products: three epilogues, in float32 on
+the accumulator, each a `torch.library` custom op (so torch.compile and the CUDA graphs see one op):
+
+- `row_scaled(a, w, rstd)`: (a @ w^T) * rstd[:, None] (qkv after norm1);
+- `residual_rms(a, w, scale, shift, residual)` -> (y, sum of y^2 per row), y = residual + (a @ w^T) * scale
+  + shift (proj and fc2, with LayerScale and the bias in scale and shift);
+- `row_scaled_gelu(a, w, rstd, bias)`: GELU((a @ w^T) * rstd[:, None] + bias), GELU's tanh form as in the
+  fused path's cuBLASLt epilogue (the erf form ran 37% slower here).
+
+Imported only where models.fused_ops.quack_gemms allows: quack (`quack-kernels`, with its
+`nvidia-cutlass-dsl`) on a CUDA GPU of compute capability 9.0 or 10.x. The DSL compiles each kernel at first
+use (about 1.5 s; quack caches it on disk). Tiles are fixed per product, never autotuned in a job, so a new
+batch size costs no tuning sweep.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from quack import activation
+from quack.epilogue.frontend import gemm_epilogue
+from quack.epilogue.ops import ColVecLoad, ColVecReduce, RowVecLoad
+from quack.gemm_config import GemmConfig
+
+
+@gemm_epilogue(ops={"rstd": ColVecLoad("rstd")})
+def _row_scaled(acc, rstd):
+    return {"D": acc * rstd}
+
+
+@gemm_epilogue(
+    ops={"scale": RowVecLoad("scale"), "shift": RowVecLoad("shift")},
+    reduces={"sqsum": ColVecReduce("sqsum", scaled=True)},
+)
+def _residual_rms(acc, c, scale, shift):
+    y = acc * scale + shift + c
+    return {"D": y, "sqsum": (y, y)}
+
+
+@gemm_epilogue(ops={"rstd": ColVecLoad("rstd"), "bias": RowVecLoad("bias")})
+def _row_scaled_gelu(acc, rstd, bias):
+    return {"D": activation.gelu_tanh_approx(acc * rstd + bias)}
+
+
+def _hopper(pingpong: bool, tile_m: int, cluster_m: int) -> GemmConfig:
+    return GemmConfig(tile_m=tile_m, tile_n=192, pingpong=pingpong, is_dynamic_persistent=False,
+                      cluster_m=cluster_m, cluster_n=3 - cluster_m, device_capacity=9)
+
+
+# Tiles per product (N, K) of S/14 on Hopper: quack's autotuned choice at 16 x 2,049 rows, the half batch of
+# 32x8 on two graph streams (tools/bench_quack_gemms.py). Other products take quack's default tiles.
+HOPPER_CONFIGS: dict[tuple[int, int], GemmConfig] = {
+    (1152, 384): _hopper(pingpong=True, tile_m=128, cluster_m=1),  # qkv
+    (384, 384): _hopper(pingpong=False, tile_m=256, cluster_m=1),  # proj
+    (1536, 384): _hopper(pingpong=False, tile_m=256, cluster_m=1),  # fc1
+    (384, 1536): _hopper(pingpong=True, tile_m=128, cluster_m=2),  # fc2
+}
+
+
+@functools.cache
+def _major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def config_for(w: torch.Tensor) -> GemmConfig | None:
+    """The fixed tiles for a product with weight w [N, K] on w's GPU, or None for quack's default."""
+    if _major(w.device.index if w.device.index is not None else torch.cuda.current_device()) != 9:
+        return None
+    return HOPPER_CONFIGS.get(tuple(w.shape))
+
+
+def _gemm(mod, a, w, c=None, **operands) -> dict:
+    return mod(a, w.t(), c, config=config_for(w), tuned=False, **operands)
+
+
+@torch.library.custom_op("iv2trt::quack_row_scaled", mutates_args=())
+def row_scaled(a: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ w [N, K]^T with row m scaled by rstd[m] (float32) -> [M, N] in a's dtype."""
+    return _gemm(_row_scaled, a, w, rstd=rstd)["D"]
+
+
+@row_scaled.register_fake
+def _(a, w, rstd):
+    return a.new_empty(a.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("iv2trt::quack_residual_rms", mutates_args=())
+def residual_rms(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                 residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = residual + (a @ w^T) * scale + shift ([M, N], a's dtype) and sum(y^2) per row (float32, [M])."""
+    out = _gemm(_residual_rms, a, w, residual, scale=scale, shift=shift)
+    return out["D"], out["sqsum"]
+
+
+@residual_rms.register_fake
+def _(a, w, scale, shift, residual):
+    return a.new_empty(a.shape[0], w.shape[0]), a.new_empty(a.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("iv2trt::quack_row_scaled_gelu", mutates_args=())
+def row_scaled_gelu(a: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh form) of (a @ w^T) * rstd[:, None] + bias -> [M, N] in a's dtype."""
+    return _gemm(_row_scaled_gelu, a, w, rstd=rstd, bias=bias)["D"]
+
+
+@row_scaled_gelu.register_fake
+def _(a, w, rstd, bias):
+    return a.new_empty(a.shape[0], w.shape[0])
