@@ -44,19 +44,28 @@ def _row_scaled_gelu(acc, rstd, bias):
     return {"D": activation.gelu_tanh_approx(acc * rstd + bias)}
 
 
-def _hopper(pingpong: bool, tile_m: int, cluster_m: int) -> GemmConfig:
+def _hopper(tile_m: int, cluster_m: int, pingpong: bool = True) -> GemmConfig:
     return GemmConfig(tile_m=tile_m, tile_n=192, pingpong=pingpong, is_dynamic_persistent=False,
                       cluster_m=cluster_m, cluster_n=3 - cluster_m, device_capacity=9)
 
 
-# Tiles per product (N, K) of S/14 on Hopper: quack's autotuned choice at 16 x 2,049 rows, the half batch of
-# 32x8 on two graph streams (tools/bench_quack_gemms.py). Other products take quack's default tiles.
-HOPPER_CONFIGS: dict[tuple[int, int], GemmConfig] = {
-    (1152, 384): _hopper(pingpong=True, tile_m=128, cluster_m=1),  # qkv
-    (384, 384): _hopper(pingpong=False, tile_m=256, cluster_m=1),  # proj
-    (1536, 384): _hopper(pingpong=False, tile_m=256, cluster_m=1),  # fc1
-    (384, 1536): _hopper(pingpong=True, tile_m=128, cluster_m=2),  # fc2
-}
+# Tiles of S/14's products (N, K) on Hopper by rows M, the fastest of quack's configurations in
+# tools/bench_quack_gemms.py: (fewest rows, {(N, K): tiles}), first match. Other products (other model
+# sizes) take quack's default tiles.
+HOPPER_CONFIGS: list[tuple[int, dict[tuple[int, int], GemmConfig]]] = [
+    (49152, {  # 32x8 on one stream (65,568 rows)
+        (1152, 384): _hopper(128, cluster_m=2),  # qkv
+        (384, 384): _hopper(128, cluster_m=1),  # proj
+        (1536, 384): _hopper(128, cluster_m=2),  # fc1
+        (384, 1536): _hopper(128, cluster_m=2),  # fc2
+    }),
+    (0, {  # the half batch of 32x8 on two graph streams (32,784 rows), and fewer
+        (1152, 384): _hopper(128, cluster_m=1),
+        (384, 384): _hopper(256, cluster_m=1, pingpong=False),
+        (1536, 384): _hopper(256, cluster_m=1, pingpong=False),
+        (384, 1536): _hopper(128, cluster_m=2),
+    }),
+]
 
 
 @functools.cache
@@ -64,15 +73,17 @@ def _major(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def config_for(w: torch.Tensor) -> GemmConfig | None:
-    """The fixed tiles for a product with weight w [N, K] on w's GPU, or None for quack's default."""
+def config_for(w: torch.Tensor, rows: int) -> GemmConfig | None:
+    """The fixed tiles for a product of `rows` rows with weight w [N, K] on w's GPU, or None for quack's
+    default."""
     if _major(w.device.index if w.device.index is not None else torch.cuda.current_device()) != 9:
         return None
-    return HOPPER_CONFIGS.get(tuple(w.shape))
+    table = next(configs for least, configs in HOPPER_CONFIGS if rows >= least)
+    return table.get(tuple(w.shape))
 
 
 def _gemm(mod, a, w, c=None, **operands) -> dict:
-    return mod(a, w.t(), c, config=config_for(w), tuned=False, **operands)
+    return mod(a, w.t(), c, config=config_for(w, a.shape[0]), tuned=False, **operands)
 
 
 @torch.library.custom_op("iv2trt::quack_row_scaled", mutates_args=())

@@ -35,8 +35,9 @@ def hopper_candidates():
         "128x192 pp 2x1": GemmConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1, **common),
         "256x192 coop 1x2": GemmConfig(tile_m=256, tile_n=192, pingpong=False, cluster_m=1, cluster_n=2, **common),
         "256x128 coop 1x2": GemmConfig(tile_m=256, tile_n=128, pingpong=False, cluster_m=1, cluster_n=2, **common),
-        "192x128 pp 2x1 swap": GemmConfig(tile_m=192, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1,
-                                          swap_ab=True, **common),
+        "128x128 pp 1x1": GemmConfig(tile_m=128, tile_n=128, pingpong=True, cluster_m=1, cluster_n=1, **common),
+        "128x192 pp 1x1": GemmConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=1, cluster_n=1, **common),
+        "128x128 pp 2x1": GemmConfig(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1, **common),
     }
 
 
@@ -166,7 +167,7 @@ def main() -> int:
     CANDIDATES.update(hopper_candidates())
     torch.manual_seed(0)
     rows: list = []
-    for M in (32 * 2049, 16 * 2049):
+    for M in (32 * 2049, 16 * 2049, 2 * 2049, 2049):
         products(qg, M, 384, rows)
     for batch in (32, 16):
         blocks(qg, rows, batch)
