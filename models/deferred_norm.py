@@ -35,7 +35,7 @@ class TorchGemms:
     @staticmethod
     def residual_rms(a, w, scale, shift, residual) -> tuple[torch.Tensor, torch.Tensor]:
         y = residual.float() + F.linear(a, w).float() * scale + shift
-        return y.to(a.dtype), y.square().sum(-1)
+        return y.to(a.dtype), y.square().sum(-1, keepdim=True)
 
     @staticmethod
     def row_scaled_gelu(a, w, rstd, bias) -> torch.Tensor:
@@ -68,20 +68,25 @@ def unfold(block: nn.Module) -> None:
 
 
 def sum_of_squares(x: torch.Tensor) -> torch.Tensor:
-    """x [B, N, C] -> sum(x^2) over C per row, float32 [B * N]: the first block's norm statistics."""
-    return x.reshape(-1, x.shape[-1]).float().square().sum(-1)
+    """x [B, N, C] -> sum(x^2) over C per row, float32 [B * N, 1]: the first block's norm statistics."""
+    return x.reshape(-1, x.shape[-1]).float().square().sum(-1, keepdim=True)
 
 
-def block_forward(block: nn.Module, x: torch.Tensor, sqsum: torch.Tensor, gemms) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block on the residual stream x [B, N, C] with its rows' sums of squares -> the same pair after it."""
+def rstd(sums: torch.Tensor, width: int, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) per row from the parts of its sum of squares [M, parts]."""
+    return torch.rsqrt(sums.sum(-1) / width + eps)
+
+
+def block_forward(block: nn.Module, x: torch.Tensor, sums: torch.Tensor, gemms) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block on the residual stream x [B, N, C] with its rows' sums of squares (in parts, [B * N, parts])
+    -> the same pair after the block."""
     B, N, C = x.shape
     rows = x.reshape(B * N, C)
-    qkv = gemms.row_scaled(rows, block.deferred_qkv_weight, torch.rsqrt(sqsum / C + block.norm1.eps))
+    qkv = gemms.row_scaled(rows, block.deferred_qkv_weight, rstd(sums, C, block.norm1.eps))
     o = block.attn.attend_qkv(qkv.reshape(B, N, 3 * C)).reshape(B * N, C)
-    rows, sqsum = gemms.residual_rms(o, block.attn.proj.weight, block.deferred_proj_scale,
-                                     block.deferred_proj_shift, rows)
-    h = gemms.row_scaled_gelu(rows, block.deferred_fc1_weight, torch.rsqrt(sqsum / C + block.norm2.eps),
-                              block.mlp.fc1.bias)
-    rows, sqsum = gemms.residual_rms(h, block.mlp.fc2.weight, block.deferred_fc2_scale,
-                                     block.deferred_fc2_shift, rows)
-    return rows.reshape(B, N, C), sqsum
+    rows, sums = gemms.residual_rms(o, block.attn.proj.weight, block.deferred_proj_scale,
+                                    block.deferred_proj_shift, rows)
+    h = gemms.row_scaled_gelu(rows, block.deferred_fc1_weight, rstd(sums, C, block.norm2.eps), block.mlp.fc1.bias)
+    rows, sums = gemms.residual_rms(h, block.mlp.fc2.weight, block.deferred_fc2_scale,
+                                    block.deferred_fc2_shift, rows)
+    return rows.reshape(B, N, C), sums

@@ -1,7 +1,7 @@
 """The fused path's own kernels: which ones serve a model, and the Triton attention kernel as a custom op.
 
 `quack_gemms(device, dtype)`: the matrix products with the block's norms in their epilogues
-(models.quack_gemms), where quack is installed and the GPU is a Hopper or Blackwell one;
+(models.quack_gemms), where quack is installed and the GPU is a Hopper one;
 `IV2TRT_QUACK_GEMMS=off` turns them off.
 
 The Triton kernel is a custom op, so torch.compile and CUDA graphs treat it as one op.
@@ -55,7 +55,7 @@ def quack_gemms(device: torch.device, dtype: torch.dtype):
     """models.quack_gemms where it serves a model on this device in this dtype, else None."""
     if not enabled(QUACK_ENV_VAR) or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return None
-    if torch.cuda.get_device_capability(device)[0] not in (9, 10) or _quack() is None:
+    if torch.cuda.get_device_capability(device)[0] != 9 or _quack() is None:
         return None
     return _quack()
 

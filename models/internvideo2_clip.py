@@ -175,9 +175,10 @@ class Block(nn.Module):
         x = self.ls1(self.attn(self.norm1(x)), residual=x)
         return self.ls2(self.mlp(self.norm2(x)), residual=x)
 
-    def forward_deferred(self, x: torch.Tensor, sqsum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, N, C] and its rows' float32 sums of squares [B * N] -> the same pair after this block."""
-        return deferred_norm.block_forward(self, x, sqsum, self.gemms)
+    def forward_deferred(self, x: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, N, C] and its rows' float32 sums of squares (in parts, [B * N, parts]) -> the same pair after
+        this block."""
+        return deferred_norm.block_forward(self, x, sums, self.gemms)
 
 
 class CrossAttention(nn.Module):
@@ -243,9 +244,9 @@ class InternVideo2Backbone(nn.Module):
         pos = pos_embed_for_frames(self.pos_embed.float(), self.cfg.num_frames, frame_index)
         x = x + pos.to(x.dtype)
         if self.blocks and self.blocks[0].gemms is not None and B > 1:  # one clip: too few rows to gain
-            sqsum = deferred_norm.sum_of_squares(x)
+            sums = deferred_norm.sum_of_squares(x)
             for block in self.blocks:
-                x, sqsum = block.forward_deferred(x, sqsum)
+                x, sums = block.forward_deferred(x, sums)
         else:
             for block in self.blocks:
                 x = block(x)

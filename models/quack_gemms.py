@@ -10,13 +10,13 @@ the accumulator, each a `torch.library` custom op (so torch.compile and the CUDA
   fused path's cuBLASLt epilogue (the erf form ran 37% slower here).
 
 Imported only where models.fused_ops.quack_gemms allows: quack (`quack-kernels`, with its
-`nvidia-cutlass-dsl`) on a CUDA GPU of compute capability 9.0 or 10.x. The DSL compiles each kernel at first
-use (about 1.5 s; quack caches it on disk). Tiles are fixed per product, never autotuned in a job, so a new
-batch size costs no tuning sweep.
+`nvidia-cutlass-dsl`) on a Hopper GPU (compute capability 9.0; the only one it was measured on). The DSL
+compiles each kernel at first use (about 1.5 s; quack caches it on disk). Tiles are fixed per product, never
+autotuned in a job, so a new batch size costs no tuning sweep.
 """
 from __future__ import annotations
 
-import functools
+import os
 
 import torch
 from quack import activation
@@ -68,28 +68,29 @@ HOPPER_CONFIGS: list[tuple[int, dict[tuple[int, int], GemmConfig]]] = [
 ]
 
 
-@functools.cache
-def _major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+SUM_TILE_N = 192  # residual_rms's tiles are 192 columns wide: its row sums come in ceil(N / 192) parts
+DEFAULT_CONFIG = _hopper(128, cluster_m=2)
+_ATTRS = () if os.environ.get("IV2TRT_QUACK_PDL", "on") == "on" else (("use_pdl", False),)  # experiment
 
 
-def config_for(w: torch.Tensor, rows: int) -> GemmConfig | None:
-    """The fixed tiles for a product of `rows` rows with weight w [N, K] on w's GPU, or None for quack's
-    default."""
-    if _major(w.device.index if w.device.index is not None else torch.cuda.current_device()) != 9:
-        return None
+def config_for(w: torch.Tensor, rows: int) -> GemmConfig:
+    """The fixed tiles for a product of `rows` rows with weight w [N, K]."""
     table = next(configs for least, configs in HOPPER_CONFIGS if rows >= least)
-    return table.get(tuple(w.shape))
+    return table.get(tuple(w.shape), DEFAULT_CONFIG)
 
 
-def _gemm(mod, a, w, c=None, **operands) -> dict:
-    return mod(a, w.t(), c, config=config_for(w, a.shape[0]), tuned=False, **operands)
+def _launch(mod, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, c=None, config=None, **epi_args) -> None:
+    cfg = config or config_for(w, a.shape[0])
+    mod.gemm(a, w.t(), out, c, epi_args=epi_args, tile_M=cfg.tile_m, tile_N=cfg.tile_n, cluster_M=cfg.cluster_m,
+             cluster_N=cfg.cluster_n, pingpong=cfg.pingpong, b_kn=True, post_init_attrs=_ATTRS)
 
 
 @torch.library.custom_op("iv2trt::quack_row_scaled", mutates_args=())
 def row_scaled(a: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ w [N, K]^T with row m scaled by rstd[m] (float32) -> [M, N] in a's dtype."""
-    return _gemm(_row_scaled, a, w, rstd=rstd)["D"]
+    out = a.new_empty(a.shape[0], w.shape[0])
+    _launch(_row_scaled, a, w, out, rstd=rstd)
+    return out
 
 
 @row_scaled.register_fake
@@ -100,20 +101,26 @@ def _(a, w, rstd):
 @torch.library.custom_op("iv2trt::quack_residual_rms", mutates_args=())
 def residual_rms(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = residual + (a @ w^T) * scale + shift ([M, N], a's dtype) and sum(y^2) per row (float32, [M])."""
-    out = _gemm(_residual_rms, a, w, residual, scale=scale, shift=shift)
-    return out["D"], out["sqsum"]
+    """y = residual + (a @ w^T) * scale + shift ([M, N], a's dtype) and the sums of y^2 over each row's
+    192-column tiles (float32 [M, ceil(N / 192)]: a row's sum of squares is the sum of its parts)."""
+    out = a.new_empty(a.shape[0], w.shape[0])
+    parts = a.new_empty(a.shape[0], -(-w.shape[0] // SUM_TILE_N), dtype=torch.float32)
+    _launch(_residual_rms, a, w, out, residual, scale=scale, shift=shift, sqsum=parts)
+    return out, parts
 
 
 @residual_rms.register_fake
 def _(a, w, scale, shift, residual):
-    return a.new_empty(a.shape[0], w.shape[0]), a.new_empty(a.shape[0], dtype=torch.float32)
+    return (a.new_empty(a.shape[0], w.shape[0]),
+            a.new_empty(a.shape[0], -(-w.shape[0] // SUM_TILE_N), dtype=torch.float32))
 
 
 @torch.library.custom_op("iv2trt::quack_row_scaled_gelu", mutates_args=())
 def row_scaled_gelu(a: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU (tanh form) of (a @ w^T) * rstd[:, None] + bias -> [M, N] in a's dtype."""
-    return _gemm(_row_scaled_gelu, a, w, rstd=rstd, bias=bias)["D"]
+    out = a.new_empty(a.shape[0], w.shape[0])
+    _launch(_row_scaled_gelu, a, w, out, rstd=rstd, bias=bias)
+    return out
 
 
 @row_scaled_gelu.register_fake
