@@ -115,7 +115,8 @@ class TorchRunner:
 
     name = "torch"
     MAX_GRAPHS = 8
-    GRAPH_STREAMS = 2      # default graph_streams on a GPU (IV2TRT_GRAPH_STREAMS overrides)
+    GRAPH_STREAMS = 2      # default graph_streams on a GPU (IV2TRT_GRAPH_STREAMS overrides); 1 where the model
+    #                        defers its norms into quack's products (one stream measured faster there)
     MIN_PART_FRAMES = 64   # a batch splits over the streams only when each part has this many frames
 
     def __init__(self, model, device: str | None = None, precision: str | None = None, cuda_graphs: bool = True,
@@ -137,7 +138,8 @@ class TorchRunner:
         self.max_batch = None
         self.frame_range = (1, None)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graph_streams = graph_streams or graph_streams_from_env(self.GRAPH_STREAMS)
+        self.graph_streams = graph_streams or graph_streams_from_env(
+            1 if getattr(self.model, "defers_norms", False) else self.GRAPH_STREAMS)
         self._part_streams: list = []
         self.replay_larger_graphs = True  # False: every batch size gets its own graph (benchmarks)
         self.compile_mode = resolve_mode(compile_mode, self.device.type, self.dtype)

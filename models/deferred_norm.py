@@ -43,6 +43,7 @@ class TorchGemms:
         return F.gelu(x, approximate="tanh").to(a.dtype)
 
 
+@torch.no_grad()
 def fold(block: nn.Module) -> None:
     """Register the block's folded weights as non-persistent buffers (from its current weights, device and
     dtype; fold again after changing any of them)."""

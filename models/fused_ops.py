@@ -52,12 +52,12 @@ def enabled(var: str = ENV_VAR) -> bool:
 
 
 def quack_gemms(device: torch.device, dtype: torch.dtype):
-    """models.quack_gemms where it serves a model on this device in this dtype, else None."""
+    """models.quack_gemms.QuackGemms where it serves a model on this device in this dtype, else None."""
     if not enabled(QUACK_ENV_VAR) or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return None
     if torch.cuda.get_device_capability(device)[0] != 9 or _quack() is None:
         return None
-    return _quack()
+    return _quack().QuackGemms
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:

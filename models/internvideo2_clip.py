@@ -78,9 +78,12 @@ class PatchEmbed(nn.Module):
         B, T, C, H, W = x.shape
         p, dim = self.patch_size, self.proj.out_channels
         if self.fused:
-            patches = x.reshape(B * T, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
-            x = F.linear(patches.reshape(-1, C * p * p), self.proj.weight.reshape(dim, -1), self.proj.bias)
-            return x.reshape(B, -1, dim)
+            patches = x.reshape(B * T, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, C * p * p)
+            weight = self.proj.weight.reshape(dim, -1)
+            if x.is_cuda and patches.shape[1] % 8:  # zero-pad K = 588 to 592: cuBLAS's 8-aligned kernels, 3x faster
+                pad = (0, -patches.shape[1] % 8)
+                patches, weight = F.pad(patches, pad), F.pad(weight, pad)
+            return F.linear(patches, weight, self.proj.bias).reshape(B, -1, dim)
         x = F.conv2d(x.flatten(0, 1), self.proj.weight[:, :, 0], self.proj.bias, stride=p)
         return x.flatten(2).transpose(1, 2).reshape(B, -1, dim)
 
@@ -223,6 +226,11 @@ class AttentionPoolingHead(nn.Module):
         return pooled.squeeze(1)
 
 
+# Batches of fewer tokens keep the blocks as written where they could defer their norms: at 2 x 2,049 rows
+# quack's products ran slower than cuBLAS and TorchInductor's norm kernels (docs/benchmarks.md).
+DEFERRED_MIN_ROWS = 8192
+
+
 class InternVideo2Backbone(nn.Module):
     """Patch embedding + cls token + joint (time x space) position embedding + blocks + pooling head."""
 
@@ -243,7 +251,7 @@ class InternVideo2Backbone(nn.Module):
         frame_index = torch.arange(T, dtype=torch.float32, device=x.device)
         pos = pos_embed_for_frames(self.pos_embed.float(), self.cfg.num_frames, frame_index)
         x = x + pos.to(x.dtype)
-        if self.blocks and self.blocks[0].gemms is not None and B > 1:  # one clip: too few rows to gain
+        if self.blocks and self.blocks[0].gemms is not None and x.shape[0] * x.shape[1] >= DEFERRED_MIN_ROWS:
             sums = deferred_norm.sum_of_squares(x)
             for block in self.blocks:
                 x, sums = block.forward_deferred(x, sums)
@@ -283,6 +291,11 @@ class InternVideo2CLIPVision(nn.Module):
                 module.cls_split = cls_split
         gemms = fused_ops.quack_gemms(param.device, param.dtype) if fused else None
         return self.defer_norms(gemms)
+
+    @property
+    def defers_norms(self) -> bool:
+        """Whether the blocks run their norms in the matrix products' epilogues (for batches of enough rows)."""
+        return self.vision_encoder.blocks[0].gemms is not None
 
     def defer_norms(self, gemms) -> "InternVideo2CLIPVision":
         """Run the blocks with their norms in the matrix products' epilogues, through `gemms`

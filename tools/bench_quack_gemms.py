@@ -142,7 +142,7 @@ def blocks(qg, rows: list, batch: int) -> None:
     xh = x.half()
     plain = torch.compile(fp16)
     deferred = copy.deepcopy(fp16)
-    deferred.gemms = qg
+    deferred.gemms = qg.QuackGemms
     deferred_norm.fold(deferred)
     run_deferred = torch.compile(lambda t: deferred.forward_deferred(t, deferred_norm.sum_of_squares(t))[0])
     for name, fn in (("block as written, compiled", lambda: plain(xh)),
@@ -165,10 +165,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", type=Path, default=Path("quack_gemms.json"))
     args = p.parse_args()
-    qg = fused_ops.quack_gemms(torch.device("cuda"), torch.float16)
-    if qg is None:
-        from models import quack_gemms  # noqa: F401  (raises the import error that made it unavailable)
+    if fused_ops.quack_gemms(torch.device("cuda"), torch.float16) is None:
+        print("quack's products do not serve this machine (not a Hopper GPU, or quack missing / turned off)")
         return 1
+    from models import quack_gemms as qg
     CANDIDATES.update(hopper_candidates())
     torch.manual_seed(0)
     rows: list = []

@@ -1,0 +1,155 @@
+"""The blocks with their norms deferred into the matrix products (models.deferred_norm, models.quack_gemms).
+
+On CPU: the algebra, through the same products in torch ops (`TorchGemms`), against the blocks as written;
+which products a model gets where. On a Hopper GPU with quack installed: quack's products against float32,
+and the whole fp16 model with them against the float32 model."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from iv2trt.compare import compare
+from iv2trt.runners import GRAPH_STREAMS_ENV, TorchRunner
+from models import fused_ops
+from models import internvideo2_clip as iv2
+from models.deferred_norm import TorchGemms
+
+has_quack = importlib.util.find_spec("quack") is not None
+on_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_quack = pytest.mark.skipif(not (has_quack and on_hopper),
+                                 reason="quack's products run on a Hopper GPU with quack-kernels installed "
+                                        "(requirements-gpu.txt)")
+
+
+@pytest.fixture
+def tanh_model(tiny_cfg):
+    """The tiny model (every weight random) with GELU's tanh form, the one the deferred blocks use."""
+    from dataclasses import replace
+
+    from tests.conftest import randomize
+
+    return randomize(iv2.InternVideo2CLIPVision(replace(tiny_cfg, gelu_approximate="tanh"))).eval()
+
+
+def test_deferred_blocks_match_the_blocks_as_written(tanh_model, monkeypatch):
+    monkeypatch.setattr(iv2, "DEFERRED_MIN_ROWS", 0)
+    x = torch.randn(3, 4, 3, 56, 56)
+    deferred = copy.deepcopy(tanh_model).defer_norms(TorchGemms)
+    assert deferred.defers_norms and not tanh_model.defers_norms
+    with torch.no_grad():
+        want, got = tanh_model(x), deferred(x)
+    err = (got - want).abs().max().item()
+    print(f"deferred vs as written, fp32: max abs {err:.2e} (outputs up to {want.abs().max().item():.2f})")
+    assert err < 1e-5 * want.abs().max().item()
+
+
+def test_folding_uses_the_weights_of_the_moment_and_stays_out_of_the_state_dict(tanh_model, monkeypatch):
+    monkeypatch.setattr(iv2, "DEFERRED_MIN_ROWS", 0)
+    model = copy.deepcopy(tanh_model).defer_norms(TorchGemms)
+    assert set(model.state_dict()) == set(tanh_model.state_dict())
+    block = model.vision_encoder.blocks[0]
+    expected = block.attn.qkv.weight * block.norm1.weight
+    assert torch.allclose(block.deferred_qkv_weight, expected)
+    assert torch.allclose(block.deferred_fc2_shift, block.ls2.gamma * block.mlp.fc2.bias)
+    with torch.no_grad():
+        block.norm1.weight.mul_(2.0)  # a later weight change needs a new fold
+    model.defer_norms(TorchGemms)
+    assert torch.allclose(block.deferred_qkv_weight, 2 * expected)
+    model.defer_norms(None)
+    assert not model.defers_norms and not any(name.startswith("deferred_") for name, _ in block.named_buffers())
+    copy.deepcopy(model.defer_norms(TorchGemms))  # a model holding its products still deep-copies (ONNX export)
+
+
+def test_short_batches_keep_the_blocks_as_written(tanh_model, monkeypatch):
+    class Refused(TorchGemms):
+        @staticmethod
+        def row_scaled(*args):
+            raise AssertionError("a batch under DEFERRED_MIN_ROWS took the deferred blocks")
+
+    model = copy.deepcopy(tanh_model).defer_norms(Refused)
+    x = torch.randn(2, 4, 3, 56, 56)  # 2 x 65 rows
+    with torch.no_grad():
+        assert torch.equal(model(x), tanh_model(x))
+    monkeypatch.setattr(iv2, "DEFERRED_MIN_ROWS", 2 * 65)
+    with pytest.raises(AssertionError, match="DEFERRED_MIN_ROWS"):
+        model(x)
+
+
+def test_quack_serves_only_half_precision_on_a_gpu(monkeypatch):
+    assert fused_ops.quack_gemms(torch.device("cpu"), torch.float16) is None
+    assert fused_ops.quack_gemms(torch.device("cuda"), torch.float32) is None
+    monkeypatch.setenv(fused_ops.QUACK_ENV_VAR, "off")
+    assert fused_ops.quack_gemms(torch.device("cuda"), torch.float16) is None  # refused before CUDA is asked
+    monkeypatch.setenv(fused_ops.QUACK_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="IV2TRT_QUACK_GEMMS must be on or off"):
+        fused_ops.quack_gemms(torch.device("cuda"), torch.float16)
+
+
+def test_runner_takes_one_graph_stream_where_the_model_defers_its_norms(tiny_model, monkeypatch):
+    monkeypatch.delenv(GRAPH_STREAMS_ENV, raising=False)
+    assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == 2
+    monkeypatch.setattr(fused_ops, "quack_gemms", lambda device, dtype: TorchGemms)
+    runner = TorchRunner(copy.deepcopy(tiny_model), device="cpu")
+    assert runner.model.defers_norms and runner.graph_streams == 1
+    monkeypatch.setenv(GRAPH_STREAMS_ENV, "2")
+    assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == 2
+
+
+@needs_quack
+@pytest.mark.parametrize("rows", [32 * 2049, 4 * 2049, 1000])
+def test_gpu_quack_products_match_float32(rows):
+    from models.quack_gemms import QuackGemms
+
+    torch.manual_seed(0)
+    C = 384
+    h16 = dict(device="cuda", dtype=torch.float16)
+    a, hidden, res = torch.randn(rows, C, **h16), torch.randn(rows, 4 * C, **h16), torch.randn(rows, C, **h16)
+    w = {n: torch.randn(out, k, **h16) * k ** -0.5 for n, out, k in
+         (("qkv", 3 * C, C), ("proj", C, C), ("fc1", 4 * C, C), ("fc2", C, 4 * C))}
+    rstd = torch.rand(rows, device="cuda") + 0.5
+    scale, shift, bias = torch.rand(C, device="cuda"), torch.randn(C, device="cuda"), torch.randn(4 * C, **h16)
+    f = {n: t.float() for n, t in w.items()}
+    cases = {
+        "qkv": (QuackGemms.row_scaled(a, w["qkv"], rstd), TorchGemms.row_scaled(a.float(), f["qkv"], rstd)),
+        "proj": (QuackGemms.residual_rms(a, w["proj"], scale, shift, res),
+                 TorchGemms.residual_rms(a.float(), f["proj"], scale, shift, res.float())),
+        "fc1": (QuackGemms.row_scaled_gelu(a, w["fc1"], rstd, bias),
+                TorchGemms.row_scaled_gelu(a.float(), f["fc1"], rstd, bias)),
+        "fc2": (QuackGemms.residual_rms(hidden, w["fc2"], scale, shift, res),
+                TorchGemms.residual_rms(hidden.float(), f["fc2"], scale, shift, res.float())),
+    }
+    for name, (got, want) in cases.items():
+        if isinstance(got, tuple):
+            sums_err = ((got[1].sum(-1) - want[1].sum(-1)).abs().max() / want[1].abs().max()).item()
+            print(f"{rows} rows {name}: row sums of squares rel err {sums_err:.2e}")
+            assert got[1].shape == (rows, 2) and sums_err < 1e-5
+            got, want = got[0], want[0]
+        err = ((got.float() - want).abs().max() / want.abs().max()).item()
+        print(f"{rows} rows {name}: rel err {err:.2e}")
+        assert got.dtype == torch.float16 and got.shape == want.shape and err < 2e-3
+
+
+@needs_quack
+def test_gpu_model_with_deferred_norms_matches_fp32():
+    from models import create_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref_model = create_model("s14", random_init=True, device="cuda")
+    with torch.no_grad():  # norm weights and LayerScale away from their initial ones, so folding them is tested
+        for name, p in ref_model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "gamma")):
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    half = copy.deepcopy(ref_model).half().set_fused_kernels(True)
+    assert half.defers_norms
+    x = torch.randn(8, 8, 3, 224, 224, device="cuda")
+    with torch.inference_mode():
+        ref = ref_model(x).double().cpu().numpy()
+        deferred = half(x.half()).double().cpu().numpy()
+        plain = half.defer_norms(None)(x.half()).double().cpu().numpy()
+    c, c_plain = compare(ref, deferred), compare(ref, plain)
+    print(f"fp16 with deferred norms: min cos {c.min_cosine:.7f}; as written: {c_plain.min_cosine:.7f}")
+    assert c.min_cosine >= 0.9999 and c.min_cosine >= c_plain.min_cosine - 1e-5
