@@ -53,6 +53,16 @@ ENV_VAR = "IV2TRT_TORCH_COMPILE"
 MAX_CLASSES = 6  # compiled specialisations per model (torch's recompile limit is 8); later classes run eager
 
 
+def quack_cache_dir() -> Path:
+    """Where quack keeps the matrix-product kernels its CuTe DSL compiled: $QUACK_CACHE_DIR when the user chose
+    it, else $XDG_CACHE_HOME/iv2trt/quack (quack's own default is under /tmp, which a reboot empties)."""
+    chosen = os.environ.get("QUACK_CACHE_DIR")
+    if chosen:
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "iv2trt" / "quack"
+
+
 def cache_dir() -> Path:
     """Where TorchInductor keeps its caches: $TORCHINDUCTOR_CACHE_DIR when the user chose it, else
     $XDG_CACHE_HOME/iv2trt/torchinductor (~/.cache/...). torch's own default, /tmp/torchinductor_<user>,

@@ -1,8 +1,8 @@
 """The fused path's own kernels: which ones serve a model, and the Triton attention kernel as a custom op.
 
 `quack_gemms(device, dtype)`: the matrix products with the block's norms in their epilogues
-(models.quack_gemms), where quack is installed and the GPU is a Hopper one;
-`IV2TRT_QUACK_GEMMS=off` turns them off.
+(models.quack_gemms), where quack is installed, the GPU is a Hopper one and a test product there matches
+torch's; `IV2TRT_QUACK_GEMMS=off` turns them off.
 
 The Triton kernel is a custom op, so torch.compile and CUDA graphs treat it as one op.
 
@@ -15,9 +15,12 @@ fp16/bf16, Triton importable, cuDNN's attention allowed); elsewhere the model ke
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
+
+log = logging.getLogger(__name__)
 
 ENV_VAR = "IV2TRT_TRITON_KERNELS"
 QUACK_ENV_VAR = "IV2TRT_QUACK_GEMMS"
@@ -38,9 +41,33 @@ def _quack():
     """models.quack_gemms, or None where quack (or its CuTe DSL) cannot be imported."""
     try:
         from . import quack_gemms
-    except Exception:  # not installed (it is optional: requirements-gpu.txt) or broken: the plain block
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("quack", "cutlass"):
+            log.warning("quack's matrix products are off: %s: %s", type(exc).__name__, exc)
+        return None  # not installed (it is optional: requirements-gpu.txt): the blocks as written
+    except Exception as exc:  # installed but broken
+        log.warning("quack's matrix products are off: importing them failed: %s: %s", type(exc).__name__, exc)
         return None
     return quack_gemms
+
+
+@functools.cache
+def _quack_runs(device: str) -> bool:
+    """Whether a small product of quack's matches torch's on `device` (its DSL compiles it here: a driver or
+    toolkit it cannot serve fails now, not in a job's first batch)."""
+    try:
+        a, w = (torch.randn(256, 64, device=device, dtype=torch.float16) for _ in range(2))
+        rstd = torch.rand(256, device=device) + 0.5
+        got = _quack().row_scaled(a, w, rstd).float()
+        want = (a.float() @ w.float().t()) * rstd[:, None]
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        if not err < 1e-2:
+            raise RuntimeError(f"relative error {err:.2e} against torch's product")
+    except Exception as exc:
+        log.warning("quack's matrix products are off on %s: a test product failed: %s: %s", device,
+                    type(exc).__name__, str(exc)[:300])
+        return False
+    return True
 
 
 def enabled(var: str = ENV_VAR) -> bool:
@@ -57,7 +84,8 @@ def quack_gemms(device: torch.device, dtype: torch.dtype):
         return None
     if torch.cuda.get_device_capability(device)[0] != 9 or _quack() is None:
         return None
-    return _quack().QuackGemms
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _quack().QuackGemms if _quack_runs(f"cuda:{index}") else None
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:

@@ -210,7 +210,10 @@ class CrossAttention(nn.Module):
 
 
 class AttentionPoolingHead(nn.Module):
-    """Pools all tokens into one vector: the token mean queries the (normalised) tokens."""
+    """Pools all tokens into one vector: the token mean queries the (normalised) tokens.
+
+    fused=True takes the keys' and values' projections out of the token loop (`_pool_through_keys`), so no
+    key or value is computed per token; fused=False computes them, the form exported to ONNX."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -219,11 +222,33 @@ class AttentionPoolingHead(nn.Module):
         self.norm1_k = LayerNorm32(dim, eps=1e-5)
         self.norm1_v = LayerNorm32(dim, eps=1e-5)
         self.cross_attn = CrossAttention(dim, cfg.attn_pool_num_heads, cfg.clip_embed_dim)
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        query = x.float().mean(dim=1, keepdim=True).to(x.dtype)
-        pooled = self.cross_attn(self.norm1_q(query), self.norm1_k(x), self.norm1_v(x))
+        query = self.norm1_q(x.float().mean(dim=1, keepdim=True).to(x.dtype))
+        if self.fused and self.norm1_k.eps == self.norm1_v.eps:
+            return self._pool_through_keys(x, query)
+        pooled = self.cross_attn(query, self.norm1_k(x), self.norm1_v(x))
         return pooled.squeeze(1)
+
+    def _pool_through_keys(self, x: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """The same attention with the projections moved to the one query. With n_j token j normalised
+        without its affine, head h's score of token j is q_h . (W_k,h (n_j * g_k + b_k) + k_bias) * scale =
+        u_h . n_j + (a term equal for every token, which softmax drops), u_h = scale * (W_k,h^T q_h) * g_k; and
+        its output is W_v,h (g_v * sum_j p_hj n_j + b_v) + v_bias, as the p_hj sum to one. So the tokens are
+        read twice (scores, weighted sum) and never projected."""
+        attn = self.cross_attn
+        B, N, C = x.shape
+        H = attn.num_heads
+        q = F.linear(query, attn.q.weight, attn.q_bias).reshape(B, H, C // H).float()
+        u = torch.einsum("bhd,hdc->bhc", q, attn.k.weight.reshape(H, C // H, C).float())
+        u = u * (attn.scale * self.norm1_k.weight.float())
+        n = F.layer_norm(x.float(), (C,), eps=self.norm1_k.eps).to(x.dtype)
+        p = torch.bmm(n, u.to(x.dtype).transpose(1, 2)).float().softmax(dim=1).to(x.dtype)  # [B, N, H]
+        mixed = torch.bmm(p.transpose(1, 2), n).float() * self.norm1_v.weight.float() + self.norm1_v.bias.float()
+        out = torch.einsum("bhc,hdc->bhd", mixed, attn.v.weight.reshape(H, C // H, C).float())
+        out = out + attn.v_bias.float().reshape(H, C // H)
+        return attn.proj(out.reshape(B, C).to(x.dtype))
 
 
 # Batches of fewer tokens keep the blocks as written where they could defer their norms: at 2 x 2,049 rows
@@ -285,7 +310,7 @@ class InternVideo2CLIPVision(nn.Module):
         param = self.vision_encoder.cls_token
         cls_split = fused and fused_ops.available(param.device, param.dtype)
         for module in self.modules():
-            if isinstance(module, (Attention, RMSNorm, PatchEmbed, Mlp)):
+            if isinstance(module, (Attention, RMSNorm, PatchEmbed, Mlp, AttentionPoolingHead)):
                 module.fused = fused
             if isinstance(module, Attention):
                 module.cls_split = cls_split

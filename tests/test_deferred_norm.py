@@ -88,6 +88,19 @@ def test_quack_serves_only_half_precision_on_a_gpu(monkeypatch):
         fused_ops.quack_gemms(torch.device("cuda"), torch.float16)
 
 
+def test_a_quack_that_fails_its_test_product_is_not_used(monkeypatch, caplog):
+    import types
+
+    def product(scale):
+        return lambda a, w, rstd: (a.float() @ w.float().t() * rstd[:, None] * scale).half()
+
+    monkeypatch.setattr(fused_ops, "_quack", lambda: types.SimpleNamespace(row_scaled=product(1.0)))
+    assert fused_ops._quack_runs.__wrapped__("cpu")
+    monkeypatch.setattr(fused_ops, "_quack", lambda: types.SimpleNamespace(row_scaled=product(1.1)))
+    assert not fused_ops._quack_runs.__wrapped__("cpu")
+    assert "quack's matrix products are off on cpu: a test product failed: RuntimeError: relative error" in caplog.text
+
+
 def test_runner_takes_one_graph_stream_where_the_model_defers_its_norms(tiny_model, monkeypatch):
     monkeypatch.delenv(GRAPH_STREAMS_ENV, raising=False)
     assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == 2

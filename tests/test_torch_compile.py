@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 
 import numpy as np
@@ -15,7 +16,8 @@ from iv2trt.bench_profile import GROUPS, group_times, kernel_group
 from iv2trt.compare import compare
 from iv2trt.errors import PipelineError
 from iv2trt.runners import TorchRunner
-from iv2trt.torch_compile import DEFAULT_MODE, CompiledForward, cache_dir, resolve_mode, shape_class
+from iv2trt.torch_compile import (DEFAULT_MODE, CompiledForward, cache_dir, quack_cache_dir, resolve_mode,
+                                  shape_class)
 
 
 class CountingBackend:
@@ -66,6 +68,16 @@ def test_cache_dir_is_persistent_and_overridable(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # torch's /tmp default, set by torch
     assert cache_dir() == tmp_path / "iv2trt" / "torchinductor"
+
+
+def test_quack_cache_dir_is_persistent_and_overridable(monkeypatch, tmp_path, tiny_model):
+    monkeypatch.delenv("QUACK_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert quack_cache_dir() == tmp_path / "iv2trt" / "quack"
+    TorchRunner(tiny_model, device="cpu")  # sets it for quack, which reads it at import
+    assert os.environ["QUACK_CACHE_DIR"] == str(tmp_path / "iv2trt" / "quack")
+    monkeypatch.setenv("QUACK_CACHE_DIR", str(tmp_path / "mine"))
+    assert quack_cache_dir() == tmp_path / "mine"
 
 
 def test_shape_classes():
