@@ -4,8 +4,8 @@ models.deferred_norm defers each RMSNorm of the block through the products: thre
 the accumulator, each a `torch.library` custom op (so torch.compile and the CUDA graphs see one op):
 
 - `row_scaled(a, w, rstd)`: (a @ w^T) * rstd[:, None] (qkv after norm1);
-- `residual_rms(a, w, scale, shift, residual)` -> (y, sum of y^2 per row), y = residual + (a @ w^T) * scale
-  + shift (proj and fc2, with LayerScale and the bias in scale and shift);
+- `residual_rms(a, w, scale, shift, residual)` -> (y, the sums of y^2 over each row's 192-column parts),
+  y = residual + (a @ w^T) * scale + shift (proj and fc2, with LayerScale and the bias in scale and shift);
 - `row_scaled_gelu(a, w, rstd, bias)`: GELU((a @ w^T) * rstd[:, None] + bias), GELU's tanh form as in the
   fused path's cuBLASLt epilogue (the erf form ran 37% slower here).
 
@@ -47,9 +47,9 @@ def _hopper(tile_m: int, cluster_m: int, pingpong: bool = True) -> GemmConfig:
                       cluster_m=cluster_m, cluster_n=3 - cluster_m, device_capacity=9)
 
 
-# Tiles of S/14's products (N, K) on Hopper by rows M, the fastest of quack's configurations in
-# tools/bench_quack_gemms.py: (fewest rows, {(N, K): tiles}), first match. Other products (other model
-# sizes) take quack's default tiles.
+# Tiles of S/14's products (N, K) on Hopper by rows M: (fewest rows, {(N, K): tiles}), first match. Among the
+# fastest of quack's configurations in tools/bench_quack_gemms.py (calls differed by up to 15% for the same
+# tiles). Other products (other model sizes) take DEFAULT_CONFIG.
 HOPPER_CONFIGS: list[tuple[int, dict[tuple[int, int], GemmConfig]]] = [
     (49152, {  # 32x8 on one stream (65,568 rows)
         (1152, 384): _hopper(128, cluster_m=2),  # qkv
