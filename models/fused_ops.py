@@ -1,8 +1,8 @@
 """The fused path's own kernels: which ones serve a model, and the Triton attention kernel as a custom op.
 
 `quack_gemms(device, dtype)`: the matrix products with the block's norms in their epilogues
-(models.quack_gemms), where quack is installed, the GPU is a Hopper one and a test product there matches
-torch's; `IV2TRT_QUACK_GEMMS=off` turns them off.
+(models.quack_gemms), for fp16 models where quack is installed, the GPU is a Hopper one and a test product
+there matches torch's; `IV2TRT_QUACK_GEMMS=off` turns them off.
 
 The Triton kernel is a custom op, so torch.compile and CUDA graphs treat it as one op.
 
@@ -80,7 +80,7 @@ def enabled(var: str = ENV_VAR) -> bool:
 
 def quack_gemms(device: torch.device, dtype: torch.dtype):
     """models.quack_gemms.QuackGemms where it serves a model on this device in this dtype, else None."""
-    if not enabled(QUACK_ENV_VAR) or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+    if not enabled(QUACK_ENV_VAR) or device.type != "cuda" or dtype != torch.float16:  # fp16: what was measured
         return None
     if torch.cuda.get_device_capability(device)[0] != 9 or _quack() is None:
         return None

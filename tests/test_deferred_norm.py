@@ -78,9 +78,10 @@ def test_short_batches_keep_the_blocks_as_written(tanh_model, monkeypatch):
         model(x)
 
 
-def test_quack_serves_only_half_precision_on_a_gpu(monkeypatch):
+def test_quack_serves_only_fp16_on_a_gpu(monkeypatch):
     assert fused_ops.quack_gemms(torch.device("cpu"), torch.float16) is None
     assert fused_ops.quack_gemms(torch.device("cuda"), torch.float32) is None
+    assert fused_ops.quack_gemms(torch.device("cuda"), torch.bfloat16) is None  # not measured
     monkeypatch.setenv(fused_ops.QUACK_ENV_VAR, "off")
     assert fused_ops.quack_gemms(torch.device("cuda"), torch.float16) is None  # refused before CUDA is asked
     monkeypatch.setenv(fused_ops.QUACK_ENV_VAR, "fast")
