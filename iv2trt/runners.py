@@ -115,8 +115,9 @@ class TorchRunner:
 
     name = "torch"
     MAX_GRAPHS = 8
-    GRAPH_STREAMS = 2      # default graph_streams on a GPU (IV2TRT_GRAPH_STREAMS overrides); 1 where the model
-    #                        defers its norms into quack's products (one stream measured faster there)
+    # default graph_streams on a GPU (IV2TRT_GRAPH_STREAMS overrides); 1 where the model defers its norms into
+    # quack's products (one stream measured faster there)
+    GRAPH_STREAMS = 2
     MIN_PART_FRAMES = 64   # a batch splits over the streams only when each part has this many frames
 
     def __init__(self, model, device: str | None = None, precision: str | None = None, cuda_graphs: bool = True,
@@ -131,7 +132,8 @@ class TorchRunner:
         precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.precision = precision
-        os.environ.setdefault("QUACK_CACHE_DIR", str(quack_cache_dir()))  # read when quack is first imported
+        if self.device.type == "cuda":  # quack reads it when first imported (models.quack_gemms)
+            os.environ.setdefault("QUACK_CACHE_DIR", str(quack_cache_dir()))
         try:
             self.model = model.to(device=self.device, dtype=self.dtype).eval().set_fused_kernels(True)
         except ValueError as exc:  # a bad $IV2TRT_TRITON_KERNELS

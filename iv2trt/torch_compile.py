@@ -186,7 +186,13 @@ class CompiledForward:
 
     # --- state --------------------------------------------------------------------------------------------
     def key(self, shape) -> tuple:
-        return shape_class(tuple(shape), self.dynamic_batch)
+        """The class of an input shape: `shape_class`, and the name the model's `compile_variant(shape)` gives
+        where it has one (a model whose forward takes another path for some batch sizes: each path compiles
+        apart, and a batch size never recompiles the other's graph in the caller's thread)."""
+        variant = getattr(self.model, "compile_variant", None)
+        key = shape_class(tuple(shape), self.dynamic_batch)
+        name = variant(tuple(shape)) if variant is not None else None
+        return key + (name,) if name else key
 
     def ready(self, shape) -> bool:
         return self.key(shape) in self._ready
@@ -259,16 +265,16 @@ class CompiledForward:
             graphs = _counter("stats", "unique_graphs")
             self._run_example(shape, dtype, device)
             compiled_graphs = _counter("stats", "unique_graphs") - graphs
-            if self.dynamic_batch and shape[0] > 1:
+            probe = self._probe_batch(key, shape)
+            if probe is not None:
                 # a second batch size: if torch specialised the batch, it compiles again (here, not later
                 # in the caller's thread) and from now on every batch size is its own specialisation
                 graphs = _counter("stats", "unique_graphs")
-                self._run_example((shape[0] + 1, *shape[1:]), dtype, device)
+                self._run_example((probe, *shape[1:]), dtype, device)
                 if _counter("stats", "unique_graphs") > graphs:
                     log.warning("torch.compile specialised the batch size of %s; each batch size compiles "
                                 "on its own", _describe(key))
-                    self._mark_static(key, shape)
-                    key = tuple(shape)
+                    key = self._mark_static(key, shape, probe)
         except Exception as exc:  # a compiler failure must not fail the job: this class stays eager
             self.failed[key] = f"{type(exc).__name__}: {exc}"
             log.warning("torch.compile (%s) of %s for input %s failed after %.1f s; it runs the eager model: %s",
@@ -282,6 +288,12 @@ class CompiledForward:
             self._ready.add(key)
         log.info("torch.compile (%s) of %s for input %s ready in %.1f s (%d graph(s); FX graph cache: %d hit(s), "
                  "%d miss(es))", self.mode, self.name, _describe(key), seconds, compiled_graphs, hits, misses)
+
+    def _probe_batch(self, key: tuple, shape: tuple) -> int | None:
+        """Another batch size of the same class (the next, else the previous one), or None."""
+        if not self.dynamic_batch or shape[0] < 2:
+            return None
+        return next((b for b in (shape[0] + 1, shape[0] - 1) if b >= 2 and self.key((b, *shape[1:])) == key), None)
 
     def _run_example(self, shape: tuple, dtype, device) -> None:
         torch = self.torch
@@ -299,13 +311,16 @@ class CompiledForward:
             if device.type == "cuda":
                 stream.synchronize()
 
-    def _mark_static(self, key: tuple, shape: tuple) -> None:
+    def _mark_static(self, key: tuple, shape: tuple, probe: int) -> tuple:
+        """From now on every batch size is a class of its own; returns shape's new class."""
         with self._lock:
             self.dynamic_batch = False
-            self._requested[tuple(shape)] = self._requested.pop(key)
-            probe = (shape[0] + 1, *shape[1:])
-            self._requested.setdefault(probe, threading.Event()).set()
-            self._ready.add(probe)
+            static_key = self.key(shape)
+            self._requested[static_key] = self._requested.pop(key)
+            probe_key = self.key((probe, *shape[1:]))
+            self._requested.setdefault(probe_key, threading.Event()).set()
+            self._ready.add(probe_key)
+        return static_key
 
     # --- running ------------------------------------------------------------------------------------------
     def select(self, x) -> Callable:

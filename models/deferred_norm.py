@@ -26,16 +26,19 @@ _FOLDED = ("qkv_weight", "proj_scale", "proj_shift", "fc1_weight", "fc2_scale", 
 
 
 class TorchGemms:
-    """The fused products' arithmetic in torch ops: products in the input's dtype, epilogues in float32."""
+    """The fused products' arithmetic in torch ops: products in the input's dtype, epilogues in float32,
+    row sums of squares in parts of PART columns (as quack's tiles give them)."""
+
+    PART = 192
 
     @staticmethod
     def row_scaled(a: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
         return (F.linear(a, w).float() * rstd[:, None]).to(a.dtype)
 
-    @staticmethod
-    def residual_rms(a, w, scale, shift, residual) -> tuple[torch.Tensor, torch.Tensor]:
+    @classmethod
+    def residual_rms(cls, a, w, scale, shift, residual) -> tuple[torch.Tensor, torch.Tensor]:
         y = residual.float() + F.linear(a, w).float() * scale + shift
-        return y.to(a.dtype), y.square().sum(-1, keepdim=True)
+        return y.to(a.dtype), torch.stack([part.square().sum(-1) for part in y.split(cls.PART, -1)], -1)
 
     @staticmethod
     def row_scaled_gelu(a, w, rstd, bias) -> torch.Tensor:
@@ -46,8 +49,10 @@ class TorchGemms:
 @torch.no_grad()
 def fold(block: nn.Module) -> None:
     """Register the block's folded weights as non-persistent buffers (from its current weights, device and
-    dtype; fold again after changing any of them)."""
+    dtype, which `block.deferred_on` records; fold again after changing any of them)."""
     attn, mlp = block.attn, block.mlp
+    if attn.qkv.bias is not None:
+        raise ValueError("the deferred blocks' qkv product takes no bias; this model has one (qkv_bias)")
     folded = {
         "qkv_weight": attn.qkv.weight.float() * block.norm1.weight.float(),
         "proj_scale": block.ls1.gamma.float(),
@@ -60,12 +65,14 @@ def fold(block: nn.Module) -> None:
     for name, value in folded.items():
         value = value.to(dtype) if name.endswith("weight") else value
         block.register_buffer(f"deferred_{name}", value.contiguous(), persistent=False)
+    block.deferred_on = (attn.qkv.weight.device, dtype)
 
 
 def unfold(block: nn.Module) -> None:
     """Drop the folded buffers."""
     for name in _FOLDED:
         block._buffers.pop(f"deferred_{name}", None)
+    block.deferred_on = None
 
 
 def sum_of_squares(x: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,8 @@ def _quack():
 
 @functools.cache
 def _quack_runs(device: str) -> bool:
-    """Whether a small product of quack's matches torch's on `device` (its DSL compiles it here: a driver or
-    toolkit it cannot serve fails now, not in a job's first batch)."""
+    """Whether a small product of quack's matches torch's on `device`. Its DSL compiles one kernel here, so a
+    driver or toolkit it cannot serve at all is found now; the other kernels compile at their first use."""
     try:
         a, w = (torch.randn(256, 64, device=device, dtype=torch.float16) for _ in range(2))
         rstd = torch.rand(256, device=device) + 0.5

@@ -173,6 +173,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.gelu_approximate)
         self.ls2 = LayerScale(dim, cfg.init_values)
         self.gemms = None
+        self.deferred_on = None  # (device, dtype) the folded weights were made for (models.deferred_norm.fold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ls1(self.attn(self.norm1(x)), residual=x)
@@ -268,6 +269,13 @@ class InternVideo2Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.clip_projector = AttentionPoolingHead(cfg)
 
+    def defers_norms_for(self, x: torch.Tensor) -> bool:
+        """Whether the blocks run tokens x [B, N, C] with their norms in the products' epilogues: set up for x's
+        device and dtype (InternVideo2CLIPVision.defer_norms), and at least DEFERRED_MIN_ROWS tokens."""
+        block = self.blocks[0] if len(self.blocks) else None
+        return (block is not None and block.gemms is not None and block.deferred_on == (x.device, x.dtype)
+                and x.shape[0] * x.shape[1] >= DEFERRED_MIN_ROWS)
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """frames [B, T, C, H, W] -> pooled features [B, clip_embed_dim]."""
         B, T = frames.shape[:2]
@@ -276,7 +284,7 @@ class InternVideo2Backbone(nn.Module):
         frame_index = torch.arange(T, dtype=torch.float32, device=x.device)
         pos = pos_embed_for_frames(self.pos_embed.float(), self.cfg.num_frames, frame_index)
         x = x + pos.to(x.dtype)
-        if self.blocks and self.blocks[0].gemms is not None and x.shape[0] * x.shape[1] >= DEFERRED_MIN_ROWS:
+        if self.defers_norms_for(x):
             sums = deferred_norm.sum_of_squares(x)
             for block in self.blocks:
                 x, sums = block.forward_deferred(x, sums)
@@ -297,6 +305,7 @@ class InternVideo2CLIPVision(nn.Module):
         self.cfg = cfg
         self.vision_encoder = InternVideo2Backbone(cfg)
         self.vision_align = nn.Sequential(LayerNorm32(cfg.clip_embed_dim), nn.Linear(cfg.clip_embed_dim, cfg.align_dim))
+        self.register_load_state_dict_post_hook(self._fold_again)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.vision_align(self.vision_encoder(frames))
@@ -314,7 +323,8 @@ class InternVideo2CLIPVision(nn.Module):
                 module.fused = fused
             if isinstance(module, Attention):
                 module.cls_split = cls_split
-        gemms = fused_ops.quack_gemms(param.device, param.dtype) if fused else None
+        deferrable = fused and not self.cfg.qkv_bias  # the deferred qkv product has no bias term
+        gemms = fused_ops.quack_gemms(param.device, param.dtype) if deferrable else None
         return self.defer_norms(gemms)
 
     @property
@@ -324,12 +334,27 @@ class InternVideo2CLIPVision(nn.Module):
 
     def defer_norms(self, gemms) -> "InternVideo2CLIPVision":
         """Run the blocks with their norms in the matrix products' epilogues, through `gemms`
-        (models.quack_gemms, or models.deferred_norm.TorchGemms), or as written (None). Folds the norm
-        weights and LayerScale into copies of the weights: call it again after loading or moving weights."""
+        (models.quack_gemms.QuackGemms, or models.deferred_norm.TorchGemms: GELU's tanh form either way), or as
+        written (None). Folds the norm weights and LayerScale into copies of the weights, for the weights'
+        current device and dtype: after moving the model the blocks run as written until this is called again;
+        loading a state dict folds again by itself."""
         for block in self.vision_encoder.blocks:
             block.gemms = gemms
             (deferred_norm.fold if gemms is not None else deferred_norm.unfold)(block)
         return self
+
+    def compile_variant(self, shape: tuple[int, ...]) -> str | None:
+        """The name of the path inputs of `shape` [B, T, C, H, W] take through the blocks, where it is not the
+        usual one (torch.compile keeps the paths apart: iv2trt.torch_compile.CompiledForward.key)."""
+        B, T, _, H, W = shape
+        p = self.cfg.patch_size
+        tokens = B * (1 + T * (H // p) * (W // p))
+        return "deferred norms" if self.defers_norms and tokens >= DEFERRED_MIN_ROWS else None
+
+    @staticmethod
+    def _fold_again(module: "InternVideo2CLIPVision", incompatible_keys) -> None:
+        if module.defers_norms:
+            module.defer_norms(module.vision_encoder.blocks[0].gemms)
 
     def init_random_weights(self, seed: int = 0) -> "InternVideo2CLIPVision":
         """Upstream's initialisation: truncated-normal linears, sin-cos positions, LayerScale at init_values."""

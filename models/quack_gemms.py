@@ -16,11 +16,17 @@ autotuned in a job, so a new batch size costs no tuning sweep.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from quack import activation
 from quack.epilogue.frontend import gemm_epilogue
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, RowVecLoad
 from quack.gemm_config import GemmConfig
+
+from .deferred_norm import TorchGemms
+
+log = logging.getLogger(__name__)
 
 
 @gemm_epilogue(ops={"rstd": ColVecLoad("rstd")})
@@ -42,9 +48,10 @@ def _row_scaled_gelu(acc, rstd, bias):
     return {"D": activation.gelu_tanh_approx(acc * rstd + bias)}
 
 
-def _hopper(tile_m: int, cluster_m: int, pingpong: bool = True) -> GemmConfig:
-    return GemmConfig(tile_m=tile_m, tile_n=192, pingpong=pingpong, is_dynamic_persistent=False,
-                      cluster_m=cluster_m, cluster_n=3 - cluster_m, device_capacity=9)
+def _hopper(tile_m: int, cluster_m: int, cluster_n: int, pingpong: bool = True) -> GemmConfig:
+    """Tiles tile_m x 192 on a Hopper GPU, a statically scheduled persistent kernel (EpiMod.gemm's default)."""
+    return GemmConfig(tile_m=tile_m, tile_n=192, pingpong=pingpong, cluster_m=cluster_m, cluster_n=cluster_n,
+                      is_dynamic_persistent=False, device_capacity=9)
 
 
 # Tiles of S/14's products (N, K) on Hopper by rows M: (fewest rows, {(N, K): tiles}), first match. Among the
@@ -52,22 +59,22 @@ def _hopper(tile_m: int, cluster_m: int, pingpong: bool = True) -> GemmConfig:
 # tiles). Other products (other model sizes) take DEFAULT_CONFIG.
 HOPPER_CONFIGS: list[tuple[int, dict[tuple[int, int], GemmConfig]]] = [
     (49152, {  # 32x8 on one stream (65,568 rows)
-        (1152, 384): _hopper(128, cluster_m=2),  # qkv
-        (384, 384): _hopper(128, cluster_m=1),  # proj
-        (1536, 384): _hopper(128, cluster_m=2),  # fc1
-        (384, 1536): _hopper(128, cluster_m=2),  # fc2
+        (1152, 384): _hopper(128, cluster_m=2, cluster_n=1),  # qkv
+        (384, 384): _hopper(128, cluster_m=1, cluster_n=2),  # proj
+        (1536, 384): _hopper(128, cluster_m=2, cluster_n=1),  # fc1
+        (384, 1536): _hopper(128, cluster_m=2, cluster_n=1),  # fc2
     }),
     (0, {  # the half batch of 32x8 on two graph streams (32,784 rows), and fewer
-        (1152, 384): _hopper(128, cluster_m=1),
-        (384, 384): _hopper(256, cluster_m=1, pingpong=False),
-        (1536, 384): _hopper(256, cluster_m=1, pingpong=False),
-        (384, 1536): _hopper(128, cluster_m=2),
+        (1152, 384): _hopper(128, cluster_m=1, cluster_n=2),
+        (384, 384): _hopper(256, cluster_m=1, cluster_n=2, pingpong=False),
+        (1536, 384): _hopper(256, cluster_m=1, cluster_n=2, pingpong=False),
+        (384, 1536): _hopper(128, cluster_m=2, cluster_n=1),
     }),
 ]
+DEFAULT_CONFIG = _hopper(128, cluster_m=2, cluster_n=1)
 
-
-SUM_TILE_N = 192  # residual_rms's tiles are 192 columns wide: its row sums come in ceil(N / 192) parts
-DEFAULT_CONFIG = _hopper(128, cluster_m=2)
+SUM_TILE_N = TorchGemms.PART  # residual_rms gives row sums in ceil(N / 192) parts: every tile is 192 wide
+assert all(c.tile_n == SUM_TILE_N for _, table in HOPPER_CONFIGS for c in (*table.values(), DEFAULT_CONFIG))
 
 
 def config_for(w: torch.Tensor, rows: int) -> GemmConfig:
@@ -78,16 +85,35 @@ def config_for(w: torch.Tensor, rows: int) -> GemmConfig:
 
 def _launch(mod, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, c=None, config=None, **epi_args) -> None:
     cfg = config or config_for(w, a.shape[0])
-    mod.gemm(a, w.t(), out, c, epi_args=epi_args, tile_M=cfg.tile_m, tile_N=cfg.tile_n, cluster_M=cfg.cluster_m,
-             cluster_N=cfg.cluster_n, pingpong=cfg.pingpong, b_kn=True)
+    with torch.cuda.device(a.device):  # the kernel goes to the current stream of a's GPU
+        mod.gemm(a, w.t(), out, c, epi_args=epi_args, tile_M=cfg.tile_m, tile_N=cfg.tile_n,
+                 cluster_M=cfg.cluster_m, cluster_N=cfg.cluster_n, pingpong=cfg.pingpong, b_kn=True)
+
+
+_FAILED: set[str] = set()  # products whose quack kernel failed in this process: torch ops from then on
+
+
+def _quack_or_torch(name: str, quack, fallback):
+    """quack(), or fallback() (the same arithmetic in torch ops, models.deferred_norm.TorchGemms) once that
+    product's kernel has failed here: a kernel the DSL cannot build or run slows a job, it does not stop it."""
+    if name not in _FAILED:
+        try:
+            return quack()
+        except Exception as exc:
+            _FAILED.add(name)
+            log.warning("quack's %s product failed (%s: %s); from now on it runs as cuBLAS and torch ops", name,
+                        type(exc).__name__, str(exc)[:300])
+    return fallback()
 
 
 @torch.library.custom_op("iv2trt::quack_row_scaled", mutates_args=())
 def row_scaled(a: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ w [N, K]^T with row m scaled by rstd[m] (float32) -> [M, N] in a's dtype."""
-    out = a.new_empty(a.shape[0], w.shape[0])
-    _launch(_row_scaled, a, w, out, rstd=rstd)
-    return out
+    def quack():
+        out = a.new_empty(a.shape[0], w.shape[0])
+        _launch(_row_scaled, a, w, out, rstd=rstd)
+        return out
+    return _quack_or_torch("row_scaled", quack, lambda: TorchGemms.row_scaled(a, w, rstd))
 
 
 @row_scaled.register_fake
@@ -100,10 +126,12 @@ def residual_rms(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, shift: t
                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """y = residual + (a @ w^T) * scale + shift ([M, N], a's dtype) and the sums of y^2 over each row's
     192-column tiles (float32 [M, ceil(N / 192)]: a row's sum of squares is the sum of its parts)."""
-    out = a.new_empty(a.shape[0], w.shape[0])
-    parts = a.new_empty(a.shape[0], -(-w.shape[0] // SUM_TILE_N), dtype=torch.float32)
-    _launch(_residual_rms, a, w, out, residual, scale=scale, shift=shift, sqsum=parts)
-    return out, parts
+    def quack():
+        out = a.new_empty(a.shape[0], w.shape[0])
+        parts = a.new_empty(a.shape[0], -(-w.shape[0] // SUM_TILE_N), dtype=torch.float32)
+        _launch(_residual_rms, a, w, out, residual, scale=scale, shift=shift, sqsum=parts)
+        return out, parts
+    return _quack_or_torch("residual_rms", quack, lambda: TorchGemms.residual_rms(a, w, scale, shift, residual))
 
 
 @residual_rms.register_fake
@@ -115,9 +143,11 @@ def _(a, w, scale, shift, residual):
 @torch.library.custom_op("iv2trt::quack_row_scaled_gelu", mutates_args=())
 def row_scaled_gelu(a: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU (tanh form) of (a @ w^T) * rstd[:, None] + bias -> [M, N] in a's dtype."""
-    out = a.new_empty(a.shape[0], w.shape[0])
-    _launch(_row_scaled_gelu, a, w, out, rstd=rstd, bias=bias)
-    return out
+    def quack():
+        out = a.new_empty(a.shape[0], w.shape[0])
+        _launch(_row_scaled_gelu, a, w, out, rstd=rstd, bias=bias)
+        return out
+    return _quack_or_torch("row_scaled_gelu", quack, lambda: TorchGemms.row_scaled_gelu(a, w, rstd, bias))
 
 
 @row_scaled_gelu.register_fake

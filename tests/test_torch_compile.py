@@ -71,13 +71,27 @@ def test_cache_dir_is_persistent_and_overridable(monkeypatch, tmp_path):
 
 
 def test_quack_cache_dir_is_persistent_and_overridable(monkeypatch, tmp_path, tiny_model):
-    monkeypatch.delenv("QUACK_CACHE_DIR", raising=False)
+    monkeypatch.setenv("QUACK_CACHE_DIR", "")  # recorded, so the variable is restored (or removed) after the test
+    monkeypatch.delenv("QUACK_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert quack_cache_dir() == tmp_path / "iv2trt" / "quack"
-    TorchRunner(tiny_model, device="cpu")  # sets it for quack, which reads it at import
-    assert os.environ["QUACK_CACHE_DIR"] == str(tmp_path / "iv2trt" / "quack")
+    TorchRunner(tiny_model, device="cpu")  # a GPU runner sets it for quack (read at import); a CPU one leaves it
+    assert "QUACK_CACHE_DIR" not in os.environ
     monkeypatch.setenv("QUACK_CACHE_DIR", str(tmp_path / "mine"))
     assert quack_cache_dir() == tmp_path / "mine"
+
+
+def test_a_models_compile_variants_are_classes_of_their_own(tiny_model):
+    model = copy.deepcopy(tiny_model)
+    model.compile_variant = lambda shape: "big batches" if shape[0] >= 4 else None
+    compiled = CompiledForward(model, "default", background=False, backend="eager")
+    shape = (3, 4, 3, TINY.img_size, TINY.img_size)
+    small, big = compiled.key(shape), compiled.key((4, *shape[1:]))
+    assert small == shape_class(shape) and big == (*shape_class((4, *shape[1:])), "big batches")
+    # the batch-size probe stays on its side: it must not take the other path's graph for a specialisation
+    assert compiled._probe_batch(small, shape) == 2 and compiled._probe_batch(big, (4, *shape[1:])) == 5
+    model.compile_variant = lambda shape: "big batches" if shape[0] >= 3 else None
+    assert compiled._probe_batch(compiled.key((2, *shape[1:])), (2, *shape[1:])) is None
 
 
 def test_shape_classes():
