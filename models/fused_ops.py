@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 
 import torch
 
@@ -55,6 +56,7 @@ def _quack():
 def _quack_runs(device: str) -> bool:
     """Whether a small product of quack's matches torch's on `device`. Its DSL compiles one kernel here, so a
     driver or toolkit it cannot serve at all is found now; the other kernels compile at their first use."""
+    started = time.perf_counter()
     try:
         a, w = (torch.randn(256, 64, device=device, dtype=torch.float16) for _ in range(2))
         rstd = torch.rand(256, device=device) + 0.5
@@ -67,6 +69,8 @@ def _quack_runs(device: str) -> bool:
         log.warning("quack's matrix products are off on %s: a test product failed: %s: %s", device,
                     type(exc).__name__, str(exc)[:300])
         return False
+    log.info("quack's matrix products serve %s (test product compiled or loaded from %s in %.1f s)", device,
+             os.environ.get("QUACK_CACHE_DIR", "quack's cache"), time.perf_counter() - started)
     return True
 
 
