@@ -38,6 +38,23 @@ def graph_ms(fn, repeats: int = 20, calls: int = 10) -> float:
     return median_ms(torch, graph.replay, repeats) / calls
 
 
+def rotation():
+    """pick(tensors): the next of the tensors on each call, so a timed product's inputs are not still in L2."""
+    calls = itertools.count(1)
+    return lambda tensors: tensors[next(calls) % len(tensors)]
+
+
+def time_case(fn, label: str, **row) -> dict:
+    """row with graph_ms(fn) as "ms" (or, for a case that cannot run, the error), printed after label."""
+    try:
+        row["ms"] = graph_ms(fn)
+    except Exception as exc:  # a kernel that does not compile or run here: record it and go on
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    shown = f"{row['ms'] * 1e3:8.1f} us" if "ms" in row else row["error"]
+    print(f"{label} {shown}", flush=True)
+    return row
+
+
 def bench_attention(args) -> list[dict]:
     B, N, H, D = args.batch, args.tokens, 6, 64
     C = H * D

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.bench_cls_split import graph_ms  # noqa: E402
+from tools.bench_cls_split import rotation, time_case  # noqa: E402
 
 
 def main() -> int:
@@ -34,11 +34,7 @@ def main() -> int:
              for name, n, k in (("qkv", 3 * C, C), ("proj", C, C), ("fc1", 4 * C, C), ("fc2", C, 4 * C))}
         b = {name: torch.randn(t.shape[0], device="cuda", dtype=torch.float16) for name, t in w.items()}
         wt = {name: t.t().contiguous() for name, t in w.items()}  # [K, N]
-        it = {"i": 0}
-
-        def pick(lst):
-            it["i"] += 1
-            return lst[it["i"] % len(lst)]
+        pick = rotation()
 
         cases = {
             "qkv  mm W.t()": lambda: pick(x) @ w["qkv"].t(),
@@ -60,14 +56,7 @@ def main() -> int:
         for lib in ("default", "cublaslt"):
             torch.backends.cuda.preferred_blas_library(lib)
             for name, fn in cases.items():
-                row = {"M": M, "lib": lib, "case": name}
-                try:
-                    row["ms"] = graph_ms(fn)
-                except Exception as exc:
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                rows.append(row)
-                shown = f"{row['ms'] * 1e3:8.1f} us" if "ms" in row else row["error"]
-                print(f"M={M:6d} {lib:8s} {name:40s} {shown}", flush=True)
+                rows.append(time_case(fn, f"M={M:6d} {lib:8s} {name:40s}", M=M, lib=lib, case=name))
         torch.backends.cuda.preferred_blas_library("default")
     args.output.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                        "rows": rows}, indent=1))

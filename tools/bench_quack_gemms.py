@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import deferred_norm, fused_ops  # noqa: E402
 from models.config import VisionConfig  # noqa: E402
 from models.internvideo2_clip import Block  # noqa: E402
-from tools.bench_cls_split import graph_ms  # noqa: E402
+from tools.bench_cls_split import graph_ms, rotation, time_case  # noqa: E402
 
 CANDIDATES = {}  # label -> quack GemmConfig, filled in main once quack imports
 
@@ -56,11 +56,7 @@ def products(qg, M: int, C: int, rows: list) -> None:
     rstd = torch.rand(M, device="cuda") + 0.5
     scale = torch.rand(C, device="cuda")
     shift = torch.randn(C, device="cuda")
-    it = {"i": 0}
-
-    def pick(lst):
-        it["i"] += 1
-        return lst[it["i"] % len(lst)]
+    pick = rotation()
 
     ref = deferred_norm.TorchGemms
     f32 = {k: v.float() for k, v in w.items()}
@@ -111,14 +107,7 @@ def products(qg, M: int, C: int, rows: list) -> None:
         cases[f"quack  fc1 {label}"] = quack(qg._row_scaled_gelu, x, "fc1", config=config, rstd=rstd, bias=b["fc1"])
         cases[f"quack  fc2 {label}"] = quack(qg._residual_rms, h, "fc2", res, config, scale=scale, shift=shift)
     for name, fn in cases.items():
-        row = {"M": M, "case": name}
-        try:
-            row["ms"] = graph_ms(fn)
-        except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-        shown = f"{row['ms'] * 1e3:8.1f} us" if "ms" in row else row["error"]
-        print(f"M={M:6d} {name:40s} {shown}", flush=True)
+        rows.append(time_case(fn, f"M={M:6d} {name:40s}", M=M, case=name))
 
 
 def blocks(qg, rows: list, batch: int) -> None:
