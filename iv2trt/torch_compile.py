@@ -53,14 +53,18 @@ ENV_VAR = "IV2TRT_TORCH_COMPILE"
 MAX_CLASSES = 6  # compiled specialisations per model (torch's recompile limit is 8); later classes run eager
 
 
+def _user_cache(name: str) -> Path:
+    """$XDG_CACHE_HOME/iv2trt/<name> (~/.cache/iv2trt/<name>): caches that outlive a reboot."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "iv2trt" / name
+
+
 def quack_cache_dir() -> Path:
     """Where quack keeps the matrix-product kernels its CuTe DSL compiled: $QUACK_CACHE_DIR when the user chose
     it, else $XDG_CACHE_HOME/iv2trt/quack (quack's own default is under /tmp, which a reboot empties)."""
     chosen = os.environ.get("QUACK_CACHE_DIR")
     if chosen:
         return Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "iv2trt" / "quack"
+    return _user_cache("quack")
 
 
 def cache_dir() -> Path:
@@ -72,8 +76,7 @@ def cache_dir() -> Path:
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "iv2trt" / "torchinductor"
+    return _user_cache("torchinductor")
 
 
 def resolve_mode(requested: str | None, device_type: str, dtype) -> str | None:
