@@ -9,10 +9,13 @@ so no pass over the activations is needed to normalise them: the product that wr
 (proj, fc2) also returns each row's sum of squares, and the next product (fc1, the next block's qkv) scales
 its rows by the rstd made from it. LayerScale and the bias fold into that writing product's epilogue:
 x + gamma * (a @ W^T + b) = x + (a @ W^T) * gamma + gamma * b. What is left between the products is the
-q/k norm and attention. The algebra is exact; the rounding differs from the unfused block only in where
+q/k norm and attention. The q/k norms defer the same way into attention where its kernel takes the shape
+(models.triton_kernels.qk_norm_attention): their weights fold into the qkv product's q and k rows, the
+product also returns its rows' sums of squares, and the rows' scales apply to the keys (a pass of their
+own) and to the scores (each query's). The algebra is exact; the rounding differs from the unfused block only in where
 fp16 roundings fall (the normalised activations are never rounded to fp16, the folded weights are).
 
-`gemms` is the implementation of the three fused products: models.quack_gemms on a GPU, `TorchGemms` (the
+`gemms` is the implementation of the fused products: models.quack_gemms on a GPU, `TorchGemms` (the
 same arithmetic in torch ops) for tests of the algebra on any device. GELU is its tanh form, as in the fused
 path's cuBLASLt epilogue (models.internvideo2_clip.Mlp).
 """
@@ -22,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_FOLDED = ("qkv_weight", "proj_scale", "proj_shift", "fc1_weight", "fc2_scale", "fc2_shift")
+_FOLDED = ("qkv_weight", "proj_scale", "proj_shift", "fc1_weight", "fc2_scale", "fc2_shift", "qkv_qk_weight",
+           "qkv_unfold")
 
 
 class TorchGemms:
@@ -39,6 +43,12 @@ class TorchGemms:
     def residual_rms(cls, a, w, scale, shift, residual) -> tuple[torch.Tensor, torch.Tensor]:
         y = residual.float() + F.linear(a, w).float() * scale + shift
         return y.to(a.dtype), torch.stack([part.square().sum(-1) for part in y.split(cls.PART, -1)], -1)
+
+    @classmethod
+    def row_scaled_sums(cls, a, w, rstd, unfold) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.linear(a, w).float() * rstd[:, None]
+        return y.to(a.dtype), torch.stack([(part.square() * u).sum(-1) for part, u in
+                                           zip(y.split(cls.PART, -1), unfold.split(cls.PART))], -1)
 
     @staticmethod
     def row_scaled_gelu(a, w, rstd, bias) -> torch.Tensor:
@@ -61,6 +71,14 @@ def fold(block: nn.Module) -> None:
         "fc2_scale": block.ls2.gamma.float(),
         "fc2_shift": block.ls2.gamma.float() * mlp.fc2.bias.float(),
     }
+    wq, wk = (getattr(norm, "weight", None) for norm in (attn.q_norm, attn.k_norm))
+    if wq is not None and wk is not None and bool((wq != 0).all() and (wk != 0).all()):
+        # the q/k norms' weights fold in too (qk_norm_attention): the product's q and k rows scaled by them,
+        # and the rows' sums of squares taken without them (each column's square times 1 / weight^2)
+        C = wq.shape[0]
+        ones = torch.ones(C, device=wq.device)
+        folded["qkv_qk_weight"] = folded["qkv_weight"] * torch.cat([wq.float(), wk.float(), ones])[:, None]
+        folded["qkv_unfold"] = torch.cat([wq.float() ** -2, wk.float() ** -2, ones])
     dtype = attn.qkv.weight.dtype
     for name, value in folded.items():
         value = value.to(dtype) if name.endswith("weight") else value
@@ -85,13 +103,34 @@ def rstd(sums: torch.Tensor, width: int, eps: float) -> torch.Tensor:
     return torch.rsqrt(sums.sum(-1) / width + eps)
 
 
+def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float,
+                      k_eps: float) -> torch.Tensor:
+    """Multi-head attention of qkv [B, N, 3C] from `row_scaled_sums` with the weight `qkv_qk_weight` (q and k
+    times their norms' weights) and the sums of squares without those weights (parts [B * N, P]): the rows'
+    RMSNorm scales of q and k from the parts, then softmax(q k^T * scale) v -> [B, N, C], in float32 (the
+    reference of models.triton_kernels.qk_norm_attention)."""
+    B, N, C3 = qkv.shape
+    C, n = C3 // 3, C3 // 3 // (C3 // parts.shape[1])  # n: parts of q's (and of k's) columns
+    q, k, v = qkv.float().chunk(3, -1)
+    q = q * rstd(parts[:, :n], C, q_eps).reshape(B, N, 1)
+    k = k * rstd(parts[:, n:2 * n], C, k_eps).reshape(B, N, 1)
+    q, k, v = (t.reshape(B, N, heads, -1).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, C).to(qkv.dtype)
+
+
 def block_forward(block: nn.Module, x: torch.Tensor, sums: torch.Tensor, gemms) -> tuple[torch.Tensor, torch.Tensor]:
     """One block on the residual stream x [B, N, C] with its rows' sums of squares (in parts, [B * N, parts])
-    -> the same pair after the block."""
+    -> the same pair after the block. Where the attention's q/k-norm kernel takes the shape, the qkv product
+    also gives its rows' sums of squares and the q/k norms happen in attention (Attention.attend_deferred)."""
     B, N, C = x.shape
     rows = x.reshape(B * N, C)
-    qkv = gemms.row_scaled(rows, block.deferred_qkv_weight, rstd(sums, C, block.norm1.eps))
-    o = block.attn.attend_qkv(qkv.reshape(B, N, 3 * C)).reshape(B * N, C)
+    r = rstd(sums, C, block.norm1.eps)
+    if block.attn.takes_deferred(x) and hasattr(block, "deferred_qkv_unfold"):
+        qkv, parts = gemms.row_scaled_sums(rows, block.deferred_qkv_qk_weight, r, block.deferred_qkv_unfold)
+        o = block.attn.attend_deferred(qkv.reshape(B, N, 3 * C), parts).reshape(B * N, C)
+    else:
+        qkv = gemms.row_scaled(rows, block.deferred_qkv_weight, r)
+        o = block.attn.attend_qkv(qkv.reshape(B, N, 3 * C)).reshape(B * N, C)
     rows, sums = gemms.residual_rms(o, block.attn.proj.weight, block.deferred_proj_scale,
                                     block.deferred_proj_shift, rows)
     h = gemms.row_scaled_gelu(rows, block.deferred_fc1_weight, rstd(sums, C, block.norm2.eps), block.mlp.fc1.bias)

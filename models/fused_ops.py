@@ -4,7 +4,10 @@
 (models.quack_gemms), for fp16 models where quack is installed, the GPU is a Hopper one and a test product
 there matches torch's; `IV2TRT_QUACK_GEMMS=off` turns them off.
 
-The Triton kernel is a custom op, so torch.compile and CUDA graphs treat it as one op.
+The Triton kernels are custom ops, so torch.compile and CUDA graphs treat each as one op.
+
+`qk_norm_attention(qkv, parts, ...)`: the deferred blocks' attention with the q/k RMSNorms inside
+(models.triton_kernels.qk_norm_attention, on Hopper GPUs; the same arithmetic in torch ops elsewhere).
 
 `attention_cls_split(q, k, v, scale)` -> [B, N, heads * head_dim]: exact attention with token 0 (the cls
 token) apart, so cuDNN's flash kernel sees the 2,048 patch keys, a whole number of its tiles
@@ -21,10 +24,13 @@ import time
 
 import torch
 
+from . import deferred_norm
+
 log = logging.getLogger(__name__)
 
 ENV_VAR = "IV2TRT_TRITON_KERNELS"
 QUACK_ENV_VAR = "IV2TRT_QUACK_GEMMS"
+QK_NORM_ENV_VAR = "IV2TRT_QK_NORM_ATTENTION"
 
 
 @functools.cache
@@ -104,6 +110,37 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 def cls_split_shape_ok(q: torch.Tensor) -> bool:
     """q [B, heads, N, head_dim] has a cls token to split off and a head dim cuDNN's kernel takes."""
     return q.shape[-2] >= 2 and q.shape[-1] in (32, 64, 128)
+
+
+def qk_norm_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether qk_norm_attention runs as the Triton kernel (it loads tiles by TMA: Hopper or later);
+    `IV2TRT_QK_NORM_ATTENTION=off` (or IV2TRT_TRITON_KERNELS=off) keeps the q/k norms apart."""
+    return (enabled() and enabled(QK_NORM_ENV_VAR) and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _kernels() is not None
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def qk_norm_attention_takes(x: torch.Tensor, heads: int, part: int) -> bool:
+    """Whether qk_norm_attention takes the qkv of x [B, N, C] with sums of squares in parts of `part` columns:
+    any shape off the GPU (torch ops), whole tiles for the Triton kernel."""
+    if not x.is_cuda:
+        return True
+    return _kernels() is not None and _kernels().qk_norm_attention_shape_ok(x.shape[1], x.shape[2], heads, part)
+
+
+@torch.library.custom_op("iv2trt::qk_norm_attention", mutates_args=())
+def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float,
+                      k_eps: float) -> torch.Tensor:
+    """q/k-normalised attention of the deferred blocks' qkv and its rows' sums of squares ->  [B, N, C]
+    (models.deferred_norm.qk_norm_attention): the Triton kernel on a GPU, torch ops elsewhere."""
+    if qkv.is_cuda:
+        return _kernels().qk_norm_attention(qkv.contiguous(), parts.contiguous(), heads, scale, q_eps, k_eps)
+    return deferred_norm.qk_norm_attention(qkv, parts, heads, scale, q_eps, k_eps)
+
+
+@qk_norm_attention.register_fake
+def _(qkv, parts, heads, scale, q_eps, k_eps):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty(B, N, C3 // 3)
 
 
 @torch.library.custom_op("iv2trt::attention_cls_split", mutates_args=())

@@ -1,9 +1,11 @@
 """The fused path's matrix products with the block's norms in their epilogues, on quack's CuTe DSL GEMMs.
 
-models.deferred_norm defers each RMSNorm of the block through the products: three epilogues, in float32 on
+models.deferred_norm defers each RMSNorm of the block through the products: four epilogues, in float32 on
 the accumulator, each a `torch.library` custom op (so torch.compile and the CUDA graphs see one op):
 
 - `row_scaled(a, w, rstd)`: (a @ w^T) * rstd[:, None] (qkv after norm1);
+- `row_scaled_sums(a, w, rstd, unfold)`: the same and each row's sums of y^2 * unfold in 192-column parts (qkv
+  with the q/k norms' weights folded in: the q/k norms then happen in attention);
 - `residual_rms(a, w, scale, shift, residual)` -> (y, the sums of y^2 over each row's 192-column parts),
   y = residual + (a @ w^T) * scale + shift (proj and fc2, with LayerScale and the bias in scale and shift);
 - `row_scaled_gelu(a, w, rstd, bias)`: GELU((a @ w^T) * rstd[:, None] + bias), GELU's tanh form as in the
@@ -32,6 +34,13 @@ log = logging.getLogger(__name__)
 @gemm_epilogue(ops={"rstd": ColVecLoad("rstd")})
 def _row_scaled(acc, rstd):
     return {"D": acc * rstd}
+
+
+@gemm_epilogue(ops={"rstd": ColVecLoad("rstd"), "unfold": RowVecLoad("unfold")},
+               reduces={"sqsum": ColVecReduce("sqsum", scaled=True)})
+def _row_scaled_sums(acc, rstd, unfold):
+    y = acc * rstd
+    return {"D": y, "sqsum": (y, y * unfold)}
 
 
 @gemm_epilogue(
@@ -121,6 +130,25 @@ def _(a, w, rstd):
     return a.new_empty(a.shape[0], w.shape[0])
 
 
+@torch.library.custom_op("iv2trt::quack_row_scaled_sums", mutates_args=())
+def row_scaled_sums(a: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
+                    unfold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = (a @ w^T) * rstd[:, None] ([M, N], a's dtype) and the sums of y^2 * unfold over each row's 192-column
+    tiles (float32 [M, ceil(N / 192)]; unfold [N] float32 undoes weights folded into w's rows)."""
+    def quack():
+        out = a.new_empty(a.shape[0], w.shape[0])
+        parts = a.new_empty(a.shape[0], -(-w.shape[0] // SUM_TILE_N), dtype=torch.float32)
+        _launch(_row_scaled_sums, a, w, out, rstd=rstd, unfold=unfold, sqsum=parts)
+        return out, parts
+    return _quack_or_torch("row_scaled_sums", quack, lambda: TorchGemms.row_scaled_sums(a, w, rstd, unfold))
+
+
+@row_scaled_sums.register_fake
+def _(a, w, rstd, unfold):
+    return (a.new_empty(a.shape[0], w.shape[0]),
+            a.new_empty(a.shape[0], -(-w.shape[0] // SUM_TILE_N), dtype=torch.float32))
+
+
 @torch.library.custom_op("iv2trt::quack_residual_rms", mutates_args=())
 def residual_rms(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                  residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +184,9 @@ def _(a, w, rstd, bias):
 
 
 class QuackGemms:
-    """The three products as models.deferred_norm's `gemms` (a class, so models holding it deep-copy)."""
+    """The four products as models.deferred_norm's `gemms` (a class, so models holding it deep-copy)."""
 
     row_scaled = staticmethod(row_scaled)
+    row_scaled_sums = staticmethod(row_scaled_sums)
     residual_rms = staticmethod(residual_rms)
     row_scaled_gelu = staticmethod(row_scaled_gelu)

@@ -73,3 +73,157 @@ def cls_merge(o: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tens
                             v.stride(0), v.stride(1), out.stride(0), out.stride(1),
                             D=D, BLOCK_N=block_n, num_warps=warps)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# q/k-normalised attention straight from the deferred blocks' qkv product (models.deferred_norm)
+# ---------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rstd(parts_ptr, rows, sp, FIRST: tl.constexpr, COUNT: tl.constexpr, inv_width, eps):
+    """1 / sqrt(mean(x^2) + eps) of rows whose sums of squares are parts FIRST .. FIRST + COUNT - 1."""
+    total = tl.load(parts_ptr + rows * sp + FIRST)
+    for j in tl.static_range(1, COUNT):
+        total += tl.load(parts_ptr + rows * sp + FIRST + j)
+    return tl.math.rsqrt(total * inv_width + eps)
+
+
+@triton.jit
+def _key_norm_kernel(qkv_ptr, parts_ptr, kn_ptr, M, s_n, sp, skn, inv_c, eps, C: tl.constexpr, D: tl.constexpr,
+                     PARTS: tl.constexpr, BR: tl.constexpr):
+    """kn = k * its row's rstd, BR rows a program: the k RMSNorm but for its weight (which the product's
+    weight holds)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = (rows < M)[:, None]
+    rows = tl.minimum(rows, M - 1).to(tl.int64)
+    rk = _rstd(parts_ptr, rows, sp, PARTS, PARTS, inv_c, eps)
+    for head in tl.static_range(C // D):
+        cols = head * D + tl.arange(0, D)[None, :]
+        k = tl.load(qkv_ptr + rows[:, None] * s_n + C + cols, mask=ok)
+        tl.store(kn_ptr + rows[:, None] * skn + cols, (k.to(tl.float32) * rk[:, None]).to(k.dtype), mask=ok)
+
+
+@triton.jit
+def _attend(block, b, h, k_cls, v_cls, desc_q, desc_k, desc_v, desc_o, qkv_ptr, parts_ptr, out_ptr,
+            N: tl.constexpr, s_n, sp, so_n, inv_c, q_eps, qk_scale, C: tl.constexpr, D: tl.constexpr,
+            PARTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr, WITH_CLS: tl.constexpr):
+    """Patch queries block * BM + 1 .. of clip b, head h, against the cls key (the softmax's initial state)
+    and the patch keys, on tensor cores; WITH_CLS: the cls query too, on CUDA cores from the same key tiles.
+    Each query's rstd (times scale * log2(e)) scales its row of scores; it is positive, so the row maximum
+    scales with it."""
+    cls = (b * N).to(tl.int64)
+    first = b * N + 1 + block * BM
+    rqs = _rstd(parts_ptr, (first + tl.arange(0, BM)).to(tl.int64), sp, 0, PARTS, inv_c, q_eps) * qk_scale
+    q = desc_q.load([first, h * D])
+    m_i = tl.sum(q.to(tl.float32) * k_cls[None, :], 1) * rqs
+    l_i = tl.zeros([BM], dtype=tl.float32) + 1.0
+    acc = tl.zeros([BM, D], dtype=tl.float32) + v_cls[None, :]
+    d = tl.arange(0, D)
+    if WITH_CLS:
+        q_c = tl.load(qkv_ptr + cls * s_n + h * D + d).to(tl.float32)
+        q_c *= _rstd(parts_ptr, cls, sp, 0, PARTS, inv_c, q_eps) * qk_scale
+        m_c = tl.sum(q_c * k_cls, 0)
+        l_c = m_c * 0.0 + 1.0
+        acc_c = v_cls
+    for offset in tl.range(1, N, BN, num_stages=STAGES):
+        start = b * N + offset
+        k = desc_k.load([start, h * D])
+        v = desc_v.load([start, 2 * C + h * D])
+        t = tl.dot(q, k.T)
+        m_ij = tl.maximum(m_i, tl.max(t, 1) * rqs)
+        p = tl.math.exp2(t * rqs[:, None] - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_ij
+        if WITH_CLS:
+            s_c = tl.sum(k.to(tl.float32) * q_c[None, :], 1)
+            m_cn = tl.maximum(m_c, tl.max(s_c, 0))
+            p_c = tl.math.exp2(s_c - m_cn)
+            alpha_c = tl.math.exp2(m_c - m_cn)
+            l_c = l_c * alpha_c + tl.sum(p_c, 0)
+            acc_c = acc_c * alpha_c + tl.sum(p_c[:, None] * v.to(tl.float32), 0)
+            m_c = m_cn
+    desc_o.store([first, h * D], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty))
+    if WITH_CLS:
+        tl.store(out_ptr + cls * so_n + h * D + d, (acc_c / l_c).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _qk_norm_attention_kernel(desc_q, desc_k, desc_v, desc_o, qkv_ptr, kn_ptr, parts_ptr, out_ptr,
+                              N: tl.constexpr, H, s_n, skn, sp, so_n, inv_c, q_eps, qk_scale,
+                              C: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr, CLS: tl.constexpr):
+    """out rows of one (b, h) (program axes: query block, b * H + h): BM patch queries each, and in block 0 the
+    cls query too.
+
+    qkv holds q * wq (wq the q RMSNorm's weight) and v, kn the normalised keys (`_key_norm_kernel`); parts
+    the rows' sums of squares of q without its weight (the first PARTS parts). CLS=False leaves the cls query out
+    (for timing only)."""
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cls = (b * N).to(tl.int64)  # token 0 of clip b, a row of qkv
+    d = tl.arange(0, D)
+    k_cls = tl.load(kn_ptr + cls * skn + h * D + d).to(tl.float32)
+    v_cls = tl.load(qkv_ptr + cls * s_n + 2 * C + h * D + d).to(tl.float32)
+    if CLS and block == 0:
+        _attend(block, b, h, k_cls, v_cls, desc_q, desc_k, desc_v, desc_o, qkv_ptr, parts_ptr, out_ptr, N, s_n, sp,
+                so_n, inv_c, q_eps, qk_scale, C, D, PARTS, BM, BN, STAGES, True)
+    else:
+        _attend(block, b, h, k_cls, v_cls, desc_q, desc_k, desc_v, desc_o, qkv_ptr, parts_ptr, out_ptr, N, s_n, sp,
+                so_n, inv_c, q_eps, qk_scale, C, D, PARTS, BM, BN, STAGES, False)
+
+
+# (BM, BN, num_warps, num_stages): tiles of the patch queries and keys. The fastest of
+# tools/bench_qk_norm_attention.py's sweep at S/14's 32x8 shape on an H200.
+QK_NORM_CONFIG = (128, 128, 4, 3)
+KEY_NORM_ROWS = 32  # rows of a _key_norm_kernel program
+LOG2E = 1.4426950408889634
+
+
+def qk_norm_attention_shape_ok(N: int, C: int, heads: int, part: int, config=None) -> bool:
+    """Whether qk_norm_attention takes N tokens (token 0 the cls token) of width C in `heads` heads with
+    sums of squares in parts of `part` columns: whole tiles of patch queries and keys, whole parts for q and
+    k, and a head dim for tensor cores."""
+    bm, bn = (config or QK_NORM_CONFIG)[:2]
+    D = C // heads
+    return (N > bn and (N - 1) % bm == 0 and (N - 1) % bn == 0 and C % part == 0 and C == heads * D
+            and D in (16, 32, 64, 128))
+
+
+def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float,
+                      k_eps: float, config=None, cls: bool = True, key_norm_rows: int = KEY_NORM_ROWS) -> torch.Tensor:
+    """softmax(norm_q(q) norm_k(k)^T * scale) v -> [B, N, C], token 0 the cls token: the keys normalised by a
+    pass of their own (`_key_norm_kernel`), the queries' norms in the attention kernel's scores.
+
+    qkv [B, N, 3C]: q * wq, k * wk and v of `heads` heads side by side (wq, wk the RMSNorms' weights);
+    parts [B * N, P] float32: each row's sums of squares of q, k (and v) without the weights, in P parts of
+    3C / P columns."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    part = C3 // parts.shape[1]
+    bm, bn, warps, stages = config or QK_NORM_CONFIG
+    if not (qkv.is_contiguous() and parts.is_contiguous() and parts.shape[0] == B * N and C3 % parts.shape[1] == 0
+            and qk_norm_attention_shape_ok(N, C, heads, part, config)):
+        raise ValueError(f"qk_norm_attention: qkv {tuple(qkv.shape)} with parts {tuple(parts.shape)} in "
+                         f"{heads} heads is not a shape it takes")
+    D = C // heads
+    flat = qkv.view(B * N, C3)
+    kn = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
+    _key_norm_kernel[(triton.cdiv(B * N, key_norm_rows),)](flat, parts, kn, B * N, flat.stride(0), parts.stride(0),
+                                                           kn.stride(0), 1.0 / C, k_eps, C=C, D=D, PARTS=C // part,
+                                                           BR=key_norm_rows)
+    out = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
+    desc_q = TensorDescriptor.from_tensor(flat, [bm, D])
+    desc_k = TensorDescriptor.from_tensor(kn, [bn, D])
+    desc_v = TensorDescriptor.from_tensor(flat, [bn, D])
+    desc_o = TensorDescriptor.from_tensor(out, [bm, D])
+    _qk_norm_attention_kernel[((N - 1) // bm, B * heads)](
+        desc_q, desc_k, desc_v, desc_o, flat, kn, parts, out, N, heads, flat.stride(0), kn.stride(0), parts.stride(0),
+        out.stride(0), 1.0 / C, q_eps, scale * LOG2E, C=C, D=D, PARTS=C // part, BM=bm, BN=bn, STAGES=stages,
+        CLS=cls, num_warps=warps)
+    return out.view(B, N, C)

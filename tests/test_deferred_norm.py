@@ -57,6 +57,73 @@ def test_deferred_blocks_match_the_blocks_as_written(tanh_model, monkeypatch, dt
         assert (got.float() - ref).abs().max() <= 2 * (want.float() - ref).abs().max() + 1e-3 * scale
 
 
+class TwoParts(TorchGemms):
+    PART = 32  # q's (and k's) 64 columns in 2 parts, as quack's 192-column tiles split S/14's 384
+
+
+def counted(monkeypatch, module, name):
+    """Replace module.name by a wrapper counting its calls; returns the count's list."""
+    calls, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_q_k_norms_deferred_into_attention_match_the_blocks_as_written(tanh_model, monkeypatch, dtype):
+    from models import deferred_norm
+
+    monkeypatch.setattr(iv2, "DEFERRED_MIN_ROWS", 0)
+    x = torch.randn(3, 4, 3, 56, 56).to(dtype)
+    ref_model = copy.deepcopy(tanh_model)
+    with torch.no_grad():  # q/k norm weights away from one, so folding them is tested
+        for name, p in ref_model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    plain = copy.deepcopy(ref_model).to(dtype)
+    deferred = copy.deepcopy(plain).defer_norms(TwoParts)
+    for block in deferred.vision_encoder.blocks:
+        block.attn.qk_norm_kernel = True  # on a GPU: set_fused_kernels, where the Triton kernel serves
+    attention = counted(monkeypatch, deferred_norm, "qk_norm_attention")
+    sums = counted(monkeypatch, TwoParts, "row_scaled_sums")
+    with torch.no_grad():
+        want, got, ref = plain(x), deferred(x), ref_model(x.float())
+    assert len(attention) == len(sums) == len(deferred.vision_encoder.blocks)
+    err = (got.float() - want.float()).abs().max().item()
+    scale = ref.abs().max().item()
+    print(f"q/k norms in attention vs as written, {dtype}: max abs {err:.2e} (outputs up to {scale:.2f})")
+    if dtype == torch.float32:
+        assert err < 1e-5 * scale
+    else:
+        assert compare(ref.double().numpy(), got.double().numpy()).min_cosine >= 0.9999
+        assert (got.float() - ref).abs().max() <= 2 * (want.float() - ref).abs().max() + 1e-3 * scale
+
+
+def test_a_zero_q_norm_weight_keeps_the_q_k_norms_apart(tanh_model, monkeypatch):
+    monkeypatch.setattr(iv2, "DEFERRED_MIN_ROWS", 0)
+    model = copy.deepcopy(tanh_model)
+    with torch.no_grad():
+        model.vision_encoder.blocks[1].attn.q_norm.weight[3] = 0.0  # its 1 / weight^2 cannot undo the fold
+    deferred = copy.deepcopy(model).defer_norms(TwoParts)
+    for block in deferred.vision_encoder.blocks:
+        block.attn.qk_norm_kernel = True
+    assert hasattr(deferred.vision_encoder.blocks[0], "deferred_qkv_unfold")
+    assert not hasattr(deferred.vision_encoder.blocks[1], "deferred_qkv_unfold")
+    x = torch.randn(2, 4, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.allclose(deferred(x), model(x), atol=1e-5)
+
+
+def test_row_scaled_sums_undo_the_folded_weights():
+    torch.manual_seed(0)
+    a, w = torch.randn(10, 16), torch.randn(96, 16)
+    rstd, weights = torch.rand(10) + 0.5, torch.rand(96) + 0.5
+    y, parts = TwoParts.row_scaled_sums(a, w * weights[:, None], rstd, weights ** -2)
+    plain = (a @ w.t()) * rstd[:, None]
+    assert torch.allclose(y, plain * weights, atol=1e-5)
+    assert parts.shape == (10, 3)
+    assert torch.allclose(parts, plain.square().reshape(10, 3, 32).sum(-1), rtol=1e-5)
+
+
 def test_a_moved_model_runs_the_blocks_as_written_until_folded_again(tanh_model, monkeypatch):
     class Refused(TorchGemms):
         @staticmethod
@@ -165,11 +232,14 @@ def test_gpu_quack_products_match_float32(rows):
          (("qkv", 3 * C, C), ("proj", C, C), ("fc1", 4 * C, C), ("fc2", C, 4 * C))}
     rstd = torch.rand(rows, device="cuda") + 0.5
     scale, shift, bias = torch.rand(C, device="cuda"), torch.randn(C, device="cuda"), torch.randn(4 * C, **h16)
+    unfold = torch.rand(3 * C, device="cuda") + 0.5
     f = {n: t.float() for n, t in w.items()}
     cases = {
         "qkv": (QuackGemms.row_scaled(a, w["qkv"], rstd), TorchGemms.row_scaled(a.float(), f["qkv"], rstd)),
         "proj": (QuackGemms.residual_rms(a, w["proj"], scale, shift, res),
                  TorchGemms.residual_rms(a.float(), f["proj"], scale, shift, res.float())),
+        "qkv sums": (QuackGemms.row_scaled_sums(a, w["qkv"], rstd, unfold),
+                     TorchGemms.row_scaled_sums(a.float(), f["qkv"], rstd, unfold)),
         "fc1": (QuackGemms.row_scaled_gelu(a, w["fc1"], rstd, bias),
                 TorchGemms.row_scaled_gelu(a.float(), f["fc1"], rstd, bias)),
         "fc2": (QuackGemms.residual_rms(hidden, w["fc2"], scale, shift, res),
@@ -179,7 +249,7 @@ def test_gpu_quack_products_match_float32(rows):
         if isinstance(got, tuple):
             sums_err = ((got[1].sum(-1) - want[1].sum(-1)).abs().max() / want[1].abs().max()).item()
             print(f"{rows} rows {name}: row sums of squares rel err {sums_err:.2e}")
-            assert got[1].shape == (rows, 2) and sums_err < 1e-5
+            assert got[1].shape == want[1].shape and sums_err < 1e-5
             got, want = got[0], want[0]
         err = ((got.float() - want).abs().max() / want.abs().max()).item()
         print(f"{rows} rows {name}: rel err {err:.2e}")
@@ -195,10 +265,10 @@ def test_gpu_model_with_deferred_norms_matches_fp32():
     ref_model = create_model("s14", random_init=True, device="cuda")
     with torch.no_grad():  # norm weights and LayerScale away from their initial ones, so folding them is tested
         for name, p in ref_model.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "gamma")):
+            if name.endswith(("norm1.weight", "norm2.weight", "gamma", "q_norm.weight", "k_norm.weight")):
                 p.mul_(1 + 0.3 * torch.randn_like(p))
     half = copy.deepcopy(ref_model).half().set_fused_kernels(True)
-    assert half.defers_norms
+    assert half.defers_norms and all(b.attn.qk_norm_kernel for b in half.vision_encoder.blocks)
     x = torch.randn(8, 8, 3, 224, 224, device="cuda")
     with torch.inference_mode():
         ref = ref_model(x).double().cpu().numpy()

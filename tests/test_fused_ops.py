@@ -64,6 +64,27 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
         print("refused:", exc)
     else:
         raise AssertionError("cls_merge took o and lse of other shapes than q's")
+    # the deferred blocks' attention: q and k with their norms' weights folded in, sums of squares without
+    for B, H, D, N, part, config in ((2, 3, 32, 33, 48, (16, 16, 4, 2)), (1, 2, 16, 33, 32, (16, 8, 4, 2))):
+        C = H * D
+        q, k, v = (torch.randn(B, N, C, dtype=torch.float64) * 3 for _ in range(3))
+        wq, wk = torch.rand(C, dtype=torch.float64) + 0.5, torch.rand(C, dtype=torch.float64) + 0.5
+        qkv = torch.cat([q * wq, k * wk, v], -1).to(dt)
+        parts = torch.cat([q, k, v], -1).reshape(B * N, 3 * C).split(part, -1)
+        parts = torch.stack([p.square().sum(-1) for p in parts], -1).float()
+        rms = lambda x, w: x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w
+        ref = attention_reference(*(t.reshape(B, N, H, D).transpose(1, 2) for t in (rms(q, wq), rms(k, wk), v)),
+                                  D ** -0.5)
+        out = tk.qk_norm_attention(qkv, parts, H, D ** -0.5, 1e-6, 1e-6, config=config)
+        err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
+        print(f"qk_norm_attention B={B} H={H} N={N} D={D} config={config} max rel err {err:.2e}")
+        assert out.shape == (B, N, C) and out.dtype == dt and err < 2e-3, err
+    try:
+        tk.qk_norm_attention(qkv[:, :-1].contiguous(), parts[:-1], H, D ** -0.5, 1e-6, 1e-6, config=config)
+    except ValueError as exc:
+        print("refused:", exc)
+    else:
+        raise AssertionError("qk_norm_attention took a token count that is not whole tiles")
     print("ok")
 ''')
 
@@ -76,6 +97,7 @@ def test_kernels_in_the_triton_interpreter():
     print(run.stdout)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok") and "refused: cls_merge" in run.stdout
+    assert "refused: qk_norm_attention" in run.stdout
 
 
 def test_cpu_and_fp32_models_keep_torch_ops(tiny_model, monkeypatch):
@@ -141,6 +163,34 @@ def test_gpu_attention_cls_split(dtype):
         err, sdpa_err = ((t.double() - ref).norm().item() / ref.norm().item() for t in (out, sdpa))
         print(f"cls split {B}x{H}x{N}x{D} {dtype}: rel err {err:.2e} (SDPA {sdpa_err:.2e})")
         assert out.shape == (B, N, H * D) and err <= 1.5 * sdpa_err + 1e-5
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
+                    reason="the q/k-norm attention kernel needs a Hopper (or later) GPU")
+@pytest.mark.parametrize("clips,tokens", [(2, 2049), (3, 257)])
+def test_gpu_qk_norm_attention_matches_float64(clips, tokens):
+    from models import triton_kernels as tk
+
+    torch.manual_seed(0)
+    H, D = 6, 64
+    C = H * D
+    q, k, v = (torch.randn(clips, tokens, C, device="cuda", dtype=torch.float64) * 2 for _ in range(3))
+    wq, wk = (torch.rand(C, device="cuda", dtype=torch.float64) + 0.5 for _ in range(2))
+    qkv = torch.cat([q * wq, k * wk, v], -1).half()
+    parts = torch.stack([p.square().sum(-1) for p in torch.cat([q, k, v], -1).reshape(-1, 3 * C).split(192, -1)], -1)
+    rms = lambda x, w: x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
+    ref = attention_reference(*(t.reshape(clips, tokens, H, D).transpose(1, 2) for t in (rms(q, wq), rms(k, wk), v)),
+                              D ** -0.5)
+    got = fused_ops.qk_norm_attention(qkv, parts.float(), H, D ** -0.5, 1e-6, 1e-6)
+    plain = F.scaled_dot_product_attention(*(t.reshape(clips, tokens, H, D).transpose(1, 2).half()
+                                             for t in (rms(q, wq), rms(k, wk), v)), scale=D ** -0.5)
+    err = ((got.double() - ref).norm() / ref.norm()).item()
+    err_sdpa = ((plain.transpose(1, 2).reshape(clips, tokens, C).double() - ref).norm() / ref.norm()).item()
+    cls_err = (got[:, 0].double() - ref[:, 0]).abs().max().item()
+    print(f"qk_norm_attention {clips}x{tokens}: rel err {err:.2e} (SDPA on fp16 normalised q/k: {err_sdpa:.2e}), "
+          f"cls row max err {cls_err:.2e}")
+    assert err < 2 * err_sdpa + 1e-4 and cls_err < 1e-2
+    assert tk.qk_norm_attention_shape_ok(tokens, C, H, 192) and not tk.qk_norm_attention_shape_ok(tokens + 1, C, H, 192)
 
 
 @needs_gpu
