@@ -89,42 +89,79 @@ def _rstd(parts_ptr, rows, sp, FIRST: tl.constexpr, COUNT: tl.constexpr, inv_wid
 
 
 @triton.jit
-def _key_norm_kernel(qkv_ptr, parts_ptr, kn_ptr, M, s_n, sp, skn, inv_c, eps, C: tl.constexpr, D: tl.constexpr,
-                     PARTS: tl.constexpr, BR: tl.constexpr):
-    """kn = k * its row's rstd, BR rows a program: the k RMSNorm but for its weight (which the product's
-    weight holds)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    ok = (rows < M)[:, None]
-    rows = tl.minimum(rows, M - 1).to(tl.int64)
-    rk = _rstd(parts_ptr, rows, sp, PARTS, PARTS, inv_c, eps)
-    for head in tl.static_range(C // D):
-        cols = head * D + tl.arange(0, D)[None, :]
-        k = tl.load(qkv_ptr + rows[:, None] * s_n + C + cols, mask=ok)
-        tl.store(kn_ptr + rows[:, None] * skn + cols, (k.to(tl.float32) * rk[:, None]).to(k.dtype), mask=ok)
+def _key_norm_kernel(qkv_ptr, parts_ptr, kn_ptr, cls_ptr, N, s_n, sp, skn, inv_c, q_eps, k_eps, qk_scale,
+                     C: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr, BR: tl.constexpr, CHUNKS: tl.constexpr):
+    """BR rows of clip b (program axes: row chunk, b): kn = k * its row's rstd (the k RMSNorm but for its
+    weight, which the product's weight holds), and the cls query's attention over these rows' keys as a
+    partial softmax state per head: cls_ptr[b, h, chunk] = (weighted values [D], max, sum), in log2 units."""
+    chunk = tl.program_id(0)
+    b = tl.program_id(1)
+    n = chunk * BR + tl.arange(0, BR)
+    ok = n < N
+    rows = (b * N + tl.minimum(n, N - 1)).to(tl.int64)
+    cls = (b * N).to(tl.int64)
+    rk = _rstd(parts_ptr, rows, sp, PARTS, PARTS, inv_c, k_eps)
+    rq_c = _rstd(parts_ptr, cls, sp, 0, PARTS, inv_c, q_eps) * qk_scale
+    d = tl.arange(0, D)
+    for h in tl.static_range(C // D):
+        cols = h * D + d[None, :]
+        k = tl.load(qkv_ptr + rows[:, None] * s_n + C + cols)
+        kn = (k.to(tl.float32) * rk[:, None]).to(k.dtype)
+        tl.store(kn_ptr + rows[:, None] * skn + cols, kn, mask=ok[:, None])
+        q_c = tl.load(qkv_ptr + cls * s_n + h * D + d).to(tl.float32) * rq_c
+        s = tl.where(ok, tl.sum(kn.to(tl.float32) * q_c[None, :], 1), float("-inf"))
+        m = tl.max(s, 0)
+        p = tl.math.exp2(s - m)
+        v = tl.load(qkv_ptr + rows[:, None] * s_n + 2 * C + cols).to(tl.float32)
+        state = cls_ptr + ((b * (C // D) + h) * CHUNKS + chunk) * (D + 2)
+        tl.store(state + d, tl.sum(p[:, None] * v, 0))
+        tl.store(state + D, m)
+        tl.store(state + D + 1, tl.sum(p, 0))
 
 
 @triton.jit
-def _attend(block, b, h, k_cls, v_cls, desc_q, desc_k, desc_v, desc_o, qkv_ptr, parts_ptr, out_ptr,
-            N: tl.constexpr, s_n, sp, so_n, inv_c, q_eps, qk_scale, C: tl.constexpr, D: tl.constexpr,
-            PARTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr, WITH_CLS: tl.constexpr):
-    """Patch queries block * BM + 1 .. of clip b, head h, against the cls key (the softmax's initial state)
-    and the patch keys, on tensor cores; WITH_CLS: the cls query too, on CUDA cores from the same key tiles.
-    Each query's rstd (times scale * log2(e)) scales its row of scores; it is positive, so the row maximum
-    scales with it."""
-    cls = (b * N).to(tl.int64)
+def _cls_chunks_merge_kernel(cls_ptr, out_ptr, N, H, so_n, D: tl.constexpr, CHUNKS: tl.constexpr,
+                             CHUNKS_P2: tl.constexpr):
+    """out[b, 0, h*D:(h+1)*D]: the cls query's attention, the merge of its partial states over the row chunks."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    c = tl.arange(0, CHUNKS_P2)
+    ok = c < CHUNKS
+    d = tl.arange(0, D)
+    state = cls_ptr + (bh * CHUNKS + c) * (D + 2)
+    m = tl.load(state + D, mask=ok, other=float("-inf"))
+    w = tl.where(ok, tl.math.exp2(m - tl.max(m, 0)), 0.0)
+    total = tl.sum(w * tl.load(state + D + 1, mask=ok, other=0.0), 0)
+    acc = tl.sum(w[:, None] * tl.load(state[:, None] + d[None, :], mask=ok[:, None], other=0.0), 0)
+    tl.store(out_ptr + (b * N).to(tl.int64) * so_n + h * D + d, (acc / total).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _qk_norm_attention_kernel(desc_q, desc_k, desc_v, desc_o, qkv_ptr, kn_ptr, parts_ptr, out_ptr,
+                              N: tl.constexpr, H, s_n, skn, sp, inv_c, q_eps, qk_scale,
+                              C: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr):
+    """BM patch queries of one (b, h) (program axes: query block, b * H + h) against the cls key (the
+    softmax's initial state) and the patch keys, on tensor cores.
+
+    qkv holds q * wq (wq the q RMSNorm's weight) and v, kn the normalised keys (`_key_norm_kernel`); parts
+    the rows' sums of squares of q without its weight (the first PARTS parts). Each query's rstd (times
+    scale * log2(e)) scales its row of scores; it is positive, so the row maximum scales with it."""
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cls = (b * N).to(tl.int64)  # token 0 of clip b, a row of qkv
+    d = tl.arange(0, D)
+    k_cls = tl.load(kn_ptr + cls * skn + h * D + d).to(tl.float32)
+    v_cls = tl.load(qkv_ptr + cls * s_n + 2 * C + h * D + d).to(tl.float32)
     first = b * N + 1 + block * BM
     rqs = _rstd(parts_ptr, (first + tl.arange(0, BM)).to(tl.int64), sp, 0, PARTS, inv_c, q_eps) * qk_scale
     q = desc_q.load([first, h * D])
     m_i = tl.sum(q.to(tl.float32) * k_cls[None, :], 1) * rqs
     l_i = tl.zeros([BM], dtype=tl.float32) + 1.0
     acc = tl.zeros([BM, D], dtype=tl.float32) + v_cls[None, :]
-    d = tl.arange(0, D)
-    if WITH_CLS:
-        q_c = tl.load(qkv_ptr + cls * s_n + h * D + d).to(tl.float32)
-        q_c *= _rstd(parts_ptr, cls, sp, 0, PARTS, inv_c, q_eps) * qk_scale
-        m_c = tl.sum(q_c * k_cls, 0)
-        l_c = m_c * 0.0 + 1.0
-        acc_c = v_cls
     for offset in tl.range(1, N, BN, num_stages=STAGES):
         start = b * N + offset
         k = desc_k.load([start, h * D])
@@ -136,44 +173,7 @@ def _attend(block, b, h, k_cls, v_cls, desc_q, desc_k, desc_v, desc_o, qkv_ptr, 
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_ij
-        if WITH_CLS:
-            s_c = tl.sum(k.to(tl.float32) * q_c[None, :], 1)
-            m_cn = tl.maximum(m_c, tl.max(s_c, 0))
-            p_c = tl.math.exp2(s_c - m_cn)
-            alpha_c = tl.math.exp2(m_c - m_cn)
-            l_c = l_c * alpha_c + tl.sum(p_c, 0)
-            acc_c = acc_c * alpha_c + tl.sum(p_c[:, None] * v.to(tl.float32), 0)
-            m_c = m_cn
     desc_o.store([first, h * D], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty))
-    if WITH_CLS:
-        tl.store(out_ptr + cls * so_n + h * D + d, (acc_c / l_c).to(out_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _qk_norm_attention_kernel(desc_q, desc_k, desc_v, desc_o, qkv_ptr, kn_ptr, parts_ptr, out_ptr,
-                              N: tl.constexpr, H, s_n, skn, sp, so_n, inv_c, q_eps, qk_scale,
-                              C: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr, CLS: tl.constexpr):
-    """out rows of one (b, h) (program axes: query block, b * H + h): BM patch queries each, and in block 0 the
-    cls query too.
-
-    qkv holds q * wq (wq the q RMSNorm's weight) and v, kn the normalised keys (`_key_norm_kernel`); parts
-    the rows' sums of squares of q without its weight (the first PARTS parts). CLS=False leaves the cls query out
-    (for timing only)."""
-    block = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    cls = (b * N).to(tl.int64)  # token 0 of clip b, a row of qkv
-    d = tl.arange(0, D)
-    k_cls = tl.load(kn_ptr + cls * skn + h * D + d).to(tl.float32)
-    v_cls = tl.load(qkv_ptr + cls * s_n + 2 * C + h * D + d).to(tl.float32)
-    if CLS and block == 0:
-        _attend(block, b, h, k_cls, v_cls, desc_q, desc_k, desc_v, desc_o, qkv_ptr, parts_ptr, out_ptr, N, s_n, sp,
-                so_n, inv_c, q_eps, qk_scale, C, D, PARTS, BM, BN, STAGES, True)
-    else:
-        _attend(block, b, h, k_cls, v_cls, desc_q, desc_k, desc_v, desc_o, qkv_ptr, parts_ptr, out_ptr, N, s_n, sp,
-                so_n, inv_c, q_eps, qk_scale, C, D, PARTS, BM, BN, STAGES, False)
 
 
 # (BM, BN, num_warps, num_stages): tiles of the patch queries and keys. The fastest of
@@ -194,9 +194,10 @@ def qk_norm_attention_shape_ok(N: int, C: int, heads: int, part: int, config=Non
 
 
 def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float,
-                      k_eps: float, config=None, cls: bool = True, key_norm_rows: int = KEY_NORM_ROWS) -> torch.Tensor:
+                      k_eps: float, config=None, key_norm_rows: int = KEY_NORM_ROWS) -> torch.Tensor:
     """softmax(norm_q(q) norm_k(k)^T * scale) v -> [B, N, C], token 0 the cls token: the keys normalised by a
-    pass of their own (`_key_norm_kernel`), the queries' norms in the attention kernel's scores.
+    pass of their own, which also takes the cls query's attention in row chunks (`_key_norm_kernel`, merged by
+    `_cls_chunks_merge_kernel`); the patch queries' norms in the attention kernel's scores.
 
     qkv [B, N, 3C]: q * wq, k * wk and v of `heads` heads side by side (wq, wk the RMSNorms' weights);
     parts [B * N, P] float32: each row's sums of squares of q, k (and v) without the weights, in P parts of
@@ -213,17 +214,20 @@ def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale:
                          f"{heads} heads is not a shape it takes")
     D = C // heads
     flat = qkv.view(B * N, C3)
+    sizes = dict(C=C, D=D, PARTS=C // part)
     kn = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
-    _key_norm_kernel[(triton.cdiv(B * N, key_norm_rows),)](flat, parts, kn, B * N, flat.stride(0), parts.stride(0),
-                                                           kn.stride(0), 1.0 / C, k_eps, C=C, D=D, PARTS=C // part,
-                                                           BR=key_norm_rows)
+    chunks = triton.cdiv(N, key_norm_rows)
+    cls_states = torch.empty(B, heads, chunks, D + 2, device=qkv.device, dtype=torch.float32)
+    _key_norm_kernel[(chunks, B)](flat, parts, kn, cls_states, N, flat.stride(0), parts.stride(0), kn.stride(0),
+                                  1.0 / C, q_eps, k_eps, scale * LOG2E, BR=key_norm_rows, CHUNKS=chunks, **sizes)
     out = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
+    _cls_chunks_merge_kernel[(B * heads,)](cls_states, out, N, heads, out.stride(0), D=D, CHUNKS=chunks,
+                                           CHUNKS_P2=triton.next_power_of_2(chunks))
     desc_q = TensorDescriptor.from_tensor(flat, [bm, D])
     desc_k = TensorDescriptor.from_tensor(kn, [bn, D])
     desc_v = TensorDescriptor.from_tensor(flat, [bn, D])
     desc_o = TensorDescriptor.from_tensor(out, [bm, D])
     _qk_norm_attention_kernel[((N - 1) // bm, B * heads)](
         desc_q, desc_k, desc_v, desc_o, flat, kn, parts, out, N, heads, flat.stride(0), kn.stride(0), parts.stride(0),
-        out.stride(0), 1.0 / C, q_eps, scale * LOG2E, C=C, D=D, PARTS=C // part, BM=bm, BN=bn, STAGES=stages,
-        CLS=cls, num_warps=warps)
+        1.0 / C, q_eps, scale * LOG2E, BM=bm, BN=bn, STAGES=stages, num_warps=warps, **sizes)
     return out.view(B, N, C)
