@@ -40,15 +40,20 @@ class TorchGemms:
         return (F.linear(a, w).float() * rstd[:, None]).to(a.dtype)
 
     @classmethod
+    def sums_in_parts(cls, y: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Each row's sums of y^2 (times `weights` [N], per column) over its PART-column parts -> [M, parts]."""
+        squares = y.square() if weights is None else y.square() * weights
+        return torch.stack([part.sum(-1) for part in squares.split(cls.PART, -1)], -1)
+
+    @classmethod
     def residual_rms(cls, a, w, scale, shift, residual) -> tuple[torch.Tensor, torch.Tensor]:
         y = residual.float() + F.linear(a, w).float() * scale + shift
-        return y.to(a.dtype), torch.stack([part.square().sum(-1) for part in y.split(cls.PART, -1)], -1)
+        return y.to(a.dtype), cls.sums_in_parts(y)
 
     @classmethod
     def row_scaled_sums(cls, a, w, rstd, unfold) -> tuple[torch.Tensor, torch.Tensor]:
         y = F.linear(a, w).float() * rstd[:, None]
-        return y.to(a.dtype), torch.stack([(part.square() * u).sum(-1) for part, u in
-                                           zip(y.split(cls.PART, -1), unfold.split(cls.PART))], -1)
+        return y.to(a.dtype), cls.sums_in_parts(y, unfold)
 
     @staticmethod
     def row_scaled_gelu(a, w, rstd, bias) -> torch.Tensor:

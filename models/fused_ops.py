@@ -98,13 +98,17 @@ def quack_gemms(device: torch.device, dtype: torch.dtype):
     return _quack().QuackGemms if _quack_runs(f"cuda:{index}") else None
 
 
-def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the custom op serves a model on this device in this dtype."""
+def _triton_serves(device: torch.device, dtype: torch.dtype, capability: tuple[int, int]) -> bool:
+    """Triton kernels on, a CUDA device of at least `capability`, fp16/bf16, Triton importable (CUDA is asked
+    last, so a switched-off or CPU model never asks it)."""
     if not enabled() or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    if _kernels() is None:
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 0) and torch.backends.cuda.cudnn_sdp_enabled()
+    return _kernels() is not None and torch.cuda.get_device_capability(device) >= capability
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the custom op serves a model on this device in this dtype."""
+    return _triton_serves(device, dtype, (8, 0)) and torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def cls_split_shape_ok(q: torch.Tensor) -> bool:
@@ -115,8 +119,7 @@ def cls_split_shape_ok(q: torch.Tensor) -> bool:
 def qk_norm_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether qk_norm_attention runs as the Triton kernel (it loads tiles by TMA: Hopper or later);
     `IV2TRT_QK_NORM_ATTENTION=off` (or IV2TRT_TRITON_KERNELS=off) keeps the q/k norms apart."""
-    return (enabled() and enabled(QK_NORM_ENV_VAR) and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _kernels() is not None
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    return enabled(QK_NORM_ENV_VAR) and _triton_serves(device, dtype, (9, 0))
 
 
 def qk_norm_attention_takes(x: torch.Tensor, heads: int, part: int) -> bool:

@@ -74,6 +74,7 @@ def main() -> int:
     cases = [("before: q/k norm (compiled)", lambda: qk_norm(qkv), None, True),
              ("before: q/k norm + cls split", before, None, True),
              ("third pass's kernel: no norms, no cls", third_pass, None, False)]
+
     def after(cfg=CONFIGS[0], **kw):
         return lambda: tk.qk_norm_attention(folded, parts, H, scale, eps, eps, config=cfg, **kw)
 
