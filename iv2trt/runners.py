@@ -125,15 +125,16 @@ class TorchRunner:
                  graph_streams: int | None = None):
         import torch
 
-        from .torch_compile import CompiledForward, quack_cache_dir, resolve_mode
+        from .torch_compile import CompiledForward, flash_attn4_cache_env, quack_cache_dir, resolve_mode
 
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.precision = precision
-        if self.device.type == "cuda":  # quack reads it when first imported (models.quack_gemms)
+        if self.device.type == "cuda":  # quack and FA4 read them when first imported (models.fused_ops)
             os.environ.setdefault("QUACK_CACHE_DIR", str(quack_cache_dir()))
+            os.environ.update(flash_attn4_cache_env())
         try:
             self.model = model.to(device=self.device, dtype=self.dtype).eval().set_fused_kernels(True)
         except ValueError as exc:  # a bad $IV2TRT_TRITON_KERNELS

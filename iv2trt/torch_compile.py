@@ -67,6 +67,16 @@ def quack_cache_dir() -> Path:
     return _user_cache("quack")
 
 
+def flash_attn4_cache_env() -> dict[str, str]:
+    """What FlashAttention-4 (models.flash_attn4) reads when first imported to keep its compiled kernels on disk:
+    its cache on, in $XDG_CACHE_HOME/iv2trt/flash_attn4 (its own default is off, and under /tmp). Nothing where
+    the user set either variable."""
+    names = ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    if any(name in os.environ for name in names):
+        return {}
+    return dict(zip(names, ("1", str(_user_cache("flash_attn4")))))
+
+
 def cache_dir() -> Path:
     """Where TorchInductor keeps its caches: $TORCHINDUCTOR_CACHE_DIR when the user chose it, else
     $XDG_CACHE_HOME/iv2trt/torchinductor (~/.cache/...). torch's own default, /tmp/torchinductor_<user>,

@@ -6,8 +6,9 @@ there matches torch's; `IV2TRT_QUACK_GEMMS=off` turns them off.
 
 The Triton kernels are custom ops, so torch.compile and CUDA graphs treat each as one op.
 
-`qk_norm_attention(qkv, parts, ...)`: the deferred blocks' attention with the q/k RMSNorms inside
-(models.triton_kernels.qk_norm_attention, on Hopper GPUs; the same arithmetic in torch ops elsewhere).
+`qk_norm_attention(qkv, parts, ...)`: the deferred blocks' attention with the q/k RMSNorms inside, on Hopper
+GPUs: FlashAttention-4 after a Triton pass that normalises q and k where it serves (models.flash_attn4), else
+the Triton kernel (models.triton_kernels.qk_norm_attention); the same arithmetic in torch ops off the GPU.
 
 `attention_cls_split(q, k, v, scale)` -> [B, N, heads * head_dim]: exact attention with token 0 (the cls
 token) apart, so cuDNN's flash kernel sees the 2,048 patch keys, a whole number of its tiles
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from . import deferred_norm
+from . import deferred_norm, flash_attn4
 
 log = logging.getLogger(__name__)
 
@@ -116,32 +117,40 @@ def cls_split_shape_ok(q: torch.Tensor) -> bool:
     return q.shape[-2] >= 2 and q.shape[-1] in (32, 64, 128)
 
 
-def qk_norm_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether qk_norm_attention runs as the Triton kernel (it loads tiles by TMA: Hopper or later);
-    `IV2TRT_QK_NORM_ATTENTION=off` (or IV2TRT_TRITON_KERNELS=off) keeps the q/k norms apart."""
-    return enabled(QK_NORM_ENV_VAR) and _triton_serves(device, dtype, (9, 0))
+def qk_norm_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Which kernel runs qk_norm_attention for a model on this device in this dtype: "flash_attn4" where FA4
+    serves (models.flash_attn4), else "triton" (it loads tiles by TMA: Hopper or later); None keeps the q/k
+    norms apart, as does `IV2TRT_QK_NORM_ATTENTION=off` (or IV2TRT_TRITON_KERNELS=off). Both need Triton
+    (FA4 for the pass that normalises q and k)."""
+    if not (enabled(QK_NORM_ENV_VAR) and _triton_serves(device, dtype, (9, 0))):
+        return None
+    return "flash_attn4" if flash_attn4.serves(device, dtype) else "triton"
 
 
-def qk_norm_attention_takes(x: torch.Tensor, heads: int, part: int) -> bool:
+def qk_norm_attention_takes(x: torch.Tensor, heads: int, part: int, kernel: str) -> bool:
     """Whether qk_norm_attention takes the qkv of x [B, N, C] with sums of squares in parts of `part` columns:
-    any shape off the GPU (torch ops), whole tiles for the Triton kernel."""
+    any shape off the GPU (torch ops), any token count for FA4, whole tiles for the Triton kernel."""
     if not x.is_cuda:
         return True
+    if kernel == "flash_attn4":
+        return flash_attn4.shape_ok(x.shape[2], heads, part)
     return _kernels() is not None and _kernels().qk_norm_attention_shape_ok(x.shape[1], x.shape[2], heads, part)
 
 
 @torch.library.custom_op("iv2trt::qk_norm_attention", mutates_args=())
 def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float,
-                      k_eps: float) -> torch.Tensor:
+                      k_eps: float, backend: str) -> torch.Tensor:
     """q/k-normalised attention of the deferred blocks' qkv and its rows' sums of squares ->  [B, N, C]
-    (models.deferred_norm.qk_norm_attention): the Triton kernel on a GPU, torch ops elsewhere."""
+    (models.deferred_norm.qk_norm_attention): the kernel `backend` names (qk_norm_kernel's choice) on a GPU,
+    torch ops elsewhere. (Not "kernel": TorchInductor's fallback for custom ops takes an argument of that name.)"""
     if qkv.is_cuda:
-        return _kernels().qk_norm_attention(qkv.contiguous(), parts.contiguous(), heads, scale, q_eps, k_eps)
+        attention = flash_attn4 if backend == "flash_attn4" else _kernels()
+        return attention.qk_norm_attention(qkv.contiguous(), parts.contiguous(), heads, scale, q_eps, k_eps)
     return deferred_norm.qk_norm_attention(qkv, parts, heads, scale, q_eps, k_eps)
 
 
 @qk_norm_attention.register_fake
-def _(qkv, parts, heads, scale, q_eps, k_eps):
+def _(qkv, parts, heads, scale, q_eps, k_eps, backend):
     B, N, C3 = qkv.shape
     return qkv.new_empty(B, N, C3 // 3)
 

@@ -103,7 +103,7 @@ class Attention(nn.Module):
         self.scale = (dim // cfg.num_heads) ** -0.5
         self.fused = True
         self.cls_split = False  # set by set_fused_kernels from the model's device and dtype
-        self.qk_norm_kernel = False  # likewise: the deferred blocks' q/k norms inside attention (attend_deferred)
+        self.qk_norm_kernel = None  # likewise: the kernel for the deferred blocks' q/k norms inside attention
         self.qkv = nn.Linear(dim, 3 * dim, bias=cfg.qkv_bias)
         self.q_norm = RMSNorm(dim, cfg.norm_eps) if cfg.qk_normalization else nn.Identity()
         self.k_norm = RMSNorm(dim, cfg.norm_eps) if cfg.qk_normalization else nn.Identity()
@@ -125,13 +125,15 @@ class Attention(nn.Module):
 
     def takes_deferred(self, x: torch.Tensor) -> bool:
         """Whether attend_deferred serves the deferred block of x [B, N, C] (models.deferred_norm)."""
-        return (self.qk_norm_kernel and isinstance(self.q_norm, RMSNorm)
-                and fused_ops.qk_norm_attention_takes(x, self.num_heads, deferred_norm.TorchGemms.PART))
+        return (self.qk_norm_kernel is not None and isinstance(self.q_norm, RMSNorm)
+                and fused_ops.qk_norm_attention_takes(x, self.num_heads, deferred_norm.TorchGemms.PART,
+                                                      self.qk_norm_kernel))
 
     def attend_deferred(self, qkv: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
         """attend_qkv of the deferred block's qkv [B, N, 3C], the q/k norms' weights folded into its q and k,
         with its rows' sums of squares without them (parts [B * N, P]) -> [B, N, C]."""
-        return fused_ops.qk_norm_attention(qkv, parts, self.num_heads, self.scale, self.q_norm.eps, self.k_norm.eps)
+        return fused_ops.qk_norm_attention(qkv, parts, self.num_heads, self.scale, self.q_norm.eps, self.k_norm.eps,
+                                           self.qk_norm_kernel)
 
 
 class LayerScale(nn.Module):
@@ -329,12 +331,13 @@ class InternVideo2CLIPVision(nn.Module):
         model's current device and dtype: call this after loading weights and moving the model."""
         param = self.vision_encoder.cls_token
         cls_split = fused and fused_ops.available(param.device, param.dtype)
+        qk_norm_kernel = fused_ops.qk_norm_kernel(param.device, param.dtype) if fused else None
         for module in self.modules():
             if isinstance(module, (Attention, RMSNorm, PatchEmbed, Mlp, AttentionPoolingHead)):
                 module.fused = fused
             if isinstance(module, Attention):
                 module.cls_split = cls_split
-                module.qk_norm_kernel = fused and fused_ops.qk_norm_kernel_available(param.device, param.dtype)
+                module.qk_norm_kernel = qk_norm_kernel
         deferrable = fused and not self.cfg.qkv_bias  # the deferred qkv product has no bias term
         gemms = fused_ops.quack_gemms(param.device, param.dtype) if deferrable else None
         return self.defer_norms(gemms)

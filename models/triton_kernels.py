@@ -9,10 +9,15 @@ merges in the cls key's share. Attention over a set of keys is the merge of atte
 
 with o and lse cuDNN's output and natural-log log-sum-exp over the patch keys.
 
+`qk_norm_attention`: the deferred blocks' attention with the q/k RMSNorms inside, from the qkv product's raw
+rows and sums of squares. `qk_norm_rows`: those norms alone, for FlashAttention-4 (models.flash_attn4).
+
 Imported only on a machine with Triton and a CUDA GPU (models.fused_ops decides); CPU installs never load it
 (tests run the merge kernel in Triton's interpreter).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -176,6 +181,26 @@ def _qk_norm_attention_kernel(desc_q, desc_k, desc_v, desc_o, qkv_ptr, kn_ptr, p
     desc_o.store([first, h * D], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _qk_norm_rows_kernel(qkv_ptr, parts_ptr, qkn_ptr, rows_total, s_n, sp, sqkn, inv_c, q_eps, k_eps,
+                         C: tl.constexpr, PARTS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """BR rows of qkv (program axis: row block): qkn[r] = (q * rstd_q, k * rstd_k), the q/k RMSNorms but for
+    their weights (which the product's weight holds), from the rows' sums of squares in parts."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    ok = r < rows_total
+    rows = tl.minimum(r, rows_total - 1).to(tl.int64)
+    rq = _rstd(parts_ptr, rows, sp, 0, PARTS, inv_c, q_eps)
+    rk = _rstd(parts_ptr, rows, sp, PARTS, PARTS, inv_c, k_eps)
+    c = tl.arange(0, BC)
+    for j in tl.static_range(C // BC):
+        cols = rows[:, None] * s_n + j * BC + c[None, :]
+        out = rows[:, None] * sqkn + j * BC + c[None, :]
+        q = tl.load(qkv_ptr + cols)
+        k = tl.load(qkv_ptr + cols + C)
+        tl.store(qkn_ptr + out, (q.to(tl.float32) * rq[:, None]).to(q.dtype), mask=ok[:, None])
+        tl.store(qkn_ptr + out + C, (k.to(tl.float32) * rk[:, None]).to(k.dtype), mask=ok[:, None])
+
+
 # (BM, BN, num_warps, num_stages): tiles of the patch queries and keys. The fastest of
 # tools/bench_qk_norm_attention.py's sweep at S/14's 32x8 shape on an H200.
 QK_NORM_CONFIG = (128, 128, 4, 3)
@@ -231,3 +256,26 @@ def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale:
         desc_q, desc_k, desc_v, desc_o, flat, kn, parts, out, N, heads, flat.stride(0), kn.stride(0), parts.stride(0),
         1.0 / C, q_eps, scale * LOG2E, BM=bm, BN=bn, STAGES=stages, num_warps=warps, **sizes)
     return out.view(B, N, C)
+
+
+QK_NORM_ROWS = 32  # rows of a _qk_norm_rows_kernel program
+
+
+def qk_norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: float) -> torch.Tensor:
+    """[B, N, 2C]: the normalised q and k of the deferred blocks' qkv [B, N, 3C] (q * wq, k * wk, v; wq, wk the
+    RMSNorms' weights) side by side, from parts [B * N, P], each row's sums of squares without the weights in
+    P parts of 3C / P columns. For attention kernels that take normalised q and k (models.flash_attn4)."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    part = C3 // parts.shape[1]
+    cols = math.gcd(C, 128)  # columns a step: a power of two
+    if not (qkv.is_contiguous() and parts.is_contiguous() and parts.shape[0] == B * N and C3 % parts.shape[1] == 0
+            and C % part == 0 and cols >= 16):
+        raise ValueError(f"qk_norm_rows: qkv {tuple(qkv.shape)} with parts {tuple(parts.shape)} is not a shape it "
+                         f"takes")
+    flat = qkv.view(B * N, C3)
+    qkn = torch.empty(B * N, 2 * C, device=qkv.device, dtype=qkv.dtype)
+    _qk_norm_rows_kernel[(triton.cdiv(B * N, QK_NORM_ROWS),)](
+        flat, parts, qkn, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, q_eps, k_eps, C=C,
+        PARTS=C // part, BR=QK_NORM_ROWS, BC=cols, num_warps=4)
+    return qkn.view(B, N, 2 * C)

@@ -82,7 +82,7 @@ def test_q_k_norms_deferred_into_attention_match_the_blocks_as_written(tanh_mode
     plain = copy.deepcopy(ref_model).to(dtype)
     deferred = copy.deepcopy(plain).defer_norms(TwoParts)
     for block in deferred.vision_encoder.blocks:
-        block.attn.qk_norm_kernel = True  # on a GPU: set_fused_kernels, where the Triton kernel serves
+        block.attn.qk_norm_kernel = "triton"  # on a GPU: set_fused_kernels, where the Triton kernel serves
     attention = counted(monkeypatch, deferred_norm, "qk_norm_attention")
     sums = counted(monkeypatch, TwoParts, "row_scaled_sums")
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_a_zero_q_norm_weight_keeps_the_q_k_norms_apart(tanh_model, monkeypatch)
         model.vision_encoder.blocks[1].attn.q_norm.weight[3] = 0.0  # its 1 / weight^2 cannot undo the fold
     deferred = copy.deepcopy(model).defer_norms(TwoParts)
     for block in deferred.vision_encoder.blocks:
-        block.attn.qk_norm_kernel = True
+        block.attn.qk_norm_kernel = "triton"
     assert hasattr(deferred.vision_encoder.blocks[0], "deferred_qkv_unfold")
     assert not hasattr(deferred.vision_encoder.blocks[1], "deferred_qkv_unfold")
     x = torch.randn(2, 4, 3, 56, 56)
@@ -268,12 +268,36 @@ def test_gpu_model_with_deferred_norms_matches_fp32():
             if name.endswith(("norm1.weight", "norm2.weight", "gamma", "q_norm.weight", "k_norm.weight")):
                 p.mul_(1 + 0.3 * torch.randn_like(p))
     half = copy.deepcopy(ref_model).half().set_fused_kernels(True)
-    assert half.defers_norms and all(b.attn.qk_norm_kernel for b in half.vision_encoder.blocks)
+    chosen = {b.attn.qk_norm_kernel for b in half.vision_encoder.blocks}
+    assert half.defers_norms and len(chosen) == 1 and chosen <= {"flash_attn4", "triton"}
     x = torch.randn(8, 8, 3, 224, 224, device="cuda")
     with torch.inference_mode():
         ref = ref_model(x).double().cpu().numpy()
-        deferred = half(x.half()).double().cpu().numpy()
+        deferred = {}
+        for kernel in sorted(chosen | {"triton"}):  # the chosen kernel, and the Triton one where FA4 was chosen
+            for block in half.vision_encoder.blocks:
+                block.attn.qk_norm_kernel = kernel
+            deferred[kernel] = half(x.half()).double().cpu().numpy()
         plain = half.defer_norms(None)(x.half()).double().cpu().numpy()
-    c, c_plain = compare(ref, deferred), compare(ref, plain)
-    print(f"fp16 with deferred norms: min cos {c.min_cosine:.7f}; as written: {c_plain.min_cosine:.7f}")
-    assert c.min_cosine >= 0.9999 and c.min_cosine >= c_plain.min_cosine - 1e-5
+    c_plain = compare(ref, plain).min_cosine
+    for kernel, features in deferred.items():
+        c = compare(ref, features).min_cosine
+        print(f"fp16 with deferred norms, q/k-norm attention {kernel} (chosen: {chosen}): min cos {c:.7f}; "
+              f"as written: {c_plain:.7f}")
+        assert c >= 0.9999 and c >= c_plain - 1e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash_attn4"])
+def test_q_k_norm_attention_compiles_with_torchinductor(tanh_model, monkeypatch, backend):
+    """The custom op through TorchInductor's lowering (its fallback kernel takes the op's arguments by name)."""
+    monkeypatch.setattr(iv2, "DEFERRED_MIN_ROWS", 0)
+    deferred = copy.deepcopy(tanh_model).defer_norms(TwoParts)
+    for block in deferred.vision_encoder.blocks:
+        block.attn.qk_norm_kernel = backend  # off the GPU the op runs torch ops whichever kernel is named
+    x = torch.randn(2, 4, 3, 56, 56)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # lowered here, not loaded from a cache
+    with torch.no_grad():
+        want = deferred(x)
+        got = torch.compile(deferred, backend="inductor", fullgraph=True)(x)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -85,6 +85,35 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
         print("refused:", exc)
     else:
         raise AssertionError("qk_norm_attention took a token count that is not whole tiles")
+    # FA4's path (models.flash_attn4): the Triton pass that normalises q and k, then FA4, here a stand-in
+    # with FA4's signature ([B, N, heads, D] strided views in, (out, lse) back), so the views are checked
+    from models import deferred_norm, flash_attn4
+    calls = []
+
+    def fake_fa4(q, k, v, softmax_scale=None):
+        calls.append(softmax_scale)
+        assert q.shape == k.shape == v.shape and q.stride(-1) == 1
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)), scale=softmax_scale)
+        return out.transpose(1, 2).to(q.dtype), None
+
+    flash_attn4._attention = lambda: fake_fa4
+    for B, H, D, N, part in ((2, 3, 32, 37, 48), (1, 6, 64, 20, 192)):
+        C = H * D
+        qkv = torch.randn(B, N, 3 * C, dtype=torch.float64)
+        qkv[..., :2 * C] *= torch.rand(2 * C, dtype=torch.float64) + 0.5
+        parts = torch.stack([p.square().sum(-1) for p in (qkv * 0.7).reshape(B * N, 3 * C).split(part, -1)], -1)
+        qkn = tk.qk_norm_rows(qkv.float(), parts.float(), 1e-6, 1e-5)
+        q, k = qkv[..., :C], qkv[..., C:2 * C]
+        want = torch.cat([q * torch.rsqrt(parts[:, :C // part].sum(-1) / C + 1e-6).reshape(B, N, 1),
+                          k * torch.rsqrt(parts[:, C // part:2 * C // part].sum(-1) / C + 1e-5).reshape(B, N, 1)], -1)
+        err = (qkn.double() - want).abs().max().item()
+        print(f"qk_norm_rows B={B} N={N} C={C} part={part} max err {err:.2e}")
+        assert qkn.shape == (B, N, 2 * C) and err < 1e-5, err
+        out = flash_attn4.qk_norm_attention(qkv.to(dt), parts.float(), H, D ** -0.5, 1e-6, 1e-5)
+        ref = deferred_norm.qk_norm_attention(qkv, parts.float(), H, D ** -0.5, 1e-6, 1e-5).double()
+        err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
+        print(f"flash_attn4.qk_norm_attention (stand-in FA4) B={B} H={H} N={N} D={D} max rel err {err:.2e}")
+        assert out.shape == (B, N, C) and out.dtype == dt and err < 3e-3 and calls[-1] == D ** -0.5, err
     print("ok")
 ''')
 
@@ -130,6 +159,21 @@ def test_cls_split_shape_rule():
     assert not fused_ops.cls_split_shape_ok(torch.empty(2, 6, 9, 48))   # a head dim cuDNN's kernel lacks
 
 
+def test_flash_attn4_rules(monkeypatch):
+    from models import flash_attn4
+
+    assert flash_attn4.shape_ok(384, 6, 192) and flash_attn4.shape_ok(768, 12, 192)
+    assert not flash_attn4.shape_ok(384, 6, 256)  # sums of squares in parts that straddle q and k
+    assert not flash_attn4.shape_ok(120, 10, 24)  # head dim 12: not a multiple of 8
+    assert not flash_attn4.serves(torch.device("cpu"), torch.float16)
+    assert fused_ops.qk_norm_kernel(torch.device("cpu"), torch.float16) is None
+    monkeypatch.setenv("IV2TRT_FLASH_ATTN4", "maybe")
+    with pytest.raises(ValueError, match="IV2TRT_FLASH_ATTN4"):
+        flash_attn4.serves(torch.device("cuda"), torch.float16)
+    monkeypatch.setenv("IV2TRT_FLASH_ATTN4", "off")  # off: asks nothing of CUDA
+    assert not flash_attn4.serves(torch.device("cuda"), torch.float16)
+
+
 def test_graph_parts_rule(tiny_model):
     runner = TorchRunner(copy.deepcopy(tiny_model), device="cpu", graph_streams=2)
     size = tiny_model.cfg.img_size
@@ -166,11 +210,15 @@ def test_gpu_attention_cls_split(dtype):
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
-                    reason="the q/k-norm attention kernel needs a Hopper (or later) GPU")
-@pytest.mark.parametrize("clips,tokens", [(2, 2049), (3, 257)])
-def test_gpu_qk_norm_attention_matches_float64(clips, tokens):
+                    reason="the q/k-norm attention kernels need a Hopper (or later) GPU")
+@pytest.mark.parametrize("kernel,clips,tokens", [("triton", 2, 2049), ("triton", 3, 257), ("flash_attn4", 2, 2049),
+                                                 ("flash_attn4", 3, 300)])
+def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens):
+    from models import flash_attn4
     from models import triton_kernels as tk
 
+    if kernel == "flash_attn4" and not flash_attn4.serves(torch.device("cuda"), torch.float16):
+        pytest.skip("flash-attn-4 is not installed (requirements-gpu.txt) or does not serve this GPU (see the log)")
     torch.manual_seed(0)
     H, D = 6, 64
     C = H * D
@@ -181,16 +229,19 @@ def test_gpu_qk_norm_attention_matches_float64(clips, tokens):
     rms = lambda x, w: x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
     ref = attention_reference(*(t.reshape(clips, tokens, H, D).transpose(1, 2) for t in (rms(q, wq), rms(k, wk), v)),
                               D ** -0.5)
-    got = fused_ops.qk_norm_attention(qkv, parts.float(), H, D ** -0.5, 1e-6, 1e-6)
+    got = fused_ops.qk_norm_attention(qkv, parts.float(), H, D ** -0.5, 1e-6, 1e-6, kernel)
     plain = F.scaled_dot_product_attention(*(t.reshape(clips, tokens, H, D).transpose(1, 2).half()
                                              for t in (rms(q, wq), rms(k, wk), v)), scale=D ** -0.5)
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_sdpa = ((plain.transpose(1, 2).reshape(clips, tokens, C).double() - ref).norm() / ref.norm()).item()
     cls_err = (got[:, 0].double() - ref[:, 0]).abs().max().item()
-    print(f"qk_norm_attention {clips}x{tokens}: rel err {err:.2e} (SDPA on fp16 normalised q/k: {err_sdpa:.2e}), "
-          f"cls row max err {cls_err:.2e}")
+    print(f"qk_norm_attention {kernel} {clips}x{tokens}: rel err {err:.2e} (SDPA on fp16 normalised q/k: "
+          f"{err_sdpa:.2e}), cls row max err {cls_err:.2e}")
     assert err < 2 * err_sdpa + 1e-4 and cls_err < 1e-2
-    assert tk.qk_norm_attention_shape_ok(tokens, C, H, 192) and not tk.qk_norm_attention_shape_ok(tokens + 1, C, H, 192)
+    x = torch.empty(clips, tokens, C, device="cuda", dtype=torch.float16)
+    assert fused_ops.qk_norm_attention_takes(x, H, 192, kernel)
+    if kernel == "triton":
+        assert not tk.qk_norm_attention_shape_ok(tokens + 1, C, H, 192)
 
 
 @needs_gpu

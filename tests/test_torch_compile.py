@@ -16,7 +16,8 @@ from iv2trt.bench_profile import GROUPS, group_times, kernel_group
 from iv2trt.compare import compare
 from iv2trt.errors import PipelineError
 from iv2trt.runners import TorchRunner
-from iv2trt.torch_compile import (DEFAULT_MODE, CompiledForward, cache_dir, quack_cache_dir, resolve_mode,
+from iv2trt.torch_compile import (DEFAULT_MODE, CompiledForward, cache_dir, flash_attn4_cache_env, quack_cache_dir,
+                                  resolve_mode,
                                   shape_class)
 
 
@@ -79,6 +80,17 @@ def test_quack_cache_dir_is_persistent_and_overridable(monkeypatch, tmp_path, ti
     assert "QUACK_CACHE_DIR" not in os.environ
     monkeypatch.setenv("QUACK_CACHE_DIR", str(tmp_path / "mine"))
     assert quack_cache_dir() == tmp_path / "mine"
+
+
+def test_flash_attn4_cache_is_on_persistent_and_left_to_the_user(monkeypatch, tmp_path):
+    names = ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    for name in names:
+        monkeypatch.setenv(name, "")  # recorded, so the variables are restored (or removed) after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert flash_attn4_cache_env() == {names[0]: "1", names[1]: str(tmp_path / "iv2trt" / "flash_attn4")}
+    monkeypatch.setenv(names[0], "0")  # the user turned it off: left so
+    assert flash_attn4_cache_env() == {}
 
 
 def test_a_models_compile_variants_are_classes_of_their_own(tiny_model):

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import triton_kernels as tk  # noqa: E402
 from tools.bench_cls_split import time_case  # noqa: E402
 
-CONFIGS = [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 2)]
+CONFIGS = [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 3), (256, 128, 8, 2)]
 
 
 def reference(q, k, v, wq, wk, heads, scale, eps, clips=2):
@@ -30,6 +30,19 @@ def reference(q, k, v, wq, wk, heads, scale, eps, clips=2):
     q, k = rms(q[:clips].double(), wq), rms(k[:clips].double(), wk)
     q, k, v = (t.reshape(clips, N, heads, -1).transpose(1, 2) for t in (q, k, v[:clips].double()))
     return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(clips, N, C)
+
+
+def inputs(B: int, N: int, C: int, part: int) -> tuple:
+    """Random fp16 q, k, v [B, N, C] and norm weights; the qkv product's rows with the weights folded in and their
+    sums of squares without them, in parts of `part` columns (what the deferred blocks' attention takes)."""
+    torch.manual_seed(0)
+    cuda = dict(device="cuda", dtype=torch.float16)
+    q, k, v = (torch.randn(B, N, C, **cuda) * 2 for _ in range(3))
+    wq, wk = (torch.rand(C, device="cuda") + 0.5 for _ in range(2))
+    folded = torch.cat([q * wq, k * wk, v], -1).half()
+    parts = torch.stack([t.square().sum(-1) for t in torch.cat([q, k, v], -1).float().reshape(B * N, 3 * C)
+                         .split(part, -1)], -1)
+    return q, k, v, wq, wk, folded, parts
 
 
 def main() -> int:
@@ -41,13 +54,9 @@ def main() -> int:
     B, N, H, D, part, eps = args.batch, args.tokens, 6, 64, 192, 1e-6
     C = H * D
     scale = D ** -0.5
-    torch.manual_seed(0)
     cuda = dict(device="cuda", dtype=torch.float16)
-    q, k, v = (torch.randn(B, N, C, **cuda) * 2 for _ in range(3))
-    wq, wk = (torch.rand(C, device="cuda") + 0.5 for _ in range(2))
+    q, k, v, wq, wk, folded, parts = inputs(B, N, C, part)
     qkv = torch.cat([q, k, v], -1)  # before: the norms' input
-    folded = torch.cat([q * wq, k * wk, v], -1).half()  # after: the product with the norm weights folded in
-    parts = torch.stack([t.square().sum(-1) for t in qkv.float().reshape(B * N, 3 * C).split(part, -1)], -1)
     ref = reference(q, k, v, wq, wk, H, scale, eps)
     wq16, wk16 = wq.half(), wk.half()
 
