@@ -1,4 +1,6 @@
 """The PyTorch model against an independent float64 reference on fresh random inputs and weights."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +109,15 @@ def test_fp16_model_keeps_norms_in_fp32(tiny_model):
         out = half.set_fused_kernels(False)(x.half()).float().numpy()
     assert compare(ref, out).min_cosine > 0.999
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("pad", [0, 2, 5])
+def test_patch_matmul_with_padded_patch_rows_is_the_convolution(tiny_model, pad):
+    """The fused path's patch embedding (on a GPU each patch row padded to a multiple of 8) against the
+    convolution the ONNX export keeps, in float64."""
+    embed = copy.deepcopy(tiny_model.vision_encoder.patch_embed).double()
+    x = torch.randn(2, 3, 3, TINY.img_size, TINY.img_size, dtype=torch.float64)
+    embed.fused = False
+    want = embed(x)
+    got = embed.patch_matmul(x, pad)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12)
