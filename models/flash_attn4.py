@@ -4,7 +4,7 @@ q/k-norm attention.
 `qk_norm_attention(qkv, parts, ...)` takes what models.triton_kernels.qk_norm_attention takes: the qkv
 product's rows with the q/k norms' weights folded in, and their sums of squares. A Triton pass writes the
 normalised q and k (models.triton_kernels.qk_norm_rows); FA4 attends over all N tokens (cls included), v read
-in place from qkv. At S/14's 32x8 shape on an H100 this is 521 µs a layer against the Triton kernel's 562
+in place from qkv. At S/14's 32x8 shape on an H100 this took 525 µs a layer against the Triton kernel's 562
 (docs/benchmarks.md, sixth pass).
 
 `serves(device, dtype)`: fp16 on a Hopper GPU where `flash-attn-4` is installed (requirements-gpu.txt) and a
