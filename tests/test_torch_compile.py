@@ -17,8 +17,7 @@ from iv2trt.compare import compare
 from iv2trt.errors import PipelineError
 from iv2trt.runners import TorchRunner
 from iv2trt.torch_compile import (DEFAULT_MODE, CompiledForward, cache_dir, flash_attn4_cache_env, quack_cache_dir,
-                                  resolve_mode,
-                                  shape_class)
+                                  resolve_mode, shape_class)
 
 
 class CountingBackend:
