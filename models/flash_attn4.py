@@ -7,84 +7,30 @@ normalised q and k (models.triton_kernels.qk_norm_rows); FA4 attends over all N 
 in place from qkv. At S/14's 32x8 shape on an H100 this took 525 µs a layer against the Triton kernel's 562
 (docs/benchmarks.md, sixth pass).
 
-`serves(device, dtype)`: fp16 on a Hopper GPU where `flash-attn-4` is installed (requirements-gpu.txt) and a
-small attention of its matches torch's; `IV2TRT_FLASH_ATTN4=off` turns it off (the Triton kernel then
-serves). FA4 compiles a kernel per shape class at first use (seconds); the runner turns its disk cache on
-(iv2trt.torch_compile.flash_attn4_cache_env).
+Where it serves (models.fused_ops.flash_attn4_serves: fp16 on a Hopper GPU where `flash-attn-4` is installed,
+requirements-gpu.txt, and a small attention of its matches torch's; `IV2TRT_FLASH_ATTN4=off` turns it off,
+and the Triton kernel then serves). FA4 compiles a kernel per shape class at first use (seconds); the runner
+turns its disk cache on (iv2trt.torch_compile.flash_attn4_cache_env).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
-import time
 import warnings
 
 import torch
 
-log = logging.getLogger(__name__)
-
-ENV_VAR = "IV2TRT_FLASH_ATTN4"
 # The CuTe DSL says so of FA4's unused score-mod data at each compile (4.0.0b36 with nvidia-cutlass-dsl 4.8.1)
 warnings.filterwarnings("ignore", message=r"Argument aux_data \(position \d+\) cannot be converted to a JitArgument")
 
 
-@functools.cache
-def _attention():
-    """flash_attn.cute.flash_attn_func, or None where flash-attn-4 (or its CuTe DSL) cannot be imported."""
-    try:
-        from flash_attn.cute import flash_attn_func
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("flash_attn", "flash_attn.cute", "cutlass"):
-            log.warning("FlashAttention-4 is off: %s: %s", type(exc).__name__, exc)
-        return None  # not installed (it is optional: requirements-gpu.txt)
-    except Exception as exc:  # installed but broken
-        log.warning("FlashAttention-4 is off: importing it failed: %s: %s", type(exc).__name__, exc)
-        return None
-    return flash_attn_func
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v over [B, N, heads, head_dim] (strided views allowed) -> [B, N, heads, head_dim]."""
+    from flash_attn.cute import flash_attn_func  # models.fused_ops.flash_attn4_serves found that it imports
+
     # FA4 launches on the current device's current stream (q on the CPU: the CPU tests' stand-in)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        out = _attention()(q, k, v, softmax_scale=scale)
+        out = flash_attn_func(q, k, v, softmax_scale=scale)
     return out[0] if isinstance(out, tuple) else out  # (out, lse) in the versions measured
-
-
-@functools.cache
-def _runs(device: str) -> bool:
-    """Whether a small attention of FA4's matches torch's on `device`: its DSL compiles one kernel here, so a
-    driver or toolkit it cannot serve is found now, not in a job's first batch."""
-    started = time.perf_counter()
-    try:
-        q, k, v = (torch.randn(2, 257, 6, 64, device=device, dtype=torch.float16) for _ in range(3))
-        got = attend(q, k, v, 0.125).float()
-        want = torch.nn.functional.scaled_dot_product_attention(
-            *(t.float().transpose(1, 2) for t in (q, k, v)), scale=0.125).transpose(1, 2)
-        err = ((got - want).abs().max() / want.abs().max()).item()
-        if not err < 1e-2:
-            raise RuntimeError(f"relative error {err:.2e} against torch's attention")
-    except Exception as exc:
-        log.warning("FlashAttention-4 is off on %s: a test attention failed: %s: %s", device, type(exc).__name__,
-                    str(exc)[:300])
-        return False
-    log.info("FlashAttention-4 serves the q/k-norm attention on %s (test kernel compiled or loaded in %.1f s)",
-             device, time.perf_counter() - started)
-    return True
-
-
-def serves(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether FA4 serves the q/k-norm attention of a model on this device in this dtype: fp16 (what was
-    measured) on a Hopper GPU (its sm90 kernel), installed and passing a test attention."""
-    from .fused_ops import enabled
-
-    if not enabled(ENV_VAR) or device.type != "cuda" or dtype != torch.float16:
-        return False
-    if torch.cuda.get_device_capability(device)[0] != 9 or _attention() is None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _runs(f"cuda:{index}")
 
 
 def shape_ok(C: int, heads: int, part: int) -> bool:

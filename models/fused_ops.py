@@ -2,7 +2,8 @@
 
 `quack_gemms(device, dtype)`: the matrix products with the block's norms in their epilogues
 (models.quack_gemms), for fp16 models where quack is installed, the GPU is a Hopper one and a test product
-there matches torch's; `IV2TRT_QUACK_GEMMS=off` turns them off.
+there matches torch's; `IV2TRT_QUACK_GEMMS=off` turns them off. `flash_attn4_serves(device, dtype)`: the same
+rule for FlashAttention-4 (models.flash_attn4) and a test attention; `IV2TRT_FLASH_ATTN4=off`.
 
 The Triton kernels are custom ops, so torch.compile and CUDA graphs treat each as one op.
 
@@ -19,6 +20,7 @@ fp16/bf16, Triton importable, cuDNN's attention allowed); elsewhere the model ke
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import time
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 ENV_VAR = "IV2TRT_TRITON_KERNELS"
 QUACK_ENV_VAR = "IV2TRT_QUACK_GEMMS"
 QK_NORM_ENV_VAR = "IV2TRT_QK_NORM_ATTENTION"
+FLASH_ATTN4_ENV_VAR = "IV2TRT_FLASH_ATTN4"
 
 
 @functools.cache
@@ -44,41 +47,88 @@ def _kernels():
     return triton_kernels
 
 
+def _optional_import(load, missing: tuple[str, ...], off: str):
+    """load() (an optional GPU library's import), or None where it cannot be imported: silently where it is not
+    installed (a ModuleNotFoundError naming one of `missing`), with a warning that begins with `off` otherwise."""
+    try:
+        return load()
+    except ModuleNotFoundError as exc:
+        if exc.name not in missing:
+            log.warning("%s: %s: %s", off, type(exc).__name__, exc)
+    except Exception as exc:  # installed but broken
+        log.warning("%s: importing it failed: %s: %s", off, type(exc).__name__, exc)
+    return None
+
+
+def _passes_test(device: str, run, noun: str, off: str, on: str) -> bool:
+    """Whether run() -> (got, want), a small kernel of an optional library on `device` and torch's result, agree
+    to 1e-2 of want's largest value. The library's DSL compiles the kernel here, so a driver or toolkit it cannot
+    serve is found now, not in a job's first batch. Logs the outcome: `off` (a warning) or `on` (with the time)."""
+    started = time.perf_counter()
+    try:
+        got, want = run()
+        err = ((got.float() - want).abs().max() / want.abs().max()).item()
+        if not err < 1e-2:
+            raise RuntimeError(f"relative error {err:.2e} against torch's {noun}")
+    except Exception as exc:
+        log.warning("%s on %s: a test %s failed: %s: %s", off, device, noun, type(exc).__name__, str(exc)[:300])
+        return False
+    log.info("%s (test %s compiled or loaded in %.1f s)", on, noun, time.perf_counter() - started)
+    return True
+
+
+def _hopper_fp16(var: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """"cuda:<index>" where $var is on and `device` is a Hopper GPU running fp16 (what was measured for quack and
+    FA4), else None; CUDA is asked last, so a switched-off or CPU model never asks it."""
+    if not enabled(var) or device.type != "cuda" or dtype != torch.float16:
+        return None
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return None
+    return f"cuda:{device.index if device.index is not None else torch.cuda.current_device()}"
+
+
+QUACK_OFF = "quack's matrix products are off"
+FLASH_ATTN4_OFF = "FlashAttention-4 is off"
+
+
 @functools.cache
 def _quack():
-    """models.quack_gemms, or None where quack (or its CuTe DSL) cannot be imported."""
-    try:
-        from . import quack_gemms
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("quack", "cutlass"):
-            log.warning("quack's matrix products are off: %s: %s", type(exc).__name__, exc)
-        return None  # not installed (it is optional: requirements-gpu.txt): the blocks as written
-    except Exception as exc:  # installed but broken
-        log.warning("quack's matrix products are off: importing them failed: %s: %s", type(exc).__name__, exc)
-        return None
-    return quack_gemms
+    """models.quack_gemms, or None where quack (or its CuTe DSL) cannot be imported (it is optional:
+    requirements-gpu.txt; the blocks then run as written)."""
+    return _optional_import(lambda: importlib.import_module(".quack_gemms", __package__), ("quack", "cutlass"),
+                            QUACK_OFF)
 
 
 @functools.cache
 def _quack_runs(device: str) -> bool:
-    """Whether a small product of quack's matches torch's on `device`. Its DSL compiles one kernel here, so a
-    driver or toolkit it cannot serve at all is found now; the other kernels compile at their first use."""
-    started = time.perf_counter()
-    try:
+    """Whether a small product of quack's matches torch's on `device` (the other kernels compile at first use)."""
+    def run():
         a, w = (torch.randn(256, 64, device=device, dtype=torch.float16) for _ in range(2))
         rstd = torch.rand(256, device=device) + 0.5
-        got = _quack().row_scaled(a, w, rstd).float()
-        want = (a.float() @ w.float().t()) * rstd[:, None]
-        err = ((got - want).abs().max() / want.abs().max()).item()
-        if not err < 1e-2:
-            raise RuntimeError(f"relative error {err:.2e} against torch's product")
-    except Exception as exc:
-        log.warning("quack's matrix products are off on %s: a test product failed: %s: %s", device,
-                    type(exc).__name__, str(exc)[:300])
-        return False
-    log.info("quack's matrix products serve %s (test product compiled or loaded from %s in %.1f s)", device,
-             os.environ.get("QUACK_CACHE_DIR", "quack's cache"), time.perf_counter() - started)
-    return True
+        return _quack().row_scaled(a, w, rstd), (a.float() @ w.float().t()) * rstd[:, None]
+
+    cache = os.environ.get("QUACK_CACHE_DIR", "quack's cache")
+    return _passes_test(device, run, "product", QUACK_OFF, f"quack's matrix products serve {device} (cache: {cache})")
+
+
+@functools.cache
+def _flash_attn4_imports() -> bool:
+    """Whether flash-attn-4 (and its CuTe DSL) can be imported (it is optional: requirements-gpu.txt)."""
+    return _optional_import(lambda: importlib.import_module("flash_attn.cute"),
+                            ("flash_attn", "flash_attn.cute", "cutlass"), FLASH_ATTN4_OFF) is not None
+
+
+@functools.cache
+def _flash_attn4_runs(device: str) -> bool:
+    """Whether a small attention of FA4's matches torch's on `device`."""
+    def run():
+        q, k, v = (torch.randn(2, 257, 6, 64, device=device, dtype=torch.float16) for _ in range(3))
+        want = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)),
+                                                                scale=0.125)
+        return flash_attn4.attend(q, k, v, 0.125), want.transpose(1, 2)
+
+    return _passes_test(device, run, "attention", FLASH_ATTN4_OFF,
+                        f"FlashAttention-4 serves the q/k-norm attention on {device}")
 
 
 def enabled(var: str = ENV_VAR) -> bool:
@@ -91,12 +141,17 @@ def enabled(var: str = ENV_VAR) -> bool:
 
 def quack_gemms(device: torch.device, dtype: torch.dtype):
     """models.quack_gemms.QuackGemms where it serves a model on this device in this dtype, else None."""
-    if not enabled(QUACK_ENV_VAR) or device.type != "cuda" or dtype != torch.float16:  # fp16: what was measured
+    where = _hopper_fp16(QUACK_ENV_VAR, device, dtype)
+    if where is None or _quack() is None:
         return None
-    if torch.cuda.get_device_capability(device)[0] != 9 or _quack() is None:
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _quack().QuackGemms if _quack_runs(f"cuda:{index}") else None
+    return _quack().QuackGemms if _quack_runs(where) else None
+
+
+def flash_attn4_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether FA4 serves the q/k-norm attention of a model on this device in this dtype: fp16 on a Hopper GPU
+    (its sm90 kernel), installed and passing a test attention; `IV2TRT_FLASH_ATTN4=off` turns it off."""
+    where = _hopper_fp16(FLASH_ATTN4_ENV_VAR, device, dtype)
+    return where is not None and _flash_attn4_imports() and _flash_attn4_runs(where)
 
 
 def _triton_serves(device: torch.device, dtype: torch.dtype, capability: tuple[int, int]) -> bool:
@@ -124,7 +179,7 @@ def qk_norm_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
     (FA4 for the pass that normalises q and k)."""
     if not (enabled(QK_NORM_ENV_VAR) and _triton_serves(device, dtype, (9, 0))):
         return None
-    return "flash_attn4" if flash_attn4.serves(device, dtype) else "triton"
+    return "flash_attn4" if flash_attn4_serves(device, dtype) else "triton"
 
 
 def qk_norm_attention_takes(x: torch.Tensor, heads: int, part: int, kernel: str) -> bool:

@@ -96,7 +96,9 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
         out = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)), scale=softmax_scale)
         return out.transpose(1, 2).to(q.dtype), None
 
-    flash_attn4._attention = lambda: fake_fa4
+    import types
+    sys.modules["flash_attn"] = types.ModuleType("flash_attn")
+    sys.modules["flash_attn.cute"] = types.SimpleNamespace(flash_attn_func=fake_fa4)
     for B, H, D, N, part in ((2, 3, 32, 37, 48), (1, 6, 64, 20, 192)):
         C = H * D
         qkv = torch.randn(B, N, 3 * C, dtype=torch.float64)
@@ -165,13 +167,27 @@ def test_flash_attn4_rules(monkeypatch):
     assert flash_attn4.shape_ok(384, 6, 192) and flash_attn4.shape_ok(768, 12, 192)
     assert not flash_attn4.shape_ok(384, 6, 256)  # sums of squares in parts that straddle q and k
     assert not flash_attn4.shape_ok(120, 10, 24)  # head dim 12: not a multiple of 8
-    assert not flash_attn4.serves(torch.device("cpu"), torch.float16)
+    assert not fused_ops.flash_attn4_serves(torch.device("cpu"), torch.float16)
     assert fused_ops.qk_norm_kernel(torch.device("cpu"), torch.float16) is None
     monkeypatch.setenv("IV2TRT_FLASH_ATTN4", "maybe")
     with pytest.raises(ValueError, match="IV2TRT_FLASH_ATTN4"):
-        flash_attn4.serves(torch.device("cuda"), torch.float16)
+        fused_ops.flash_attn4_serves(torch.device("cuda"), torch.float16)
     monkeypatch.setenv("IV2TRT_FLASH_ATTN4", "off")  # off: asks nothing of CUDA
-    assert not flash_attn4.serves(torch.device("cuda"), torch.float16)
+    assert not fused_ops.flash_attn4_serves(torch.device("cuda"), torch.float16)
+
+
+def test_a_flash_attn4_that_fails_its_test_attention_is_not_used(monkeypatch, caplog):
+    from models import flash_attn4
+
+    def attention(scale):
+        return lambda q, k, v, s: F.scaled_dot_product_attention(
+            *(t.transpose(1, 2).float() for t in (q, k, v)), scale=s).transpose(1, 2).half() * scale
+
+    monkeypatch.setattr(flash_attn4, "attend", attention(1.0))
+    assert fused_ops._flash_attn4_runs.__wrapped__("cpu")
+    monkeypatch.setattr(flash_attn4, "attend", attention(1.1))
+    assert not fused_ops._flash_attn4_runs.__wrapped__("cpu")
+    assert "FlashAttention-4 is off on cpu: a test attention failed: RuntimeError: relative error" in caplog.text
 
 
 def test_graph_parts_rule(tiny_model):
@@ -214,10 +230,9 @@ def test_gpu_attention_cls_split(dtype):
 @pytest.mark.parametrize("kernel,clips,tokens", [("triton", 2, 2049), ("triton", 3, 257), ("flash_attn4", 2, 2049),
                                                  ("flash_attn4", 3, 300)])
 def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens):
-    from models import flash_attn4
     from models import triton_kernels as tk
 
-    if kernel == "flash_attn4" and not flash_attn4.serves(torch.device("cuda"), torch.float16):
+    if kernel == "flash_attn4" and not fused_ops.flash_attn4_serves(torch.device("cuda"), torch.float16):
         pytest.skip("flash-attn-4 is not installed (requirements-gpu.txt) or does not serve this GPU (see the log)")
     torch.manual_seed(0)
     H, D = 6, 64
