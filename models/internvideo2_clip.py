@@ -341,15 +341,16 @@ class InternVideo2CLIPVision(nn.Module):
         model's current device and dtype: call this after loading weights and moving the model."""
         param = self.vision_encoder.cls_token
         cls_split = fused and fused_ops.available(param.device, param.dtype)
-        qk_norm_kernel = fused_ops.qk_norm_kernel(param.device, param.dtype) if fused else None
+        deferrable = fused and not self.cfg.qkv_bias  # the deferred qkv product has no bias term
+        gemms = fused_ops.quack_gemms(param.device, param.dtype) if deferrable else None
+        # only the deferred blocks attend through it, so its kernel (and FA4's test attention) is sought only then
+        qk_norm_kernel = fused_ops.qk_norm_kernel(param.device, param.dtype) if gemms is not None else None
         for module in self.modules():
             if isinstance(module, (Attention, RMSNorm, PatchEmbed, Mlp, AttentionPoolingHead)):
                 module.fused = fused
             if isinstance(module, Attention):
                 module.cls_split = cls_split
                 module.qk_norm_kernel = qk_norm_kernel
-        deferrable = fused and not self.cfg.qkv_bias  # the deferred qkv product has no bias term
-        gemms = fused_ops.quack_gemms(param.device, param.dtype) if deferrable else None
         return self.defer_norms(gemms)
 
     @property

@@ -219,6 +219,16 @@ def test_runner_takes_one_graph_stream_where_the_model_defers_its_norms(tiny_mod
     assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == 2
 
 
+def test_the_q_k_norm_kernel_is_sought_only_for_deferred_blocks(tiny_model, monkeypatch):
+    asked = []
+    monkeypatch.setattr(fused_ops, "qk_norm_kernel", lambda device, dtype: asked.append(device) or "triton")
+    plain = copy.deepcopy(tiny_model).set_fused_kernels(True)  # no quack here: the blocks as written
+    assert not asked and all(b.attn.qk_norm_kernel is None for b in plain.vision_encoder.blocks)
+    monkeypatch.setattr(fused_ops, "quack_gemms", lambda device, dtype: TorchGemms)
+    deferred = copy.deepcopy(tiny_model).set_fused_kernels(True)
+    assert len(asked) == 1 and all(b.attn.qk_norm_kernel == "triton" for b in deferred.vision_encoder.blocks)
+
+
 @needs_quack
 @pytest.mark.parametrize("rows", [32 * 2049, 4 * 2049, 1000])
 def test_gpu_quack_products_match_float32(rows):
