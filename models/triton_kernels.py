@@ -218,6 +218,27 @@ def qk_norm_attention_shape_ok(N: int, C: int, heads: int, part: int, config=Non
             and D in (16, 32, 64, 128))
 
 
+def key_norm(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float, k_eps: float,
+             rows: int = KEY_NORM_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk_norm_attention's first pass (`_key_norm_kernel`, then `_cls_chunks_merge_kernel`): the normalised keys
+    [B * N, C] and the output [B * N, C] with each clip's cls row (row 0) written, the other rows left for the
+    attention kernel."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    D = C // heads
+    flat = qkv.view(B * N, C3)
+    kn = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
+    chunks = triton.cdiv(N, rows)
+    cls_states = torch.empty(B, heads, chunks, D + 2, device=qkv.device, dtype=torch.float32)
+    _key_norm_kernel[(chunks, B)](flat, parts, kn, cls_states, N, flat.stride(0), parts.stride(0), kn.stride(0),
+                                  1.0 / C, q_eps, k_eps, scale * LOG2E, C=C, D=D, PARTS=C // (C3 // parts.shape[1]),
+                                  BR=rows, CHUNKS=chunks)
+    out = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
+    _cls_chunks_merge_kernel[(B * heads,)](cls_states, out, N, heads, out.stride(0), D=D, CHUNKS=chunks,
+                                           CHUNKS_P2=triton.next_power_of_2(chunks))
+    return kn, out
+
+
 def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float,
                       k_eps: float, config=None, key_norm_rows: int = KEY_NORM_ROWS) -> torch.Tensor:
     """softmax(norm_q(q) norm_k(k)^T * scale) v -> [B, N, C], token 0 the cls token: the keys normalised by a
@@ -240,14 +261,7 @@ def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale:
     D = C // heads
     flat = qkv.view(B * N, C3)
     sizes = dict(C=C, D=D, PARTS=C // part)
-    kn = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
-    chunks = triton.cdiv(N, key_norm_rows)
-    cls_states = torch.empty(B, heads, chunks, D + 2, device=qkv.device, dtype=torch.float32)
-    _key_norm_kernel[(chunks, B)](flat, parts, kn, cls_states, N, flat.stride(0), parts.stride(0), kn.stride(0),
-                                  1.0 / C, q_eps, k_eps, scale * LOG2E, BR=key_norm_rows, CHUNKS=chunks, **sizes)
-    out = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
-    _cls_chunks_merge_kernel[(B * heads,)](cls_states, out, N, heads, out.stride(0), D=D, CHUNKS=chunks,
-                                           CHUNKS_P2=triton.next_power_of_2(chunks))
+    kn, out = key_norm(qkv, parts, heads, scale, q_eps, k_eps, key_norm_rows)
     desc_q = TensorDescriptor.from_tensor(flat, [bm, D])
     desc_k = TensorDescriptor.from_tensor(kn, [bn, D])
     desc_v = TensorDescriptor.from_tensor(flat, [bn, D])

@@ -24,23 +24,6 @@ from tools.bench_cls_split import time_case  # noqa: E402
 from tools.bench_qk_norm_attention import inputs, reference  # noqa: E402
 
 
-def key_norm_pass(qkv, parts, heads, scale, eps, rows=tk.KEY_NORM_ROWS):
-    """The first half of tk.qk_norm_attention: the key-norm pass with the cls query, and the chunks' merge."""
-    B, N, C3 = qkv.shape
-    C = C3 // 3
-    flat = qkv.view(B * N, C3)
-    kn = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
-    chunks = triton.cdiv(N, rows)
-    states = torch.empty(B, heads, chunks, C // heads + 2, device=qkv.device, dtype=torch.float32)
-    tk._key_norm_kernel[(chunks, B)](flat, parts, kn, states, N, flat.stride(0), parts.stride(0), kn.stride(0),
-                                     1.0 / C, eps, eps, scale * tk.LOG2E, C=C, D=C // heads, PARTS=parts.shape[1] // 3,
-                                     BR=rows, CHUNKS=chunks)
-    out = torch.empty(B * N, C, device=qkv.device, dtype=qkv.dtype)
-    tk._cls_chunks_merge_kernel[(B * heads,)](states, out, N, heads, out.stride(0), D=C // heads, CHUNKS=chunks,
-                                              CHUNKS_P2=triton.next_power_of_2(chunks))
-    return out
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
@@ -80,7 +63,7 @@ def main() -> int:
 
     cases = [("ours: qk_norm_attention (key norm + cls + attention)",
               lambda: tk.qk_norm_attention(folded, parts, H, scale, eps, eps), True),
-             ("ours: the key-norm pass and cls merge alone", lambda: key_norm_pass(folded, parts, H, scale, eps),
+             ("ours: the key-norm pass and cls merge alone", lambda: tk.key_norm(folded, parts, H, scale, eps, eps)[1],
               False),
              ("q/k norm rows pass alone", lambda: tk.qk_norm_rows(folded, parts, eps, eps), False),
              ("FA4 2049 x 2049, default tiles", fa4_case(), True),
