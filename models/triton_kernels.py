@@ -208,6 +208,14 @@ KEY_NORM_ROWS = 32  # rows of a _key_norm_kernel program
 LOG2E = 1.4426950408889634
 
 
+def _part_width(qkv: torch.Tensor, parts: torch.Tensor) -> int:
+    """The columns of one part where qkv [B, N, 3C] and parts [B * N, P] are contiguous and fit (P parts of
+    3C / P columns each), else 0."""
+    B, N, C3 = qkv.shape
+    fits = qkv.is_contiguous() and parts.is_contiguous() and parts.shape[0] == B * N and C3 % parts.shape[1] == 0
+    return C3 // parts.shape[1] if fits else 0
+
+
 def qk_norm_attention_shape_ok(N: int, C: int, heads: int, part: int, config=None) -> bool:
     """Whether qk_norm_attention takes N tokens (token 0 the cls token) of width C in `heads` heads with
     sums of squares in parts of `part` columns: whole tiles of patch queries and keys, whole parts for q and
@@ -252,10 +260,9 @@ def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale:
 
     B, N, C3 = qkv.shape
     C = C3 // 3
-    part = C3 // parts.shape[1]
+    part = _part_width(qkv, parts)
     bm, bn, warps, stages = config or QK_NORM_CONFIG
-    if not (qkv.is_contiguous() and parts.is_contiguous() and parts.shape[0] == B * N and C3 % parts.shape[1] == 0
-            and qk_norm_attention_shape_ok(N, C, heads, part, config)):
+    if not (part and qk_norm_attention_shape_ok(N, C, heads, part, config)):
         raise ValueError(f"qk_norm_attention: qkv {tuple(qkv.shape)} with parts {tuple(parts.shape)} in "
                          f"{heads} heads is not a shape it takes")
     D = C // heads
@@ -281,10 +288,9 @@ def qk_norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: fl
     P parts of 3C / P columns. For attention kernels that take normalised q and k (models.flash_attn4)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
-    part = C3 // parts.shape[1]
+    part = _part_width(qkv, parts)
     cols = math.gcd(C, 128)  # columns a step: a power of two
-    if not (qkv.is_contiguous() and parts.is_contiguous() and parts.shape[0] == B * N and C3 % parts.shape[1] == 0
-            and C % part == 0 and cols >= 16):
+    if not (part and C % part == 0 and cols >= 16):
         raise ValueError(f"qk_norm_rows: qkv {tuple(qkv.shape)} with parts {tuple(parts.shape)} is not a shape it "
                          f"takes")
     flat = qkv.view(B * N, C3)

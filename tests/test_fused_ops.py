@@ -116,6 +116,12 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
         err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
         print(f"flash_attn4.qk_norm_attention (stand-in FA4) B={B} H={H} N={N} D={D} max rel err {err:.2e}")
         assert out.shape == (B, N, C) and out.dtype == dt and err < 3e-3 and calls[-1] == D ** -0.5, err
+    try:
+        tk.qk_norm_rows(qkv.float(), parts.float()[:-1], 1e-6, 1e-6)  # a row's sums missing
+    except ValueError as exc:
+        print("refused:", exc)
+    else:
+        raise AssertionError("qk_norm_rows took sums of squares of other rows than qkv's")
     print("ok")
 ''')
 
@@ -128,7 +134,7 @@ def test_kernels_in_the_triton_interpreter():
     print(run.stdout)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok") and "refused: cls_merge" in run.stdout
-    assert "refused: qk_norm_attention" in run.stdout
+    assert "refused: qk_norm_attention" in run.stdout and "refused: qk_norm_rows" in run.stdout
 
 
 def test_cpu_and_fp32_models_keep_torch_ops(tiny_model, monkeypatch):
