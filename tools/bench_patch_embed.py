@@ -1,6 +1,7 @@
 """Time the patch embedding's forms at S/14's 32x8 shape (GPU): the fused path's patch matmul (the im2col copy
-with K padded to 592, then cuBLAS; compiled, as in the model) against cuDNN's stride-14 convolution on NCHW and
-on channels-last frames. GPU time of CUDA-graph replays, error against float32.
+with each patch row padded to a multiple of 8, then cuBLAS; compiled, as in the model; PatchEmbed.patch_matmul)
+against its earlier form (K padded to 592) and cuDNN's stride-14 convolution on NCHW and on channels-last frames.
+GPU time of CUDA-graph replays, error against float32.
 
     python tools/bench_patch_embed.py --output patch_embed.json
 """
@@ -37,30 +38,26 @@ def main() -> int:
     half = copy.deepcopy(embed).half()
     xh = x.half()
     w2 = half.proj.weight[:, :, 0].contiguous()
-    compiled = torch.compile(half)
+    p_, dim = cfg.patch_size, cfg.embed_dim
+    model_pad = -p_ % 8  # what PatchEmbed.forward pads each patch row by on a GPU
 
     def conv(frames):
         y = F.conv2d(frames, w2, half.proj.bias, stride=cfg.patch_size)
-        return y.flatten(2).transpose(1, 2).reshape(args.batch, -1, cfg.embed_dim)
-
-    p_, dim = cfg.patch_size, cfg.embed_dim
-    w16 = F.pad(half.proj.weight.reshape(dim, 3, p_, p_), (0, 16 - p_)).reshape(dim, -1)
+        return y.flatten(2).transpose(1, 2).reshape(args.batch, -1, dim)
 
     @torch.compile
-    def rows_padded(x):  # each patch row padded 14 -> 16: K = 672, index math in powers of two but for c and i
+    def k_padded(x):  # the model's form before 48f4996: K = 588 padded to 592 after the im2col copy
         B, T, C, H, W = x.shape
-        patches = F.pad(x.reshape(B * T, C, H // p_, p_, W // p_, p_), (0, 16 - p_))
-        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(-1, C * p_ * 16)
-        return F.linear(patches, w16, half.proj.bias).reshape(B, -1, dim)
+        patches = x.reshape(B * T, C, H // p_, p_, W // p_, p_).permute(0, 2, 4, 1, 3, 5).reshape(-1, C * p_ * p_)
+        pad = (0, -patches.shape[1] % 8)
+        weight = F.pad(half.proj.weight.reshape(dim, -1), pad)
+        return F.linear(F.pad(patches, pad), weight, half.proj.bias).reshape(B, -1, dim)
 
-    @torch.compile
-    def conv_compiled(x):
-        return conv(x.flatten(0, 1))
-
-    cases = [("patch matmul (compiled, the model's)", lambda: compiled(xh)),
-             ("patch matmul, patch rows padded to 16 (K 672)", lambda: rows_padded(xh)),
+    patch_matmul, conv_compiled = torch.compile(half.patch_matmul), torch.compile(conv)
+    cases = [("patch matmul, K 588 padded to 592 (before 48f4996)", lambda: k_padded(xh)),
+             (f"patch matmul, patch rows padded by {model_pad} (the model's)", lambda: patch_matmul(xh, model_pad)),
              ("cuDNN conv, NCHW frames", lambda: conv(xh.flatten(0, 1))),
-             ("cuDNN conv, compiled", lambda: conv_compiled(xh)),
+             ("cuDNN conv, compiled", lambda: conv_compiled(xh.flatten(0, 1))),
              ("cuDNN conv, channels-last copy first",
               lambda: conv(xh.flatten(0, 1).contiguous(memory_format=torch.channels_last)))]
     rows = []
