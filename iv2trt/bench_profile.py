@@ -59,6 +59,58 @@ def profile_kernels(torch, fn, x, calls: int = 5) -> list[tuple[str, float]]:
             if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
 
 
+def kernel_spans(torch, fn, calls: int = 5) -> list[tuple[str, float, float]]:
+    """(name, start µs, end µs) of every GPU kernel of `calls` calls of fn() (CUDA-graph replays included), in
+    start order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    spans = [(e.name, float(e.time_range.start), float(e.time_range.end)) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+    return sorted(spans, key=lambda s: s[1])
+
+
+def idle_between_kernels(spans: list[tuple[str, float, float]], calls: int) -> dict[str, Any]:
+    """Where the GPU sits idle between kernels, per call: spans from kernel_spans over `calls` calls ->
+    {"kernels": a call's kernels, "idle_us": idle time a call, "overlap_us": time kernels overlapped (programmatic
+    dependent launches), "transitions": idle µs a call by (kernel before, kernel after), largest first}. The idle
+    time between calls is not counted."""
+    if not spans or len(spans) % calls:
+        return {"kernels": len(spans) / max(calls, 1), "idle_us": None, "overlap_us": None, "transitions": []}
+    per_call = len(spans) // calls
+    idle = overlap = 0.0
+    by_pair: dict[tuple[str, str], float] = {}
+    for c in range(calls):
+        run = spans[c * per_call:(c + 1) * per_call]
+        end = run[0][2]
+        for (before, _, _), (name, start, stop) in zip(run, run[1:]):
+            gap = start - end
+            if gap > 0:
+                idle += gap
+                key = (short_name(before), short_name(name))
+                by_pair[key] = by_pair.get(key, 0.0) + gap
+            else:
+                overlap -= gap
+            end = max(end, stop)
+    pairs = sorted(by_pair.items(), key=lambda kv: -kv[1])
+    return {"kernels": per_call, "idle_us": idle / calls, "overlap_us": overlap / calls,
+            "transitions": [{"before": a, "after": b, "idle_us": t / calls} for (a, b), t in pairs]}
+
+
+def short_name(name: str) -> str:
+    """A kernel's name cut to what tells kernels apart in a table (quack's epilogue, FA4, the Triton kernel)."""
+    for pattern in (r"GemmMod__(\w+?)_[0-9a-f]{8}", r"(FlashAttentionForwardSm90)", r"^(_\w+_kernel)",
+                    r"^(triton_\w+?)_\d+$"):
+        m = re.search(pattern, name)
+        if m:
+            return m.group(1)
+    return name[:60]
+
+
 def median_ms(torch, fn, repeats: int = 30) -> float:
     """Median of `repeats` CUDA-event timings of fn() (after two warm-up calls)."""
     for _ in range(2):
@@ -90,6 +142,7 @@ def profile_runner(model, batch: int, frames: int, compile_mode: str, calls: int
         x = torch.randn(batch, frames, 3, size, size, device="cuda").to(runner.dtype)
         with torch.inference_mode():
             replay_ms = median_ms(torch, lambda: runner.forward_device(x))
+            idle = idle_between_kernels(kernel_spans(torch, lambda: runner.forward_device(x), calls), calls)
             forward = runner.compiled.select(x) if runner.compiled is not None else runner.model
             forward(x)
             profile = group_times(profile_kernels(torch, forward, x, calls), calls)
@@ -97,7 +150,7 @@ def profile_runner(model, batch: int, frames: int, compile_mode: str, calls: int
         return {"compile": compile_mode, "batch": batch, "frames": frames, "graph_replay_ms": replay_ms,
                 "clips_per_s": batch / replay_ms * 1e3,
                 "compile_s": c.compile_seconds(x.shape) if c else None,
-                "compile_failed": c.failed.get(c.key(x.shape)) if c else None, **profile}
+                "compile_failed": c.failed.get(c.key(x.shape)) if c else None, "replay_idle": idle, **profile}
     finally:
         runner.close()
         del runner
@@ -167,6 +220,12 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("| compile s (this process) | " + " | ".join(
         "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}" for r in runs) + " |")
     for r in runs:
+        idle = r.get("replay_idle") or {}
+        if idle.get("idle_us") is not None:
+            lines += ["", f"Graph replay, {r['compile']}: {idle['kernels']} kernels a call, idle between them "
+                      f"{idle['idle_us']:.0f} µs, kernels overlapping {idle['overlap_us']:.0f} µs. Idle by transition:",
+                      "", "| µs a call | kernel before | kernel after |", "|---|---|---|"]
+            lines += [f"| {t['idle_us']:.1f} | `{t['before']}` | `{t['after']}` |" for t in idle["transitions"][:10]]
         lines += ["", f"Top kernels, {r['compile']} ({r['batch']}x{r['frames']}):", "",
                   "| ms | launches | group | kernel |", "|---|---|---|---|"]
         lines += [f"| {k['ms']:.3f} | {k['launches']} | {k['group']} | `{k['name'][:110]}` |"
