@@ -95,8 +95,9 @@ def config_for(w: torch.Tensor, rows: int) -> GemmConfig:
 def _launch(mod, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, c=None, config=None, **epi_args) -> None:
     cfg = config or config_for(w, a.shape[0])
     with torch.cuda.device(a.device):  # the kernel goes to the current stream of a's GPU
-        mod.gemm(a, w.t(), out, c, epi_args=epi_args, tile_M=cfg.tile_m, tile_N=cfg.tile_n,
-                 cluster_M=cfg.cluster_m, cluster_N=cfg.cluster_n, pingpong=cfg.pingpong, b_kn=True)
+        mod.gemm(a, w.t(), out, c, epi_args=epi_args, tile_M=cfg.tile_m, tile_N=cfg.tile_n, tile_K=cfg.tile_k,
+                 cluster_M=cfg.cluster_m, cluster_N=cfg.cluster_n, pingpong=cfg.pingpong,
+                 max_swizzle_size=cfg.max_swizzle_size, b_kn=True)
 
 
 _FAILED: set[str] = set()  # products whose quack kernel failed in this process: torch ops from then on

@@ -89,9 +89,11 @@ def main() -> int:
     cases += sweep if args.sweep else []
     kn_fixed, scales_fixed = tk.key_norm_rows(folded, parts, eps, eps, scale)
 
-    def row_scaled():
-        return flash_attn4.attend_row_scaled(heads[:, :, 0], kn_fixed.view(B, N, H, D), v4,
-                                             scales_fixed).reshape(B, N, C)
+    def row_scaled(variant):
+        def run():
+            from models.flash_attn4_row_scaled import attend
+            return attend(heads[:, :, 0], kn_fixed.view(B, N, H, D), v4, scales_fixed, variant).reshape(B, N, C)
+        return run
 
     def model_path(row_scales):
         def run():
@@ -101,7 +103,9 @@ def main() -> int:
 
     cases += [("k norm rows pass alone (k and the queries' scales)",
                lambda: tk.key_norm_rows(folded, parts, eps, eps, scale), False),
-              ("FA4 with row scales, 2049 x 2049 (q as the product wrote it)", row_scaled, True),
+              ("FA4 with row scales, 2049 x 2049 (q as the product wrote it)", row_scaled("cached"), True),
+              ("FA4 with row scales loaded at each block of keys", row_scaled("loads"), True),
+              ("FA4 multiplying each score by a kernel parameter (timing only)", row_scaled("param"), False),
               ("models.flash_attn4.qk_norm_attention, q/k norm pass + FA4", model_path(False), True),
               ("models.flash_attn4.qk_norm_attention, k norm pass + FA4 with row scales", model_path(True), True)]
     rows = []

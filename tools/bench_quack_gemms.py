@@ -30,14 +30,24 @@ CANDIDATES = {}  # label -> quack GemmConfig, filled in main once quack imports
 def hopper_candidates():
     from quack.gemm_config import GemmConfig
     common = dict(is_dynamic_persistent=False, device_capacity=9)
+
+    def config(tile_m, cluster_m, cluster_n, pingpong=True, tile_n=192, **kw):
+        return GemmConfig(tile_m=tile_m, tile_n=tile_n, pingpong=pingpong, cluster_m=cluster_m, cluster_n=cluster_n,
+                          **common, **kw)
+
     return {
-        "128x192 pp 1x2": GemmConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=1, cluster_n=2, **common),
-        "128x192 pp 2x1": GemmConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=2, cluster_n=1, **common),
-        "256x192 coop 1x2": GemmConfig(tile_m=256, tile_n=192, pingpong=False, cluster_m=1, cluster_n=2, **common),
-        "256x128 coop 1x2": GemmConfig(tile_m=256, tile_n=128, pingpong=False, cluster_m=1, cluster_n=2, **common),
-        "128x128 pp 1x1": GemmConfig(tile_m=128, tile_n=128, pingpong=True, cluster_m=1, cluster_n=1, **common),
-        "128x192 pp 1x1": GemmConfig(tile_m=128, tile_n=192, pingpong=True, cluster_m=1, cluster_n=1, **common),
-        "128x128 pp 2x1": GemmConfig(tile_m=128, tile_n=128, pingpong=True, cluster_m=2, cluster_n=1, **common),
+        "128x192 pp 1x2": config(128, 1, 2),
+        "128x192 pp 2x1": config(128, 2, 1),
+        "128x192 pp 2x2": config(128, 2, 2),
+        "128x192 pp 4x1": config(128, 4, 1),
+        "256x192 coop 1x2": config(256, 1, 2, pingpong=False),
+        "256x192 coop 2x1": config(256, 2, 1, pingpong=False),
+        "256x192 coop 2x2": config(256, 2, 2, pingpong=False),
+        "128x192 pp 2x1 tile_k 128": config(128, 2, 1, tile_k=128),
+        "128x192 pp 2x1 swizzle 2": config(128, 2, 1, max_swizzle_size=2),
+        "128x192 pp 2x1 swizzle 16": config(128, 2, 1, max_swizzle_size=16),
+        "128x128 pp 2x1": config(128, 2, 1, tile_n=128),
+        "256x128 coop 1x2": config(256, 1, 2, pingpong=False, tile_n=128),
     }
 
 
@@ -54,6 +64,7 @@ def products(qg, M: int, C: int, rows: list) -> None:
          for name, n, k in (("qkv", 3 * C, C), ("proj", C, C), ("fc1", 4 * C, C), ("fc2", C, 4 * C))}
     b = {name: torch.randn(t.shape[0], **cuda) for name, t in w.items()}
     rstd = torch.rand(M, device="cuda") + 0.5
+    unfold = torch.rand(3 * C, device="cuda") + 0.5
     scale = torch.rand(C, device="cuda")
     shift = torch.randn(C, device="cuda")
     pick = rotation()
@@ -87,13 +98,14 @@ def products(qg, M: int, C: int, rows: list) -> None:
     def quack(mod, a, name, c=None, config=None, **ops):
         n = w[name].shape[0]
         out = torch.empty(M, n, **cuda)
-        if mod is qg._residual_rms:
+        if mod in (qg._residual_rms, qg._row_scaled_sums):
             ops["sqsum"] = torch.empty(M, -(-n // config.tile_n), device="cuda")
         return lambda: qg._launch(mod, pick(a), w[name], out, None if c is None else pick(c), config, **ops)
 
     cases = {
         "cublas qkv mm": lambda: pick(x) @ w["qkv"].t(),
         "quack  qkv row_scaled (op)": lambda: qg.row_scaled(pick(x), w["qkv"], rstd),
+        "quack  qkv row_scaled_sums (op)": lambda: qg.row_scaled_sums(pick(x), w["qkv"], rstd, unfold),
         "cublas proj addmm bias": lambda: torch.addmm(b["proj"], pick(x), w["proj"].t()),
         "quack  proj residual_rms (op)": lambda: qg.residual_rms(pick(x), w["proj"], scale, shift, pick(res)),
         "cublas fc1 gelu+bias (lt)": lambda: torch._addmm_activation(b["fc1"], pick(x), w["fc1"].t(), use_gelu=True),
@@ -102,7 +114,8 @@ def products(qg, M: int, C: int, rows: list) -> None:
         "quack  fc2 residual_rms (op)": lambda: qg.residual_rms(pick(h), w["fc2"], scale, shift, pick(res)),
     }
     for label, config in CANDIDATES.items():
-        cases[f"quack  qkv {label}"] = quack(qg._row_scaled, x, "qkv", config=config, rstd=rstd)
+        cases[f"quack  qkv sums {label}"] = quack(qg._row_scaled_sums, x, "qkv", config=config, rstd=rstd,
+                                                  unfold=unfold)
         cases[f"quack  proj {label}"] = quack(qg._residual_rms, x, "proj", res, config, scale=scale, shift=shift)
         cases[f"quack  fc1 {label}"] = quack(qg._row_scaled_gelu, x, "fc1", config=config, rstd=rstd, bias=b["fc1"])
         cases[f"quack  fc2 {label}"] = quack(qg._residual_rms, h, "fc2", res, config, scale=scale, shift=shift)
@@ -153,6 +166,9 @@ def blocks(qg, rows: list, batch: int) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", type=Path, default=Path("quack_gemms.json"))
+    p.add_argument("--rows", type=int, nargs="+", default=[32 * 2049, 16 * 2049, 2 * 2049, 2049],
+                   help="products' rows M (default: 32x8, its half, 2x8, 1x8)")
+    p.add_argument("--no-blocks", action="store_true", help="the products alone, not the whole block")
     args = p.parse_args()
     if fused_ops.quack_gemms(torch.device("cuda"), torch.float16) is None:
         print("quack's products do not serve this machine (not a Hopper GPU, or quack missing / turned off)")
@@ -161,9 +177,9 @@ def main() -> int:
     CANDIDATES.update(hopper_candidates())
     torch.manual_seed(0)
     rows: list = []
-    for M in (32 * 2049, 16 * 2049, 2 * 2049, 2049):
+    for M in args.rows:
         products(qg, M, 384, rows)
-    for batch in (32, 16):
+    for batch in () if args.no_blocks else (32, 16):
         blocks(qg, rows, batch)
     args.output.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                        "rows": rows}, indent=1, default=str))
