@@ -1,5 +1,6 @@
 """Where the PyTorch encoder's GPU time goes: kernel time per group from a torch.profiler profile, per
-compile mode, and the attention kernels torch's SDPA offers at the model's shape (tools/profile_encoder.py).
+compile mode, the time the GPU sits idle between a CUDA-graph replay's kernels, and the attention kernels
+torch's SDPA offers at the model's shape (tools/profile_encoder.py).
 
 Groups (first match wins, on the kernel's name): attention (SDPA's kernels, the cls split's merge), matmul
 with a fused epilogue (TorchInductor's Triton templates), matmul (cuBLAS/CUTLASS, split-K reductions

@@ -15,7 +15,6 @@ turns its disk cache on (iv2trt.torch_compile.flash_attn4_cache_env).
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 
 import torch
@@ -41,22 +40,6 @@ def shape_ok(C: int, heads: int, part: int) -> bool:
     return C == heads * D and C % part == 0 and D % 8 == 0 and 8 <= D <= 256 and C % 16 == 0
 
 
-def attend_row_scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """softmax(scales[b, i] * q_i k_j^T) v over [B, N, heads, head_dim] (strided views allowed), scales float32
-    [B, N] (each query's softmax scale, the same for every head) -> [B, N, heads, head_dim]
-    (models.flash_attn4_row_scaled: FA4's Hopper kernel with a scale per query row)."""
-    from .flash_attn4_row_scaled import attend
-
-    with torch.cuda.device(q.device):
-        return attend(q, k, v, scales)
-
-
-def row_scales_on() -> bool:
-    """Whether the queries' norms go into FA4's scores (`_row_scaled_kernel`) rather than a pass over q;
-    `IV2TRT_FA4_ROW_SCALES=off` turns it off."""
-    return os.environ.get("IV2TRT_FA4_ROW_SCALES", "on").lower() not in ("off", "0")
-
-
 def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float,
                       k_eps: float) -> torch.Tensor:
     """softmax(norm_q(q) norm_k(k)^T * scale) v -> [B, N, C] from qkv [B, N, 3C] (q * wq, k * wk, v) and parts
@@ -66,10 +49,6 @@ def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale:
     B, N, C3 = qkv.shape
     C = C3 // 3
     D = C // heads
-    qkv_heads = qkv.view(B, N, 3, heads, D)
-    if row_scales_on():
-        kn, scales = triton_kernels.key_norm_rows(qkv, parts, q_eps, k_eps, scale)
-        return attend_row_scaled(qkv_heads[:, :, 0], kn.view(B, N, heads, D), qkv_heads[:, :, 2],
-                                 scales).reshape(B, N, C)
     qk = triton_kernels.qk_norm_rows(qkv, parts, q_eps, k_eps).view(B, N, 2, heads, D)
-    return attend(qk[:, :, 0], qk[:, :, 1], qkv_heads[:, :, 2], scale).reshape(B, N, C)
+    v = qkv.view(B, N, 3, heads, D)[:, :, 2]
+    return attend(qk[:, :, 0], qk[:, :, 1], v, scale).reshape(B, N, C)

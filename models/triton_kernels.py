@@ -18,7 +18,6 @@ Imported only on a machine with Triton and a CUDA GPU (models.fused_ops decides)
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -183,34 +182,23 @@ def _qk_norm_attention_kernel(desc_q, desc_k, desc_v, desc_o, qkv_ptr, kn_ptr, p
 
 
 @triton.jit
-def _qk_norm_rows_kernel(qkv_ptr, parts_ptr, qkn_ptr, qs_ptr, rows_total, s_n, sp, sqkn, inv_c, q_eps, k_eps,
-                         q_scale, C: tl.constexpr, PARTS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
-                         Q_SCALES: tl.constexpr, PDL: tl.constexpr):
-    """BR rows of qkv (program axis: row block): the q/k RMSNorms but for their weights (which the product's
-    weight holds), from the rows' sums of squares in parts. qkn[r] = (q * rstd_q, k * rstd_k); with Q_SCALES,
-    qkn[r] = k * rstd_k and qs[r] = rstd_q * q_scale (the queries' norms left to the attention kernel's scores).
-    PDL: launched as a programmatic dependent of the product before it (waits for its writes)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+def _qk_norm_rows_kernel(qkv_ptr, parts_ptr, qkn_ptr, rows_total, s_n, sp, sqkn, inv_c, q_eps, k_eps,
+                         C: tl.constexpr, PARTS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """BR rows of qkv (program axis: row block): qkn[r] = (q * rstd_q, k * rstd_k), the q/k RMSNorms but for
+    their weights (which the product's weight holds), from the rows' sums of squares in parts."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     ok = r < rows_total
     rows = tl.minimum(r, rows_total - 1).to(tl.int64)
     rq = _rstd(parts_ptr, rows, sp, 0, PARTS, inv_c, q_eps)
     rk = _rstd(parts_ptr, rows, sp, PARTS, PARTS, inv_c, k_eps)
-    if Q_SCALES:
-        tl.store(qs_ptr + rows, rq * q_scale, mask=ok)
     c = tl.arange(0, BC)
     for j in tl.static_range(C // BC):
         cols = rows[:, None] * s_n + j * BC + c[None, :]
         out = rows[:, None] * sqkn + j * BC + c[None, :]
+        q = tl.load(qkv_ptr + cols)
         k = tl.load(qkv_ptr + cols + C)
-        if Q_SCALES:
-            tl.store(qkn_ptr + out, (k.to(tl.float32) * rk[:, None]).to(k.dtype), mask=ok[:, None])
-        else:
-            q = tl.load(qkv_ptr + cols)
-            tl.store(qkn_ptr + out, (q.to(tl.float32) * rq[:, None]).to(q.dtype), mask=ok[:, None])
-            tl.store(qkn_ptr + out + C, (k.to(tl.float32) * rk[:, None]).to(k.dtype), mask=ok[:, None])
+        tl.store(qkn_ptr + out, (q.to(tl.float32) * rq[:, None]).to(q.dtype), mask=ok[:, None])
+        tl.store(qkn_ptr + out + C, (k.to(tl.float32) * rk[:, None]).to(k.dtype), mask=ok[:, None])
 
 
 # (BM, BN, num_warps, num_stages): tiles of the patch queries and keys. The fastest of
@@ -294,14 +282,10 @@ def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale:
 QK_NORM_ROWS = 32  # rows of a _qk_norm_rows_kernel program
 
 
-def pdl(device: torch.device) -> bool:
-    """Whether the norm passes launch as programmatic dependents (PDL: a Hopper GPU or later, where the product
-    before them lets them start as it finishes). `IV2TRT_PDL=off` turns it off."""
-    return (device.type == "cuda" and os.environ.get("IV2TRT_PDL", "on").lower() not in ("off", "0")
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
-def _norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: float, q_scale: float | None):
+def qk_norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: float) -> torch.Tensor:
+    """[B, N, 2C]: the normalised q and k of the deferred blocks' qkv [B, N, 3C] (q * wq, k * wk, v; wq, wk the
+    RMSNorms' weights) side by side, from parts [B * N, P], each row's sums of squares without the weights in
+    P parts of 3C / P columns. For attention kernels that take normalised q and k (models.flash_attn4)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     part = _part_width(qkv, parts)
@@ -310,27 +294,8 @@ def _norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: floa
         raise ValueError(f"qk_norm_rows: qkv {tuple(qkv.shape)} with parts {tuple(parts.shape)} is not a shape it "
                          f"takes")
     flat = qkv.view(B * N, C3)
-    width = C if q_scale is not None else 2 * C
-    qkn = torch.empty(B * N, width, device=qkv.device, dtype=qkv.dtype)
-    qs = torch.empty(B * N if q_scale is not None else 1, device=qkv.device, dtype=torch.float32)
-    use_pdl = pdl(qkv.device)
+    qkn = torch.empty(B * N, 2 * C, device=qkv.device, dtype=qkv.dtype)
     _qk_norm_rows_kernel[(triton.cdiv(B * N, QK_NORM_ROWS),)](
-        flat, parts, qkn, qs, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, q_eps, k_eps,
-        q_scale or 1.0, C=C, PARTS=C // part, BR=QK_NORM_ROWS, BC=cols, Q_SCALES=q_scale is not None, PDL=use_pdl,
-        num_warps=4, **({"launch_pdl": True} if use_pdl else {}))
-    return qkn.view(B, N, width), qs
-
-
-def qk_norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: float) -> torch.Tensor:
-    """[B, N, 2C]: the normalised q and k of the deferred blocks' qkv [B, N, 3C] (q * wq, k * wk, v; wq, wk the
-    RMSNorms' weights) side by side, from parts [B * N, P], each row's sums of squares without the weights in
-    P parts of 3C / P columns. For attention kernels that take normalised q and k (models.flash_attn4)."""
-    return _norm_rows(qkv, parts, q_eps, k_eps, None)[0]
-
-
-def key_norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: float,
-                  q_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """What qk_norm_rows takes -> (the normalised k [B, N, C], each query's rstd times q_scale, float32 [B, N]):
-    for attention kernels that scale each query's scores (models.flash_attn4's row-scaled kernel)."""
-    kn, qs = _norm_rows(qkv, parts, q_eps, k_eps, q_scale)
-    return kn, qs.view(qkv.shape[0], qkv.shape[1])
+        flat, parts, qkn, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, q_eps, k_eps, C=C,
+        PARTS=C // part, BR=QK_NORM_ROWS, BC=cols, num_warps=4)
+    return qkn.view(B, N, 2 * C)

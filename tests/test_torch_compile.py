@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from iv2trt.bench_profile import GROUPS, group_times, kernel_group
+from iv2trt.bench_profile import GROUPS, group_times, idle_between_kernels, kernel_group, short_name
 from iv2trt.compare import compare
 from iv2trt.errors import PipelineError
 from iv2trt.runners import TorchRunner
@@ -298,6 +298,23 @@ def test_kernel_groups():
     assert set(profile["groups"]) == set(GROUPS)
     assert profile["kernels"][0] == {"name": "fmha_b", "group": "attention", "ms": 0.25, "launches": 0}
     assert profile["kernels"][1]["ms"] == pytest.approx(0.2) and profile["kernels"][1]["launches"] == 1
+
+
+
+def test_idle_between_a_graph_replays_kernels():
+    quack = "kernel_cutlass_kernel_quackepiloguefrontendGemmMod__residual_rms_1a2c4ba8f2233c39__c_row_row_sm9_object"
+    fa4 = "kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at__tensor0000o111"
+    assert [short_name(n) for n in (quack, fa4, "_qk_norm_rows_kernel", "triton_poi_fused_add_div_rsqrt_sum_6")] == \
+        ["residual_rms", "FlashAttentionForwardSm90", "_qk_norm_rows_kernel", "triton_poi_fused_add_div_rsqrt_sum"]
+    # two calls of three kernels: idle 2 + 0 and 3 + 1 µs; one overlap of 1 µs; the 70 µs between calls uncounted
+    spans = [("a", 0.0, 10.0), ("b", 12.0, 20.0), ("c", 19.0, 30.0),
+             ("a", 100.0, 110.0), ("b", 113.0, 120.0), ("c", 121.0, 130.0)]
+    idle = idle_between_kernels(spans, calls=2)
+    assert idle["kernels"] == 3 and idle["idle_us"] == pytest.approx(3.0) and idle["overlap_us"] == pytest.approx(0.5)
+    assert idle["transitions"] == [{"before": "a", "after": "b", "idle_us": pytest.approx(2.5)},
+                                   {"before": "b", "after": "c", "idle_us": pytest.approx(0.5)}]
+    # a profile that did not see every call's kernels (a count not divisible by the calls) gives no figure
+    assert idle_between_kernels(spans[:5], calls=2)["idle_us"] is None
 
 
 # --- GPU -----------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +29,6 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tokens", type=int, default=2049)
     p.add_argument("--output", type=Path, default=Path("flash_attn4.json"))
-    p.add_argument("--sweep", action="store_true", help="also the norm pass's tilings and FA4's tile options")
     args = p.parse_args()
     from flash_attn.cute.interface import _flash_attn_fwd
 
@@ -76,38 +74,18 @@ def main() -> int:
     def rows_case(rows, cols, warps):
         def run():
             tk._qk_norm_rows_kernel[(triton.cdiv(B * N, rows),)](
-                flat, parts, qkn, parts, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, eps, eps, 1.0,
-                C=C, PARTS=C // part, BR=rows, BC=cols, Q_SCALES=False, PDL=False, num_warps=warps)
+                flat, parts, qkn, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, eps, eps, C=C,
+                PARTS=C // part, BR=rows, BC=cols, num_warps=warps)
         return run
 
-    sweep = [(f"q/k norm rows pass: {rows} rows, {cols} columns, {warps} warps", rows_case(rows, cols, warps), False)
-             for rows, cols, warps in ((16, 128, 4), (64, 128, 8), (32, 128, 8), (16, 128, 2), (8, 128, 1),
-                                       (64, 64, 4), (128, 128, 8), (32, 64, 4))]
+    cases += [(f"q/k norm rows pass: {rows} rows, {cols} columns, {warps} warps", rows_case(rows, cols, warps), False)
+              for rows, cols, warps in ((16, 128, 4), (64, 128, 8), (32, 128, 8), (16, 128, 2), (8, 128, 1),
+                                        (64, 64, 4), (128, 128, 8), (32, 64, 4))]
     for tile, rs, overlap in [((128, 128), True, True), ((192, 128), False, True), ((192, 128), True, False)]:
-        sweep.append((f"FA4 2049 x 2049, tile {tile} rs={rs} overlap={overlap}",
+        cases.append((f"FA4 2049 x 2049, tile {tile} rs={rs} overlap={overlap}",
                       fa4_case(tile_mn=tile, mma_pv_is_rs=rs, intra_wg_overlap=overlap), True))
-    cases += sweep if args.sweep else []
-    kn_fixed, scales_fixed = tk.key_norm_rows(folded, parts, eps, eps, scale)
-
-    def row_scaled(variant):
-        def run():
-            from models.flash_attn4_row_scaled import attend
-            return attend(heads[:, :, 0], kn_fixed.view(B, N, H, D), v4, scales_fixed, variant).reshape(B, N, C)
-        return run
-
-    def model_path(row_scales):
-        def run():
-            os.environ["IV2TRT_FA4_ROW_SCALES"] = "on" if row_scales else "off"
-            return flash_attn4.qk_norm_attention(folded, parts, H, scale, eps, eps)
-        return run
-
-    cases += [("k norm rows pass alone (k and the queries' scales)",
-               lambda: tk.key_norm_rows(folded, parts, eps, eps, scale), False),
-              ("FA4 with row scales, 2049 x 2049 (q as the product wrote it)", row_scaled("cached"), True),
-              ("FA4 with row scales loaded at each block of keys", row_scaled("loads"), True),
-              ("FA4 multiplying each score by a kernel parameter (timing only)", row_scaled("param"), False),
-              ("models.flash_attn4.qk_norm_attention, q/k norm pass + FA4", model_path(False), True),
-              ("models.flash_attn4.qk_norm_attention, k norm pass + FA4 with row scales", model_path(True), True)]
+    cases.append(("models.flash_attn4.qk_norm_attention (norm pass + FA4)",
+                  lambda: flash_attn4.qk_norm_attention(folded, parts, H, scale, eps, eps), True))
     rows = []
     for name, fn, check in cases:
         row = {"case": name}

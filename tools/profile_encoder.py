@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """On a CUDA machine: where the PyTorch fp16 encoder's time goes, per kernel group, for each torch.compile
-mode, and the SDPA attention backends at the model's attention shape. Prints Markdown, writes JSON.
+mode, the idle time between a graph replay's kernels, and the SDPA attention backends at the model's attention
+shape. Prints Markdown, writes JSON.
 
   python tools/profile_encoder.py --compile off default --shape 32x8 --sdpa --output profile.json
 """
