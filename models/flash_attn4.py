@@ -15,6 +15,7 @@ turns its disk cache on (iv2trt.torch_compile.flash_attn4_cache_env).
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import torch
@@ -40,6 +41,25 @@ def shape_ok(C: int, heads: int, part: int) -> bool:
     return C == heads * D and C % part == 0 and D % 8 == 0 and 8 <= D <= 256 and C % 16 == 0
 
 
+LOG2E = 1.4426950408889634
+
+
+def attend_row_scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales_log2: torch.Tensor) -> torch.Tensor:
+    """softmax(s_bi * q_i k_j^T) v over [B, N, heads, head_dim] (strided views allowed) -> [B, N, heads,
+    head_dim]; scales_log2 float32 [B, N]: each query's softmax scale s_bi (the same for every head) times log2(e)
+    (models.flash_attn4_row_scaled: FA4's Hopper kernel with a softmax scale per query row)."""
+    from .flash_attn4_row_scaled import attend
+
+    with torch.cuda.device(q.device):
+        return attend(q, k, v, scales_log2)
+
+
+def row_scales_on() -> bool:
+    """Whether the queries' norms go into FA4's softmax (`attend_row_scaled`) rather than a pass over q;
+    `IV2TRT_FA4_ROW_SCALES=off` turns it off."""
+    return os.environ.get("IV2TRT_FA4_ROW_SCALES", "on").lower() not in ("off", "0")
+
+
 def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float,
                       k_eps: float) -> torch.Tensor:
     """softmax(norm_q(q) norm_k(k)^T * scale) v -> [B, N, C] from qkv [B, N, 3C] (q * wq, k * wk, v) and parts
@@ -49,6 +69,10 @@ def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale:
     B, N, C3 = qkv.shape
     C = C3 // 3
     D = C // heads
+    qkv_heads = qkv.view(B, N, 3, heads, D)
+    if row_scales_on():
+        kn, scales = triton_kernels.key_norm_rows(qkv, parts, q_eps, k_eps, scale * LOG2E)
+        return attend_row_scaled(qkv_heads[:, :, 0], kn.view(B, N, heads, D), qkv_heads[:, :, 2],
+                                 scales).reshape(B, N, C)
     qk = triton_kernels.qk_norm_rows(qkv, parts, q_eps, k_eps).view(B, N, 2, heads, D)
-    v = qkv.view(B, N, 3, heads, D)[:, :, 2]
-    return attend(qk[:, :, 0], qk[:, :, 1], v, scale).reshape(B, N, C)
+    return attend(qk[:, :, 0], qk[:, :, 1], qkv_heads[:, :, 2], scale).reshape(B, N, C)

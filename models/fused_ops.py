@@ -121,11 +121,15 @@ def _flash_attn4_imports() -> bool:
 @functools.cache
 def _flash_attn4_runs(device: str) -> bool:
     """Whether a small attention of FA4's matches torch's on `device`."""
-    def run():
+    def run():  # the kernel the model will use: with a scale per query row, or FA4's own
         q, k, v = (torch.randn(2, 257, 6, 64, device=device, dtype=torch.float16) for _ in range(3))
-        want = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)),
-                                                                scale=0.125)
-        return flash_attn4.attend(q, k, v, 0.125), want.transpose(1, 2)
+        scales = torch.rand(2, 257, device=device) * 0.2 + 0.05
+        q_ref = q.float() * scales[:, :, None, None] if flash_attn4.row_scales_on() else q.float() * 0.125
+        want = torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q_ref, k.float(), v.float())), scale=1.0)
+        got = flash_attn4.attend_row_scaled(q, k, v, scales * flash_attn4.LOG2E) if flash_attn4.row_scales_on() else \
+            flash_attn4.attend(q, k, v, 0.125)
+        return got, want.transpose(1, 2)
 
     return _passes_test(device, run, "attention", FLASH_ATTN4_OFF,
                         f"FlashAttention-4 serves the q/k-norm attention on {device}")

@@ -182,23 +182,30 @@ def _qk_norm_attention_kernel(desc_q, desc_k, desc_v, desc_o, qkv_ptr, kn_ptr, p
 
 
 @triton.jit
-def _qk_norm_rows_kernel(qkv_ptr, parts_ptr, qkn_ptr, rows_total, s_n, sp, sqkn, inv_c, q_eps, k_eps,
-                         C: tl.constexpr, PARTS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """BR rows of qkv (program axis: row block): qkn[r] = (q * rstd_q, k * rstd_k), the q/k RMSNorms but for
-    their weights (which the product's weight holds), from the rows' sums of squares in parts."""
+def _qk_norm_rows_kernel(qkv_ptr, parts_ptr, qkn_ptr, qs_ptr, rows_total, s_n, sp, sqkn, inv_c, q_eps, k_eps,
+                         q_scale, C: tl.constexpr, PARTS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                         Q_SCALES: tl.constexpr):
+    """BR rows of qkv (program axis: row block): the q/k RMSNorms but for their weights (which the product's
+    weight holds), from the rows' sums of squares in parts. qkn[r] = (q * rstd_q, k * rstd_k); with Q_SCALES,
+    qkn[r] = k * rstd_k and qs[r] = rstd_q * q_scale (the queries' norms left to the attention kernel's softmax)."""
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     ok = r < rows_total
     rows = tl.minimum(r, rows_total - 1).to(tl.int64)
     rq = _rstd(parts_ptr, rows, sp, 0, PARTS, inv_c, q_eps)
     rk = _rstd(parts_ptr, rows, sp, PARTS, PARTS, inv_c, k_eps)
+    if Q_SCALES:
+        tl.store(qs_ptr + rows, rq * q_scale, mask=ok)
     c = tl.arange(0, BC)
     for j in tl.static_range(C // BC):
         cols = rows[:, None] * s_n + j * BC + c[None, :]
         out = rows[:, None] * sqkn + j * BC + c[None, :]
-        q = tl.load(qkv_ptr + cols)
         k = tl.load(qkv_ptr + cols + C)
-        tl.store(qkn_ptr + out, (q.to(tl.float32) * rq[:, None]).to(q.dtype), mask=ok[:, None])
-        tl.store(qkn_ptr + out + C, (k.to(tl.float32) * rk[:, None]).to(k.dtype), mask=ok[:, None])
+        if Q_SCALES:
+            tl.store(qkn_ptr + out, (k.to(tl.float32) * rk[:, None]).to(k.dtype), mask=ok[:, None])
+        else:
+            q = tl.load(qkv_ptr + cols)
+            tl.store(qkn_ptr + out, (q.to(tl.float32) * rq[:, None]).to(q.dtype), mask=ok[:, None])
+            tl.store(qkn_ptr + out + C, (k.to(tl.float32) * rk[:, None]).to(k.dtype), mask=ok[:, None])
 
 
 # (BM, BN, num_warps, num_stages): tiles of the patch queries and keys. The fastest of
@@ -282,10 +289,7 @@ def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale:
 QK_NORM_ROWS = 32  # rows of a _qk_norm_rows_kernel program
 
 
-def qk_norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: float) -> torch.Tensor:
-    """[B, N, 2C]: the normalised q and k of the deferred blocks' qkv [B, N, 3C] (q * wq, k * wk, v; wq, wk the
-    RMSNorms' weights) side by side, from parts [B * N, P], each row's sums of squares without the weights in
-    P parts of 3C / P columns. For attention kernels that take normalised q and k (models.flash_attn4)."""
+def _norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: float, q_scale: float | None):
     B, N, C3 = qkv.shape
     C = C3 // 3
     part = _part_width(qkv, parts)
@@ -294,8 +298,25 @@ def qk_norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: fl
         raise ValueError(f"qk_norm_rows: qkv {tuple(qkv.shape)} with parts {tuple(parts.shape)} is not a shape it "
                          f"takes")
     flat = qkv.view(B * N, C3)
-    qkn = torch.empty(B * N, 2 * C, device=qkv.device, dtype=qkv.dtype)
+    width = C if q_scale is not None else 2 * C
+    qkn = torch.empty(B * N, width, device=qkv.device, dtype=qkv.dtype)
+    qs = torch.empty(B * N if q_scale is not None else 1, device=qkv.device, dtype=torch.float32)
     _qk_norm_rows_kernel[(triton.cdiv(B * N, QK_NORM_ROWS),)](
-        flat, parts, qkn, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, q_eps, k_eps, C=C,
-        PARTS=C // part, BR=QK_NORM_ROWS, BC=cols, num_warps=4)
-    return qkn.view(B, N, 2 * C)
+        flat, parts, qkn, qs, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, q_eps, k_eps,
+        q_scale or 1.0, C=C, PARTS=C // part, BR=QK_NORM_ROWS, BC=cols, Q_SCALES=q_scale is not None, num_warps=4)
+    return qkn.view(B, N, width), qs
+
+
+def qk_norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: float) -> torch.Tensor:
+    """[B, N, 2C]: the normalised q and k of the deferred blocks' qkv [B, N, 3C] (q * wq, k * wk, v; wq, wk the
+    RMSNorms' weights) side by side, from parts [B * N, P], each row's sums of squares without the weights in
+    P parts of 3C / P columns. For attention kernels that take normalised q and k (models.flash_attn4)."""
+    return _norm_rows(qkv, parts, q_eps, k_eps, None)[0]
+
+
+def key_norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: float,
+                  q_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What qk_norm_rows takes -> (the normalised k [B, N, C], each query's rstd times q_scale, float32 [B, N]):
+    for attention kernels with a softmax scale per query (models.flash_attn4_row_scaled)."""
+    kn, qs = _norm_rows(qkv, parts, q_eps, k_eps, q_scale)
+    return kn, qs.view(qkv.shape[0], qkv.shape[1])

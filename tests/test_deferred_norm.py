@@ -267,7 +267,7 @@ def test_gpu_quack_products_match_float32(rows):
 
 
 @needs_quack
-def test_gpu_model_with_deferred_norms_matches_fp32():
+def test_gpu_model_with_deferred_norms_matches_fp32(monkeypatch):
     from models import create_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -284,10 +284,16 @@ def test_gpu_model_with_deferred_norms_matches_fp32():
     with torch.inference_mode():
         ref = ref_model(x).double().cpu().numpy()
         deferred = {}
-        for kernel in sorted(chosen | {"triton"}):  # the chosen kernel, and the Triton one where FA4 was chosen
+        # the chosen kernel, and the Triton one where FA4 was chosen; FA4 with the queries' norms in its scores
+        # (the default) and after a pass over q
+        for kernel, row_scales in sorted({(k, "on") for k in chosen | {"triton"}} | {("flash_attn4", "off")}):
+            if kernel not in chosen | {"triton"}:
+                continue
+            monkeypatch.setenv("IV2TRT_FA4_ROW_SCALES", row_scales)
             for block in half.vision_encoder.blocks:
                 block.attn.qk_norm_kernel = kernel
-            deferred[kernel] = half(x.half()).double().cpu().numpy()
+            deferred[kernel if kernel == "triton" else f"{kernel} (row scales {row_scales})"] = \
+                half(x.half()).double().cpu().numpy()
         plain = half.defer_norms(None)(x.half()).double().cpu().numpy()
     c_plain = compare(ref, plain).min_cosine
     for kernel, features in deferred.items():

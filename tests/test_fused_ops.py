@@ -96,9 +96,17 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
         out = F.scaled_dot_product_attention(*(t.transpose(1, 2).float() for t in (q, k, v)), scale=softmax_scale)
         return out.transpose(1, 2).to(q.dtype), None
 
-    import types
+    def fake_row_scaled(q, k, v, scales):
+        assert q.shape == k.shape == v.shape and q.stride(-1) == 1 and scales.shape == q.shape[:2]
+        out = fake_fa4(q.float() * scales[:, :, None, None] / flash_attn4.LOG2E, k.float(), v.float(), 1.0)[0]
+        out = out.to(q.dtype)
+        calls.append("row scales")
+        return out
+
+    import os, types
     sys.modules["flash_attn"] = types.ModuleType("flash_attn")
     sys.modules["flash_attn.cute"] = types.SimpleNamespace(flash_attn_func=fake_fa4)
+    flash_attn4.attend_row_scaled = fake_row_scaled
     for B, H, D, N, part in ((2, 3, 32, 37, 48), (1, 6, 64, 20, 192)):
         C = H * D
         qkv = torch.randn(B, N, 3 * C, dtype=torch.float64)
@@ -111,11 +119,20 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
         err = (qkn.double() - want).abs().max().item()
         print(f"qk_norm_rows B={B} N={N} C={C} part={part} max err {err:.2e}")
         assert qkn.shape == (B, N, 2 * C) and err < 1e-5, err
-        out = flash_attn4.qk_norm_attention(qkv.to(dt), parts.float(), H, D ** -0.5, 1e-6, 1e-5)
+        kn, scales = tk.key_norm_rows(qkv.float(), parts.float(), 1e-6, 1e-5, 0.125)  # scales: rstd_q * 0.125
+        err = max((kn.double() - want[..., C:]).abs().max().item(),
+                  (scales.double() * q.norm(dim=-1) - 0.125 * want[..., :C].norm(dim=-1)).abs().max().item())
+        print(f"key_norm_rows B={B} N={N} C={C} part={part} max err {err:.2e}")
+        assert kn.shape == (B, N, C) and scales.shape == (B, N) and scales.dtype == torch.float32 and err < 1e-5, err
         ref = deferred_norm.qk_norm_attention(qkv, parts.float(), H, D ** -0.5, 1e-6, 1e-5).double()
-        err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
-        print(f"flash_attn4.qk_norm_attention (stand-in FA4) B={B} H={H} N={N} D={D} max rel err {err:.2e}")
-        assert out.shape == (B, N, C) and out.dtype == dt and err < 3e-3 and calls[-1] == D ** -0.5, err
+        for row_scales in ("off", "on"):  # FA4 after the q/k pass; FA4 with the queries' norms in its scores
+            os.environ["IV2TRT_FA4_ROW_SCALES"] = row_scales
+            out = flash_attn4.qk_norm_attention(qkv.to(dt), parts.float(), H, D ** -0.5, 1e-6, 1e-5)
+            err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
+            print(f"flash_attn4.qk_norm_attention (stand-in FA4, row scales {row_scales}) B={B} H={H} N={N} D={D} "
+                  f"max rel err {err:.2e}")
+            assert out.shape == (B, N, C) and out.dtype == dt and err < 3e-3, err
+            assert calls[-1] == (D ** -0.5 if row_scales == "off" else "row scales")
     try:
         tk.qk_norm_rows(qkv.float(), parts.float()[:-1], 1e-6, 1e-6)  # a row's sums missing
     except ValueError as exc:
@@ -182,17 +199,28 @@ def test_flash_attn4_rules(monkeypatch):
     assert not fused_ops.flash_attn4_serves(torch.device("cuda"), torch.float16)
 
 
-def test_a_flash_attn4_that_fails_its_test_attention_is_not_used(monkeypatch, caplog):
+@pytest.mark.parametrize("row_scales", ["on", "off"])
+def test_a_flash_attn4_that_fails_its_test_attention_is_not_used(monkeypatch, caplog, row_scales):
     from models import flash_attn4
 
-    def attention(scale):
+    def attention(error):  # torch's attention, its output times `error`
         return lambda q, k, v, s: F.scaled_dot_product_attention(
-            *(t.transpose(1, 2).float() for t in (q, k, v)), scale=s).transpose(1, 2).half() * scale
+            *(t.transpose(1, 2).float() for t in (q, k, v)), scale=s).transpose(1, 2).half() * error
 
-    monkeypatch.setattr(flash_attn4, "attend", attention(1.0))
+    def row_scaled(error):
+        return lambda q, k, v, scales: attention(error)(q.float() * scales[:, :, None, None] / flash_attn4.LOG2E, k,
+                                                        v, 1.0)
+
+    monkeypatch.setenv("IV2TRT_FA4_ROW_SCALES", row_scales)
+    for error, passes in ((1.0, True), (1.1, False)):
+        monkeypatch.setattr(flash_attn4, "attend", attention(error))
+        monkeypatch.setattr(flash_attn4, "attend_row_scaled", row_scaled(error))
+        assert fused_ops._flash_attn4_runs.__wrapped__("cpu") == passes
+    # the kernel the model would use is the one tested: the other one failing changes nothing
+    monkeypatch.setattr(flash_attn4, "attend" if row_scales == "on" else "attend_row_scaled", attention(1.1))
+    monkeypatch.setattr(flash_attn4, "attend_row_scaled" if row_scales == "on" else "attend",
+                        row_scaled(1.0) if row_scales == "on" else attention(1.0))
     assert fused_ops._flash_attn4_runs.__wrapped__("cpu")
-    monkeypatch.setattr(flash_attn4, "attend", attention(1.1))
-    assert not fused_ops._flash_attn4_runs.__wrapped__("cpu")
     assert "FlashAttention-4 is off on cpu: a test attention failed: RuntimeError: relative error" in caplog.text
 
 
@@ -233,11 +261,13 @@ def test_gpu_attention_cls_split(dtype):
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
                     reason="the q/k-norm attention kernels need a Hopper (or later) GPU")
-@pytest.mark.parametrize("kernel,clips,tokens", [("triton", 2, 2049), ("triton", 3, 257), ("flash_attn4", 2, 2049),
-                                                 ("flash_attn4", 3, 300)])
-def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens):
+@pytest.mark.parametrize("kernel,clips,tokens,row_scales", [
+    ("triton", 2, 2049, "-"), ("triton", 3, 257, "-"), ("flash_attn4", 2, 2049, "on"), ("flash_attn4", 3, 300, "on"),
+    ("flash_attn4", 2, 2049, "off"), ("flash_attn4", 3, 300, "off")])
+def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens, row_scales, monkeypatch):
     from models import triton_kernels as tk
 
+    monkeypatch.setenv("IV2TRT_FA4_ROW_SCALES", row_scales if kernel == "flash_attn4" else "on")
     if kernel == "flash_attn4" and not fused_ops.flash_attn4_serves(torch.device("cuda"), torch.float16):
         pytest.skip("flash-attn-4 is not installed (requirements-gpu.txt) or does not serve this GPU (see the log)")
     torch.manual_seed(0)
@@ -256,8 +286,8 @@ def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens):
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_sdpa = ((plain.transpose(1, 2).reshape(clips, tokens, C).double() - ref).norm() / ref.norm()).item()
     cls_err = (got[:, 0].double() - ref[:, 0]).abs().max().item()
-    print(f"qk_norm_attention {kernel} {clips}x{tokens}: rel err {err:.2e} (SDPA on fp16 normalised q/k: "
-          f"{err_sdpa:.2e}), cls row max err {cls_err:.2e}")
+    print(f"qk_norm_attention {kernel} (row scales {row_scales}) {clips}x{tokens}: rel err {err:.2e} (SDPA on fp16 "
+          f"normalised q/k: {err_sdpa:.2e}), cls row max err {cls_err:.2e}")
     assert err < 2 * err_sdpa + 1e-4 and cls_err < 1e-2
     x = torch.empty(clips, tokens, C, device="cuda", dtype=torch.float16)
     assert fused_ops.qk_norm_attention_takes(x, H, 192, kernel)

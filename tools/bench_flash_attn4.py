@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--tokens", type=int, default=2049)
     p.add_argument("--output", type=Path, default=Path("flash_attn4.json"))
+    p.add_argument("--sweep", action="store_true", help="also the norm pass's tilings and FA4's tile options")
     args = p.parse_args()
     from flash_attn.cute.interface import _flash_attn_fwd
 
@@ -74,18 +76,34 @@ def main() -> int:
     def rows_case(rows, cols, warps):
         def run():
             tk._qk_norm_rows_kernel[(triton.cdiv(B * N, rows),)](
-                flat, parts, qkn, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, eps, eps, C=C,
-                PARTS=C // part, BR=rows, BC=cols, num_warps=warps)
+                flat, parts, qkn, parts, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, eps, eps, 1.0,
+                C=C, PARTS=C // part, BR=rows, BC=cols, Q_SCALES=False, num_warps=warps)
         return run
 
-    cases += [(f"q/k norm rows pass: {rows} rows, {cols} columns, {warps} warps", rows_case(rows, cols, warps), False)
-              for rows, cols, warps in ((16, 128, 4), (64, 128, 8), (32, 128, 8), (16, 128, 2), (8, 128, 1),
-                                        (64, 64, 4), (128, 128, 8), (32, 64, 4))]
+    sweep = [(f"q/k norm rows pass: {rows} rows, {cols} columns, {warps} warps", rows_case(rows, cols, warps), False)
+             for rows, cols, warps in ((16, 128, 4), (64, 128, 8), (32, 128, 8), (16, 128, 2), (8, 128, 1),
+                                       (64, 64, 4), (128, 128, 8), (32, 64, 4))]
     for tile, rs, overlap in [((128, 128), True, True), ((192, 128), False, True), ((192, 128), True, False)]:
-        cases.append((f"FA4 2049 x 2049, tile {tile} rs={rs} overlap={overlap}",
+        sweep.append((f"FA4 2049 x 2049, tile {tile} rs={rs} overlap={overlap}",
                       fa4_case(tile_mn=tile, mma_pv_is_rs=rs, intra_wg_overlap=overlap), True))
-    cases.append(("models.flash_attn4.qk_norm_attention (norm pass + FA4)",
-                  lambda: flash_attn4.qk_norm_attention(folded, parts, H, scale, eps, eps), True))
+    cases += sweep if args.sweep else []
+    kn_fixed, scales_fixed = tk.key_norm_rows(folded, parts, eps, eps, scale * flash_attn4.LOG2E)
+
+    def row_scaled():
+        return flash_attn4.attend_row_scaled(heads[:, :, 0], kn_fixed.view(B, N, H, D), v4,
+                                             scales_fixed).reshape(B, N, C)
+
+    def model_path(row_scales):
+        def run():
+            os.environ["IV2TRT_FA4_ROW_SCALES"] = "on" if row_scales else "off"
+            return flash_attn4.qk_norm_attention(folded, parts, H, scale, eps, eps)
+        return run
+
+    cases += [("k norm rows pass alone (k and the queries' scales)",
+               lambda: tk.key_norm_rows(folded, parts, eps, eps, scale * flash_attn4.LOG2E), False),
+              ("FA4 with a softmax scale per query row, 2049 x 2049 (q as the product wrote it)", row_scaled, True),
+              ("models.flash_attn4.qk_norm_attention, q/k norm pass + FA4", model_path(False), True),
+              ("models.flash_attn4.qk_norm_attention, k norm pass + FA4 with row scales", model_path(True), True)]
     rows = []
     for name, fn, check in cases:
         row = {"case": name}
