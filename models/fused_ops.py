@@ -4,12 +4,15 @@
 (models.quack_gemms), for fp16 models where quack is installed, the GPU is a Hopper one and a test product
 there matches torch's; `IV2TRT_QUACK_GEMMS=off` turns them off. `flash_attn4_serves(device, dtype)`: the same
 rule for FlashAttention-4 (models.flash_attn4) and a test attention; `IV2TRT_FLASH_ATTN4=off`.
+`flash_attn4_row_scales_serve`: FA4 with the queries' norms in its softmax (models.flash_attn4_row_scaled), where
+FA4 serves and a test attention of that kernel passes; `IV2TRT_FLASH_ATTN4_ROW_SCALES=off`.
 
 The Triton kernels are custom ops, so torch.compile and CUDA graphs treat each as one op.
 
 `qk_norm_attention(qkv, parts, ...)`: the deferred blocks' attention with the q/k RMSNorms inside, on Hopper
-GPUs: FlashAttention-4 after a Triton pass that normalises q and k where it serves (models.flash_attn4), else
-the Triton kernel (models.triton_kernels.qk_norm_attention); the same arithmetic in torch ops off the GPU.
+GPUs: FlashAttention-4 after a Triton pass that normalises k (the queries' norms in FA4's softmax) or q and k,
+where it serves (models.flash_attn4), else the Triton kernel (models.triton_kernels.qk_norm_attention); the
+same arithmetic in torch ops off the GPU.
 
 `attention_cls_split(q, k, v, scale)` -> [B, N, heads * head_dim]: exact attention with token 0 (the cls
 token) apart, so cuDNN's flash kernel sees the 2,048 patch keys, a whole number of its tiles
@@ -35,6 +38,7 @@ ENV_VAR = "IV2TRT_TRITON_KERNELS"
 QUACK_ENV_VAR = "IV2TRT_QUACK_GEMMS"
 QK_NORM_ENV_VAR = "IV2TRT_QK_NORM_ATTENTION"
 FLASH_ATTN4_ENV_VAR = "IV2TRT_FLASH_ATTN4"
+ROW_SCALES_ENV_VAR = "IV2TRT_FLASH_ATTN4_ROW_SCALES"
 
 
 @functools.cache
@@ -89,6 +93,7 @@ def _hopper_fp16(var: str, device: torch.device, dtype: torch.dtype) -> str | No
 
 QUACK_OFF = "quack's matrix products are off"
 FLASH_ATTN4_OFF = "FlashAttention-4 is off"
+ROW_SCALES_OFF = "FlashAttention-4 with the queries' norms in its softmax is off (a pass normalises q and k)"
 
 
 @functools.cache
@@ -118,21 +123,31 @@ def _flash_attn4_imports() -> bool:
                             ("flash_attn", "flash_attn.cute", "cutlass"), FLASH_ATTN4_OFF) is not None
 
 
+def _attention_test(device: str, row_scales: bool):
+    """A small attention for FA4 (run by _passes_test): its output and torch's, with a softmax scale per query
+    row (flash_attn4.attend_row_scaled) or one scale (flash_attn4.attend)."""
+    q, k, v = (torch.randn(2, 257, 6, 64, device=device, dtype=torch.float16) for _ in range(3))
+    scales = torch.rand(2, 257, device=device) * 0.2 + 0.05 if row_scales else \
+        torch.full((2, 257), 0.125, device=device)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        *(t.float().transpose(1, 2) for t in (q.float() * scales[:, :, None, None], k, v)), scale=1.0)
+    got = flash_attn4.attend_row_scaled(q, k, v, scales * flash_attn4.LOG2E) if row_scales else \
+        flash_attn4.attend(q, k, v, 0.125)
+    return got, want.transpose(1, 2)
+
+
 @functools.cache
 def _flash_attn4_runs(device: str) -> bool:
     """Whether a small attention of FA4's matches torch's on `device`."""
-    def run():  # the kernel the model will use: with a scale per query row, or FA4's own
-        q, k, v = (torch.randn(2, 257, 6, 64, device=device, dtype=torch.float16) for _ in range(3))
-        scales = torch.rand(2, 257, device=device) * 0.2 + 0.05
-        q_ref = q.float() * scales[:, :, None, None] if flash_attn4.row_scales_on() else q.float() * 0.125
-        want = torch.nn.functional.scaled_dot_product_attention(
-            *(t.transpose(1, 2) for t in (q_ref, k.float(), v.float())), scale=1.0)
-        got = flash_attn4.attend_row_scaled(q, k, v, scales * flash_attn4.LOG2E) if flash_attn4.row_scales_on() else \
-            flash_attn4.attend(q, k, v, 0.125)
-        return got, want.transpose(1, 2)
-
-    return _passes_test(device, run, "attention", FLASH_ATTN4_OFF,
+    return _passes_test(device, lambda: _attention_test(device, False), "attention", FLASH_ATTN4_OFF,
                         f"FlashAttention-4 serves the q/k-norm attention on {device}")
+
+
+@functools.cache
+def _flash_attn4_row_scales_run(device: str) -> bool:
+    """Whether a small attention of FA4's kernel with a softmax scale per query row matches torch's on `device`."""
+    return _passes_test(device, lambda: _attention_test(device, True), "attention", ROW_SCALES_OFF,
+                        f"FlashAttention-4 with the queries' norms in its softmax serves {device}")
 
 
 def enabled(var: str = ENV_VAR) -> bool:
@@ -158,6 +173,15 @@ def flash_attn4_serves(device: torch.device, dtype: torch.dtype) -> bool:
     return where is not None and _flash_attn4_imports() and _flash_attn4_runs(where)
 
 
+def flash_attn4_row_scales_serve(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether FA4 with the queries' norms in its softmax (models.flash_attn4_row_scaled) serves: where FA4 does
+    and its own test attention passes; `IV2TRT_FLASH_ATTN4_ROW_SCALES=off` turns it off (FA4 then follows a pass
+    that normalises q and k)."""
+    if not (enabled(ROW_SCALES_ENV_VAR) and flash_attn4_serves(device, dtype)):
+        return False
+    return _flash_attn4_row_scales_run(_hopper_fp16(FLASH_ATTN4_ENV_VAR, device, dtype))
+
+
 def _triton_serves(device: torch.device, dtype: torch.dtype, capability: tuple[int, int]) -> bool:
     """Triton kernels on, a CUDA device of at least `capability`, fp16/bf16, Triton importable (CUDA is asked
     last, so a switched-off or CPU model never asks it)."""
@@ -177,12 +201,15 @@ def cls_split_shape_ok(q: torch.Tensor) -> bool:
 
 
 def qk_norm_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Which kernel runs qk_norm_attention for a model on this device in this dtype: "flash_attn4" where FA4
-    serves (models.flash_attn4), else "triton" (it loads tiles by TMA: Hopper or later); None keeps the q/k
-    norms apart, as does `IV2TRT_QK_NORM_ATTENTION=off` (or IV2TRT_TRITON_KERNELS=off). Both need Triton
-    (FA4 for the pass that normalises q and k)."""
+    """Which kernel runs qk_norm_attention for a model on this device in this dtype, the first that serves:
+    "flash_attn4_row_scales" (FA4 with the queries' norms in its softmax, after a pass that normalises k),
+    "flash_attn4" (FA4 after a pass that normalises q and k; models.flash_attn4), "triton" (the runner's own
+    kernel; it loads tiles by TMA: Hopper or later). None keeps the q/k norms apart, as does
+    `IV2TRT_QK_NORM_ATTENTION=off` (or IV2TRT_TRITON_KERNELS=off). All need Triton (for the norm passes)."""
     if not (enabled(QK_NORM_ENV_VAR) and _triton_serves(device, dtype, (9, 0))):
         return None
+    if flash_attn4_row_scales_serve(device, dtype):
+        return "flash_attn4_row_scales"
     return "flash_attn4" if flash_attn4_serves(device, dtype) else "triton"
 
 
@@ -191,7 +218,7 @@ def qk_norm_attention_takes(x: torch.Tensor, heads: int, part: int, kernel: str)
     any shape off the GPU (torch ops), any token count for FA4, whole tiles for the Triton kernel."""
     if not x.is_cuda:
         return True
-    if kernel == "flash_attn4":
+    if kernel.startswith("flash_attn4"):
         return flash_attn4.shape_ok(x.shape[2], heads, part)
     return _kernels() is not None and _kernels().qk_norm_attention_shape_ok(x.shape[1], x.shape[2], heads, part)
 
@@ -202,9 +229,11 @@ def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale:
     """q/k-normalised attention of the deferred blocks' qkv and its rows' sums of squares ->  [B, N, C]
     (models.deferred_norm.qk_norm_attention): the kernel `backend` names (qk_norm_kernel's choice) on a GPU,
     torch ops elsewhere. (Not "kernel": TorchInductor's fallback for custom ops takes an argument of that name.)"""
+    if qkv.is_cuda and backend.startswith("flash_attn4"):
+        return flash_attn4.qk_norm_attention(qkv.contiguous(), parts.contiguous(), heads, scale, q_eps, k_eps,
+                                             row_scales=backend == "flash_attn4_row_scales")
     if qkv.is_cuda:
-        attention = flash_attn4 if backend == "flash_attn4" else _kernels()
-        return attention.qk_norm_attention(qkv.contiguous(), parts.contiguous(), heads, scale, q_eps, k_eps)
+        return _kernels().qk_norm_attention(qkv.contiguous(), parts.contiguous(), heads, scale, q_eps, k_eps)
     return deferred_norm.qk_norm_attention(qkv, parts, heads, scale, q_eps, k_eps)
 
 

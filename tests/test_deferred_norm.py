@@ -267,7 +267,7 @@ def test_gpu_quack_products_match_float32(rows):
 
 
 @needs_quack
-def test_gpu_model_with_deferred_norms_matches_fp32(monkeypatch):
+def test_gpu_model_with_deferred_norms_matches_fp32():
     from models import create_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -279,21 +279,16 @@ def test_gpu_model_with_deferred_norms_matches_fp32(monkeypatch):
                 p.mul_(1 + 0.3 * torch.randn_like(p))
     half = copy.deepcopy(ref_model).half().set_fused_kernels(True)
     chosen = {b.attn.qk_norm_kernel for b in half.vision_encoder.blocks}
-    assert half.defers_norms and len(chosen) == 1 and chosen <= {"flash_attn4", "triton"}
+    assert half.defers_norms and len(chosen) == 1 and chosen <= {"flash_attn4_row_scales", "flash_attn4", "triton"}
     x = torch.randn(8, 8, 3, 224, 224, device="cuda")
     with torch.inference_mode():
         ref = ref_model(x).double().cpu().numpy()
         deferred = {}
-        # the chosen kernel, and the Triton one where FA4 was chosen; FA4 with the queries' norms in its scores
-        # (the default) and after a pass over q
-        for kernel, row_scales in sorted({(k, "on") for k in chosen | {"triton"}} | {("flash_attn4", "off")}):
-            if kernel not in chosen | {"triton"}:
-                continue
-            monkeypatch.setenv("IV2TRT_FA4_ROW_SCALES", row_scales)
+        # the chosen kernel; the Triton one where FA4 was chosen; FA4 after a q/k pass where its row scales were
+        for kernel in sorted(chosen | {"triton"} | ({"flash_attn4"} if "flash_attn4_row_scales" in chosen else set())):
             for block in half.vision_encoder.blocks:
                 block.attn.qk_norm_kernel = kernel
-            deferred[kernel if kernel == "triton" else f"{kernel} (row scales {row_scales})"] = \
-                half(x.half()).double().cpu().numpy()
+            deferred[kernel] = half(x.half()).double().cpu().numpy()
         plain = half.defer_norms(None)(x.half()).double().cpu().numpy()
     c_plain = compare(ref, plain).min_cosine
     for kernel, features in deferred.items():
@@ -303,7 +298,7 @@ def test_gpu_model_with_deferred_norms_matches_fp32(monkeypatch):
         assert c >= 0.9999 and c >= c_plain - 1e-5
 
 
-@pytest.mark.parametrize("backend", ["triton", "flash_attn4"])
+@pytest.mark.parametrize("backend", ["triton", "flash_attn4", "flash_attn4_row_scales"])
 def test_q_k_norm_attention_compiles_with_torchinductor(tanh_model, monkeypatch, backend):
     """The custom op through TorchInductor's lowering (its fallback kernel takes the op's arguments by name)."""
     monkeypatch.setattr(iv2, "DEFERRED_MIN_ROWS", 0)

@@ -103,7 +103,7 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
         calls.append("row scales")
         return out
 
-    import os, types
+    import types
     sys.modules["flash_attn"] = types.ModuleType("flash_attn")
     sys.modules["flash_attn.cute"] = types.SimpleNamespace(flash_attn_func=fake_fa4)
     flash_attn4.attend_row_scaled = fake_row_scaled
@@ -125,14 +125,13 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
         print(f"key_norm_rows B={B} N={N} C={C} part={part} max err {err:.2e}")
         assert kn.shape == (B, N, C) and scales.shape == (B, N) and scales.dtype == torch.float32 and err < 1e-5, err
         ref = deferred_norm.qk_norm_attention(qkv, parts.float(), H, D ** -0.5, 1e-6, 1e-5).double()
-        for row_scales in ("off", "on"):  # FA4 after the q/k pass; FA4 with the queries' norms in its scores
-            os.environ["IV2TRT_FA4_ROW_SCALES"] = row_scales
-            out = flash_attn4.qk_norm_attention(qkv.to(dt), parts.float(), H, D ** -0.5, 1e-6, 1e-5)
+        for row_scales in (False, True):  # FA4 after the q/k pass; FA4 with the queries' norms in its softmax
+            out = flash_attn4.qk_norm_attention(qkv.to(dt), parts.float(), H, D ** -0.5, 1e-6, 1e-5, row_scales)
             err = (out.double() - ref).abs().max().item() / ref.abs().max().item()
             print(f"flash_attn4.qk_norm_attention (stand-in FA4, row scales {row_scales}) B={B} H={H} N={N} D={D} "
                   f"max rel err {err:.2e}")
             assert out.shape == (B, N, C) and out.dtype == dt and err < 3e-3, err
-            assert calls[-1] == (D ** -0.5 if row_scales == "off" else "row scales")
+            assert calls[-1] == ("row scales" if row_scales else D ** -0.5)
     try:
         tk.qk_norm_rows(qkv.float(), parts.float()[:-1], 1e-6, 1e-6)  # a row's sums missing
     except ValueError as exc:
@@ -199,29 +198,46 @@ def test_flash_attn4_rules(monkeypatch):
     assert not fused_ops.flash_attn4_serves(torch.device("cuda"), torch.float16)
 
 
-@pytest.mark.parametrize("row_scales", ["on", "off"])
-def test_a_flash_attn4_that_fails_its_test_attention_is_not_used(monkeypatch, caplog, row_scales):
+def test_a_flash_attn4_that_fails_its_test_attention_is_not_used(monkeypatch, caplog):
     from models import flash_attn4
 
     def attention(error):  # torch's attention, its output times `error`
         return lambda q, k, v, s: F.scaled_dot_product_attention(
             *(t.transpose(1, 2).float() for t in (q, k, v)), scale=s).transpose(1, 2).half() * error
 
-    def row_scaled(error):
+    def row_scaled(error):  # the same with scales per query row (times log2(e), as FA4's softmax takes them)
         return lambda q, k, v, scales: attention(error)(q.float() * scales[:, :, None, None] / flash_attn4.LOG2E, k,
                                                         v, 1.0)
 
-    monkeypatch.setenv("IV2TRT_FA4_ROW_SCALES", row_scales)
-    for error, passes in ((1.0, True), (1.1, False)):
+    for error, passes in ((1.0, True), (1.1, False)):  # each kernel's test attention tests that kernel
         monkeypatch.setattr(flash_attn4, "attend", attention(error))
-        monkeypatch.setattr(flash_attn4, "attend_row_scaled", row_scaled(error))
+        monkeypatch.setattr(flash_attn4, "attend_row_scaled", row_scaled(1.1 if error == 1.0 else 1.0))
         assert fused_ops._flash_attn4_runs.__wrapped__("cpu") == passes
-    # the kernel the model would use is the one tested: the other one failing changes nothing
-    monkeypatch.setattr(flash_attn4, "attend" if row_scales == "on" else "attend_row_scaled", attention(1.1))
-    monkeypatch.setattr(flash_attn4, "attend_row_scaled" if row_scales == "on" else "attend",
-                        row_scaled(1.0) if row_scales == "on" else attention(1.0))
-    assert fused_ops._flash_attn4_runs.__wrapped__("cpu")
+        assert fused_ops._flash_attn4_row_scales_run.__wrapped__("cpu") != passes
     assert "FlashAttention-4 is off on cpu: a test attention failed: RuntimeError: relative error" in caplog.text
+    assert "FlashAttention-4 with the queries' norms in its softmax is off (a pass normalises q and k) on cpu: a " \
+           "test attention failed: RuntimeError: relative error" in caplog.text
+
+
+def test_the_q_k_norm_kernel_is_the_first_that_serves(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fused_ops, "_triton_serves", lambda *args: True)
+    for fa4, row_scales, want in ((True, True, "flash_attn4_row_scales"), (True, False, "flash_attn4"),
+                                  (False, False, "triton")):
+        monkeypatch.setattr(fused_ops, "flash_attn4_serves", lambda device, dtype: fa4)
+        monkeypatch.setattr(fused_ops, "_flash_attn4_row_scales_run", lambda where: row_scales)
+        monkeypatch.setattr(fused_ops, "_hopper_fp16", lambda var, device, dtype: "cuda:0")
+        assert fused_ops.flash_attn4_row_scales_serve(cuda, torch.float16) == (fa4 and row_scales)
+        assert fused_ops.qk_norm_kernel(cuda, torch.float16) == want
+    monkeypatch.setattr(fused_ops, "flash_attn4_serves", lambda device, dtype: True)
+    monkeypatch.setattr(fused_ops, "_flash_attn4_row_scales_run", lambda where: True)
+    monkeypatch.setenv("IV2TRT_FLASH_ATTN4_ROW_SCALES", "off")
+    assert fused_ops.qk_norm_kernel(cuda, torch.float16) == "flash_attn4"
+    monkeypatch.setenv("IV2TRT_FLASH_ATTN4_ROW_SCALES", "maybe")
+    with pytest.raises(ValueError, match="IV2TRT_FLASH_ATTN4_ROW_SCALES"):
+        fused_ops.qk_norm_kernel(cuda, torch.float16)
+    x = torch.empty(2, 300, 384)  # off the GPU every kernel's name takes any shape (torch ops)
+    assert all(fused_ops.qk_norm_attention_takes(x, 6, 192, k) for k in ("flash_attn4_row_scales", "triton"))
 
 
 def test_graph_parts_rule(tiny_model):
@@ -261,15 +277,17 @@ def test_gpu_attention_cls_split(dtype):
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
                     reason="the q/k-norm attention kernels need a Hopper (or later) GPU")
-@pytest.mark.parametrize("kernel,clips,tokens,row_scales", [
-    ("triton", 2, 2049, "-"), ("triton", 3, 257, "-"), ("flash_attn4", 2, 2049, "on"), ("flash_attn4", 3, 300, "on"),
-    ("flash_attn4", 2, 2049, "off"), ("flash_attn4", 3, 300, "off")])
-def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens, row_scales, monkeypatch):
+@pytest.mark.parametrize("kernel,clips,tokens", [
+    ("triton", 2, 2049), ("triton", 3, 257), ("flash_attn4", 2, 2049), ("flash_attn4", 3, 300),
+    ("flash_attn4_row_scales", 2, 2049), ("flash_attn4_row_scales", 3, 300)])
+def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens):
     from models import triton_kernels as tk
 
-    monkeypatch.setenv("IV2TRT_FA4_ROW_SCALES", row_scales if kernel == "flash_attn4" else "on")
-    if kernel == "flash_attn4" and not fused_ops.flash_attn4_serves(torch.device("cuda"), torch.float16):
-        pytest.skip("flash-attn-4 is not installed (requirements-gpu.txt) or does not serve this GPU (see the log)")
+    serves = {"flash_attn4": fused_ops.flash_attn4_serves,
+              "flash_attn4_row_scales": fused_ops.flash_attn4_row_scales_serve}.get(kernel)
+    if serves and not serves(torch.device("cuda"), torch.float16):
+        pytest.skip(f"{kernel}: flash-attn-4 is not installed (requirements-gpu.txt) or does not serve this GPU "
+                    f"(see the log)")
     torch.manual_seed(0)
     H, D = 6, 64
     C = H * D
@@ -286,8 +304,8 @@ def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens, row_scales
     err = ((got.double() - ref).norm() / ref.norm()).item()
     err_sdpa = ((plain.transpose(1, 2).reshape(clips, tokens, C).double() - ref).norm() / ref.norm()).item()
     cls_err = (got[:, 0].double() - ref[:, 0]).abs().max().item()
-    print(f"qk_norm_attention {kernel} (row scales {row_scales}) {clips}x{tokens}: rel err {err:.2e} (SDPA on fp16 "
-          f"normalised q/k: {err_sdpa:.2e}), cls row max err {cls_err:.2e}")
+    print(f"qk_norm_attention {kernel} {clips}x{tokens}: rel err {err:.2e} (SDPA on fp16 normalised q/k: "
+          f"{err_sdpa:.2e}), cls row max err {cls_err:.2e}")
     assert err < 2 * err_sdpa + 1e-4 and cls_err < 1e-2
     x = torch.empty(clips, tokens, C, device="cuda", dtype=torch.float16)
     assert fused_ops.qk_norm_attention_takes(x, H, 192, kernel)

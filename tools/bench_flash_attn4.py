@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -94,10 +93,7 @@ def main() -> int:
                                              scales_fixed).reshape(B, N, C)
 
     def model_path(row_scales):
-        def run():
-            os.environ["IV2TRT_FA4_ROW_SCALES"] = "on" if row_scales else "off"
-            return flash_attn4.qk_norm_attention(folded, parts, H, scale, eps, eps)
-        return run
+        return lambda: flash_attn4.qk_norm_attention(folded, parts, H, scale, eps, eps, row_scales)
 
     cases += [("k norm rows pass alone (k and the queries' scales)",
                lambda: tk.key_norm_rows(folded, parts, eps, eps, scale * flash_attn4.LOG2E), False),
