@@ -88,8 +88,10 @@ class InferenceThread:
 
     `submit` never blocks (False when QUEUE_DEPTH batches are already waiting); `results` returns the
     finished batches as (batch, raw features, reference features, runner seconds) and re-raises an
-    exception of the thread (after which the thread has stopped). `fileno()` turns readable when a
-    result is ready, so multiprocessing.connection.wait can wait for workers and results together.
+    exception of the thread (after which the thread has stopped). The batches that finished before the
+    exception come first: they are returned, and the exception raised by the next call (of `submit` too).
+    `fileno()` turns readable when a result is ready, so multiprocessing.connection.wait can wait for workers
+    and results together.
     `busy_s` is the time at least one batch was in the runner's hands (the encoder's busy time).
     """
 
@@ -103,6 +105,7 @@ class InferenceThread:
         self.in_flight = 0  # submitted and not yet returned by results() (main thread only)
         self._doorbell = Doorbell()  # rung when a result is ready
         self._stop = threading.Event()
+        self._error: BaseException | None = None  # the thread's exception, once results() has met it
         self.busy_s = 0.0
         self.thread = threading.Thread(target=self._loop, name="iv2trt-inference", daemon=True)
         self.thread.start()
@@ -111,6 +114,8 @@ class InferenceThread:
         return self._doorbell.fileno()
 
     def submit(self, batch: Batch) -> bool:
+        if self._error is not None:
+            raise self._error
         if not self.thread.is_alive() and self.outbox.empty():
             raise RuntimeError("the inference thread has stopped")
         try:
@@ -121,7 +126,10 @@ class InferenceThread:
         return True
 
     def results(self, timeout: float = 0.0) -> list[tuple]:
-        """Finished batches, in submission order; waits up to `timeout` s for the first when none is ready."""
+        """Finished batches, in submission order; waits up to `timeout` s for the first when none is ready.
+        Raises the thread's exception once no finished batch precedes it."""
+        if self._error is not None:
+            raise self._error
         self._doorbell.clear()
         done = []
         try:
@@ -132,9 +140,12 @@ class InferenceThread:
         except queue.Empty:
             pass
         self.in_flight -= len(done)
-        for item in done:
-            if isinstance(item, BaseException):
-                raise item
+        errors = [item for item in done if isinstance(item, BaseException)]
+        if errors:  # the thread's last item: it has stopped
+            self._error = errors[0]
+            done = [item for item in done if not isinstance(item, BaseException)]
+            if not done:
+                raise self._error
         return done
 
     def _loop(self) -> None:
@@ -167,9 +178,23 @@ class InferenceThread:
                     self.outbox.put((done, raw, ref, seconds))
                     self._doorbell.ring()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it
+                self._finish(pending)
                 self.outbox.put(exc)
                 self._doorbell.ring()
                 return
+
+    def _finish(self, pending: deque) -> None:
+        """After an exception: the results of the batches started before it, where they still come (an error
+        there stands for the rest)."""
+        while pending:
+            done, started, wait = pending.popleft()
+            try:
+                raw = wait()
+                seconds = time.perf_counter() - started
+                ref = self._infer(self.reference, done.frames[:len(done)]) if self.reference is not None else None
+            except BaseException:  # noqa: BLE001 - the first exception is the one the main thread raises
+                return
+            self.outbox.put((done, raw, ref, seconds))
 
     def _start(self, frames):
         """Begin inference of `frames` (a host array, or a CUDA tensor of GPU-decoded clips); returns a function

@@ -104,8 +104,8 @@ def idle_between_kernels(spans: list[tuple[str, float, float]], calls: int) -> d
 
 def short_name(name: str) -> str:
     """A kernel's name cut to what tells kernels apart in a table (quack's epilogue, FA4, the Triton kernel)."""
-    for pattern in (r"GemmMod__(\w+?)_[0-9a-f]{8}", r"(FlashAttentionForwardSm90)", r"^(_\w+_kernel)",
-                    r"^(triton_\w+?)_\d+$"):
+    for pattern in (r"GemmMod__(\w+?)_[0-9a-f]{8}", r"(FlashAttentionForwardSm90|RowScaledForwardSm90)",
+                    r"^(_\w+_kernel)", r"^(triton_\w+?)_\d+$"):
         m = re.search(pattern, name)
         if m:
             return m.group(1)

@@ -300,12 +300,13 @@ def test_kernel_groups():
     assert profile["kernels"][1]["ms"] == pytest.approx(0.2) and profile["kernels"][1]["launches"] == 1
 
 
-
 def test_idle_between_a_graph_replays_kernels():
     quack = "kernel_cutlass_kernel_quackepiloguefrontendGemmMod__residual_rms_1a2c4ba8f2233c39__c_row_row_sm9_object"
     fa4 = "kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at__tensor0000o111"
-    assert [short_name(n) for n in (quack, fa4, "_qk_norm_rows_kernel", "triton_poi_fused_add_div_rsqrt_sum_6")] == \
-        ["residual_rms", "FlashAttentionForwardSm90", "_qk_norm_rows_kernel", "triton_poi_fused_add_div_rsqrt_sum"]
+    row_scaled = "kernel_cutlass_kernel_modelsflash_attn4_row_scaledRowScaledForwardSm90_object_at__tensor0000o1"
+    assert [short_name(n) for n in (quack, fa4, row_scaled, "_qk_norm_rows_kernel", "triton_poi_fused_add_6")] == \
+        ["residual_rms", "FlashAttentionForwardSm90", "RowScaledForwardSm90", "_qk_norm_rows_kernel",
+         "triton_poi_fused_add"]
     # two calls of three kernels: idle 2 + 0 and 3 + 1 µs; one overlap of 1 µs; the 70 µs between calls uncounted
     spans = [("a", 0.0, 10.0), ("b", 12.0, 20.0), ("c", 19.0, 30.0),
              ("a", 100.0, 110.0), ("b", 113.0, 120.0), ("c", 121.0, 130.0)]

@@ -162,6 +162,46 @@ def test_inference_thread_error_reaches_the_main_thread(tmp_path):
     thread.close()
 
 
+def test_batches_finished_before_a_runner_error_are_returned_before_it():
+    """The first batch is in the thread's hands when the second one's runner call raises: its features are
+    returned first, then the error raises (from results and from submit)."""
+    import threading
+
+    from iv2trt.batching import Batch as _Batch
+
+    second_submitted = threading.Event()
+
+    class FirstWaitsThenFails:
+        name, max_batch, frame_range = "first waits", None, (1, None)
+        calls = 0
+
+        def infer_uint8(self, frames):
+            self.calls += 1
+            if self.calls == 1:
+                assert second_submitted.wait(10)  # the second batch is queued before the first one returns
+                return np.full((len(frames), 8), 3.0, np.float32)
+            raise PipelineError("engine fell over")
+
+    def batch(value):
+        b = _Batch(("|u1", (4, 56, 56, 3)), np.zeros((2, 4, 56, 56, 3), np.uint8))
+        b.add(value, 0, np.full((4, 56, 56, 3), value, np.uint8))
+        return b
+
+    thread = InferenceThread(FirstWaitsThenFails())
+    first = batch(1)
+    assert thread.submit(first) and thread.submit(batch(2))
+    second_submitted.set()
+    thread.thread.join(10)
+    assert not thread.thread.is_alive()
+    done = thread.results(timeout=0.1)
+    assert [d[0] for d in done] == [first] and float(done[0][1][0, 0]) == 3.0
+    with pytest.raises(PipelineError, match="fell over"):
+        thread.results(timeout=0.1)
+    with pytest.raises(PipelineError, match="fell over"):
+        thread.submit(batch(3))
+    thread.close()
+
+
 def test_failed_input_rows_are_dropped_from_open_batches():
     from iv2trt.batching import Batch as _Batch
 
