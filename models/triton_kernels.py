@@ -303,7 +303,8 @@ def _norm_rows(qkv: torch.Tensor, parts: torch.Tensor, q_eps: float, k_eps: floa
     qs = torch.empty(B * N if q_scale is not None else 1, device=qkv.device, dtype=torch.float32)
     _qk_norm_rows_kernel[(triton.cdiv(B * N, QK_NORM_ROWS),)](
         flat, parts, qkn, qs, B * N, flat.stride(0), parts.stride(0), qkn.stride(0), 1.0 / C, q_eps, k_eps,
-        q_scale or 1.0, C=C, PARTS=C // part, BR=QK_NORM_ROWS, BC=cols, Q_SCALES=q_scale is not None, num_warps=4)
+        1.0 if q_scale is None else q_scale, C=C, PARTS=C // part, BR=QK_NORM_ROWS, BC=cols,
+        Q_SCALES=q_scale is not None, num_warps=4)
     return qkn.view(B, N, width), qs
 
 
