@@ -39,8 +39,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
     # FA4 launches on the current device's current stream (q on the CPU: the CPU tests' stand-in)
     with _CALLS, torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        out = flash_attn_func(q, k, v, softmax_scale=scale)
-    return out[0] if isinstance(out, tuple) else out  # (out, lse) in the versions measured
+        return _output(flash_attn_func(q, k, v, softmax_scale=scale))
+
+
+def _output(result) -> torch.Tensor:
+    """The attention output of what FA4's flash_attn_func returns ((out, lse) in the versions measured)."""
+    return result[0] if isinstance(result, tuple) else result
 
 
 def shape_ok(C: int, heads: int, part: int) -> bool:
@@ -60,7 +64,7 @@ def attend_row_scaled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales_
     from .flash_attn4_row_scaled import attend
 
     with _CALLS, torch.cuda.device(q.device):
-        return attend(q, k, v, scales_log2)
+        return _output(attend(q, k, v, scales_log2))
 
 
 def qk_norm_attention(qkv: torch.Tensor, parts: torch.Tensor, heads: int, scale: float, q_eps: float,

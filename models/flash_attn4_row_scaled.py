@@ -118,9 +118,8 @@ def _row_scaled_kernel():
         _TRACE.clear()
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales_log2: torch.Tensor) -> torch.Tensor:
-    """softmax(s_bi * q_i k_j^T) v over [B, N, heads, head_dim] on the current device and stream; scales_log2
-    float32 [B, N]: each query's softmax scale s_bi times log2(e)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scales_log2: torch.Tensor):
+    """FA4's flash_attn_func of softmax(s_bi * q_i k_j^T) v over [B, N, heads, head_dim] on the current device and
+    stream; scales_log2 float32 [B, N]: each query's softmax scale s_bi times log2(e)."""
     with _row_scaled_kernel():
-        out = interface.flash_attn_func(q, k, v, softmax_scale=1.0, score_mod=row_scales, aux_tensors=[scales_log2])
-    return out[0] if isinstance(out, tuple) else out
+        return interface.flash_attn_func(q, k, v, softmax_scale=1.0, score_mod=row_scales, aux_tensors=[scales_log2])

@@ -9,7 +9,6 @@ against float64 on the first two clips.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,24 +20,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import flash_attn4  # noqa: E402
 from models import triton_kernels as tk  # noqa: E402
 from tools.bench_cls_split import time_case  # noqa: E402
-from tools.bench_qk_norm_attention import inputs, reference  # noqa: E402
+from tools.bench_qk_norm_attention import EPS, PART, D, H, parser, problem  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=2049)
-    p.add_argument("--output", type=Path, default=Path("flash_attn4.json"))
+    p = parser(__doc__.splitlines()[0], "flash_attn4.json")
     p.add_argument("--sweep", action="store_true", help="also the norm pass's tilings and FA4's tile options")
     args = p.parse_args()
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    B, N, H, D, part, eps = args.batch, args.tokens, 6, 64, 192, 1e-6
-    C = H * D
-    scale = D ** -0.5
+    B, N, C, part, scale, eps = args.batch, args.tokens, H * D, PART, D ** -0.5, EPS
     cuda = dict(device="cuda", dtype=torch.float16)
-    q, k, v, wq, wk, folded, parts = inputs(B, N, C, part)
-    ref = reference(q, k, v, wq, wk, H, scale, eps)
+    folded, parts, ref = problem(B, N)[-3:]
     heads = folded.view(B, N, 3, H, D)
     v4 = heads[:, :, 2]
     out = torch.empty(B, N, H, D, **cuda)

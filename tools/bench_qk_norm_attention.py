@@ -22,6 +22,17 @@ from models import triton_kernels as tk  # noqa: E402
 from tools.bench_cls_split import time_case  # noqa: E402
 
 CONFIGS = [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 3), (256, 128, 8, 2)]
+H, D, PART, EPS = 6, 64, 192, 1e-6  # S/14's attention: 6 heads of 64, sums of squares in 192-column parts
+
+
+def parser(description: str, output: str) -> argparse.ArgumentParser:
+    """The arguments of this tool and tools/bench_flash_attn4.py: --batch and --tokens (S/14 at 32x8 by default),
+    --output (default `output`)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=2049)
+    p.add_argument("--output", type=Path, default=Path(output))
+    return p
 
 
 def reference(q, k, v, wq, wk, heads, scale, eps, clips=2):
@@ -45,19 +56,19 @@ def inputs(B: int, N: int, C: int, part: int) -> tuple:
     return q, k, v, wq, wk, folded, parts
 
 
+def problem(B: int, N: int) -> tuple:
+    """inputs() at [B, N] of S/14's width (H heads of D, parts of PART columns) and their float64 reference on the
+    first two clips (softmax scale D ** -0.5, eps EPS): q, k, v, wq, wk, folded, parts, reference."""
+    q, k, v, wq, wk, folded, parts = inputs(B, N, H * D, PART)
+    return q, k, v, wq, wk, folded, parts, reference(q, k, v, wq, wk, H, D ** -0.5, EPS)
+
+
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=2049)
-    p.add_argument("--output", type=Path, default=Path("qk_norm_attention.json"))
-    args = p.parse_args()
-    B, N, H, D, part, eps = args.batch, args.tokens, 6, 64, 192, 1e-6
-    C = H * D
-    scale = D ** -0.5
+    args = parser(__doc__.splitlines()[0], "qk_norm_attention.json").parse_args()
+    B, N, C, scale, eps = args.batch, args.tokens, H * D, D ** -0.5, EPS
     cuda = dict(device="cuda", dtype=torch.float16)
-    q, k, v, wq, wk, folded, parts = inputs(B, N, C, part)
+    q, k, v, wq, wk, folded, parts, ref = problem(B, N)
     qkv = torch.cat([q, k, v], -1)  # before: the norms' input
-    ref = reference(q, k, v, wq, wk, H, scale, eps)
     wq16, wk16 = wq.half(), wk.half()
 
     @torch.compile
