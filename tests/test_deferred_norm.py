@@ -307,8 +307,9 @@ def test_q_k_norm_attention_compiles_with_torchinductor(tanh_model, monkeypatch,
         block.attn.qk_norm_kernel = backend  # off the GPU the op runs torch ops whichever kernel is named
     x = torch.randn(2, 4, 3, 56, 56)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # lowered here, not loaded from a cache
-    with torch.no_grad():
+    # lowered here, not loaded from a cache (config.patch restores the setting; a monkeypatch of the config module's
+    # attribute deleted it on undo with newer torch/pytest, and the next case failed)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
         want = deferred(x)
         got = torch.compile(deferred, backend="inductor", fullgraph=True)(x)
     assert torch.allclose(got, want, atol=1e-5)
