@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Stage 1: PyTorch InternVideo2-CLIP vision encoder -> validated ONNX. See --help."""
 from iv2trt.cli import exit_with
-from iv2trt.export_cmd import main
+from iv2trt.cli.export import main
 
 if __name__ == "__main__":
     exit_with(main)

@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models import InternVideo2CLIPVision, VisionConfig  # noqa: E402
+from iv2trt.models import InternVideo2CLIPVision, VisionConfig  # noqa: E402
 
 # 56 px / patch 14 = 4x4 patches per frame; 2 blocks; same structure as S/14
 TINY = VisionConfig(name="tiny_test", img_size=56, patch_size=14, num_frames=4, embed_dim=64, depth=2, num_heads=2,
@@ -35,7 +35,7 @@ def _no_compile_outlives_its_test():
     """A background torch.compile a test started (GPU runners) ends inside that test, not in the next one or
     after pytest has closed its streams."""
     yield
-    from iv2trt.torch_compile import finish_compiles
+    from iv2trt.runners.compile import finish_compiles
 
     finish_compiles()
 
@@ -53,7 +53,7 @@ def tiny_model() -> InternVideo2CLIPVision:
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, tiny_model) -> dict[str, Path]:
     """The tiny model exported in fp32 and fp16 (max batch 8, max frames 16)."""
-    from iv2trt.onnx_export import export_onnx
+    from iv2trt.export.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("tiny_onnx")
     return {p: export_onnx(tiny_model, out / f"tiny_{p}.onnx", p, max_batch=8, max_frames=16) for p in ("fp32", "fp16")}
@@ -62,7 +62,7 @@ def tiny_onnx(tmp_path_factory, tiny_model) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def s14_onnx(tmp_path_factory) -> dict[str, Path]:
     """The full S/14 (random weights) exported in fp32 and fp16 through export_onnx.py's own code path."""
-    from iv2trt.export_cmd import main
+    from iv2trt.cli.export import main
 
     out = tmp_path_factory.mktemp("s14_onnx")
     paths = {}

@@ -252,12 +252,11 @@ def write_engine(folder: Path, flavour: str = "tensorrt", version: str = VERSION
 
 
 def install(monkeypatch, cuda: FakeCuda, trt_module, flavour: str = "tensorrt") -> None:
-    """Make trt_runtime use the fakes (and forget primary contexts retained by earlier tests)."""
-    import iv2trt.trt_runtime as rt
-    from iv2trt import cuda_env, engine_build
+    """Make the TensorRT runner use the fakes (and forget primary contexts retained by earlier tests)."""
+    import iv2trt.runners.tensorrt_runner as rt
+    from iv2trt.engine import cuda_env, tensorrt
 
     monkeypatch.setattr(rt, "_import_pycuda", lambda: cuda)
     monkeypatch.setattr(rt, "_PRIMARY_CONTEXTS", {})
-    monkeypatch.setattr(engine_build, "import_tensorrt", lambda backend="auto": engine_build.TensorRT(trt_module,
-                                                                                                      flavour))
+    monkeypatch.setattr(tensorrt, "import_tensorrt", lambda backend="auto": tensorrt.TensorRT(trt_module, flavour))
     monkeypatch.setattr(cuda_env, "driver_cuda_version", lambda: None)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from iv2trt.bench_encoder import TimingPlan, make_input, percentiles, run_encoder_grid, throughput
-from iv2trt.benchmark import markdown_report, targets, write_results
-from models import InternVideo2CLIPVision, load_vision_config
+from iv2trt.bench.encoder import TimingPlan, make_input, percentiles, run_encoder_grid, throughput
+from iv2trt.bench.main import markdown_report, targets, write_results
+from iv2trt.models import InternVideo2CLIPVision, load_vision_config
 
 
 def counted_flops(model: InternVideo2CLIPVision, frames: int) -> int:
@@ -107,9 +107,9 @@ def test_tiny_run_end_to_end_on_cpu(tmp_path, tiny_model, tiny_onnx):
 def test_pipeline_benchmark_on_cpu(tmp_path, tiny_onnx):
     """The pipeline part end to end on tiny videos: decode ceilings and end-to-end runs per decoder (CPU only
     here), targets, and the stage-throughput chart."""
-    from iv2trt.bench_pipeline import run_pipeline, write_test_video
-    from iv2trt.runners import OnnxRuntimeRunner
-    from iv2trt.video import Windowing
+    from iv2trt.bench.pipeline import run_pipeline, write_test_video
+    from iv2trt.decode.clips import Windowing
+    from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 
     spec = {"width": 64, "height": 48, "fps": 10, "seconds": 2, "codec": "libx264", "gop": None, "preset": "medium",
             "crf": 23}

@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TINY, randomize
 from safetensors.torch import save_file
 
-from conftest import ROOT, TINY, randomize
-from models import CheckpointError, InternVideo2CLIPVision, create_model
-from models.pos_embed import interpolate_checkpoint_pos_embed
+from iv2trt.models import CheckpointError, InternVideo2CLIPVision, create_model
+from iv2trt.models.pos_embed import interpolate_checkpoint_pos_embed
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iv2trt import nvdec
 from iv2trt.cli import run_main
-from iv2trt.decoders import DecoderPlan, iter_clips
+from iv2trt.cli.infer import main
+from iv2trt.decode import nvdec
+from iv2trt.decode.clips import DecodeError, Windowing
+from iv2trt.decode.inputs import discover
+from iv2trt.decode.plan import DecoderPlan
+from iv2trt.decode.samples import pattern_frames, write_image, write_video
+from iv2trt.decode.source import iter_clips
 from iv2trt.errors import BackendUnavailable
-from iv2trt.infer_cmd import main
-from iv2trt.inputs import discover
-from iv2trt.job import JobOptions, run_job
-from iv2trt.runners import OnnxRuntimeRunner
-from iv2trt.samples import pattern_frames, write_image, write_video
-from iv2trt.video import DecodeError, Windowing
-from iv2trt.writer import FeatureWriter, load_features
+from iv2trt.job.local import JobOptions, run_job
+from iv2trt.output.writer import FeatureWriter, load_features
+from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 
 RELEASE_HANG = threading.Event()
 
@@ -36,7 +37,7 @@ class FakeSession:
         self.frames_decoded = self.frames_dropped = 0
 
     def clips(self, kind, path):
-        from iv2trt.inputs import InputItem
+        from iv2trt.decode.inputs import InputItem
 
         name = Path(path).name
         if "nvfail" in name:
@@ -59,7 +60,7 @@ def fake_nvdec(monkeypatch):
     monkeypatch.setattr(nvdec, "nvdec_unavailable", lambda gpu=0: None)
     monkeypatch.setattr(nvdec, "gpu_jpeg_available", lambda: False)
     monkeypatch.setattr(nvdec, "NvdecSession", FakeSession)
-    monkeypatch.setattr("iv2trt.decoders.torch_device_scope", lambda gpu: _null_scope())
+    monkeypatch.setattr("iv2trt.decode.workers.torch_device_scope", lambda gpu: _null_scope())
     FakeSession.decoded = []
     RELEASE_HANG.clear()
     yield FakeSession
@@ -181,7 +182,7 @@ def test_h264_non_reference_detection():
 
 def test_nvdec_is_probed_once_per_process():
     """The stage's early check, the job's decoder plan and the benchmark all ask; the GPU is probed once."""
-    from iv2trt import nvdec
+    from iv2trt.decode import nvdec
 
     nvdec.nvdec_unavailable.cache_clear()
     first = nvdec.nvdec_unavailable(0)

@@ -1,4 +1,4 @@
-"""The blocks with their norms deferred into the matrix products (models.deferred_norm, models.quack_gemms).
+"""The blocks with their norms deferred into the matrix products (models.deferred_norm, models.kernels.quack_gemms).
 
 On CPU: the algebra, through the same products in torch ops (`TorchGemms`), against the blocks as written;
 which products a model gets where. On a Hopper GPU with quack installed: quack's products against float32,
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from iv2trt.compare import compare
-from iv2trt.runners import GRAPH_STREAMS_ENV, TorchRunner
-from models import fused_ops
-from models import internvideo2_clip as iv2
-from models.deferred_norm import TorchGemms
+from iv2trt.models import internvideo2_clip as iv2
+from iv2trt.models.deferred_norm import TorchGemms
+from iv2trt.models.kernels import fused_ops, switches
+from iv2trt.runners.torch_runner import TorchRunner
 
 has_quack = importlib.util.find_spec("quack") is not None
 on_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -70,7 +70,7 @@ def counted(monkeypatch, module, name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_q_k_norms_deferred_into_attention_match_the_blocks_as_written(tanh_model, monkeypatch, dtype):
-    from models import deferred_norm
+    from iv2trt.models import deferred_norm
 
     monkeypatch.setattr(iv2, "DEFERRED_MIN_ROWS", 0)
     x = torch.randn(3, 4, 3, 56, 56).to(dtype)
@@ -189,9 +189,9 @@ def test_quack_serves_only_fp16_on_a_gpu(monkeypatch):
     assert fused_ops.quack_gemms(torch.device("cpu"), torch.float16) is None
     assert fused_ops.quack_gemms(torch.device("cuda"), torch.float32) is None
     assert fused_ops.quack_gemms(torch.device("cuda"), torch.bfloat16) is None  # not measured
-    monkeypatch.setenv(fused_ops.QUACK_ENV_VAR, "off")
+    monkeypatch.setenv(switches.QUACK, "off")
     assert fused_ops.quack_gemms(torch.device("cuda"), torch.float16) is None  # refused before CUDA is asked
-    monkeypatch.setenv(fused_ops.QUACK_ENV_VAR, "fast")
+    monkeypatch.setenv(switches.QUACK, "fast")
     with pytest.raises(ValueError, match="IV2TRT_QUACK_GEMMS must be on or off"):
         fused_ops.quack_gemms(torch.device("cuda"), torch.float16)
 
@@ -210,12 +210,12 @@ def test_a_quack_that_fails_its_test_product_is_not_used(monkeypatch, caplog):
 
 
 def test_runner_takes_one_graph_stream_where_the_model_defers_its_norms(tiny_model, monkeypatch):
-    monkeypatch.delenv(GRAPH_STREAMS_ENV, raising=False)
+    monkeypatch.delenv(switches.GRAPH_STREAMS, raising=False)
     assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == 2
     monkeypatch.setattr(fused_ops, "quack_gemms", lambda device, dtype: TorchGemms)
     runner = TorchRunner(copy.deepcopy(tiny_model), device="cpu")
     assert runner.model.defers_norms and runner.graph_streams == 1
-    monkeypatch.setenv(GRAPH_STREAMS_ENV, "2")
+    monkeypatch.setenv(switches.GRAPH_STREAMS, "2")
     assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == 2
 
 
@@ -232,7 +232,7 @@ def test_the_q_k_norm_kernel_is_sought_only_for_deferred_blocks(tiny_model, monk
 @needs_quack
 @pytest.mark.parametrize("rows", [32 * 2049, 4 * 2049, 1000])
 def test_gpu_quack_products_match_float32(rows):
-    from models.quack_gemms import QuackGemms
+    from iv2trt.models.kernels.quack_gemms import QuackGemms
 
     torch.manual_seed(0)
     C = 384
@@ -268,7 +268,7 @@ def test_gpu_quack_products_match_float32(rows):
 
 @needs_quack
 def test_gpu_model_with_deferred_norms_matches_fp32():
-    from models import create_model
+    from iv2trt.models import create_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from iv2trt.build_cmd import main
 from iv2trt.cli import run_main
-from iv2trt.engine_build import (OnnxInfo, Profile, TensorRT, check_profile, import_tensorrt, network_flags,
-                                 read_onnx_info)
+from iv2trt.cli.build import main
+from iv2trt.engine.build import OnnxInfo, Profile, check_profile, read_onnx_info
+from iv2trt.engine.tensorrt import TensorRT, import_tensorrt, network_flags
 from iv2trt.errors import BackendUnavailable, PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,10 +223,10 @@ def _unstartable_tensorrt() -> TensorRT:
 
 @pytest.fixture
 def tensorrt_cannot_start(monkeypatch):
-    from iv2trt import cuda_env, engine_build
+    from iv2trt.engine import cuda_env, tensorrt
 
-    real = engine_build.import_tensorrt
-    monkeypatch.setattr(engine_build, "import_tensorrt",
+    real = tensorrt.import_tensorrt
+    monkeypatch.setattr(tensorrt, "import_tensorrt",
                         lambda backend="auto": _unstartable_tensorrt() if backend == "tensorrt" else real(backend))
     monkeypatch.setattr(cuda_env, "driver_cuda_version", lambda: None)
 
@@ -240,7 +240,7 @@ def test_tensorrt_that_cannot_start_is_exit_4(tensorrt_cannot_start, tiny_onnx, 
 
 
 def test_auto_build_falls_back_to_rtx_when_tensorrt_cannot_start(tensorrt_cannot_start, caplog):
-    from iv2trt.engine_build import start_builder
+    from iv2trt.engine.tensorrt import start_builder
 
     trt, _logger, builder = start_builder("auto")
     assert trt.flavour == "tensorrt-rtx" and builder is not None
@@ -248,8 +248,8 @@ def test_auto_build_falls_back_to_rtx_when_tensorrt_cannot_start(tensorrt_cannot
 
 
 def test_builder_is_not_started_on_a_driver_too_old_for_the_wheel(monkeypatch):
-    from iv2trt import cuda_env
-    from iv2trt.engine_build import create_builder
+    from iv2trt.engine import cuda_env
+    from iv2trt.engine.tensorrt import create_builder
 
     started = []
     module = types.SimpleNamespace(__version__="11.4.0.106", Builder=lambda logger: started.append(1))
@@ -267,7 +267,7 @@ def test_builder_is_not_started_on_a_driver_too_old_for_the_wheel(monkeypatch):
 def test_wheel_cuda_reads_the_installed_distributions(monkeypatch):
     import importlib.metadata
 
-    from iv2trt.cuda_env import wheel_cuda
+    from iv2trt.engine.cuda_env import wheel_cuda
 
     dists = [types.SimpleNamespace(metadata={"Name": n}) for n in
              ("numpy", "tensorrt", "tensorrt_cu13", "tensorrt_cu13_libs", "tensorrt-rtx-cu12")]
@@ -288,9 +288,10 @@ def test_build_gpu_is_named_through_pycuda_when_torch_knows_none(monkeypatch):
     """A CPU-only torch knows no GPU; pycuda (or libcuda) does. Full TensorRT never records "none"."""
     import sys
 
-    from iv2trt import cuda_env
-    from iv2trt.engine_build import build_gpu
     from fake_tensorrt import FakeCuda
+
+    from iv2trt.engine import cuda_env
+    from iv2trt.engine.build import build_gpu
 
     monkeypatch.setattr(cuda_env, "_libcuda", lambda: None)  # no driver library reachable here
     monkeypatch.setitem(sys.modules, "pycuda", None)  # nor pycuda (even on a GPU machine)
@@ -326,7 +327,7 @@ class FakeTimingConfig:
 
 
 def test_foreign_timing_cache_is_replaced_not_kept_forever(tmp_path, caplog):
-    from iv2trt.engine_build import load_timing_cache, save_timing_cache
+    from iv2trt.engine.build import load_timing_cache, save_timing_cache
 
     trt = TensorRT(types.SimpleNamespace(__version__="10.13.0.35"), "tensorrt")
     path = tmp_path / "timing.cache"

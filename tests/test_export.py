@@ -7,14 +7,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import ROOT, TINY
 from reference_impl import reference_encode_vision
 
-from iv2trt import export_cmd
+from iv2trt.cli import export as export_cmd
 from iv2trt.compare import compare
-from iv2trt.onnx_export import ShapeCheck, parse_shape
 from iv2trt.errors import PipelineError
+from iv2trt.export.onnx_export import parse_shape
+from iv2trt.export.validate import ShapeCheck
 
 
 def run_onnx(path, x):
@@ -143,7 +143,7 @@ def test_values_the_exporter_would_ignore_or_crash_on_are_refused(tmp_path, args
                                                ("clip.mp4", "libx264", "an MP4/MOV video")])
 def test_a_video_given_as_checkpoint_is_bad_input(tmp_path, name, codec, what, capfd):
     from iv2trt.cli import run_main
-    from iv2trt.samples import pattern_frames, write_video
+    from iv2trt.decode.samples import pattern_frames, write_video
 
     video = write_video(tmp_path / name, pattern_frames(3, 32, 32, seed=0), codec=codec)
     assert run_main(export_cmd.main, ["--checkpoint", str(video), "--output", str(tmp_path / "x.onnx")]) == 2

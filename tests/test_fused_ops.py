@@ -1,4 +1,4 @@
-"""The fused path's cls-split attention (models.triton_kernels, models.fused_ops).
+"""The fused path's cls-split attention (models.kernels.triton_kernels, models.kernels.fused_ops).
 
 On CPU the merge kernel runs in Triton's interpreter (TRITON_INTERPRET=1, in a subprocess so no other test
 sees it) against float64 references; on a GPU compiled, at the model's shapes, and inside the model."""
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from iv2trt.compare import compare
 from iv2trt.errors import PipelineError
-from iv2trt.runners import GRAPH_STREAMS_ENV, TorchRunner
-from models import fused_ops
-from models.internvideo2_clip import Attention
+from iv2trt.models.internvideo2_clip import Attention
+from iv2trt.models.kernels import fused_ops, switches
+from iv2trt.runners.torch_runner import TorchRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 has_triton = importlib.util.find_spec("triton") is not None
@@ -44,7 +44,7 @@ exec(REFERENCES)  # noqa: S102  (the same definitions here and in the interprete
 INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
     import sys
     sys.path.insert(0, sys.argv[1])
-    from models import triton_kernels as tk
+    from iv2trt.models.kernels import triton_kernels as tk
 
     torch.manual_seed(0)
     dt = torch.float16
@@ -85,9 +85,10 @@ INTERPRETER_SCRIPT = REFERENCES + textwrap.dedent('''
         print("refused:", exc)
     else:
         raise AssertionError("qk_norm_attention took a token count that is not whole tiles")
-    # FA4's path (models.flash_attn4): the Triton pass that normalises q and k, then FA4, here a stand-in
+    # FA4's path (models.kernels.flash_attn4): the Triton pass that normalises q and k, then FA4, here a stand-in
     # with FA4's signature ([B, N, heads, D] strided views in, (out, lse) back), so the views are checked
-    from models import deferred_norm, flash_attn4
+    from iv2trt.models import deferred_norm
+    from iv2trt.models.kernels import flash_attn4
     calls = []
 
     def fake_fa4(q, k, v, softmax_scale=None):
@@ -158,23 +159,11 @@ def test_cpu_and_fp32_models_keep_torch_ops(tiny_model, monkeypatch):
     assert not any(m.cls_split for m in model.modules() if isinstance(m, Attention))
     assert not fused_ops.available(torch.device("cpu"), torch.float16)
     assert not fused_ops.available(torch.device("cuda"), torch.float32)
-    monkeypatch.setenv(fused_ops.ENV_VAR, "off")
+    monkeypatch.setenv(switches.TRITON, "off")
     assert not fused_ops.available(torch.device("cuda"), torch.float16)  # refused before CUDA is asked
-    monkeypatch.setenv(fused_ops.ENV_VAR, "fast")
+    monkeypatch.setenv(switches.TRITON, "fast")
     with pytest.raises(PipelineError, match=r"\$IV2TRT_TRITON_KERNELS must be on or off, got 'fast'"):
         TorchRunner(copy.deepcopy(tiny_model), device="cpu")
-
-
-def test_graph_streams_from_env(tiny_model, monkeypatch):
-    monkeypatch.setenv(GRAPH_STREAMS_ENV, "3")
-    assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == 3
-    assert TorchRunner(copy.deepcopy(tiny_model), device="cpu", graph_streams=1).graph_streams == 1
-    for bad in ("0", "two", "-1", "9"):
-        monkeypatch.setenv(GRAPH_STREAMS_ENV, bad)
-        with pytest.raises(PipelineError, match=r"\$IV2TRT_GRAPH_STREAMS must be a whole number from 1 to 8"):
-            TorchRunner(copy.deepcopy(tiny_model), device="cpu")
-    monkeypatch.delenv(GRAPH_STREAMS_ENV)
-    assert TorchRunner(copy.deepcopy(tiny_model), device="cpu").graph_streams == TorchRunner.GRAPH_STREAMS
 
 
 def test_cls_split_shape_rule():
@@ -184,7 +173,7 @@ def test_cls_split_shape_rule():
 
 
 def test_flash_attn4_rules(monkeypatch):
-    from models import flash_attn4
+    from iv2trt.models.kernels import flash_attn4
 
     assert flash_attn4.shape_ok(384, 6, 192) and flash_attn4.shape_ok(768, 12, 192)
     assert not flash_attn4.shape_ok(384, 6, 256)  # sums of squares in parts that straddle q and k
@@ -199,7 +188,7 @@ def test_flash_attn4_rules(monkeypatch):
 
 
 def test_a_flash_attn4_that_fails_its_test_attention_is_not_used(monkeypatch, caplog):
-    from models import flash_attn4
+    from iv2trt.models.kernels import flash_attn4
 
     def attention(error):  # torch's attention, its output times `error`
         return lambda q, k, v, s: F.scaled_dot_product_attention(
@@ -260,7 +249,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gpu_attention_cls_split(dtype):
-    from models import triton_kernels as tk
+    from iv2trt.models.kernels import triton_kernels as tk
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for B, H, N, D in ((32, 6, 2049, 64), (3, 6, 257, 64), (1, 6, 100, 64), (2, 4, 70, 32), (2, 2, 130, 128)):
@@ -281,7 +270,7 @@ def test_gpu_attention_cls_split(dtype):
     ("triton", 2, 2049), ("triton", 3, 257), ("flash_attn4", 2, 2049), ("flash_attn4", 3, 300),
     ("flash_attn4_row_scales", 2, 2049), ("flash_attn4_row_scales", 3, 300)])
 def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens):
-    from models import triton_kernels as tk
+    from iv2trt.models.kernels import triton_kernels as tk
 
     serves = {"flash_attn4": fused_ops.flash_attn4_serves,
               "flash_attn4_row_scales": fused_ops.flash_attn4_row_scales_serve}.get(kernel)
@@ -315,7 +304,7 @@ def test_gpu_qk_norm_attention_matches_float64(kernel, clips, tokens):
 
 @needs_gpu
 def test_gpu_model_uses_the_cls_split_and_matches_fp32(monkeypatch):
-    from models import create_model
+    from iv2trt.models import create_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -326,7 +315,7 @@ def test_gpu_model_uses_the_cls_split_and_matches_fp32(monkeypatch):
     with torch.inference_mode():
         ref = ref_model(x).double().cpu().numpy()
         fused = half(x.half()).double().cpu().numpy()
-        monkeypatch.setenv(fused_ops.ENV_VAR, "off")
+        monkeypatch.setenv(switches.TRITON, "off")
         plain = half.set_fused_kernels(True)
         assert not any(m.cls_split for m in plain.modules() if isinstance(m, Attention))
         without = plain(x.half()).double().cpu().numpy()
@@ -337,7 +326,7 @@ def test_gpu_model_uses_the_cls_split_and_matches_fp32(monkeypatch):
 
 @needs_gpu
 def test_gpu_graph_streams_give_the_same_features():
-    from models import create_model
+    from iv2trt.models import create_model
 
     model = create_model("s14", random_init=True)
     x = torch.randn(32, 8, 3, 224, 224, device="cuda").half()

@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from iv2trt.cli import run_main
+from iv2trt.cli.infer import main
+from iv2trt.decode.samples import pattern_frames, write_video
 from iv2trt.errors import PipelineError
-from iv2trt.infer_cmd import main
-from iv2trt.results import load_features
-from iv2trt.samples import pattern_frames, write_video
+from iv2trt.output.results import load_features
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def test_missing_default_onnx_names_the_working_directory_and_the_flag(tmp_path,
 def test_random_weights_are_said_and_recorded(tmp_path, clips, random_onnx, capfd):
     out = tmp_path / "out"
     assert run_main(main, _argv(random_onnx["fp32"], [clips / "v0.mp4"], out)) == 0
-    assert "WARNING iv2trt.infer_cmd: RANDOM WEIGHTS" in capfd.readouterr().err
+    assert "WARNING iv2trt.job.identity: RANDOM WEIGHTS" in capfd.readouterr().err
     assert json.loads((out / "job.json").read_text())["random_init"] is True
     assert json.loads((out / "summary.json").read_text())["random_init"] is True
 
@@ -96,9 +96,9 @@ def test_cpu_runs_an_fp16_graph_as_fp32(tmp_path, clips, random_onnx, capfd):
 
 
 def test_cpu_conversion_matches_the_fp16_graph_and_keeps_its_thresholds(tiny_onnx):
-    from iv2trt.backends import cpu_fp32_runner, runner_precision
     from iv2trt.compare import compare
-    from iv2trt.runners import OnnxRuntimeRunner
+    from iv2trt.runners.choice import cpu_fp32_runner, runner_precision
+    from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 
     runner = cpu_fp32_runner(tiny_onnx["fp16"])
     assert runner.input_dtype == np.float32 and runner_precision(runner) == "fp16"
@@ -164,42 +164,42 @@ def _auto_settings(**kw):
     ({"random_init": True}, "no CUDA GPU visible to torch", "onnxruntime"),  # CPU: ONNX Runtime, as before
 ])
 def test_auto_without_tensorrt_prefers_pytorch_on_a_gpu_when_weights_are_given(monkeypatch, weights, gpu, expected):
-    from iv2trt import backends
+    from iv2trt.runners import choice
 
-    monkeypatch.setattr(backends, "torch_gpu_missing", lambda: gpu)
-    backend, why = backends.resolve_backend(_auto_settings(**weights))
+    monkeypatch.setattr(choice, "torch_gpu_missing", lambda: gpu)
+    backend, why = choice.resolve_backend(_auto_settings(**weights))
     assert backend == expected and why.startswith("auto: TensorRT unavailable (")
     assert ("PyTorch fp16 on the GPU" in why) == (expected == "torch")
-    assert backends.resolve_backend(_auto_settings(backend="onnxruntime", **weights)) == ("onnxruntime", "asked for")
+    assert choice.resolve_backend(_auto_settings(backend="onnxruntime", **weights)) == ("onnxruntime", "asked for")
 
 
 def test_auto_falls_back_to_pytorch_when_tensorrt_cannot_start(monkeypatch):
-    from iv2trt import backends
     from iv2trt.errors import BackendUnavailable
+    from iv2trt.runners import choice
 
     def cannot_start(s, why):
         raise BackendUnavailable("could not start CUDA")
 
-    monkeypatch.setattr(backends, "tensorrt_missing", lambda engine: None)
-    monkeypatch.setattr(backends, "tensorrt_runner", cannot_start)
-    monkeypatch.setattr(backends, "torch_gpu_missing", lambda: None)
-    monkeypatch.setattr(backends, "onnxruntime_runner", lambda path, why: pytest.fail("ONNX Runtime was chosen"))
+    monkeypatch.setattr(choice, "tensorrt_missing", lambda engine: None)
+    monkeypatch.setattr(choice, "tensorrt_runner", cannot_start)
+    monkeypatch.setattr(choice, "torch_gpu_missing", lambda: None)
+    monkeypatch.setattr(choice, "onnxruntime_runner", lambda path, why: pytest.fail("ONNX Runtime was chosen"))
     s = _auto_settings(random_init=True, variant="no-such-variant", seed=0, align_checkpoint=None, onnx=None)
     with pytest.raises(PipelineError, match="no-such-variant"):  # it went on to load the PyTorch model
-        backends.create_runner(s)
+        choice.create_runner(s)
 
 
 def test_auto_falls_back_to_the_onnx_file_when_pytorch_cannot_load_the_model(monkeypatch, tiny_onnx, caplog):
-    from iv2trt import backends
+    from iv2trt.runners import choice
 
-    monkeypatch.setattr(backends, "torch_gpu_missing", lambda: None)
+    monkeypatch.setattr(choice, "torch_gpu_missing", lambda: None)
     s = _auto_settings(checkpoint="missing.pth", variant="internvideo2_clip_s14", seed=0, align_checkpoint=None,
                        random_init=False, onnx=str(tiny_onnx["fp32"]))
     with caplog.at_level("WARNING"):
-        assert backends.create_runner(s).name == "onnxruntime"
+        assert choice.create_runner(s).name == "onnxruntime"
     assert "PyTorch cannot load the model" in caplog.text and "missing.pth" in caplog.text
     with pytest.raises(PipelineError, match="missing.pth"):  # asked for by name: no fallback
-        backends.create_runner(_auto_settings(**{**vars(s), "backend": "torch"}))
+        choice.create_runner(_auto_settings(**{**vars(s), "backend": "torch"}))
 
 
 def test_auto_runs_pytorch_end_to_end_and_records_it(tmp_path, clips, monkeypatch, capfd):
@@ -209,17 +209,17 @@ def test_auto_runs_pytorch_end_to_end_and_records_it(tmp_path, clips, monkeypatc
 
     import yaml
 
-    from iv2trt import backends
-    from iv2trt.ray_job import settings_runner
+    from iv2trt.distributed.ray_job import settings_runner
+    from iv2trt.runners import choice
     from tests.conftest import TINY
 
-    monkeypatch.setattr(backends, "torch_gpu_missing", lambda: None)
+    monkeypatch.setattr(choice, "torch_gpu_missing", lambda: None)
     variant = tmp_path / "tiny.yaml"
     variant.write_text(yaml.safe_dump(dataclasses.asdict(TINY)))
     out = tmp_path / "out"
     argv = ["--random-init", "--variant", str(variant), "--frames", "4", "--workers", "1", "--no-progress",
             "--inputs", str(clips), "--output", str(out)]
-    from iv2trt.torch_compile import finish_compiles
+    from iv2trt.runners.compile import finish_compiles
 
     try:
         assert run_main(main, argv) == 0
@@ -230,7 +230,7 @@ def test_auto_runs_pytorch_end_to_end_and_records_it(tmp_path, clips, monkeypatc
     assert json.loads((out / "job.json").read_text())["backend"] == "torch"
     assert load_features(out)[0].shape == (3, TINY.align_dim)
 
-    from iv2trt.infer_cmd import InferSettings
+    from iv2trt.job.settings import InferSettings
 
     s = dataclasses.replace(InferSettings(), random_init=True, variant=str(variant))
     assert settings_runner(s).variant == dataclasses.asdict(TINY)                     # auto may pick torch there

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from iv2trt.decode.inputs import discover
 from iv2trt.errors import PipelineError
-from iv2trt.inputs import discover
 
 
 def _touch(path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iv2trt.writer import FeatureWriter
+from iv2trt.output.writer import FeatureWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def installed(tmp_path_factory) -> Path:
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
     shutil.copy(ROOT / "README.md", src)
-    for package in ("iv2trt", "models", "configs"):
+    for package in ("iv2trt", "configs"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "wheel"),
@@ -68,8 +68,8 @@ class NoPandas:  # importing pandas fails from here on, as where it is not insta
 sys.meta_path.insert(0, NoPandas())
 import iv2trt
 from iv2trt import load_features
-from iv2trt.cli import resolve_variant
-from models import list_variants, load_vision_config
+from iv2trt.model import resolve_variant
+from iv2trt.models import list_variants, load_vision_config
 assert "internvideo2_clip_s14" in list_variants() and load_vision_config("s14").embed_dim == 384
 features, rows = load_features({str(out)!r})
 assert "pandas" not in sys.modules
@@ -82,3 +82,12 @@ print(json.dumps({{"module": iv2trt.__file__, "variant": resolve_variant("s14"),
     assert got["module"].startswith(str(installed)) and got["variant"].startswith(str(installed))
     np.testing.assert_array_equal(np.array(got["features"], np.float32), expected)
     assert got["rows"] == [[0, "/in/a.mp4", 0, 0.0, 2.0], [1, "/in/a.mp4", 1, 2.0, 4.0], [2, "/in/b.mp4", 0, 0.0, 2.0]]
+
+
+def test_the_wheel_installs_every_subpackage_and_no_top_level_models(installed):
+    """pyproject.toml lists the packages by hand: a new subpackage missing there would be missing installed."""
+    packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "iv2trt").rglob("__init__.py")}
+    inits = (installed / "iv2trt").rglob("__init__.py")
+    installed_packages = {p.parent.relative_to(installed).as_posix() for p in inits}
+    assert packages <= installed_packages, packages - installed_packages
+    assert not (installed / "models").exists()  # the model code installs as iv2trt.models, never as `models`

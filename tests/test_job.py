@@ -15,14 +15,16 @@ import pytest
 import yaml
 
 from iv2trt.cli import run_main
-from iv2trt.infer_cmd import main
-from iv2trt.inputs import discover
-from iv2trt.job import JobOptions, run_job
-from iv2trt.runners import OnnxRuntimeRunner, TorchRunner
-from iv2trt.samples import pattern_frames, write_image, write_video
+from iv2trt.cli.infer import main
+from iv2trt.decode.clips import Windowing
+from iv2trt.decode.inputs import discover
+from iv2trt.decode.pyav import read_clips
+from iv2trt.decode.samples import pattern_frames, write_image, write_video
+from iv2trt.job.local import JobOptions, run_job
+from iv2trt.output.writer import FeatureWriter, load_features
+from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
+from iv2trt.runners.torch_runner import TorchRunner
 from iv2trt.transforms import preprocess_frames
-from iv2trt.video import Windowing, read_clips
-from iv2trt.writer import FeatureWriter, load_features
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,8 +134,8 @@ def test_backends_agree(tmp_path, videos, tiny_model, tiny_onnx):
 
 
 def test_compare_pytorch_flag(tmp_path, tiny_cfg, videos):
-    from iv2trt.onnx_export import export_onnx
-    from models import create_model
+    from iv2trt.export.onnx_export import export_onnx
+    from iv2trt.models import create_model
 
     variant = tmp_path / "tiny.yaml"
     variant.write_text(yaml.safe_dump(dataclasses.asdict(tiny_cfg)))

@@ -4,13 +4,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, randomize
-from models import InternVideo2CLIPVision, create_model, list_variants, load_vision_config
-from models.pos_embed import pos_embed_for_frames, sincos_pos_embed_3d
 from reference_impl import reference_encode_vision, upstream_interpolate_pos
 
 from iv2trt.compare import compare
+from iv2trt.models import InternVideo2CLIPVision, create_model, list_variants, load_vision_config
+from iv2trt.models.pos_embed import pos_embed_for_frames, sincos_pos_embed_3d
 
 
 @pytest.mark.parametrize("frames", [4, 1, 2, 3, 7, 16])

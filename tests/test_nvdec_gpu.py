@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from iv2trt.decoders import iter_clips
-from iv2trt.inputs import InputItem
-from iv2trt.nvdec import nvdec_unavailable
-from iv2trt.samples import write_image, write_video
-from iv2trt.video import DecodeError, Windowing
-
 from test_video import _has_encoder  # noqa: E402 - the tests' own helper
+
+from iv2trt.decode.clips import DecodeError, Windowing
+from iv2trt.decode.inputs import InputItem
+from iv2trt.decode.nvdec import nvdec_unavailable
+from iv2trt.decode.samples import write_image, write_video
+from iv2trt.decode.source import iter_clips
 
 REASON = nvdec_unavailable()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"needs NVDEC: {REASON}")
@@ -48,7 +47,7 @@ def encode(path: Path, frames: np.ndarray, codec: str, fps: int = 30, options=No
 
 @pytest.fixture(scope="module")
 def session():
-    from iv2trt.nvdec import NvdecSession
+    from iv2trt.decode.nvdec import NvdecSession
 
     return lambda w: NvdecSession(0, w, SIZE)
 
@@ -147,7 +146,7 @@ def test_session_reuse_across_inputs_and_codecs(tmp_path, session):
 
 
 def test_corrupt_streams_fail_cleanly_and_leave_the_gpu_usable(tmp_path, session):
-    from iv2trt.nvdec import NvdecUnsupported
+    from iv2trt.decode.nvdec import NvdecUnsupported
 
     good = encode(tmp_path / "good.mp4", natural_frames(60, 96, 160, seed=8), "libx264")
     data = bytearray(good.read_bytes())
@@ -182,7 +181,7 @@ def test_corrupt_streams_fail_cleanly_and_leave_the_gpu_usable(tmp_path, session
 
 
 def test_jpeg_images_and_folders_on_the_gpu(tmp_path, session):
-    from iv2trt.nvdec import gpu_jpeg_available
+    from iv2trt.decode.nvdec import gpu_jpeg_available
 
     if not gpu_jpeg_available():
         pytest.skip("torchvision's GPU JPEG decoder is not installed")
@@ -200,10 +199,10 @@ def test_jpeg_images_and_folders_on_the_gpu(tmp_path, session):
 
 def test_job_features_nvdec_vs_cpu(tmp_path, tiny_model):
     """The whole job, fp32 model on the GPU: features from --decoder nvdec equal --decoder cpu's."""
-    from iv2trt.job import JobOptions, run_job
-    from iv2trt.runners import TorchRunner
-    from iv2trt.inputs import discover
-    from iv2trt.writer import FeatureWriter, load_features
+    from iv2trt.decode.inputs import discover
+    from iv2trt.job.local import JobOptions, run_job
+    from iv2trt.output.writer import FeatureWriter, load_features
+    from iv2trt.runners.torch_runner import TorchRunner
 
     root = tmp_path / "in"
     root.mkdir()

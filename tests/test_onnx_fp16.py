@@ -7,8 +7,8 @@ import pytest
 
 from iv2trt.compare import compare
 from iv2trt.errors import PipelineError
-from iv2trt.onnx_fp16 import FP32_OPS, convert_file, convert_to_fp16, index_math_nodes, onnx_precision
-from iv2trt.runners import OnnxRuntimeRunner
+from iv2trt.export.fp16 import FP32_OPS, convert_file, convert_to_fp16, index_math_nodes, onnx_precision
+from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 
 
 @pytest.fixture(scope="module")

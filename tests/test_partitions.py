@@ -8,14 +8,14 @@ import time
 import numpy as np
 import pytest
 
-from iv2trt.engine_map import engine_for_gpu, parse_engine_map
+from iv2trt.decode.clips import DecodeError, Windowing
+from iv2trt.decode.inputs import InputItem
+from iv2trt.distributed.partitions import PartitionAssembler, plan_partitions
+from iv2trt.distributed.ray_stages import DecodeSpec, clip_frames, decode_rows
+from iv2trt.engine.engine_map import engine_for_gpu, parse_engine_map
 from iv2trt.errors import PipelineError
-from iv2trt.inputs import InputItem
-from iv2trt.partitions import PartitionAssembler, plan_partitions
-from iv2trt.ray_stages import DecodeSpec, clip_frames, decode_rows
-from iv2trt.stages import DecodeStalled, clips_with_deadline
-from iv2trt.video import DecodeError, Windowing
-from iv2trt.writer import FailureLog, FeatureWriter, finished_ids, load_features
+from iv2trt.job.stages import DecodeStalled, clips_with_deadline
+from iv2trt.output.writer import FailureLog, FeatureWriter, finished_ids, load_features
 
 
 def _items(n: int) -> list[InputItem]:
@@ -165,7 +165,7 @@ def test_engine_map_picks_the_longest_matching_key():
 
 def test_local_gpu_name_is_the_name_engines_record(monkeypatch):
     """The engine map looks a node's GPU up by the name build_engine.py writes into the engine's metadata."""
-    from iv2trt import cuda_env, engine_map
+    from iv2trt.engine import cuda_env, engine_map
 
     monkeypatch.setattr(cuda_env, "GPU_PROBES", (lambda device: None,
                                                  lambda device: {"name": "NVIDIA L4", "compute_capability": "8.9"}))
@@ -176,7 +176,8 @@ def test_local_gpu_name_is_the_name_engines_record(monkeypatch):
 
 def test_ray_flag_takes_an_optional_address_and_missing_ray_exits_4(tmp_path, monkeypatch):
     from iv2trt.cli import run_main
-    from iv2trt.infer_cmd import InferSettings, main
+    from iv2trt.cli.infer import main
+    from iv2trt.job.settings import InferSettings
     from iv2trt.settings import build_parser
 
     parser = build_parser(InferSettings, "")

@@ -23,9 +23,9 @@ except ImportError as exc:  # no silent skip: the feature is untested without Ra
     raise ImportError("tests/test_ray_job.py needs Ray: pip install -r requirements-distributed.txt") from exc
 
 from iv2trt.cli import run_main
-from iv2trt.infer_cmd import main
-from iv2trt.samples import pattern_frames, write_image, write_video
-from iv2trt.writer import load_features
+from iv2trt.cli.infer import main
+from iv2trt.decode.samples import pattern_frames, write_image, write_video
+from iv2trt.output.writer import load_features
 
 ROOT = Path(__file__).resolve().parent.parent
 VIDEOS = 40
@@ -106,7 +106,7 @@ def test_local_ray_equals_local_job_and_resumes(tmp_path, tiny_onnx, inputs, ref
 def local_ray():
     """One Ray of this machine for the in-process tests after the first (which starts its own, as `--ray` does):
     the job finds Ray running and uses it."""
-    from iv2trt.ray_job import runtime_env
+    from iv2trt.distributed.ray_job import runtime_env
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env=runtime_env(), log_to_driver=False)
     yield
@@ -142,7 +142,7 @@ class FailsInActors:
 
     def __call__(self):
         from iv2trt.errors import EngineMismatch
-        from iv2trt.runners import OnnxRuntimeRunner
+        from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 
         if ray.get_runtime_context().get_actor_id() is not None:
             raise EngineMismatch("engine built for another GPU: rebuild it here")
@@ -150,11 +150,11 @@ class FailsInActors:
 
 
 def test_runner_errors_on_the_nodes_stop_the_job_with_their_exit_code(tmp_path, tiny_onnx, inputs, local_ray):
+    from iv2trt.decode.clips import Windowing
+    from iv2trt.decode.inputs import discover
+    from iv2trt.distributed.ray_job import run_ray_job
     from iv2trt.errors import EngineMismatch
-    from iv2trt.infer_cmd import InferSettings
-    from iv2trt.inputs import discover
-    from iv2trt.ray_job import run_ray_job
-    from iv2trt.video import Windowing
+    from iv2trt.job.settings import InferSettings
 
     out = tmp_path / "out"
     args = _args(tiny_onnx, inputs, out, "--ray", "--backend", "tensorrt", "--engine", tmp_path / "none.engine")
@@ -175,7 +175,7 @@ def test_ray_scaling_benchmark_runs_the_job_with_one_and_two_encoders(tmp_path, 
 
     import yaml
 
-    from iv2trt.benchmark import main as benchmark_main
+    from iv2trt.bench.main import main as benchmark_main
 
     variant = tmp_path / "tiny.yaml"
     variant.write_text(yaml.safe_dump(dataclasses.asdict(tiny_cfg)))

@@ -10,14 +10,13 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY
-from iv2trt.bench_profile import GROUPS, group_times, idle_between_kernels, kernel_group, short_name
+
+from iv2trt.bench.profile import GROUPS, group_times, idle_between_kernels, kernel_group, short_name
 from iv2trt.compare import compare
 from iv2trt.errors import PipelineError
-from iv2trt.runners import TorchRunner
-from iv2trt.torch_compile import (DEFAULT_MODE, CompiledForward, cache_dir, flash_attn4_cache_env, quack_cache_dir,
-                                  resolve_mode, shape_class)
+from iv2trt.runners.compile import DEFAULT_MODE, CompiledForward, cache_dir, resolve_mode, shape_class
+from iv2trt.runners.torch_runner import TorchRunner
 
 
 class CountingBackend:
@@ -68,28 +67,6 @@ def test_cache_dir_is_persistent_and_overridable(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # torch's /tmp default, set by torch
     assert cache_dir() == tmp_path / "iv2trt" / "torchinductor"
-
-
-def test_quack_cache_dir_is_persistent_and_overridable(monkeypatch, tmp_path, tiny_model):
-    monkeypatch.setenv("QUACK_CACHE_DIR", "")  # recorded, so the variable is restored (or removed) after the test
-    monkeypatch.delenv("QUACK_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert quack_cache_dir() == tmp_path / "iv2trt" / "quack"
-    TorchRunner(tiny_model, device="cpu")  # a GPU runner sets it for quack (read at import); a CPU one leaves it
-    assert "QUACK_CACHE_DIR" not in os.environ
-    monkeypatch.setenv("QUACK_CACHE_DIR", str(tmp_path / "mine"))
-    assert quack_cache_dir() == tmp_path / "mine"
-
-
-def test_flash_attn4_cache_is_on_persistent_and_left_to_the_user(monkeypatch, tmp_path):
-    names = ("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
-    for name in names:
-        monkeypatch.setenv(name, "")  # recorded, so the variables are restored (or removed) after the test
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert flash_attn4_cache_env() == {names[0]: "1", names[1]: str(tmp_path / "iv2trt" / "flash_attn4")}
-    monkeypatch.setenv(names[0], "0")  # the user turned it off: left so
-    assert flash_attn4_cache_env() == {}
 
 
 def test_a_models_compile_variants_are_classes_of_their_own(tiny_model):
@@ -146,7 +123,7 @@ def test_background_compile_runs_eager_meanwhile_then_one_graph_per_class(tiny_m
 
 
 def test_unfinished_compiles_are_named_and_close_drops_the_queued_ones(tiny_model):
-    from iv2trt.torch_compile import compiles_in_flight
+    from iv2trt.runners.compile import compiles_in_flight
 
     backend = CountingBackend()
     backend.release.clear()  # the first compile hangs until released
@@ -169,7 +146,7 @@ def test_unfinished_compiles_are_named_and_close_drops_the_queued_ones(tiny_mode
 def test_finish_compiles_waits_a_bounded_time(tiny_model, caplog):
     import time
 
-    from iv2trt.torch_compile import compiles_in_flight, finish_compiles
+    from iv2trt.runners.compile import compiles_in_flight, finish_compiles
 
     backend = CountingBackend()
     backend.release.clear()  # a compile that does not end by itself
@@ -179,7 +156,7 @@ def test_finish_compiles_waits_a_bounded_time(tiny_model, caplog):
             compiled(frames(3, 4))
         assert backend.entered.wait(30)
         started = time.perf_counter()
-        with caplog.at_level(logging.INFO, logger="iv2trt.torch_compile"):
+        with caplog.at_level(logging.INFO, logger="iv2trt.runners.compile"):
             finish_compiles(timeout=0.5)
         assert 0.4 < time.perf_counter() - started < 10
         assert "still running" in caplog.text and compiles_in_flight()
@@ -193,7 +170,7 @@ import atexit, logging, os, sys, time
 import torch
 sys.path.insert(0, {root!r})
 from iv2trt.cli import exit_with
-from iv2trt.torch_compile import CompiledForward
+from iv2trt.runners.compile import CompiledForward
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 marker = {marker!r}
@@ -253,7 +230,7 @@ def test_program_end_after_a_compile_neither_aborts_nor_hangs(tmp_path, through_
 def test_compile_failure_leaves_the_class_eager(tiny_model, caplog):
     compiled = CompiledForward(tiny_model, "default", backend=CountingBackend(fail=True))
     x = frames(2, 4)
-    with caplog.at_level(logging.WARNING, logger="iv2trt.torch_compile"), torch.inference_mode():
+    with caplog.at_level(logging.WARNING, logger="iv2trt.runners.compile"), torch.inference_mode():
         compiled(x)
         compiled.wait(60)
         assert "planted compiler failure" in caplog.text
@@ -325,7 +302,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def s14_fp32_gpu():
-    from models import create_model
+    from iv2trt.models import create_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from iv2trt.errors import EngineMismatch, PipelineError
-from iv2trt.trt_runtime import (Chunk, TensorRTRunner, check_engine_metadata, check_frames_shape,
-                                load_engine_metadata, numpy_dtype, plan_batches, rebuild_command)
+from iv2trt.runners.tensorrt_runner import (
+    Chunk,
+    TensorRTRunner,
+    check_engine_metadata,
+    check_frames_shape,
+    load_engine_metadata,
+    numpy_dtype,
+    plan_batches,
+    rebuild_command,
+)
 
 
 def _gpu_stack_available() -> bool:
@@ -90,8 +98,8 @@ def test_engine_or_metadata_missing(tmp_path):
 
 def test_runner_refuses_a_foreign_engine_before_deserialising(tmp_path, monkeypatch):
     """The metadata check runs before TensorRT ever sees the plan (here: garbage bytes)."""
-    import iv2trt.trt_runtime as rt
-    from iv2trt import engine_build
+    import iv2trt.runners.tensorrt_runner as rt
+    from iv2trt.engine import tensorrt
 
     engine = tmp_path / "x.engine"
     engine.write_bytes(b"not a plan")
@@ -106,9 +114,9 @@ def test_runner_refuses_a_foreign_engine_before_deserialising(tmp_path, monkeypa
         Device = FakeDevice
 
     monkeypatch.setattr(rt, "_import_pycuda", lambda: FakeCuda)
-    monkeypatch.setattr(engine_build, "import_tensorrt",
-                        lambda backend="auto": engine_build.TensorRT(type("M", (), {"__version__": "10.13.0.35"}),
-                                                                     "tensorrt"))
+    monkeypatch.setattr(tensorrt, "import_tensorrt",
+                        lambda backend="auto": tensorrt.TensorRT(type("M", (), {"__version__": "10.13.0.35"}),
+                                                                 "tensorrt"))
     with pytest.raises(EngineMismatch, match="compute capability 9.0\\), this GPU is NVIDIA GeForce RTX 4090"):
         TensorRTRunner(engine)
 
@@ -146,9 +154,9 @@ def test_numpy_dtype_from_tensorrt_types():
 @needs_gpu
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_engine_matches_onnxruntime_on_gpu(s14_onnx, tmp_path, precision):
-    from iv2trt.build_cmd import main
+    from iv2trt.cli.build import main
     from iv2trt.compare import compare
-    from iv2trt.runners import OnnxRuntimeRunner
+    from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 
     engine = tmp_path / f"s14_{precision}.engine"
     assert main(["--onnx", str(s14_onnx[precision]), "--output", str(engine), "--precision", precision,
@@ -170,8 +178,8 @@ def test_engine_matches_onnxruntime_on_gpu(s14_onnx, tmp_path, precision):
 
 @needs_gpu
 def test_corrupt_engine_is_refused_on_gpu(tmp_path):
-    import tensorrt
     import pycuda.driver as cuda
+    import tensorrt
 
     cuda.init()
     dev = cuda.Device(0)
@@ -189,7 +197,7 @@ def test_metadata_of_another_engine_file_is_refused(tmp_path):
     import json
 
     from iv2trt.errors import EngineMismatch
-    from iv2trt.trt_runtime import load_engine_metadata
+    from iv2trt.runners.tensorrt_runner import load_engine_metadata
 
     engine = tmp_path / "x.engine"
     engine.write_bytes(b"plan-v2")
@@ -205,8 +213,7 @@ def test_metadata_of_another_engine_file_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- the runner on fake TensorRT + pycuda (CPU)
 
-from fake_tensorrt import (CHW, FakeCuda, FakeEngine, expected_features, fake_tensorrt,  # noqa: E402
-                           install, write_engine)
+from fake_tensorrt import CHW, FakeCuda, FakeEngine, expected_features, fake_tensorrt, install, write_engine  # noqa: E402
 
 
 def _frames(batch, frames=4, seed=0):
@@ -330,7 +337,7 @@ def test_runtime_that_cannot_start_cuda_is_exit_4(monkeypatch, tmp_path):
 
 
 def test_driver_older_than_the_wheels_cuda_is_refused_with_the_fix(monkeypatch, tmp_path):
-    from iv2trt import cuda_env
+    from iv2trt.engine import cuda_env
     from iv2trt.errors import BackendUnavailable
 
     cuda = FakeCuda()
@@ -375,14 +382,14 @@ def test_rtx_engine_check_is_pure_logic():
 def test_auto_backend_falls_back_to_onnxruntime_when_tensorrt_cannot_start(monkeypatch, tmp_path, tiny_onnx):
     from types import SimpleNamespace
 
-    from iv2trt import backends
+    from iv2trt.runners import choice
 
     cuda = FakeCuda()
     install(monkeypatch, cuda, fake_tensorrt(cuda, runtime_starts=False))
-    monkeypatch.setattr(backends, "tensorrt_missing", lambda engine: None)  # installed, a GPU, an engine file
+    monkeypatch.setattr(choice, "tensorrt_missing", lambda engine: None)  # installed, a GPU, an engine file
     s = SimpleNamespace(backend="auto", engine=str(write_engine(tmp_path)), onnx=str(tiny_onnx["fp32"]))
-    assert backends.create_runner(s).name == "onnxruntime"
+    assert choice.create_runner(s).name == "onnxruntime"
     from iv2trt.errors import BackendUnavailable
 
     with pytest.raises(BackendUnavailable, match="could not start CUDA"):
-        backends.create_runner(SimpleNamespace(**{**vars(s), "backend": "tensorrt"}))
+        choice.create_runner(SimpleNamespace(**{**vars(s), "backend": "tensorrt"}))

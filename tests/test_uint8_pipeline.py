@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from iv2trt.decode.clips import Windowing
 from iv2trt.errors import PipelineError
-from iv2trt.job import InferenceThread, Job, JobOptions, iter_clips
-from iv2trt.runners import HostNormalize, OnnxRuntimeRunner, TorchRunner, infer_frames
+from iv2trt.job.local import InferenceThread, Job, JobOptions, iter_clips
+from iv2trt.output.writer import FailureLog, FeatureWriter, load_features
+from iv2trt.runners.base import HostNormalize, infer_frames
+from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
+from iv2trt.runners.torch_runner import TorchRunner
 from iv2trt.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_frames, preprocess_frames, resize_frames
-from iv2trt.video import Windowing
-from iv2trt.writer import FailureLog, FeatureWriter, load_features
 
 
 def _one_step_preprocess(frames, size):
@@ -93,8 +95,8 @@ def test_onnxruntime_infer_uint8_host_normalises_into_its_dtype(tiny_onnx):
 
 
 def test_iter_clips_sends_resized_uint8(tmp_path):
-    from iv2trt.inputs import InputItem
-    from iv2trt.samples import pattern_frames, write_video
+    from iv2trt.decode.inputs import InputItem
+    from iv2trt.decode.samples import pattern_frames, write_video
 
     write_video(tmp_path / "v.mp4", pattern_frames(12, 40, 64, seed=0))
     clips = list(iter_clips(InputItem(str(tmp_path / "v.mp4"), "v.mp4", "video"), Windowing(4), 56))
@@ -151,7 +153,7 @@ def test_inference_thread_error_reaches_the_main_thread(tmp_path):
     assert len(load_features(tmp_path)[1]) == 8  # the two videos finished before the error are kept
 
     thread = InferenceThread(_Exploding(after=0, exc=MemoryError("boom")))
-    from iv2trt.batching import Batch as _Batch
+    from iv2trt.job.batching import Batch as _Batch
 
     batch = _Batch(("|u1", (4, 56, 56, 3)), np.zeros((2, 4, 56, 56, 3), np.uint8))
     batch.add(0, 0, np.zeros((4, 56, 56, 3), np.uint8))
@@ -167,7 +169,7 @@ def test_batches_finished_before_a_runner_error_are_returned_before_it():
     returned first, then the error raises (from results and from submit)."""
     import threading
 
-    from iv2trt.batching import Batch as _Batch
+    from iv2trt.job.batching import Batch as _Batch
 
     second_submitted = threading.Event()
 
@@ -203,7 +205,7 @@ def test_batches_finished_before_a_runner_error_are_returned_before_it():
 
 
 def test_failed_input_rows_are_dropped_from_open_batches():
-    from iv2trt.batching import Batch as _Batch
+    from iv2trt.job.batching import Batch as _Batch
 
     batch = _Batch(("|u1", (1,)), np.zeros((4, 1), np.uint8))
     for i, n in enumerate((0, 1, 0, 2)):
@@ -217,7 +219,7 @@ def _fake_trt_runner(dtype, max_batch=2, min_batch=1):
     import threading
     from types import SimpleNamespace
 
-    from iv2trt.trt_runtime import TensorRTRunner
+    from iv2trt.runners.tensorrt_runner import TensorRTRunner
 
     r = object.__new__(TensorRTRunner)
     r._lock = threading.Lock()

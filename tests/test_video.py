@@ -5,8 +5,9 @@ import av
 import numpy as np
 import pytest
 
-from iv2trt.samples import pattern_frames, write_image, write_video
-from iv2trt.video import DecodeError, Windowing, read_clips, sample_indices, window_ranges
+from iv2trt.decode.clips import DecodeError, Windowing, sample_indices, window_ranges
+from iv2trt.decode.pyav import read_clips
+from iv2trt.decode.samples import pattern_frames, write_image, write_video
 
 
 def upstream_middle_indices(vlen: int, num_frames: int) -> list[int]:
@@ -74,7 +75,7 @@ def test_windows_with_seeking_match_full_decode(tmp_path):
 
 def test_unneeded_non_reference_frames_are_not_decoded(tmp_path):
     """B-frames nothing refers to are skipped unless a clip takes them; the clip's frames are unchanged."""
-    from iv2trt import video
+    from iv2trt.decode import pyav as video
 
     path = write_video(tmp_path / "b.mp4", pattern_frames(60, 48, 64), gop=60)  # libx264: B-frames
     reference = full_decode(path)
@@ -174,7 +175,7 @@ def test_broken_files_raise_decode_error(tmp_path):
 
 def test_probe_video_refuses_through_accept_before_decoding(tmp_path, monkeypatch):
     """A decoder that cannot take the codec refuses the file before its first keyframe is decoded."""
-    from iv2trt import video
+    from iv2trt.decode import pyav as video
 
     path = tmp_path / "v.mp4"
     write_video(path, pattern_frames(6, 32, 48, seed=0))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from iv2trt.errors import PipelineError
-from iv2trt.writer import FailureLog, FeatureWriter, finished_ids, load_features, prepare_output
+from iv2trt.output.writer import FailureLog, FeatureWriter, finished_ids, load_features, prepare_output
 
 
 def _clips(n):

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import triton_kernels as tk  # noqa: E402
+from iv2trt.models.kernels import triton_kernels as tk  # noqa: E402
 from tools.bench_cls_split import graph_ms  # noqa: E402
 
 LOG2E = 1.4426950408889634

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from iv2trt.bench_profile import median_ms  # noqa: E402
-from models import triton_kernels as tk  # noqa: E402
+from iv2trt.bench.profile import median_ms  # noqa: E402
+from iv2trt.models.kernels import triton_kernels as tk  # noqa: E402
 
 
 def graph_ms(fn, repeats: int = 20, calls: int = 10) -> float:

@@ -1,9 +1,9 @@
 """Time FlashAttention-4's Hopper kernel (CuTe DSL, `flash-attn-4`) against the deferred blocks' q/k-norm
 attention kernel at S/14's 32x8 shape (GPU; an experiment for issue 11).
 
-FA4 takes normalised q and k, so its cases include the pass that writes them (models.triton_kernels.qk_norm_rows;
-models.flash_attn4.qk_norm_attention is that pass and FA4). GPU time of CUDA-graph replays per layer, error
-against float64 on the first two clips.
+FA4 takes normalised q and k, so its cases include the pass that writes them
+(models.kernels.triton_kernels.qk_norm_rows; models.kernels.flash_attn4.qk_norm_attention is that pass and FA4).
+GPU time of CUDA-graph replays per layer, error against float64 on the first two clips.
 
     python tools/bench_flash_attn4.py --output flash_attn4.json
 """
@@ -17,8 +17,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import flash_attn4  # noqa: E402
-from models import triton_kernels as tk  # noqa: E402
+from iv2trt.models.kernels import flash_attn4  # noqa: E402
+from iv2trt.models.kernels import triton_kernels as tk  # noqa: E402
 from tools.bench_cls_split import time_case  # noqa: E402
 from tools.bench_qk_norm_attention import EPS, PART, D, H, parser, problem  # noqa: E402
 
@@ -91,8 +91,9 @@ def main() -> int:
     cases += [("k norm rows pass alone (k and the queries' scales)",
                lambda: tk.key_norm_rows(folded, parts, eps, eps, scale * flash_attn4.LOG2E), False),
               ("FA4 with a softmax scale per query row, 2049 x 2049 (q as the product wrote it)", row_scaled, True),
-              ("models.flash_attn4.qk_norm_attention, q/k norm pass + FA4", model_path(False), True),
-              ("models.flash_attn4.qk_norm_attention, k norm pass + FA4 with row scales", model_path(True), True)]
+              ("models.kernels.flash_attn4.qk_norm_attention, q/k norm pass + FA4", model_path(False), True),
+              ("models.kernels.flash_attn4.qk_norm_attention, k norm pass + FA4 with row scales", model_path(True),
+               True)]
     rows = []
     for name, fn, check in cases:
         row = {"case": name}

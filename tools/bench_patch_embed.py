@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.config import load_vision_config  # noqa: E402
-from models.internvideo2_clip import PatchEmbed  # noqa: E402
+from iv2trt.models.config import load_vision_config  # noqa: E402
+from iv2trt.models.internvideo2_clip import PatchEmbed  # noqa: E402
 from tools.bench_cls_split import time_case  # noqa: E402
 
 

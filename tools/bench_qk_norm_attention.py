@@ -1,8 +1,8 @@
 """Time the deferred blocks' q/k-norm attention kernel against what it replaces, at S/14's 32x8 shape (GPU).
 
 Before: the q/k RMSNorm (compiled, as in the model) and the cls split (cuDNN + merge,
-models.triton_kernels.attention_cls_split). After: models.triton_kernels.qk_norm_attention, which takes the
-qkv product's raw rows and sums of squares, over a sweep of tiles. GPU time of CUDA-graph replays per layer,
+models.kernels.triton_kernels.attention_cls_split). After: models.kernels.triton_kernels.qk_norm_attention, which takes
+the qkv product's raw rows and sums of squares, over a sweep of tiles. GPU time of CUDA-graph replays per layer,
 error against float64 on the first two clips.
 
     python tools/bench_qk_norm_attention.py --output qk_norm_attention.json
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import triton_kernels as tk  # noqa: E402
+from iv2trt.models.kernels import triton_kernels as tk  # noqa: E402
 from tools.bench_cls_split import time_case  # noqa: E402
 
 CONFIGS = [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 3), (256, 128, 8, 2)]
@@ -80,8 +80,9 @@ def main() -> int:
     def before():
         return tk.attention_cls_split(*qk_norm(qkv), scale)
 
-    from tools.bench_attention_kernels import LOG2E, _fa_tma
     from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from tools.bench_attention_kernels import LOG2E, _fa_tma
     flat = qkv.view(B * N, 3 * C)
     out = torch.zeros(B, N, C, **cuda)
     descs = [TensorDescriptor.from_tensor(t, [bm, D]) for t, bm in ((flat, 128), (flat, 64), (out.view(B * N, C), 128))]

@@ -1,7 +1,7 @@
 """Experiment: the block's matrix products with the norms in their epilogues (quack) against cuBLAS (GPU only).
 
 Per product at M = 65,568 tokens (32x8) and the half batch of two graph streams: today's cuBLAS call and
-the models.quack_gemms op that replaces it (its fixed tiles), and the same epilogue under other tiles, with
+the models.kernels.quack_gemms op that replaces it (its fixed tiles), and the same epilogue under other tiles, with
 each op's error against the same arithmetic in float32. Then one whole block at
 [32, 2049, 384] fp16, compiled: the block as written against the deferred-norm block, both against the
 block in float32. GPU time of CUDA-graph replays.
@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models import deferred_norm, fused_ops  # noqa: E402
-from models.config import VisionConfig  # noqa: E402
-from models.internvideo2_clip import Block  # noqa: E402
+from iv2trt.models import deferred_norm
+from iv2trt.models.config import VisionConfig  # noqa: E402
+from iv2trt.models.internvideo2_clip import Block  # noqa: E402
+from iv2trt.models.kernels import fused_ops  # noqa: E402
 from tools.bench_cls_split import graph_ms, rotation, time_case  # noqa: E402
 
 CANDIDATES = {}  # label -> quack GemmConfig, filled in main once quack imports
@@ -173,7 +174,7 @@ def main() -> int:
     if fused_ops.quack_gemms(torch.device("cuda"), torch.float16) is None:
         print("quack's products do not serve this machine (not a Hopper GPU, or quack missing / turned off)")
         return 1
-    from models import quack_gemms as qg
+    from iv2trt.models.kernels import quack_gemms as qg
     CANDIDATES.update(hopper_candidates())
     torch.manual_seed(0)
     rows: list = []

@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from iv2trt.compare import compare  # noqa: E402
-from models import create_model, load_vision_config  # noqa: E402
+from iv2trt.models import create_model, load_vision_config  # noqa: E402
 
 BACKBONE_DIR = "InternVideo2/multi_modality/models/backbones/internvideo2"
 
@@ -113,8 +113,8 @@ def main() -> int:
         ours = create_model(args.variant, checkpoint=ckpt)
         session = None
         if args.onnx:
-            from iv2trt.onnx_export import export_onnx
-            from iv2trt.runners import OnnxRuntimeRunner
+            from iv2trt.export.onnx_export import export_onnx
+            from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 
             export_onnx(ours, args.onnx, "fp32", max_batch=8, max_frames=max(args.frames))
             session = OnnxRuntimeRunner(args.onnx, providers=["CPUExecutionProvider"])

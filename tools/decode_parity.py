@@ -67,12 +67,12 @@ def main(argv=None) -> int:
     import torch
 
     from iv2trt.compare import cosine_rows
-    from iv2trt.decoders import iter_clips
-    from iv2trt.inputs import InputItem, discover
-    from iv2trt.nvdec import NvdecSession, nvdec_unavailable
-    from iv2trt.runners import TorchRunner
-    from iv2trt.video import Windowing
-    from models import create_model
+    from iv2trt.decode.clips import Windowing
+    from iv2trt.decode.inputs import InputItem, discover
+    from iv2trt.decode.nvdec import NvdecSession, nvdec_unavailable
+    from iv2trt.decode.source import iter_clips
+    from iv2trt.models import create_model
+    from iv2trt.runners.torch_runner import TorchRunner
 
     reason = nvdec_unavailable()
     if reason:

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from iv2trt.compare import compare  # noqa: E402
-from models import create_model  # noqa: E402
+from iv2trt.models import create_model  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -28,7 +28,7 @@ for b, t in ((1, 1), (4, 4), (32, 8), (2, 16), (1, 32)):
 # several batches in flight and shapes mixed, against the fp32 model on host-normalised frames
 import numpy as np  # noqa: E402
 
-from iv2trt.runners import TorchRunner  # noqa: E402
+from iv2trt.runners.torch_runner import TorchRunner  # noqa: E402
 from iv2trt.transforms import normalize_frames  # noqa: E402
 
 runner = TorchRunner(create_model("s14", random_init=True), precision="fp16")

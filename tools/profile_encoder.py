@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from iv2trt.bench_profile import markdown, profile_runner, sdpa_backends  # noqa: E402
-from iv2trt.onnx_export import parse_shape  # noqa: E402
+from iv2trt.bench.profile import markdown, profile_runner, sdpa_backends  # noqa: E402
+from iv2trt.export.onnx_export import parse_shape  # noqa: E402
+from iv2trt.runners.compile import CHOICES  # noqa: E402
 from iv2trt.settings import setup_logging  # noqa: E402
-from iv2trt.torch_compile import CHOICES  # noqa: E402
 
 
 def main() -> int:
@@ -31,7 +31,7 @@ def main() -> int:
     setup_logging(a.verbose)
     import torch
 
-    from models import create_model
+    from iv2trt.models import create_model
 
     if not torch.cuda.is_available():
         print("profile_encoder.py needs a CUDA GPU", file=sys.stderr)

@@ -1,0 +1,472 @@
+"""`benchmark.py`: encoder speed of every backend side by side, and the extraction pipeline's throughput.
+
+Writes benchmark.json (every number, machine, versions, command line), benchmark.md (the table, also
+printed) and benchmark.png (throughput per backend per cell) atomically into --output-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import re
+import shlex
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..fileio import atomic_path, write_text_atomic
+from ..runners.compile import CHOICES, DEFAULT_MODE
+from .encoder import BACKENDS, DEFAULT_GRID, TimingPlan, parse_grid, percentiles, run_encoder_grid
+
+log = logging.getLogger(__name__)
+
+TARGET_FP16_CLIPS_PER_S = 835.0   # plain eager + SDPA, random S/14, B=32, T=8, H100 (the issue's figure)
+TARGET_JOB_OVERHEAD_PCT = 5.0     # job overhead over the encoder at B=32, T=8
+TARGET_E2E_CLIPS_PER_S = 60.0     # 720p H.264, 2 s windows, end to end (--decoder auto)
+TARGET_E2E_OF_CEILING = 0.75      # end to end over the combined decode ceiling, same run
+TARGET_ONE_CLIP_VIDEOS_PER_S = 15.0  # one clip per video (no windows), end to end
+TARGET_FUSED_CLIPS_PER_S = 2400.0  # fused fp16 path (torch.compile), B=32, T=8, H100/H200 (issue 11)
+TARGET_FUSED_MIN_COS = 0.9999
+
+DESCRIPTION = """Benchmark the InternVideo2-CLIP encoder on every available backend over a grid of
+BATCHxFRAMES cells (same random inputs, one process), and with --pipeline the extraction pipeline
+(decode-only, end to end, job overhead). Random weights unless --checkpoint is given.
+
+CPU (2 cores, a few minutes):
+  python benchmark.py --backends torch-fp32 onnxruntime-cpu --grid 1x1 8x1 1x8 8x8 --warmup 1 --iters 3
+GPU:
+  python benchmark.py --pipeline
+Ray, encoder actors 1 vs one per GPU (requirements-distributed.txt):
+  python benchmark.py --skip-encoder --ray-scaling"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="internvideo2_clip_s14", help="model variant (default: %(default)s)")
+    p.add_argument("--checkpoint", help="weights (default: random weights with --seed)")
+    p.add_argument("--seed", type=int, default=0, help="random-weight and input seed (default: %(default)s)")
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
+                   help="backends to time (default: all; unavailable ones are listed as such)")
+    p.add_argument("--grid", nargs="+", default=list(DEFAULT_GRID), help="BATCHxFRAMES cells (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up calls per cell and backend (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed calls per cell (default: enough for --target-seconds, 5..200)")
+    p.add_argument("--target-seconds", type=float, default=2.0, help="timed seconds per cell when --iters is unset")
+    p.add_argument("--onnx", help="ONNX graph for onnxruntime (default: exported now from the same weights, fp32)")
+    p.add_argument("--onnx-precision", default="fp32", choices=("fp32", "fp16"), help="for the on-the-fly export")
+    p.add_argument("--engine", help="TensorRT engine (needed for backend tensorrt; built from the same weights)")
+    p.add_argument("--ort-threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--torch-compile", choices=CHOICES, default=None,
+                   help="torch.compile mode of the torch-fp16 runner (default: $IV2TRT_TORCH_COMPILE, else auto = "
+                        f"{DEFAULT_MODE} on a GPU); each shape is compiled before it is timed (cached on disk)")
+    p.add_argument("--output-dir", help="where results go (default: benchmarks/results/<gpu-or-hostname>/)")
+    p.add_argument("--skip-encoder", action="store_true", help="only the pipeline benchmark")
+    g = p.add_argument_group("pipeline (--pipeline)")
+    g.add_argument("--pipeline", action="store_true", help="also benchmark decoding and the extraction job")
+    g.add_argument("--videos", help="folder of videos to use (default: generated 720p H.264 10 s clips)")
+    g.add_argument("--footage", help="folder of real videos to cut the generated 720p clips from (default: "
+                                     "synthetic scenes)")
+    g.add_argument("--video-cache", default="benchmarks/videos", help="where generated clips are kept")
+    g.add_argument("--num-videos", type=int, default=32, help="generated clips (default: %(default)s)")
+    g.add_argument("--pipeline-backend", choices=BACKENDS,
+                   help="backend of the job (default: torch-fp16 on a GPU, else onnxruntime-cpu)")
+    g.add_argument("--pipeline-shape", default="32x8", help="job batch x frames (default: %(default)s)")
+    g.add_argument("--window-seconds", type=float, default=2.0,
+                   help="one clip per window of this many seconds (default: %(default)s; 0: one clip per video)")
+    g.add_argument("--workers", type=int, nargs="+",
+                   help="decode-only worker counts (default: 1, the job's default, cores-1)")
+    g.add_argument("--job-workers", type=int, help="CPU decode workers of the jobs (default: as trt_inference)")
+    g.add_argument("--nvdec-sessions", type=int, help="NVDEC sessions of the jobs (default: as trt_inference)")
+    g.add_argument("--stage-batches", type=int, default=64,
+                   help="batches in the overhead measurement (a second run of a quarter as many gives the "
+                        "steady-state cost per batch)")
+    r = p.add_argument_group("Ray scaling (--ray-scaling; needs requirements-distributed.txt)")
+    r.add_argument("--ray-scaling", action="store_true",
+                   help="the Ray job with 1 vs N encoder actors on synthetic (encoder-bound) clips")
+    r.add_argument("--ray-address", help="Ray cluster (default: a local Ray on this machine)")
+    r.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    r.add_argument("--ray-object-store-gb", type=float, help="object store of the local Ray (default: Ray's)")
+    r.add_argument("--ray-encoders", type=int, nargs="+", help="encoder counts (default: 1 and one per GPU)")
+    r.add_argument("--ray-backends", nargs="+", choices=("torch-fp16", "torch-fp32"),
+                   help="runners of the encoders (default: torch-fp16 torch-fp32 with GPUs, else torch-fp32)")
+    r.add_argument("--ray-shape", default="32x8", help="batch x frames (default: %(default)s)")
+    r.add_argument("--ray-seconds", type=float, default=20.0,
+                   help="about how long each run encodes, at the encoder-alone speed (default: %(default)s)")
+    r.add_argument("--ray-clips-per-video", type=int, default=16,
+                   help="clips per synthetic input (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+# --- machine -----------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(argv: Sequence[str]) -> dict[str, Any]:
+    import numpy
+    import torch
+
+    from .encoder import tensorrt_version
+
+    info: dict[str, Any] = {
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in ["python", "benchmark.py", *argv]),
+        "hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "numpy": numpy.__version__,
+        "cuda": torch.version.cuda, "gpu": None, "tensorrt": tensorrt_version()}
+    for mod in ("onnxruntime", "av"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cudnn"] = torch.backends.cudnn.version()
+    try:
+        import subprocess
+
+        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).resolve().parent.parent).stdout.strip() or None
+    except OSError:
+        info["git_commit"] = None
+    return info
+
+
+def default_output_dir(info: dict[str, Any]) -> Path:
+    name = info.get("gpu") or info["hostname"]
+    return Path("benchmarks") / "results" / (re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "machine")
+
+
+# --- reports -----------------------------------------------------------------------------------------------
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"# InternVideo2-CLIP benchmark ({results.get('variant', '')})", "",
+             f"- date: {m['date_utc']}", f"- command: `{m['command']}`",
+             f"- machine: {m['cpu_model']} ({m['cpus_usable']} usable CPUs), GPU: {m.get('gpu') or 'none'}",
+             f"- versions: torch {m['torch']} (CUDA {m.get('cuda')}), onnxruntime {m.get('onnxruntime')}, "
+             f"TensorRT: {m.get('tensorrt')}, av {m.get('av')}", ""]
+    enc = results.get("encoder")
+    if enc:
+        flops = ", ".join(f"T={t}: {f / 1e9:.2f} GFLOP" for t, f in enc["flops_per_clip"].items())
+        lines += [f"FLOPs per clip (2 per multiply-add, from the shapes): {flops}", "",
+                  "timing `device`: CUDA events around the model call, input already on the GPU (encoder only); "
+                  "`host`: perf_counter around infer(numpy) -> numpy, transfers included. "
+                  "clips/s = B / mean latency. min cos: against PyTorch fp32 (TF32 off) on the same input.", "",
+                  "| backend | timing | B | T | p50 ms | p95 ms | p99 ms | clips/s | TFLOP/s | peak GPU MiB "
+                  "| min cos | iters |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in enc["rows"]:
+            lines.append(f"| {r['backend']} | {r['timing']} | {r['batch']} | {r['frames']} | {r['p50_ms']:.2f} | "
+                         f"{r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['clips_per_s']:.1f} | {r['tflops']:.3f} | "
+                         f"{_fmt(r['peak_gpu_mib'], '.0f')} | {_fmt(r['min_cosine'], '.6f')} | {r['iters']} |")
+        lines.append("")
+        for name, reason in enc["unavailable"].items():
+            lines.append(f"- {name}: not available: {reason}")
+        lines.append("")
+    pipe = results.get("pipeline")
+    if pipe:
+        st = pipe["inference_stage"]
+        lines += [f"## Pipeline ({pipe['videos']} videos, mean {pipe['video_bytes_mean'] / 1e6:.1f} MB; backend "
+                  f"{pipe['backend']}, B={pipe['batch']}, T={pipe['frames']}, windows {pipe['windowing']})", "",
+                  "| decode workers | videos/s | clips/s | sampled frames/s | videos/s per worker | "
+                  "decode share of CPU time |", "|---|---|---|---|---|---|"]
+        for d in pipe["decode"]:
+            lines.append(f"| {d['workers']} | {d['videos_per_s']:.2f} | {d['clips_per_s']:.2f} | "
+                         f"{d['sampled_frames_per_s']:.1f} | {d['videos_per_s_per_worker']:.2f} | "
+                         f"{100 * d['decode_share']:.0f}% |")
+        runs = pipe.get("decoder_runs")
+        if runs:
+            lines += ["", f"Decoders ({runs['workers'] or 'default'} CPU workers, {runs['nvdec_sessions']} NVDEC sessions"
+                      + (f"; NVDEC unavailable: {runs['nvdec_unavailable']}" if runs["nvdec_unavailable"] else "")
+                      + "). Ceiling: the job with an encoder that costs nothing. End to end: the job with "
+                      f"{pipe['backend']}.", "",
+                      "| --decoder | ceiling clips/s | ceiling videos/s | end-to-end clips/s | end-to-end videos/s "
+                      "| encoder busy | bound by | clips/s by path (end to end) |", "|---|---|---|---|---|---|---|---|"]
+            for d in runs["decoders"]:
+                c, e = runs["decode_ceiling"][d], runs["end_to_end"][d]
+                per_path = ", ".join(f"{k} {v['clips_per_s']:.1f} ({v['workers']} w, {100 * v['busy_fraction']:.0f}% busy)"
+                                     for k, v in e["decoders"].items())
+                lines.append(f"| {d} | {c['clips_per_s']:.1f} | {c['videos_per_s']:.2f} | {e['clips_per_s']:.1f} | "
+                             f"{e['videos_per_s']:.2f} | {100 * e['encoder_busy_fraction']:.0f}% | {e['bound_by']} | "
+                             f"{per_path} |")
+        e2e = pipe["end_to_end"]
+        lines += ["", f"- end to end (job, {e2e.get('batch_size')} batch): {e2e['clips_per_s']:.2f} clips/s, "
+                  f"{e2e['videos_per_s']:.2f} videos/s ({e2e['ok']} ok, {e2e['failed']} failed, {e2e['seconds']} s)",
+                  f"- encoder only at the same shape ({pipe['encoder_only_timing']} timing, p50): "
+                  f"{pipe['encoder_only_clips_per_s']:.1f} clips/s",
+                  f"- {pipe['verdict']}",
+                  f"- job overhead over the encoder ({st['method']}): steady state "
+                  f"{st['steady_state_overhead_pct']:.1f}% ({1000 * st['steady_state_batch_s']:.2f} ms per further "
+                  f"batch vs {1000 * pipe['encoder_only_batch_s']:.2f} ms encoder p50; from runs of "
+                  f"{st['short_run']['batches']} and {st['batches']} batches); whole {st['batches']}-batch run "
+                  f"{st['overhead_pct']:.1f}% (thread start, pinned buffers, first batch's assembly and the final "
+                  "flush included)", ""]
+    if results.get("ray_scaling"):
+        from .ray_scaling import markdown
+
+        lines += markdown(results["ray_scaling"])
+    targets = results.get("targets")
+    if targets:
+        lines += ["## Targets", ""] + [f"- {t['name']}: {t['status']} ({t['detail']})" for t in targets] + [""]
+    return "\n".join(lines)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, str]]:
+    out = []
+    enc = results.get("encoder")
+    if enc:
+        row = next((r for r in enc["rows"] if r["backend"] == "torch-fp16" and r["timing"] == "device"
+                    and (r["batch"], r["frames"]) == (32, 8)), None)
+        gpu = results["machine"].get("gpu") or ""
+        hopper = "H100" in gpu or "H200" in gpu
+        for name, rate, cosine, ours in (
+                ("torch fp16 >= 835 clips/s (H100, 32x8)", TARGET_FP16_CLIPS_PER_S, None, "H100" in gpu),
+                (f"torch fp16 fused >= {TARGET_FUSED_CLIPS_PER_S:.0f} clips/s, min cos >= {TARGET_FUSED_MIN_COS} "
+                 "(H100/H200, 32x8)", TARGET_FUSED_CLIPS_PER_S, TARGET_FUSED_MIN_COS, hopper)):
+            if row is None:
+                out.append({"name": name, "status": "not measured", "detail": "needs torch-fp16 on a GPU and 32x8"})
+                continue
+            ok = row["clips_per_s"] >= rate and (cosine is None or (row["min_cosine"] or 0.0) >= cosine)
+            status = ("met" if ok else "MISSED") + ("" if ours else " (not that GPU: indicative)")
+            out.append({"name": name, "status": status, "detail": f"{row['clips_per_s']:.1f} clips/s, min cos "
+                                                                  f"{_fmt(row['min_cosine'], '.7f')} on {gpu}"})
+    pipe = results.get("pipeline")
+    if pipe:
+        st = pipe["inference_stage"]
+        shape_ok = (pipe["batch"], pipe["frames"]) == (32, 8)
+        out.append({"name": "job overhead <= 5% of encoder time (32x8, steady state)",
+                    "status": ("met" if st["steady_state_overhead_pct"] <= TARGET_JOB_OVERHEAD_PCT else "MISSED")
+                    + ("" if shape_ok else f" (measured at {pipe['batch']}x{pipe['frames']})"),
+                    "detail": f"{st['steady_state_overhead_pct']:.1f}% per further batch with {pipe['backend']}; "
+                              f"{st['overhead_pct']:.1f}% over a whole {st['batches']}-batch run"})
+        out += decode_targets(pipe)
+    if results.get("ray_scaling"):
+        from .ray_scaling import target
+
+        out.append(target(results["ray_scaling"]))
+    return out
+
+
+def decode_targets(pipe: dict[str, Any]) -> list[dict[str, str]]:
+    """The GPU-decode targets: end to end with --decoder auto against clips/s, the combined ceiling, videos/s."""
+    runs = pipe.get("decoder_runs")
+    if not runs or "auto" not in runs["end_to_end"]:
+        return [{"name": "GPU decode targets", "status": "not measured",
+                 "detail": f"NVDEC unavailable: {runs and runs['nvdec_unavailable']}"}]
+    e2e, ceiling = runs["end_to_end"]["auto"], runs["decode_ceiling"]["auto"]
+    w = pipe["windowing"]
+    ratio = e2e["clips_per_s"] / max(ceiling["clips_per_s"], 1e-9)
+    out = [{"name": f">= {TARGET_E2E_OF_CEILING:.0%} of the combined decode ceiling (auto)",
+            "status": "met" if ratio >= TARGET_E2E_OF_CEILING else "MISSED",
+            "detail": f"{e2e['clips_per_s']:.1f} of {ceiling['clips_per_s']:.1f} clips/s = {ratio:.0%}"}]
+    if w["window_seconds"] == 2.0 and pipe["frames"] == 8:
+        out.append({"name": f"end to end >= {TARGET_E2E_CLIPS_PER_S:.0f} clips/s (8-frame clips, 2 s windows, auto)",
+                    "status": "met" if e2e["clips_per_s"] >= TARGET_E2E_CLIPS_PER_S else "MISSED",
+                    "detail": f"{e2e['clips_per_s']:.1f} clips/s"})
+    if not w["window_seconds"] and not w["window_frames"]:
+        out.append({"name": f"one clip per video: >= {TARGET_ONE_CLIP_VIDEOS_PER_S:.0f} videos/s (auto)",
+                    "status": "met" if e2e["videos_per_s"] >= TARGET_ONE_CLIP_VIDEOS_PER_S else "MISSED",
+                    "detail": f"{e2e['videos_per_s']:.2f} videos/s"})
+    return out
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Encoder throughput per backend and cell; with a pipeline run, a second panel of stage throughputs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    enc_rows = (results.get("encoder") or {}).get("rows") or []
+    runs = (results.get("pipeline") or {}).get("decoder_runs")
+    panels = [p for p in ("encoder" if enc_rows else None, "stages" if runs else None) if p]
+    cells = sorted({(r["batch"], r["frames"]) for r in enc_rows}, key=lambda c: (c[1], c[0]))
+    series = sorted({(r["backend"], r["timing"]) for r in enc_rows})
+    widths = [max(6, 1.2 * len(cells) * max(1, len(series)) / 2) if p == "encoder" else 7 for p in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 4.8), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, panel in zip(axes[0], panels):
+        if panel == "encoder":
+            _plot_encoder(ax, results, enc_rows, cells, series)
+        else:
+            _plot_stages(ax, results["pipeline"])
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_stages(ax, pipe: dict[str, Any]) -> None:
+    """Decode ceiling per path, end to end per decoder, and the encoder alone, in clips/s."""
+    runs = pipe["decoder_runs"]
+    labels, values, colours = [], [], []
+    for d in runs["decoders"]:
+        labels.append(f"decode\n{d}")
+        values.append(runs["decode_ceiling"][d]["clips_per_s"])
+        colours.append("tab:blue")
+    for d in runs["decoders"]:
+        labels.append(f"end to end\n{d}")
+        values.append(runs["end_to_end"][d]["clips_per_s"])
+        colours.append("tab:green")
+    labels.append("encoder\nalone")
+    values.append(pipe["encoder_only_clips_per_s"])
+    colours.append("tab:orange")
+    ax.bar(range(len(values)), values, color=colours)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(values)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("clips/s (log)")
+    ax.set_title(f"stages: {pipe['videos']} videos, B={pipe['batch']} T={pipe['frames']}, windows "
+                 f"{pipe['windowing']['window_seconds'] or 'none'} s", fontsize=9)
+
+
+def _plot_encoder(ax, results, rows, cells, series) -> None:
+    width = 0.8 / max(1, len(series))
+    for i, (backend, timing) in enumerate(series):
+        values = {(r["batch"], r["frames"]): r["clips_per_s"] for r in rows
+                  if (r["backend"], r["timing"]) == (backend, timing)}
+        xs = [j + i * width for j, c in enumerate(cells) if c in values]
+        ax.bar(xs, [values[c] for c in cells if c in values], width, label=f"{backend} ({timing})")
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(cells))])
+    ax.set_xticklabels([f"B={b}\nT={t}" for b, t in cells])
+    ax.set_yscale("log")
+    ax.set_ylabel("clips/s (log)")
+    m = results["machine"]
+    ax.set_title(f"{results.get('variant', '')} on {m.get('gpu') or m['cpu_model']}", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """benchmark.json, benchmark.md and (with encoder rows) benchmark.png, each written atomically."""
+    out_dir = Path(out_dir)
+    paths = {"json": out_dir / "benchmark.json", "md": out_dir / "benchmark.md"}
+    write_text_atomic(paths["json"], json.dumps(results, indent=2, default=str) + "\n")
+    write_text_atomic(paths["md"], markdown_report(results))
+    if results.get("encoder") and results["encoder"]["rows"] or (results.get("pipeline") or {}).get("decoder_runs"):
+        paths["png"] = out_dir / "benchmark.png"
+        plot(results, paths["png"])
+    return paths
+
+
+# --- orchestration -----------------------------------------------------------------------------------------
+def _load_model(a):
+    from ..models import create_model
+
+    return create_model(a.variant, checkpoint=a.checkpoint, random_init=not a.checkpoint, seed=a.seed)
+
+
+def _onnx_factory(model, precision: str, max_batch: int, max_frames: int, folder: str):
+    def make() -> str:
+        from ..export.onnx_export import export_onnx
+
+        path = Path(folder) / f"bench_{precision}.onnx"
+        log.info("exporting %s ONNX (same weights) to %s", precision, path)
+        export_onnx(model, path, precision, max_batch=max_batch, max_frames=max_frames)
+        return str(path)
+    return make
+
+
+def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
+    import torch
+
+    from ..decode.clips import Windowing
+    from ..decode.plan import default_workers
+    from ..errors import PipelineError
+    from ..export.onnx_export import parse_shape
+    from .encoder import Env, TorchBench, _make_runner, make_input, time_host
+    from .pipeline import VIDEO_SPEC, ensure_test_videos, run_pipeline, video_files
+
+    env = Env.probe(a.engine)
+    backend = a.pipeline_backend or ("torch-fp16" if env.cuda else "onnxruntime-cpu")
+    reason = env.unavailable(backend)
+    if reason:
+        raise PipelineError(f"pipeline backend {backend} is not available: {reason}")
+    batch, frames = parse_shape(a.pipeline_shape)
+    plan = TimingPlan(a.warmup, a.iters, a.target_seconds)
+    x = make_input(batch, frames, model.cfg.img_size, a.seed)
+    if backend.startswith("torch"):
+        bench = TorchBench(model, backend.split("-")[1], "cuda" if env.cuda else "cpu", a.torch_compile)
+        runner = bench.runner
+        times, _ = bench.encoder_only(x, plan)
+    else:
+        onnx = a.onnx or _onnx_factory(model, a.onnx_precision, max(batch, 32), max(frames, 16), tmpdir)()
+        runner = _make_runner(backend, onnx, a.engine, a.ort_threads)
+        times, _ = time_host(lambda: runner.infer(x), plan)
+    stats = percentiles(times)
+    cores = info["cpus_usable"]
+    job_default = default_workers()
+    worker_counts = a.workers or sorted({1, job_default})
+    if a.videos:
+        paths = video_files(a.videos)
+        if not paths:
+            raise PipelineError(f"no videos found in {a.videos}")
+    else:
+        footage = video_files(a.footage) if a.footage else None
+        if a.footage and not footage:
+            raise PipelineError(f"no videos found in {a.footage}")
+        paths = ensure_test_videos(a.video_cache, a.num_videos, VIDEO_SPEC, processes=cores,
+                                   footage=[str(p) for p in footage] if footage else None)
+    windowing = Windowing(frames, a.window_seconds or None)
+    # p50 per batch: robust against stray slow calls (the table's clips/s uses the mean)
+    result = run_pipeline(runner, backend, batch / (stats["p50_ms"] / 1e3), stats["p50_ms"] / 1e3, paths, windowing,
+                          model.cfg.img_size, batch, worker_counts, a.job_workers, a.stage_batches,
+                          a.nvdec_sessions)
+    result["encoder_only_timing"] = "device" if backend.startswith("torch") and env.cuda else "host"
+    result["video_spec"] = None if a.videos else {**VIDEO_SPEC, "content": "real footage" if a.footage else "synthetic"}
+    del runner
+    if env.cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..settings import setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    setup_logging(a.verbose)
+    info = machine_info(argv)
+    model = _load_model(a)
+    grid = parse_grid(a.grid)
+    results: dict[str, Any] = {"machine": info, "variant": model.cfg.name, "random_weights": not a.checkpoint,
+                               "seed": a.seed}
+    with tempfile.TemporaryDirectory(prefix="iv2trt_bench_") as tmpdir:
+        if not a.skip_encoder:
+            factory = _onnx_factory(model, a.onnx_precision, max(max(b for b, _ in grid), 32),
+                                    max(max(t for _, t in grid), 16), tmpdir)
+            plan = TimingPlan(a.warmup, a.iters, a.target_seconds)
+            results["encoder"] = run_encoder_grid(model, list(dict.fromkeys(a.backends)), grid, plan, a.onnx,
+                                                  a.engine, a.seed, factory, a.ort_threads, a.torch_compile)
+        if a.pipeline:
+            results["pipeline"] = _pipeline(a, model, info, tmpdir)
+        if a.ray_scaling:
+            from .ray_scaling import run_ray_scaling
+
+            results["ray_scaling"] = run_ray_scaling(a, model.cfg.img_size, tmpdir)
+    results["targets"] = targets(results)
+    out_dir = Path(a.output_dir) if a.output_dir else default_output_dir(info)
+    paths = write_results(results, out_dir)
+    print(markdown_report(results), flush=True)
+    log.info("results: %s", ", ".join(str(p) for p in paths.values()))
+    return 0

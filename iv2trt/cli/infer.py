@@ -1,0 +1,123 @@
+"""`trt_inference.py`: the command of stage 3 (videos -> L2-normalised clip features): its help, the choice of
+executor, and the --compare-pytorch check."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..decode.plan import check_decoder
+from ..errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, PipelineError, ValidationFailed
+from ..job.identity import complete_identity, finish_summary, job_identity
+from ..job.settings import InferSettings, check_settings
+from ..model import ModelSettings
+from ..runners.choice import create_runner, runner_img_size, runner_precision
+from ..settings import parse_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Stage 3: extract L2-normalised InternVideo2-CLIP features from videos, images and frame folders.
+
+Decodes on the GPU's video engines (NVDEC) and in CPU worker processes (PyAV) at once, samples T frames
+per clip as upstream does (same pixels on both paths), batches clips across videos for the backend and
+writes sharded .npy features with a Parquet manifest per shard.
+Rerunning with the same --output resumes: finished inputs are skipped (a killed run loses nothing
+committed and duplicates nothing); a different model or settings there is refused."""
+
+EPILOG = """exit codes:
+  0    every input extracted
+  2    bad settings or input paths (the message says which)
+  3    --compare-pytorch: the backend disagrees with PyTorch beyond tolerance
+  4    the backend asked for cannot run here (TensorRT, pycuda or a GPU missing, a driver too old for the
+       TensorRT wheel; --decoder nvdec without NVDEC; Ray missing for --ray); --backend auto falls back to
+       PyTorch on a GPU (with weights) or onnxruntime instead
+  5    the engine was built for another GPU or TensorRT version (the message gives the rebuild command)
+  6    some inputs failed (unreadable, truncated, timed out); they are listed in <output>/failures.jsonl
+  130  interrupted (committed shards are kept; rerun the same command to resume)
+
+results: <output>/shards/*.npy (features) and *.parquet (which video, clip and window each row is), or
+  videos/<id>.npy with --per-video-npy; read them with `from iv2trt import load_features`. Default paths
+  (build/..., outputs/...) are relative to the working directory.
+
+example: python trt_inference.py --inputs videos/ --output outputs/feats --backend onnxruntime --onnx build/x.onnx
+on a Ray cluster (ray start --head, then ray start --address HEAD:6379 on the others; README):
+         python trt_inference.py --ray auto --inputs /shared/videos/ --output outputs/feats"""
+
+
+def reference_runner(s: InferSettings):
+    """The PyTorch fp32 model that --compare-pytorch checks the backend against."""
+    from ..model import load_model
+    from ..runners.torch_runner import TorchRunner
+
+    if s.compare_pytorch == "random":
+        ref = ModelSettings(variant=s.variant, random_init=True, seed=s.seed)
+    else:
+        if not Path(s.compare_pytorch).is_file():
+            raise PipelineError(f"--compare-pytorch {s.compare_pytorch}: no such checkpoint (or pass 'random')")
+        ref = ModelSettings(variant=s.variant, checkpoint=s.compare_pytorch, align_checkpoint=s.align_checkpoint)
+    return TorchRunner(load_model(ref), precision="fp32")
+
+
+def check_comparison(summary: dict[str, Any], precision: str) -> None:
+    from ..compare import Comparison
+
+    c = summary["compare_pytorch"]
+    line = (f"compare with PyTorch fp32 ({precision} backend, {c['clips']} clips): min cosine {c['min_cosine']:.6f}, "
+            f"max abs error {c['max_abs_error']:.3e}, max rel error {c['max_rel_error']:.3e}")
+    print(line, flush=True)
+    if not Comparison(c["max_abs_error"], c["max_rel_error"], c["min_cosine"]).passes(precision):
+        raise ValidationFailed(f"{line}: outside {Comparison.threshold(precision)}; features were written but do not "
+                               "match the PyTorch model (wrong checkpoint for this engine/graph, or a broken build)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    s = parse_settings(InferSettings, ("model", "infer"), DESCRIPTION, argv, epilog=EPILOG)
+    if s.make_samples:
+        from ..decode.samples import make_samples
+
+        for path in make_samples(s.make_samples):
+            print(path)
+        return EXIT_OK
+    from ..decode.clips import Windowing
+    from ..decode.inputs import discover
+    from ..job.local import JobOptions, check_frame_count, run_job
+    from ..output.writer import FeatureWriter, prepare_output
+
+    if not s.inputs:
+        raise PipelineError("no inputs: pass --inputs DIR|GLOB|LIST|FILE ... (or set infer.inputs in the config)")
+    check_settings(s)
+    try:
+        windowing = Windowing(s.frames, s.window_seconds, s.window_frames, s.stride)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+    items = discover(s.inputs, s.frame_folders)
+    if s.ray is not None:
+        from ..distributed.ray_job import run_ray_job
+
+        summary = run_ray_job(s, items, windowing)
+        return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
+    check_decoder(s.decoder)
+    from ..engine.engine_map import settings_for_this_gpu
+
+    runner = create_runner(settings_for_this_gpu(s))
+    try:
+        img_size = runner_img_size(runner)
+        check_frame_count(runner, s.frames)
+        identity = complete_identity(job_identity(s, runner, img_size), s)
+        done = prepare_output(s.output, identity, s.overwrite)
+        todo = [item for item in items if item.id not in done]
+        log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),
+                 s.output)
+        reference = reference_runner(s) if s.compare_pytorch else None
+        writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy)
+        options = JobOptions(windowing, img_size, s.batch_size, s.workers, s.decode_timeout_s, s.progress,
+                             s.decoder, s.nvdec_sessions)
+        summary = run_job(todo, runner, s.output, writer, options, reference, skipped=len(items) - len(todo))
+    finally:
+        close = getattr(runner, "close", None)  # the TensorRT runner frees its engine and GPU buffers
+        if close is not None:
+            close()
+    finish_summary(s.output, summary, identity["random_init"])
+    if reference is not None and summary["compare_pytorch"]["clips"]:
+        check_comparison(summary, runner_precision(runner))
+    return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK

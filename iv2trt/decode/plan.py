@@ -1,0 +1,67 @@
+"""Where inputs are decoded (`--decoder auto|nvdec|cpu`): how many NVDEC sessions and CPU workers a job runs,
+whether NVDEC can run here, and which inputs the GPU takes."""
+from __future__ import annotations
+
+import logging
+import os
+
+from ..errors import BackendUnavailable
+from .inputs import InputItem
+
+log = logging.getLogger(__name__)
+
+DECODERS = ("auto", "nvdec", "cpu")
+
+DEFAULT_NVDEC_SESSIONS = 8  # decoder sessions that saturate the NVDEC engines (docs/benchmarks.md, H100/H200)
+
+CPU_WORKERS_PER_CORE_WITH_NVDEC = 0.25  # measured on 16 cores: 4 CPU workers beside 8 NVDEC sessions gave 74
+                                         # clips/s end to end, 14 workers 58 (they slow the GPU path more than
+                                         # they add), none 80
+
+
+def default_workers(nvdec: bool = False) -> int:
+    """CPU decoding processes when none are asked for: one per core; a quarter of the cores while NVDEC sessions
+    run in the job's process (more CPU workers cost the GPU path more than they add)."""
+    cores = os.cpu_count() or 1
+    return max(1, int(cores * CPU_WORKERS_PER_CORE_WITH_NVDEC) if nvdec else cores)
+
+
+def check_decoder(decoder: str, gpu: int = 0) -> str | None:
+    """Why NVDEC will not be used (None when it will); BackendUnavailable for `nvdec` when it cannot run."""
+    from . import nvdec
+
+    if decoder == "cpu":
+        return "--decoder cpu"
+    reason = nvdec.nvdec_unavailable(gpu)
+    if reason and decoder == "nvdec":
+        raise BackendUnavailable(f"--decoder nvdec cannot run here: {reason}; use --decoder cpu (or auto)")
+    return reason
+
+
+# --- choosing -------------------------------------------------------------------------------------------------
+class DecoderPlan:
+    """How many workers of each kind a job runs, and which inputs the GPU ones take."""
+
+    def __init__(self, decoder: str, cpu_workers: int | None, nvdec_sessions: int, gpu: int = 0):
+        from . import nvdec
+
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}")
+        self.decoder, self.gpu = decoder, gpu
+        reason = check_decoder(decoder, gpu)
+        self.gpu_sessions = 0 if reason else max(1, nvdec_sessions)
+        self.cpu_workers = max(1, cpu_workers or default_workers(nvdec=bool(self.gpu_sessions)))
+        self.jpeg = bool(self.gpu_sessions) and nvdec.gpu_jpeg_available()
+        self.gpu_first = decoder == "nvdec"   # nvdec: CPU workers only take what the GPU cannot
+        if decoder == "auto" and reason:
+            log.info("decoder auto: NVDEC not used (%s); decoding on the CPU with %d worker(s)", reason,
+                     self.cpu_workers)
+        elif self.gpu_sessions:
+            log.info("decoder %s: %d NVDEC session(s) on GPU %d%s and %d CPU worker(s)%s", decoder,
+                     self.gpu_sessions, gpu, " (+ nvJPEG for JPEG images)" if self.jpeg else "", self.cpu_workers,
+                     " for what NVDEC cannot take" if self.gpu_first else ", pulling from one queue")
+
+    def gpu_takes(self, item: InputItem) -> bool:
+        from .nvdec import gpu_takes
+
+        return bool(self.gpu_sessions) and gpu_takes(item.kind, item.path, self.jpeg)

@@ -1,0 +1,279 @@
+"""Reading clips with PyAV (FFmpeg) on the CPU.
+
+Frame timestamps come from a demux-only pass over the packets (cheap: nothing is decoded), so frame counts never
+rely on container headers. Needed frames are then decoded by seeking to the keyframe before them when that skips
+work, and non-reference frames no clip needs are not decoded at all; decoding stops after the last needed frame.
+`VideoProbe` (the demux pass) is shared with the GPU decoder (nvdec.py); which frames are needed is clips.py's
+plan. Images are one-frame clips; a folder of images is a video (frames in name order)."""
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .clips import FOLDER_FPS, Clip, ClipAssembler, DecodeError, Windowing, plan_by_count, plan_clips
+from .inputs import IMAGE_EXTENSIONS
+
+
+def _rotate(rgb: np.ndarray, ccw_degrees: float) -> np.ndarray:
+    k = int(round(ccw_degrees / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+
+def _stream_rotation(stream) -> float:
+    """Counter-clockwise rotation from the legacy `rotate` tag (clockwise degrees) when frames carry none."""
+    try:
+        return -float(stream.metadata.get("rotate", 0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _open(path: str):
+    import av
+
+    if not os.path.exists(path):
+        raise DecodeError("file not found")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DecodeError("empty file (0 bytes)")
+    try:
+        container = av.open(path)
+    except av.FFmpegError as exc:
+        raise DecodeError(f"not a readable video or image ({exc.__class__.__name__}: {exc})") from None
+    if not container.streams.video:
+        container.close()
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        raise DecodeError(f"no video stream (has: {', '.join(kinds)})")
+    return container
+
+
+@dataclass
+class VideoProbe:
+    """What a demux-only pass (nothing decoded) learns of a video stream: enough to plan its reads on either
+    decoder (PyAV here, NVDEC in nvdec.py), so both read the same frames for the same clips."""
+
+    codec: str
+    container: str                   # the demuxer's name(s), e.g. "mov,mp4,m4a,3gp,3g2,mj2"
+    pix_fmt: str | None
+    width: int
+    height: int
+    colorspace: int
+    color_range: int
+    time_base: float | None
+    rate: float | None
+    packet_pts: list[int | None]    # every video packet, in decode order
+    keyframes: list[int]             # pts of keyframe packets, sorted
+
+    @property
+    def seekable(self) -> bool:
+        """Timestamps identify every frame: frames can be found by pts after a seek."""
+        pts = self.packet_pts
+        return (bool(self.time_base) and len(pts) > 1 and all(p is not None for p in pts)
+                and len(set(pts)) == len(pts))
+
+    @functools.cached_property
+    def pts(self) -> list[int]:
+        """Frame timestamps in presentation order (frame i of the plans has pts[i]); needs `seekable`."""
+        return sorted(self.packet_pts)
+
+    @functools.cached_property
+    def index_of(self) -> dict[int, int]:
+        """The frame index of each timestamp (inverse of `pts`)."""
+        return {p: i for i, p in enumerate(self.pts)}
+
+    @functools.cached_property
+    def keyframe_indices(self) -> list[int]:
+        """Frame indices of the keyframes, sorted: where a seek can land."""
+        return sorted(self.index_of[k] for k in self.keyframes if k in self.index_of)
+
+    def plan(self, w: Windowing) -> list[tuple[list[int], float, float]]:
+        """The clips of this video (frame indices in presentation order, window start and end in seconds),
+        from the frames' timestamps (variable frame rate works)."""
+        pts = self.pts
+        times = (np.asarray(pts, np.float64) - pts[0]) * self.time_base
+        return plan_clips(times, _duration(times, self.rate), w)
+
+    def plan_by_count(self, w: Windowing) -> list[tuple[list[int], float, float]]:
+        """The clips when timestamps cannot be trusted: frame i at i / frame rate."""
+        return plan_by_count(len(self.packet_pts), self.rate or FOLDER_FPS, w)
+
+
+def probe_stream(container, stream) -> VideoProbe:
+    """Scan the packets of `stream` (demux only) and read its format and colour metadata."""
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # flush packet
+            continue
+        pts.append(packet.pts)
+        if packet.is_keyframe and packet.pts is not None:
+            keys.append(packet.pts)
+    cc = stream.codec_context
+    rate = stream.average_rate
+    return VideoProbe(codec=cc.name, container=container.format.name, pix_fmt=cc.pix_fmt, width=cc.width, height=cc.height,
+                      colorspace=int(cc.colorspace or 2), color_range=int(cc.color_range or 0),
+                      time_base=float(stream.time_base) if stream.time_base else None,
+                      rate=float(rate) if rate else None, packet_pts=pts, keyframes=sorted(keys))
+
+
+def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None) -> tuple[VideoProbe, float]:
+    """(probe, counter-clockwise rotation in degrees) of a video file, for a decoder other than PyAV. The
+    rotation of the display matrix is only attached to decoded frames, so the first frame is decoded
+    (one keyframe, on the CPU). `accept(probe)` runs before that and may raise to refuse the file (a
+    decoder that cannot take its codec). Raises DecodeError."""
+    import av
+
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        try:
+            probe = probe_stream(container, stream)
+            if not probe.packet_pts:
+                raise DecodeError("no video frames")
+            if accept is not None:
+                accept(probe)
+            container.seek(min(probe.keyframes or [0]), stream=stream, backward=True)
+            first = next(container.decode(stream), None)
+        except av.FFmpegError as exc:
+            raise DecodeError(f"unreadable stream ({exc})") from None
+        rotation = (first.rotation if first is not None else 0) or _stream_rotation(stream)
+        return probe, float(rotation)
+    finally:
+        container.close()
+
+
+def read_video_clips(path: str, w: Windowing) -> Iterator[Clip]:
+    """Yield the clips of one video or image file in window order. Raises DecodeError."""
+    import av
+
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            probe = probe_stream(container, stream)
+        except av.FFmpegError as exc:
+            raise DecodeError(f"unreadable stream ({exc})") from None
+        if not probe.packet_pts:
+            raise DecodeError("no video frames")
+        if probe.seekable:
+            yielded = 0
+            try:
+                for clip in _clips_by_pts(container, stream, probe, w):
+                    yielded += 1
+                    yield clip
+                return
+            except DecodeError:
+                if yielded:
+                    raise
+            # seeking failed before any clip came out: decode the file from its start instead
+        container.close()
+        container = _open(path)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        yield from _clips_sequential(container, stream, probe, w)
+    except av.FFmpegError as exc:
+        raise DecodeError(f"decoding failed ({exc.__class__.__name__}: {exc})") from None
+    finally:
+        container.close()
+
+
+def _duration(times: np.ndarray, rate_fps: float | None) -> float:
+    step = float(np.median(np.diff(times))) if len(times) > 1 else (1.0 / rate_fps if rate_fps else 0.0)
+    return float(times[-1] + step)
+
+
+def _decode_needed(container, stream, needed_pts: set[int], skip_unneeded: bool):
+    """Frames from the current position on. With `skip_unneeded`, non-reference frames no clip needs are not
+    decoded at all (FFmpeg's skip_frame=NONREF, set per packet): nothing refers to them, so every other frame
+    decodes the same."""
+    cc = stream.codec_context
+    cc.skip_frame = "DEFAULT"
+    for packet in container.demux(stream):
+        if skip_unneeded and packet.pts is not None:
+            cc.skip_frame = "DEFAULT" if packet.pts in needed_pts else "NONREF"
+        yield from cc.decode(packet)
+
+
+def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, skip_unneeded: bool = True):
+    pts, index_of, key_index = probe.pts, probe.index_of, probe.keyframe_indices
+    asm = ClipAssembler(probe.plan(w))
+    needed = asm.needed()
+    needed_pts = {pts[i] for i in needed}
+    rotation = _stream_rotation(stream)
+    frames_iter, cur_i, cur_frame = None, -1, None
+    for target in needed:
+        while True:
+            k = bisect.bisect_right(key_index, target) - 1
+            keyframe = key_index[k] if k >= 0 else 0
+            if frames_iter is None or keyframe > cur_i:  # a keyframe lies ahead: seeking skips decoding work
+                container.seek(pts[keyframe], stream=stream, backward=True)
+                frames_iter, cur_i, cur_frame = _decode_needed(container, stream, needed_pts, skip_unneeded), -1, None
+            while cur_i < target:
+                frame = next(frames_iter, None)
+                if frame is None:
+                    raise DecodeError(f"truncated: frame {target} of {len(pts)} could not be decoded")
+                if frame.pts in index_of:
+                    cur_i, cur_frame = index_of[frame.pts], frame
+            if cur_i > target and skip_unneeded:  # a needed frame did not come out: decode again, skipping nothing
+                skip_unneeded, frames_iter = False, None
+                continue
+            break
+        # cur_i > target only when the decoder never output `target`: the next frame stands in
+        yield from asm.add(target, _rotate(cur_frame.to_ndarray(format="rgb24"), cur_frame.rotation or rotation))
+
+
+def _clips_sequential(container, stream, probe: VideoProbe, w: Windowing):
+    """Streams whose packets lack timestamps: decode everything once, frame numbers by order."""
+    asm = ClipAssembler(probe.plan_by_count(w))
+    needed = set(asm.needed())
+    rotation = _stream_rotation(stream)
+    last = None
+    count = 0
+    for i, frame in enumerate(container.decode(stream)):
+        count = i + 1
+        if i in needed:
+            last = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation or rotation)
+            yield from asm.add(i, last)
+    if count == 0:
+        raise DecodeError("no decodable video frames")
+    for i in sorted(needed):  # fewer decoded frames than packets: repeat the last decoded one
+        if i >= count and last is not None:
+            yield from asm.add(i, last)
+
+
+def list_frame_folder(folder: str) -> list[str]:
+    return sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def read_folder_clips(folder: str, w: Windowing) -> Iterator[Clip]:
+    """A folder of images as a video at FOLDER_FPS; only the sampled images are decoded."""
+    files = list_frame_folder(folder)
+    if not files:
+        raise DecodeError("folder has no image frames")
+    for idx, t0, t1 in plan_by_count(len(files), FOLDER_FPS, w):
+        cache = {i: read_image(files[i]) for i in sorted(set(idx))}
+        shapes = {f.shape for f in cache.values()}
+        if len(shapes) > 1:
+            raise DecodeError(f"frames of different sizes in one folder: {sorted(shapes)}")
+        yield Clip(np.stack([cache[i] for i in idx]), idx, t0, t1)
+
+
+def read_image(path: str) -> np.ndarray:
+    """One image file -> uint8 RGB [H, W, 3] (PyAV's image demuxers; EXIF orientation is not applied)."""
+    clips = list(read_video_clips(path, Windowing(frames=1)))
+    return clips[0].frames[0]
+
+
+def read_clips(path: str, w: Windowing) -> Iterator[Clip]:
+    """Clips of a video file, an image (one clip of one frame) or a folder of frames."""
+    if os.path.isdir(path):
+        yield from read_folder_clips(path, w)
+    elif Path(path).suffix.lower() in IMAGE_EXTENSIONS:
+        rgb = read_image(path)
+        yield Clip(rgb[None], [0], 0.0, 0.0)
+    else:
+        yield from read_video_clips(path, w)

@@ -1,0 +1,208 @@
+"""The decode workers that run beside the local job: CPU processes (PyAV, one input at a time each) and GPU
+sessions (NVDEC, one thread each), behind one interface.
+
+A worker takes one input at a time (`assign(number, item)`) and reports, in order:
+  ("clip", number, info, frames, ready)  frames: uint8 [T, S, S, 3] resized clip (numpy from a CPU worker,
+                                         a CUDA tensor from a GPU one, float32 [T, 3, S, S] for .npy inputs);
+                                         ready: None, or the CUDA event after which a GPU tensor may be read
+  ("done", number, clip count) | ("failed", number, reason)
+CPU workers answer through their pipe (`conn`); GPU workers through their pool's shared outbox, which has a
+`fileno()` so the job waits on pipes, the pool and the inference thread with one `wait`. A worker silent too
+long on one input is replaced: a CPU worker is killed; a GPU worker (a thread cannot be killed) is abandoned,
+its later messages ignored. How many of each run, and which inputs the GPU takes, is plan.py's choice."""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+
+from ..doorbell import Doorbell
+from .clips import DecodeError, Windowing
+from .inputs import InputItem
+from .source import iter_clips
+
+log = logging.getLogger(__name__)
+
+CPU_WORKER_NICENESS = 10    # CPU workers run at lower priority: they take the cores the job's process leaves
+
+GPU_OUTBOX_CLIPS = 64       # clips decoded on the GPU and not yet taken by the job (bounds GPU memory)
+
+
+def worker_context():
+    """forkserver (torch imported once, workers start fast) where the platform has it, else spawn."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["iv2trt.decode.workers", "iv2trt.transforms"])
+        return ctx
+    return mp.get_context("spawn")
+
+
+def _cpu_worker_main(conn, w: Windowing, img_size: int) -> None:
+    """Worker process: receive (number, item), send ("clip", ...)..., then ("done"|"failed", ...)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
+    os.nice(CPU_WORKER_NICENESS)  # the job's own process (GPU decoder threads, batching) goes first
+    import torch
+
+    torch.set_num_threads(1)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        number, item = task
+        try:
+            count = 0
+            for info, array in iter_clips(item, w, img_size):
+                conn.send(("clip", number, info, array, None))
+                count += 1
+            conn.send(("done", number, count))
+        except DecodeError as exc:
+            conn.send(("failed", number, exc.reason))
+        except (BrokenPipeError, EOFError):
+            return
+        except Exception as exc:  # a decoder bug must not stop the job: report it as this input's failure
+            conn.send(("failed", number, f"{type(exc).__name__}: {exc}"))
+
+
+class CpuWorker:
+    """One decoding process (PyAV)."""
+
+    path = "cpu"
+
+    def __init__(self, ctx, w: Windowing, img_size: int):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=_cpu_worker_main, args=(child, w, img_size), daemon=True)
+        self.process.start()
+        child.close()
+        self.task: int | None = None
+        self.last_heard = self.started = time.monotonic()
+
+    def assign(self, number: int, item: InputItem) -> None:
+        self.task, self.last_heard = number, time.monotonic()
+        self.conn.send((number, item))
+
+    def why_gone(self) -> str:
+        return f"decoder process died (exit code {self.process.exitcode})"
+
+    def stop(self, kill: bool = False) -> None:
+        if kill or self.task is not None:
+            self.process.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+        self.conn.close()
+
+
+# --- the GPU path ---------------------------------------------------------------------------------------------
+class GpuWorkerPool:
+    """The GPU workers' shared outbox: a bounded queue of (worker, message) and a socket that turns readable
+    when messages wait (for multiprocessing.connection.wait)."""
+
+    def __init__(self, gpu: int, w: Windowing, img_size: int):
+        self.gpu, self.w, self.img_size = gpu, w, img_size
+        self.outbox: queue.Queue = queue.Queue(maxsize=GPU_OUTBOX_CLIPS)
+        self.stopping = threading.Event()
+        self._doorbell = Doorbell()  # rung when messages wait
+
+    def fileno(self) -> int:
+        return self._doorbell.fileno()
+
+    def put(self, worker: "GpuWorker", message: tuple) -> bool:
+        """Queue a message (waits while the outbox is full); False once the job is stopping."""
+        while not self.stopping.is_set():
+            try:
+                self.outbox.put((worker, message), timeout=0.1)
+            except queue.Full:
+                continue
+            self._doorbell.ring()
+            return True
+        return False
+
+    def messages(self) -> list[tuple["GpuWorker", tuple]]:
+        self._doorbell.clear()
+        out = []
+        try:
+            while True:
+                out.append(self.outbox.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def close(self) -> None:
+        self.stopping.set()
+        self._doorbell.close()
+
+
+class GpuWorker:
+    """One NVDEC (and nvJPEG) session in a thread of the job's process; frames stay on the GPU."""
+
+    path = "nvdec"
+
+    def __init__(self, pool: GpuWorkerPool, name: str):
+        self.pool = pool
+        self.inbox: queue.Queue = queue.Queue()
+        self.task: int | None = None
+        self.last_heard = self.started = time.monotonic()
+        self.abandoned = False
+        self.frames_decoded = 0   # frames out of NVDEC (written by this worker's thread only)
+        self.frames_dropped = 0   # non-reference access units never sent to NVDEC
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def assign(self, number: int, item: InputItem) -> None:
+        self.task, self.last_heard = number, time.monotonic()
+        self.inbox.put((number, item))
+
+    def why_gone(self) -> str:
+        return "GPU decoder thread stopped"
+
+    def stop(self, kill: bool = False) -> None:
+        if kill or self.task is not None:
+            self.abandoned = True
+        self.inbox.put(None)
+
+    def _run(self) -> None:
+        from . import nvdec
+
+        session = None
+        with torch_device_scope(self.pool.gpu):
+            while True:
+                task = self.inbox.get()
+                if task is None or self.pool.stopping.is_set():
+                    return
+                number, item = task
+                try:
+                    if session is None:
+                        session = nvdec.NvdecSession(self.pool.gpu, self.pool.w, self.pool.img_size)
+                    count = 0
+                    for info, frames, ready in session.clips(item.kind, item.path):
+                        if not self.pool.put(self, ("clip", number, info, frames, ready)):
+                            return
+                        count += 1
+                    message = ("done", number, count)
+                except DecodeError as exc:
+                    message = ("failed", number, exc.reason)
+                except Exception as exc:  # noqa: BLE001 - reported as this input's failure on the GPU path
+                    message = ("failed", number, f"{type(exc).__name__}: {exc}")
+                if session is not None:
+                    self.frames_decoded, self.frames_dropped = session.frames_decoded, session.frames_dropped
+                if not self.pool.put(self, message):
+                    return
+
+
+def torch_device_scope(gpu: int):
+    """The thread's current CUDA device for PyTorch (its allocations and streams)."""
+    import torch
+
+    return torch.cuda.device(gpu)

@@ -1,0 +1,70 @@
+"""The extraction job's settings (the `model:` and `infer:` sections, every key a flag of trt_inference.py) and
+their checks, shared by both executors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..decode.plan import DECODERS, DEFAULT_NVDEC_SESSIONS, default_workers
+from ..errors import PipelineError
+from ..model import ModelSettings
+from ..runners.choice import BACKENDS
+from ..settings import setting
+
+
+@dataclass
+class InferSettings(ModelSettings):
+    inputs: list[str] = setting([], "directories (recursive), globs, list files (.txt; .csv/.jsonl with path[,id]), "
+                                "video/image files, folders of frames, or .npy preprocessed frames [B,T,3,H,W]")
+    output: str = setting("outputs/features", "output directory (shards, manifests, failures.jsonl, summary.json)")
+    backend: str = setting("auto", "tensorrt | onnxruntime | torch | auto (TensorRT when it can run: installed, "
+                           "with pycuda, a GPU and the engine file; else PyTorch fp16 on a CUDA GPU when "
+                           "--checkpoint or --random-init gives weights; else onnxruntime)", choices=BACKENDS)
+    engine: str = setting("build/internvideo2_clip_s14_fp16.engine", "TensorRT engine (backend tensorrt/auto)")
+    onnx: str = setting("build/internvideo2_clip_s14_fp16.onnx", "ONNX file (backend onnxruntime/auto)")
+    frames: int = setting(8, "frames per clip (T), sampled as upstream: middle frame of T equal segments")
+    batch_size: int = setting(32, "clips per inference call (capped by the engine's/graph's max batch)")
+    decoder: str = setting("auto", "where videos are decoded: auto (the GPU's NVDEC engines and the CPU workers "
+                           "together, pulling from one queue; CPU only when NVDEC cannot run here), nvdec (the GPU "
+                           "takes every input it can; exit 4 if it cannot run), cpu (PyAV worker processes)",
+                           choices=DECODERS)
+    nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) on the GPU")
+    workers: int | None = setting(None, f"CPU decoding processes (default: one per core, {default_workers()} here; "
+                                  f"a quarter of the cores, {default_workers(nvdec=True)} here, beside NVDEC)")
+    window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
+                                           "per video)")
+    window_frames: int | None = setting(None, "one clip per window of this many frames")
+    stride: float | None = setting(None, "window step, in the window's unit (default: the window size)")
+    frame_folders: bool = setting(True, "a folder holding only images is one video (frames in name order)")
+    dtype: str = setting("float16", "feature file dtype", choices=("float16", "float32"))
+    shard_size: int = setting(4096, "feature rows per shard (a shard holds whole videos)")
+    per_video_npy: bool = setting(False, "one videos/<id>.npy per input instead of shards of features")
+    decode_timeout_s: float = setting(120.0, "an input whose decoder makes no progress this long is failed")
+    overwrite: bool = setting(False, "delete the features already in --output instead of resuming")
+    compare_pytorch: str | None = setting(None, "also run the PyTorch fp32 model (a checkpoint path, or 'random' "
+                                          "for --random-init weights) and check agreement (exit 3 if off)")
+    progress: bool = setting(True, "progress bar")
+    make_samples: str | None = setting(None, "write a few small sample videos into this folder and exit")
+    # engines per GPU model, and the Ray executor (iv2trt/engine_map.py, iv2trt/ray_job.py)
+    engines: list[str] = setting([], "one TensorRT engine per GPU model, as GPU_MODEL=PATH (e.g. "
+                                 "H100=build/s14_h100.engine): a GPU whose name contains GPU_MODEL uses PATH, "
+                                 "others --engine")
+    ray: str | None = setting(None, "run the job on Ray (pip install -r requirements-distributed.txt): --ray alone "
+                              "starts Ray on this machine; --ray auto joins the cluster of `ray start`; --ray "
+                              "HOST:PORT another (see README)", const="local")
+    ray_partition_size: int = setting(512, "--ray: inputs per partition, the unit of resume: one shard each, "
+                                      "committed once all its inputs finished (replaces --shard-size)")
+    ray_encoders: int = setting(0, "--ray: encoder actors (0: one per GPU in the cluster; one CPU actor without GPUs)")
+    ray_encoder_cpus: float = setting(1.0, "--ray: CPUs reserved per encoder actor")
+    ray_decode_cpus: float = setting(1.0, "--ray: CPUs per decode task (as many tasks run as CPUs are free)")
+
+
+def check_settings(s: InferSettings) -> None:
+    """PipelineError naming each setting that cannot be used as given."""
+    bad = [f"--{name.replace('_', '-')} {getattr(s, name)!r}" for name in
+           ("batch_size", "workers", "nvdec_sessions", "shard_size", "decode_timeout_s")
+           if getattr(s, name) is not None and not getattr(s, name) > 0]
+    if bad:
+        raise PipelineError(f"{', '.join(bad)}: must be positive")
+    if s.stride is not None and s.window_seconds is None and s.window_frames is None:
+        raise PipelineError(f"--stride {s.stride:g} needs a window to step: add --window-seconds or --window-frames "
+                            "(without one, each video is one clip)")

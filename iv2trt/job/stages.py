@@ -1,0 +1,175 @@
+"""The job's stages as plain functions, called by every executor (the local job and the Ray pipeline).
+
+source -> batcher -> runner -> writer (see STYLE.md, "The job as stages"):
+  source  `decode.source.iter_clips(item, windowing, img_size)` (CPU; NVDEC sessions in the local job): one input ->
+          its clips (uint8 [T, S, S, 3] resized frames, float32 [T, 3, S, S] for .npy inputs);
+          `clips_with_deadline` bounds how long one clip may take; `clip_frames_problem` and
+          `timeout_reason` give an input's failure reason
+  runner  `start_inference(runner, frames)` -> a function that waits for the raw features; `encode` adds the
+          L2 normalisation
+  writer  writer.py (`FeatureWriter`, `FailureLog`, `write_summary`); `summarize` and `log_done` give both
+          executors the same summary.json fields and closing log line
+Nothing here knows which executor calls it.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from ..compare import l2_normalize
+from ..runners.base import infer_frames, is_cuda_tensor
+
+log = logging.getLogger(__name__)
+
+
+# --- source -------------------------------------------------------------------------------------------------
+def clip_frames_problem(frames: int, frame_range: tuple[int, int | None], runner_name: str) -> str | None:
+    """Why a clip of `frames` frames cannot go through the model (an input's failure reason), or None."""
+    lo, hi = frame_range
+    if frames < lo or hi is not None and frames > hi:
+        return f"clips of {frames} frames; the {runner_name} model takes {lo}..{hi}"
+    return None
+
+
+def check_frame_count(runner, frames: int) -> None:
+    """PipelineError unless the runner's model takes clips of `frames` frames (checked before a job starts)."""
+    if clip_frames_problem(frames, runner.frame_range, runner.name):
+        from ..errors import PipelineError
+
+        lo, hi = runner.frame_range
+        raise PipelineError(f"frames={frames} is outside what the {runner.name} model takes ({lo}..{hi}); "
+                            "pass --frames in that range, or export/build for more frames")
+
+
+def timeout_reason(timeout_s: float) -> str:
+    return f"decoding timed out (no progress for {timeout_s:g}s)"
+
+
+IMPORT_GRACE_S = 0.5
+
+
+class DecodeStalled(BaseException):
+    """A source made no progress for its deadline (a BaseException, so decoders' `except Exception` let it pass)."""
+
+
+def clips_with_deadline(clips: Iterable, timeout_s: float) -> Iterator:
+    """The elements of `clips`, raising DecodeStalled when one takes longer than `timeout_s` to arrive.
+
+    Uses SIGALRM, which interrupts a blocking open or read too (a decoder that turns the interruption into an
+    error of its own still counts as stalled); where there is none (not the main thread, or no SIGALRM on this
+    platform) the clips come without a deadline. An import in progress (a source importing torch on first use)
+    is never interrupted: a half-imported module would break every later task of the process; the deadline
+    is checked again IMPORT_GRACE_S later."""
+    iterator = iter(clips)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
+        yield from iterator
+        return
+    expired = False
+
+    def stalled(signum, frame):
+        nonlocal expired
+        while frame is not None:
+            if frame.f_code.co_filename.startswith("<frozen importlib"):
+                signal.setitimer(signal.ITIMER_REAL, IMPORT_GRACE_S)
+                return
+            frame = frame.f_back
+        expired = True
+        raise DecodeStalled()
+
+    previous = signal.signal(signal.SIGALRM, stalled)
+    try:
+        while True:
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            try:
+                clip = next(iterator)
+            except StopIteration:
+                return
+            except Exception:
+                if expired:
+                    raise DecodeStalled() from None
+                raise
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            yield clip
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --- an input's clips, as they arrive -----------------------------------------------------------------------
+@dataclass
+class InputClips:
+    """One input's clips as they arrive, in any order: each clip's window info and feature, and the input's clip
+    count once known (both executors collect inputs in these)."""
+    infos: dict[int, dict[str, Any]] = field(default_factory=dict)
+    features: dict[int, np.ndarray] = field(default_factory=dict)
+    count: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every clip's feature is in (the count known)."""
+        return self.count is not None and len(self.features) >= self.count
+
+    def ordered(self) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """(infos, features [count, D]) in clip order, for the writer."""
+        order = range(self.count or 0)
+        return [self.infos[i] for i in order], np.stack([self.features[i] for i in order])
+
+
+# --- runner -------------------------------------------------------------------------------------------------
+def batch_size_for(asked: int, max_batch: int | None) -> int:
+    """The batch size a job runs: the one asked for, capped by the runner's maximum (its engine's or graph's)."""
+    return max(1, min(asked, max_batch or asked))
+
+
+def warm_up(runner, batch: int, frames: int, img_size: int) -> None:
+    """Compile and capture the runner's full-batch CUDA graph now, where it has that step (PyTorch on a GPU):
+    before GPU decoders share the GPU, and so that partial batches replay it."""
+    step = getattr(runner, "warm_up", None)
+    if step is not None:
+        step(batch, frames, img_size)
+
+
+def host_buffer(runner, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An empty host array to assemble a batch in: the runner's (page-locked memory for GPU runners), else
+    plain memory."""
+    alloc = getattr(runner, "new_host_buffer", None)
+    return alloc(shape, dtype) if alloc is not None else np.empty(shape, dtype)
+
+
+def start_inference(runner, frames) -> Callable[[], np.ndarray]:
+    """Begin inference of a batch (a host array, or a CUDA tensor of GPU-decoded clips); returns a function that
+    waits for its raw features. Runners with `submit_uint8` (uint8 frames) return at once, so the caller can
+    prepare the next batch meanwhile."""
+    submit = getattr(runner, "submit_uint8", None)
+    if submit is not None and (is_cuda_tensor(frames) or frames.dtype == np.uint8):
+        return submit(frames)
+    result = infer_frames(runner, frames)
+    return lambda: result
+
+
+def encode(runner, frames: np.ndarray) -> np.ndarray:
+    """L2-normalised float32 features [B, D] of one batch of clips."""
+    return l2_normalize(start_inference(runner, frames)())
+
+
+# --- writer: counts and summary -----------------------------------------------------------------------------
+def summarize(stats: dict[str, Any], inputs: int, elapsed: float, backend: str, batch_size: int) -> dict[str, Any]:
+    """summary.json's fields from a run's counts (`stats`: ok, failed, clips, batches, infer_s)."""
+    s = stats
+    return {"inputs": inputs, "ok": s["ok"], "failed": s["failed"], "clips": s["clips"], "batches": s["batches"],
+            "seconds": round(elapsed, 3), "videos_per_s": round((s["ok"] + s["failed"]) / max(elapsed, 1e-9), 3),
+            "clips_per_s": round(s["clips"] / max(elapsed, 1e-9), 3), "infer_seconds": round(s["infer_s"], 3),
+            "backend": backend, "batch_size": batch_size}
+
+
+def log_done(summary: dict[str, Any], failures_path) -> None:
+    """The closing line of a job."""
+    log.info("done: %d ok, %d failed, %d skipped (already done); %d clips in %.1fs (%.2f videos/s, %.1f clips/s)%s",
+             summary["ok"], summary["failed"], summary.get("skipped_already_done", 0), summary["clips"],
+             summary["seconds"], summary["videos_per_s"], summary["clips_per_s"],
+             f"; failures listed in {failures_path}" if summary["failed"] else "")
