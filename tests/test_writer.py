@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from iv2trt.errors import PipelineError
+from iv2trt.output.results import shard_name
 from iv2trt.output.writer import FailureLog, FeatureWriter, finished_ids, load_features, prepare_output
 
 
@@ -29,8 +31,9 @@ def test_shards_hold_whole_videos_and_round_trip(tmp_path, per_video, dtype):
     writer.flush()
     feats, rows = load_features(tmp_path)
     assert feats.dtype == np.dtype(dtype) and feats.shape == (9, 8)
-    assert sorted(p.name for p in (tmp_path / "shards").glob("*.parquet")) == ["shard-00000.parquet",
-                                                                              "shard-00001.parquet"]
+    # shards hold whole videos, named by index and the digest of their ids (results.shard_name)
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.parquet")) == [
+        Path(shard_name(0, ["v0", "v1"]) + ".parquet").name, Path(shard_name(1, ["v2", "v3"]) + ".parquet").name]
     for feature, row in zip(feats, rows):
         np.testing.assert_allclose(feature, expected[row["id"]][row["clip"]], rtol=1e-3, atol=1e-3)
         assert row["frame_indices"] == [2 * row["clip"], 2 * row["clip"] + 1]
@@ -43,12 +46,28 @@ def test_crash_leftovers_are_ignored_and_numbering_continues(tmp_path):
     prepare_output(tmp_path, {"model": "a"}, overwrite=False)
     writer = FeatureWriter(tmp_path, "float32", shard_size=1)
     writer.add_video("/in/a.mp4", "a", "video", _clips(1), _feats(1, 0))
-    np.save(tmp_path / "shards" / "shard-00001.npy", np.zeros((1, 8)))   # features whose manifest never landed
-    (tmp_path / "shards" / ".shard-00001.parquet.abc.tmp").write_bytes(b"partial")
+    orphan = tmp_path / (shard_name(1, ["b"]) + ".npy")
+    np.save(orphan, np.zeros((1, 8)))   # features whose manifest never landed
+    (tmp_path / "shards" / f".{orphan.stem}.parquet.abc.tmp").write_bytes(b"partial")
     assert prepare_output(tmp_path, {"model": "a"}, overwrite=False) == {"a"}
     assert not list(tmp_path.rglob("*.tmp"))
     writer = FeatureWriter(tmp_path, "float32", shard_size=1)
-    assert not (tmp_path / "shards" / "shard-00001.npy").exists() and writer.next_shard == 1
+    assert not orphan.exists() and writer.next_shard == 1
+
+
+def test_numbering_continues_after_the_other_executors_shards(tmp_path):
+    """One naming scheme: a local run after a Ray run (partition shards) numbers on after the highest index, and
+    neither scheme's names can collide (the digest of the ids differs)."""
+    writer = FeatureWriter(tmp_path, "float32", shard_size=10)
+    writer.add_video("/in/a.mp4", "a", "video", _clips(1), _feats(1, 0))
+    writer.flush(name=shard_name(4, ["a", "b"]))  # as the Ray driver commits partition 4
+    writer = FeatureWriter(tmp_path, "float32", shard_size=10)
+    assert writer.next_shard == 5
+    writer.add_video("/in/b.mp4", "b", "video", _clips(1), _feats(1, 1))
+    writer.flush()
+    names = sorted(p.name for p in (tmp_path / "shards").glob("*.parquet"))
+    assert names == [Path(shard_name(4, ["a", "b"])).name + ".parquet", Path(shard_name(5, ["b"])).name + ".parquet"]
+    assert [r["id"] for r in load_features(tmp_path)[1]] == ["a", "b"]
 
 
 def test_job_json_mismatch_is_refused_unless_overwrite(tmp_path):

@@ -3,15 +3,14 @@
 The input list (sorted by id, as `discover` returns it) is cut into partitions of `size` consecutive
 inputs: partition p holds inputs [p * size, (p + 1) * size). A partition whose inputs are all committed
 already is skipped; the others go through the pipeline, and the driver commits each as ONE shard
-(features first, manifest last, both atomic) once every input of it has finished or failed. Its name,
-`shards/shard-<p>-<digest of the ids it was run for>`, depends only on the inputs, so a retried or
-rerun partition overwrites its own files and never adds a second copy; a shard of a local run
-(`shard-<n>`) never shares a name with one. `PartitionAssembler` accepts clip rows in any order and any
+(features first, manifest last, both atomic) once every input of it has finished or failed. Its name
+(output.results.shard_name, the local job's scheme too), `shards/shard-<p>-<digest of the ids it was run
+for>`, depends only on the inputs, so a retried or rerun partition overwrites its own files and never adds
+a second copy. `PartitionAssembler` accepts clip rows in any order and any
 number of times (Ray retries), keyed by (input, clip): duplicates overwrite, nothing is written twice.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 
 from ..decode.inputs import InputItem
 from ..job.stages import InputClips
-from ..output.results import SHARD_DIR
+from ..output.results import shard_name
 from ..output.writer import FailureLog, FeatureWriter
 
 log = logging.getLogger(__name__)
@@ -33,18 +32,13 @@ class Partition:
     shard: str                # shard name (no suffix), relative to the output directory
 
 
-def partition_shard_name(index: int, ids: Sequence[str]) -> str:
-    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
-    return f"{SHARD_DIR}/shard-{index:05d}-{digest}"
-
-
 def plan_partitions(items: Sequence[InputItem], size: int, done: set[str]) -> tuple[list[Partition], int]:
     """(partitions with inputs to do, number of partitions already committed) for inputs `items`."""
     todo, committed = [], 0
     for index, start in enumerate(range(0, len(items), size)):
         numbers = tuple(n for n in range(start, min(start + size, len(items))) if items[n].id not in done)
         if numbers:
-            todo.append(Partition(index, numbers, partition_shard_name(index, [items[n].id for n in numbers])))
+            todo.append(Partition(index, numbers, shard_name(index, [items[n].id for n in numbers])))
         else:
             committed += 1
     return todo, committed

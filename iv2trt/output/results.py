@@ -4,19 +4,34 @@ and the directory's totals. Needs numpy and pyarrow only (no pandas, no torch).
     from iv2trt import load_features
     features, rows = load_features("outputs/features")   # features[i] is described by rows[i]
 
-Layout (written by writer.py): shards/shard-NNNNN.npy holds features [n, D] (L2-normalised, float16 or
-float32) and shards/shard-NNNNN.parquet one manifest row per feature; with --per-video-npy the features
+Layout (written by writer.py): shards/shard-NNNNN-<digest>.npy holds features [n, D] (L2-normalised, float16
+or float32) and shards/shard-NNNNN-<digest>.parquet one manifest row per feature; with --per-video-npy the features
 are in videos/<id>.npy and the manifests still list them. A manifest is committed after its features,
 so whatever a manifest names is complete.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 SHARD_DIR = "shards"
+
+
+def shard_name(index: int, ids: Sequence[str]) -> str:
+    """A shard's name (no suffix, relative to the output directory), the same for both executors:
+    `shards/shard-<index>-<digest of the ids it holds>`. The local job numbers its shards in order; the Ray
+    executor uses the partition's index and the ids it was run for, so a rerun partition overwrites its own
+    files. Either resumes the other's output: names from the two never collide."""
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    return f"{SHARD_DIR}/shard-{index:05d}-{digest}"
+
+
+def shard_index(path: str | Path) -> int:
+    """The index in a shard's file name (shard-<index>-<digest>.*)."""
+    return int(Path(path).name.split("-")[1].split(".")[0])
 
 
 def manifest_paths(out_dir: str | Path) -> list[Path]:

@@ -2,9 +2,10 @@
 
 Layout of an output directory:
   job.json                     settings that decide the features (checked when resuming)
-  shards/shard-00000.npy       float16/float32 [N, D], L2-normalised (absent with per_video_npy)
-  shards/shard-00000.parquet   one row per feature row: row (global), video, id, clip, window, frame indices,
-                               file, file_row
+  shards/shard-00000-<digest>.npy      float16/float32 [N, D], L2-normalised (absent with per_video_npy)
+  shards/shard-00000-<digest>.parquet  one row per feature row: row (global), video, id, kind, clip, num_clips,
+                                       window, frame indices, file, file_row
+  (<digest>: of the ids the shard holds; results.shard_name, the same scheme for both executors)
   videos/<id>.npy              with per_video_npy: [clips, D] per video
   failures.jsonl               inputs that could not be read in the last run: path, id, reason
   summary.json                 counts and speeds of the last run, and the directory's totals
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..errors import PipelineError
 from ..fileio import atomic_path, write_text_atomic
-from .results import SHARD_DIR, finished_ids, load_features, manifest_paths  # noqa: F401 (load_features re-exported)
+from .results import SHARD_DIR, finished_ids, load_features, manifest_paths, shard_index, shard_name  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class FeatureWriter:
         self.per_video_npy = per_video_npy
         (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         manifests = manifest_paths(self.out_dir)
-        self.next_shard = int(manifests[-1].stem.split("-")[1]) + 1 if manifests else 0
+        self.next_shard = max(map(shard_index, manifests), default=-1) + 1
         self.next_row = sum(pq.read_metadata(p).num_rows for p in manifests)  # rows are numbered across shards
         for npy in (self.out_dir / SHARD_DIR).glob("shard-*.npy"):  # features whose manifest never landed
             if not npy.with_suffix(".parquet").exists():
@@ -119,15 +120,16 @@ class FeatureWriter:
         return f"{VIDEO_DIR}/{rel.as_posix()}.npy"
 
     def flush(self, name: str | None = None) -> None:
-        """Commit the buffered videos as one shard: the next numbered one, or `name` (relative to the output
-        directory, no suffix; an existing shard of that name is replaced)."""
+        """Commit the buffered videos as one shard: the next numbered one, or `name` (results.shard_name's, relative
+        to the output directory, no suffix; an existing shard of that name is replaced)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not self.pending:
             return
         numbered = name is None
-        name = f"{SHARD_DIR}/shard-{self.next_shard:05d}" if numbered else name
+        if numbered:
+            name = shard_name(self.next_shard, [row["id"] for rows, _ in self.pending for row in rows[:1]])
         rows = [row for video_rows, _ in self.pending for row in video_rows]
         if not self.per_video_npy:
             _save_npy(self.out_dir / f"{name}.npy", np.concatenate([f for _, f in self.pending]).astype(self.dtype))
