@@ -131,9 +131,12 @@ def parse_settings(cls: type[T], sections: Sequence[str], description: str, argv
     return settings_from(cls, read_config(config_path), sections, args)
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, tag: str = "") -> None:
+    """Log lines to stderr (debug with `verbose`); `tag` marks the lines of one process among several (a
+    pipeline process of the local job)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+                        format=f"%(asctime)s %(levelname)s {tag + ' ' if tag else ''}%(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
     # the ONNX exporter's optimiser logs every rewrite at INFO; keep only its warnings
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch._export", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)

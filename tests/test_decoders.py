@@ -18,7 +18,8 @@ from iv2trt.decode.plan import DecoderPlan
 from iv2trt.decode.samples import pattern_frames, write_image, write_video
 from iv2trt.decode.source import iter_clips
 from iv2trt.errors import BackendUnavailable
-from iv2trt.job.local import JobOptions, run_job
+from iv2trt.job.local import run_job
+from iv2trt.job.pipeline import JobOptions
 from iv2trt.output.writer import FeatureWriter, load_features
 from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 

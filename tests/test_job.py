@@ -20,7 +20,8 @@ from iv2trt.decode.clips import Windowing
 from iv2trt.decode.inputs import discover
 from iv2trt.decode.pyav import read_clips
 from iv2trt.decode.samples import pattern_frames, write_image, write_video
-from iv2trt.job.local import JobOptions, run_job
+from iv2trt.job.local import run_job
+from iv2trt.job.pipeline import JobOptions
 from iv2trt.output.writer import FeatureWriter, load_features
 from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 from iv2trt.runners.torch_runner import TorchRunner

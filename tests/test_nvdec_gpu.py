@@ -200,7 +200,8 @@ def test_jpeg_images_and_folders_on_the_gpu(tmp_path, session):
 def test_job_features_nvdec_vs_cpu(tmp_path, tiny_model):
     """The whole job, fp32 model on the GPU: features from --decoder nvdec equal --decoder cpu's."""
     from iv2trt.decode.inputs import discover
-    from iv2trt.job.local import JobOptions, run_job
+    from iv2trt.job.local import run_job
+    from iv2trt.job.pipeline import JobOptions
     from iv2trt.output.writer import FeatureWriter, load_features
     from iv2trt.runners.torch_runner import TorchRunner
 

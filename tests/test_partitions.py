@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from iv2trt.decode.clips import DecodeError, Windowing
 from iv2trt.decode.inputs import InputItem
 from iv2trt.distributed.partitions import PartitionAssembler, plan_partitions
-from iv2trt.distributed.ray_stages import DecodeSpec, clip_frames, decode_rows
+from iv2trt.distributed.ray_stages import feature_rows
 from iv2trt.engine.engine_map import engine_for_gpu, parse_engine_map
 from iv2trt.errors import PipelineError
-from iv2trt.job.stages import DecodeStalled, clips_with_deadline
 from iv2trt.output.writer import FailureLog, FeatureWriter, finished_ids, load_features
 
 
@@ -73,84 +70,20 @@ def test_assembler_commits_each_partition_once_whatever_the_row_order(tmp_path):
     assert finished_ids(tmp_path) == {item.id for item in items} and len(load_features(tmp_path)[1]) == 9
 
 
-def _spec(source, frame_range=(1, 16), timeout_s=30.0) -> DecodeSpec:
-    return DecodeSpec(source, Windowing(4), 8, frame_range, "onnxruntime", timeout_s)
-
-
-def test_decode_rows_hold_the_count_on_the_last_clip_and_report_failures():
-    item = InputItem("/in/x.mp4", "x.mp4", "video")
-
-    def three(item, w, size):
-        for i in range(3):
-            yield _clip(i), np.full((4, size, size, 3), i, np.uint8)
-
-    rows = list(decode_rows(item, 7, _spec(three), "node"))
-    assert [(r["number"], r["clip"], r["count"], r["error"]) for r in rows] == [(7, 0, 0, ""), (7, 1, 0, ""),
-                                                                                 (7, 2, 3, "")]
-    assert json.loads(rows[1]["info"]) == _clip(1) and rows[2]["frames"][0, 0, 0, 0] == 2
-
-    def breaks(item, w, size):
-        yield _clip(0), np.zeros((4, size, size, 3), np.uint8)
-        raise DecodeError("truncated")
-
-    rows = list(decode_rows(item, 1, _spec(breaks), "node"))
-    assert [r["error"] for r in rows] == ["truncated"] and rows[0]["frames"].ndim == 4
-    assert list(decode_rows(item, 1, _spec(lambda *a: iter(())), "node"))[0]["error"] == "no clips"
-    too_long = list(decode_rows(item, 1, _spec(three, frame_range=(1, 2)), "node"))
-    assert too_long[0]["error"] == "clips of 4 frames; the onnxruntime model takes 1..2"
-
-    floats = np.random.default_rng(1).standard_normal((2, 4, 3, 8, 8)).astype(np.float32)
-
-    def npy(item, w, size):
-        for clip in floats:
-            yield {"start_s": np.nan, "end_s": np.nan, "indices": []}, clip
-
-    rows = list(decode_rows(item, 2, _spec(npy), "node"))
-    assert all(r["is_float"] and r["frames"].dtype == np.uint8 for r in rows)
-    np.testing.assert_array_equal(np.stack([clip_frames(r["frames"], True) for r in rows]), floats)
-
-
-def test_deadline_interrupts_a_stalled_source():
-    def stalls():
-        yield 1
-        time.sleep(30)
-        yield 2
-
-    got = []
-    started = time.monotonic()
-    with pytest.raises(DecodeStalled):
-        for x in clips_with_deadline(stalls(), 0.3):
-            got.append(x)
-    assert got == [1] and time.monotonic() - started < 5
-
-    def hides_the_interrupt():  # a decoder that turns the interruption into an error of its own
-        try:
-            time.sleep(30)
-        except BaseException:
-            raise OSError("interrupted system call") from None
-        yield 1
-
-    with pytest.raises(DecodeStalled):
-        list(clips_with_deadline(hides_the_interrupt(), 0.3))
-    assert list(clips_with_deadline(iter([1, 2]), 0.3)) == [1, 2]
-
-
-def test_deadline_never_interrupts_an_import(tmp_path, monkeypatch):
-    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(1.0)\nDONE = True\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-    def imports_then_stalls():
-        import slow_to_import  # takes longer than the deadline: must complete, not be cut in half
-
-        yield slow_to_import.DONE
-        time.sleep(30)
-        yield 2
-
-    got = []
-    with pytest.raises(DecodeStalled):
-        for x in clips_with_deadline(imports_then_stalls(), 0.3):
-            got.append(x)
-    assert got == [True] and sys.modules["slow_to_import"].DONE
+def test_feature_rows_hold_the_count_on_the_last_clip_and_report_failures():
+    """A pipeline actor's rows: each input's clips in order with its count on the last, a failed input as one
+    row with its reason (the driver's assembler relies on both)."""
+    feats = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    outcomes = [([_clip(i) for i in range(3)], feats, ""), ([], None, "truncated"), ([_clip(0)], feats[:1], "")]
+    rows = feature_rows([7, 1, 2], outcomes, 8, "node/actor", "{}")
+    assert [(n, c, k, e) for n, c, k, e in zip(rows["number"], rows["clip"], rows["count"], rows["error"])] == [
+        (7, 0, 0, ""), (7, 1, 0, ""), (7, 2, 3, ""), (1, -1, 0, "truncated"), (2, 0, 1, "")]
+    assert json.loads(rows["info"][1]) == _clip(1) and rows["info"][3] == ""
+    np.testing.assert_array_equal(rows["feature"][:3], feats)
+    assert rows["feature"].shape == (5, 8) and not rows["feature"][3].any()
+    assert set(rows["pipeline"]) == {"node/actor"} and len(rows["stats"]) == 5
+    empty = feature_rows([], [], 8, "node/actor", "{}")
+    assert empty["feature"].shape == (0, 8)
 
 
 def test_engine_map_picks_the_longest_matching_key():

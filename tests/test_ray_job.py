@@ -89,7 +89,9 @@ def test_local_ray_equals_local_job_and_resumes(tmp_path, tiny_onnx, inputs, ref
     for key in ("inputs", "ok", "failed", "clips", "backend", "batch_size", "skipped_already_done"):
         assert summary[key] == want[key], key
     assert summary["executor"] == "ray" and summary["ray"]["partitions"]["written"] == 6
-    assert summary["ray"]["stages"]["encode"]["clips"] == summary["clips"]
+    assert sum(n["clips"] for n in summary["ray"]["per_node"].values()) == summary["clips"]
+    for p in summary["pipelines"]:  # where each pipeline actor's time went, as in the local job's summary
+        assert p["decoders"]["cpu"]["workers"] >= 1 and 0 <= p["encoder_busy_fraction"] <= 1 and p["bound_by"]
 
     # a rerun skips every committed partition (their files untouched) and retries the failed input only
     shards = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
@@ -134,7 +136,7 @@ def test_hanging_decoder_is_timed_out(tmp_path, tiny_onnx, inputs, local_ray):
 
 
 class FailsInActors:
-    """A runner factory that works in the driver's probe task but not in the encoder actors (like an engine
+    """A runner factory that works in the driver's probe task but not in the pipeline actors (like an engine
     that fits the first GPU model and not another one)."""
 
     def __init__(self, onnx: str):
@@ -169,7 +171,7 @@ def test_runner_errors_on_the_nodes_stop_the_job_with_their_exit_code(tmp_path, 
 
 
 
-def test_ray_scaling_benchmark_runs_the_job_with_one_and_two_encoders(tmp_path, tiny_cfg, local_ray):
+def test_ray_scaling_benchmark_runs_the_job_with_one_and_two_pipelines(tmp_path, tiny_cfg, local_ray):
     """benchmark.py --ray-scaling on CPU actors with the tiny model: the table, the target line and the files."""
     import dataclasses
 
@@ -185,8 +187,8 @@ def test_ray_scaling_benchmark_runs_the_job_with_one_and_two_encoders(tmp_path, 
                            "--ray-clips-per-video", "8", "--output-dir", str(out)]) == 0
     results = json.loads((out / "benchmark.json").read_text())
     rows = results["ray_scaling"]["rows"]
-    assert [(r["backend"], r["encoders"], r["encoders_seen"]) for r in rows] == [("torch-fp32", 1, 1),
-                                                                                  ("torch-fp32", 2, 2)]
+    assert [(r["backend"], r["pipelines"], r["pipelines_seen"]) for r in rows] == [("torch-fp32", 1, 1),
+                                                                                    ("torch-fp32", 2, 2)]
     assert all(r["clips"] == r["videos"] * 8 and r["steady_clips_per_s"] > 0 for r in rows)
     assert rows[0]["speedup_steady"] == 1.0
     assert "| torch-fp32 | 2 |" in (out / "benchmark.md").read_text()
@@ -223,13 +225,13 @@ def test_node_killed_mid_job_output_equals_uninterrupted_run(tmp_path, tiny_onnx
     out = tmp_path / "out"
     proc = _driver(tiny_onnx, inputs, out, cluster.address)
     _wait_for_shards(proc, out, 1)
-    cluster.remove_node(doomed, allow_graceful=False)  # the encoder actor and the decode tasks die with it
+    cluster.remove_node(doomed, allow_graceful=False)  # the pipeline actor dies with it
     cluster.add_node(num_cpus=2)                         # the replacement the autoscaler would bring
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 6, stderr[-3000:]
     assert_same_output(out, reference)
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["ray"]["per_node"]) == 2, "the killed node should have decoded rows before it died"
+    assert len(summary["ray"]["per_node"]) == 2, "the killed node's pipeline should have sent rows before it died"
     assert summary["ray"]["partitions"]["written"] == summary["ray"]["partitions"]["total"]
 
 

@@ -359,3 +359,48 @@ def test_gpu_new_shape_runs_eager_while_compiling(s14_fp32_gpu):
             assert compare(ref, out).min_cosine >= 0.9999
     finally:
         runner.close()
+
+
+def test_a_failed_graph_capture_falls_back_and_the_job_goes_on(tiny_model, monkeypatch, caplog):
+    """A capture that fails (on a GPU: another thread's CUDA work invalidating it) never ends the job: that call
+    runs without a graph, and after MAX_CAPTURE_FAILURES tries the shape stops asking for one."""
+    runner = TorchRunner(copy.deepcopy(tiny_model), device="cpu", precision="fp32", compile_mode="off")
+    runner.cuda_graphs = True  # as on a GPU; the capture itself is planted to fail
+    tried = []
+
+    def fails(forward, x):
+        tried.append(tuple(x.shape))
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(runner, "_capture", fails)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    x = frames(2, 4)
+    with torch.inference_mode():
+        want = tiny_model(x)
+        with caplog.at_level(logging.WARNING, logger="iv2trt.runners.torch_runner"):
+            for _ in range(TorchRunner.MAX_CAPTURE_FAILURES + 2):
+                torch.testing.assert_close(runner.forward_device(x), want)
+    assert tried == [tuple(x.shape)] * TorchRunner.MAX_CAPTURE_FAILURES
+    assert f"CUDA graph capture of input {tuple(x.shape)} failed (CUDA error" in caplog.text
+    assert "running without a graph from now on" in caplog.text and not runner._graphs
+
+
+def test_background_compiles_run_below_the_decoders(tiny_model):
+    """A compile in the background (and the compile workers it starts) yields the cores to the CPU decoders."""
+    from iv2trt.runners.compile import COMPILE_NICENESS
+
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return gm.forward
+
+    torch._dynamo.reset()  # (an earlier test's compile of the same forward would be reused: no backend call)
+    compiled = CompiledForward(copy.deepcopy(tiny_model).eval(), DEFAULT_MODE, backend=backend)
+    with torch.inference_mode():
+        compiled(frames(2, 4))  # runs eager here and asks for the compile
+    compiled.wait(120)
+    assert not compiled.failed and seen and min(seen) >= COMPILE_NICENESS
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < COMPILE_NICENESS  # the caller's own
+    compiled.close()

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from iv2trt.decode.clips import Windowing
+from iv2trt.decode.source import iter_clips
 from iv2trt.errors import PipelineError
-from iv2trt.job.local import InferenceThread, Job, JobOptions, iter_clips
+from iv2trt.job.batching import InferenceThread
+from iv2trt.job.pipeline import JobOptions, Pipeline, WriterSink
 from iv2trt.output.writer import FailureLog, FeatureWriter, load_features
 from iv2trt.runners.base import HostNormalize, infer_frames
 from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
@@ -105,8 +107,8 @@ def test_iter_clips_sends_resized_uint8(tmp_path):
 
 def _job(tmp_path, runner, batch=4, reference=None):
     writer = FeatureWriter(tmp_path, "float32", shard_size=100)
-    return Job([], runner, writer, FailureLog(tmp_path), JobOptions(Windowing(4), 56, batch, 1, progress=False),
-               reference)
+    return Pipeline(runner, JobOptions(Windowing(4), 56, batch, 1, progress=False),
+                    WriterSink(writer, FailureLog(tmp_path)), reference)
 
 
 def test_run_preloaded_writes_what_the_runner_computes(tmp_path, tiny_model):

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode-only worker counts (default: 1, the job's default, cores-1)")
     g.add_argument("--job-workers", type=int, help="CPU decode workers of the jobs (default: as trt_inference)")
     g.add_argument("--nvdec-sessions", type=int, help="NVDEC sessions of the jobs (default: as trt_inference)")
+    g.add_argument("--executor-gpus", nargs="+", metavar="GPUS",
+                   help="also run the job as trt_inference.py does, once per --gpus value given (e.g. 1 0,0: one "
+                        "pipeline, then two on GPU 0)")
+    g.add_argument("--executor-ray", action="store_true", help="... and on a local Ray with one pipeline actor")
+    g.add_argument("--executor-repeat", type=int, default=4,
+                   help="inputs of the executor runs: the videos this many times over (default: %(default)s)")
     g.add_argument("--stage-batches", type=int, default=64,
                    help="batches in the overhead measurement (a second run of a quarter as many gives the "
                         "steady-state cost per batch)")
@@ -91,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", help="Ray cluster (default: a local Ray on this machine)")
     r.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: all)")
     r.add_argument("--ray-object-store-gb", type=float, help="object store of the local Ray (default: Ray's)")
-    r.add_argument("--ray-encoders", type=int, nargs="+", help="encoder counts (default: 1 and one per GPU)")
+    r.add_argument("--ray-pipelines", type=int, nargs="+", help="pipeline actor counts (default: 1 and one per GPU)")
     r.add_argument("--ray-backends", nargs="+", choices=("torch-fp16", "torch-fp32"),
-                   help="runners of the encoders (default: torch-fp16 torch-fp32 with GPUs, else torch-fp32)")
+                   help="runners of the pipelines (default: torch-fp16 torch-fp32 with GPUs, else torch-fp32)")
     r.add_argument("--ray-shape", default="32x8", help="batch x frames (default: %(default)s)")
     r.add_argument("--ray-seconds", type=float, default=20.0,
                    help="about how long each run encodes, at the encoder-alone speed (default: %(default)s)")
@@ -437,6 +443,10 @@ def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
     del runner
     if env.cuda:
         torch.cuda.empty_cache()
+    if a.executor_gpus or a.executor_ray:
+        from .pipeline import executor_runs
+
+        result["executors"] = executor_runs(paths, a, windowing, batch, a.executor_repeat)
     return result
 
 

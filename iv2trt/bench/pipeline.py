@@ -10,7 +10,7 @@ and the job's own overhead, all on the same videos in one run.
    summary's encoder busy fraction and bounding stage.
 4. encoder only: the same backend at the job's (B, T), timed as in the encoder benchmark.
 5. job overhead: the decoded clips (resized uint8, as the workers send them) are preloaded in memory
-   and fed to the job's own inference stage through its public entry point Job.run_preloaded (batch
+   and fed to the job's own inference stage through its public entry point Pipeline.run_preloaded (batch
    assembly into preallocated buffers, the inference thread with runner.infer_uint8: upload,
    normalisation and dtype conversion, L2-normalisation, writer): overhead = (wall time of the stage
    for N batches - N x encoder p50) / (N x encoder p50).
@@ -238,7 +238,8 @@ def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, 
     """The real extraction job over `paths` (fresh output folder, no progress bar); its summary."""
     from ..decode.inputs import InputItem
     from ..decode.plan import DEFAULT_NVDEC_SESSIONS
-    from ..job.local import JobOptions, run_job
+    from ..job.local import run_job
+    from ..job.pipeline import JobOptions
     from ..output.writer import FeatureWriter
 
     items = [InputItem(str(p), p.name, "video") for p in paths]
@@ -283,6 +284,44 @@ def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int
             "decode_ceiling": ceilings, "end_to_end": e2e}
 
 
+# --- the executors -----------------------------------------------------------------------------------------
+def executor_runs(paths: list[Path], a, windowing, batch: int, repeat: int = 1) -> list[dict[str, Any]]:
+    """The job as trt_inference.py runs it (its settings through the local and the Ray executor, runners built
+    where the pipelines run) on the same videos, each `repeat` times under other ids (a longer run from the same
+    files): the local job for each `--gpus` of `a.executor_gpus` (e.g. 1 and 0,0: one pipeline, then two on GPU
+    0), and with `a.executor_ray` the Ray executor with one pipeline actor. Clips/s over the executor's run (the
+    pipelines started; Ray: first result to last too)."""
+    from ..decode.inputs import InputItem
+    from ..job.local import run_local_job
+    from ..job.settings import InferSettings
+
+    items = [InputItem(str(p), f"{r}/{p.name}", "video") for r in range(repeat) for p in paths]
+    base = dict(inputs=["bench"], backend="torch", variant=a.variant, checkpoint=a.checkpoint,
+                random_init=not a.checkpoint, seed=a.seed, frames=windowing.frames, batch_size=batch,
+                window_seconds=windowing.window_seconds, progress=False, decoder="auto", workers=a.job_workers,
+                nvdec_sessions=a.nvdec_sessions or 8)
+    rows = []
+    runs = [("local", gpus) for gpus in a.executor_gpus or []] + ([("ray", "1")] if a.executor_ray else [])
+    for executor, gpus in runs:
+        with tempfile.TemporaryDirectory(prefix="iv2trt_bench_exec_") as out:
+            log.info("executor %s, --gpus %s: %d inputs", executor, gpus, len(items))
+            if executor == "local":
+                summary = run_local_job(InferSettings(**base, output=out, gpus=gpus), items, windowing)
+            else:
+                from ..distributed.ray_job import run_ray_job
+
+                s = InferSettings(**base, output=out, ray="local", ray_pipelines=1)
+                summary = run_ray_job(s, items, windowing)
+        row = {"executor": executor, "gpus": gpus, "pipelines": len(summary["pipelines"]), "ok": summary["ok"],
+               "failed": summary["failed"], "clips": summary["clips"], "seconds": summary["seconds"],
+               "clips_per_s": summary["clips_per_s"], "encoder_busy_fraction": summary["encoder_busy_fraction"],
+               "bound_by": summary["bound_by"], "decoders": summary["decoders"],
+               "steady_clips_per_s": summary.get("ray", {}).get("steady_clips_per_s")}
+        log.info("  %.1f clips/s (%d pipeline(s)); bound by %s", row["clips_per_s"], row["pipelines"], row["bound_by"])
+        rows.append(row)
+    return rows
+
+
 def preload_clips(paths: list[Path], windowing, img_size: int) -> list[list[np.ndarray]]:
     """Every video's clips in memory, exactly as the workers send them (uint8 [T, S, S, 3] resized frames)."""
     from ..decode.inputs import InputItem
@@ -294,9 +333,9 @@ def preload_clips(paths: list[Path], windowing, img_size: int) -> list[list[np.n
 def inference_stage(runner, videos: list[list[np.ndarray]], windowing, img_size: int, batch: int,
                     batches: int) -> dict[str, Any]:
     """Wall time of the job's inference stage on preloaded clips: `batches` full batches' worth of clips
-    (videos reused in turn) through Job.run_preloaded (the job's own batching, inference thread,
+    (videos reused in turn) through Pipeline.run_preloaded (the job's own batching, inference thread,
     normalisation and writing, no decoding)."""
-    from ..job.local import Job, JobOptions
+    from ..job.pipeline import JobOptions, Pipeline, WriterSink
     from ..output.writer import FailureLog, FeatureWriter
 
     want = batches * batch
@@ -308,10 +347,11 @@ def inference_stage(runner, videos: list[list[np.ndarray]], windowing, img_size:
         total += len(take)
     with tempfile.TemporaryDirectory(prefix="iv2trt_bench_stage_") as out:
         writer = FeatureWriter(out, "float16")
-        job = Job([], runner, writer, FailureLog(out), JobOptions(windowing, img_size, batch, 1, progress=False))
-        summary = job.run_preloaded(feed)
+        pipeline = Pipeline(runner, JobOptions(windowing, img_size, batch, 1, progress=False),
+                            WriterSink(writer, FailureLog(out)))
+        summary = pipeline.run_preloaded(feed)
     stage_s = summary["seconds"]
-    return {"method": "Job.run_preloaded on preloaded uint8 clips", "seconds": stage_s, "clips": summary["clips"],
+    return {"method": "Pipeline.run_preloaded on preloaded uint8 clips", "seconds": stage_s, "clips": summary["clips"],
             "batches": summary["batches"], "runner_infer_s": summary["infer_seconds"],
             "clips_per_s": summary["clips"] / stage_s}
 

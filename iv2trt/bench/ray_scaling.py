@@ -1,12 +1,12 @@
-"""`benchmark.py --ray-scaling`: the Ray job with one encoder actor vs several (one per GPU), encoder-bound.
+"""`benchmark.py --ray-scaling`: the Ray job with one pipeline actor vs several (one per GPU), encoder-bound.
 
 The inputs are synthetic: each "video" is `--ray-clips-per-video` clips of uint8 frames [T, S, S, 3], all
-the same random pattern, so the source costs next to nothing and the encoders are the bottleneck.
-Everything else is the real job (ray_job.run_ray_job): partitions, decode tasks (with this source),
-encoder actors (the PyTorch runner of --variant / --checkpoint / --seed), the driver's writer and
-summary. Per backend (torch-fp16, torch-fp32) and encoder count, the table gives clips/s over the
-whole run and in steady state (first result to last: actor start-up left out), the speed-up over one
-encoder, and the encoder alone on one GPU in one Ray task (the ceiling per encoder).
+the same random pattern, so the source (the pipelines' CPU decode workers run it) costs next to nothing and
+the encoders are the bottleneck. Everything else is the real job (ray_job.run_ray_job): partitions, pipeline
+actors (the PyTorch runner of --variant / --checkpoint / --seed), the driver's writer and summary. Per
+backend (torch-fp16, torch-fp32) and pipeline count, the table gives clips/s over the whole run and in steady
+state (first result to last: actor start-up left out), the speed-up over one pipeline, and the encoder alone
+on one GPU in one Ray task (the ceiling per pipeline).
 """
 from __future__ import annotations
 
@@ -108,9 +108,9 @@ def _measure(session, a, batch: int, frames: int, img_size: int, tmpdir: str, ad
     with session as ray:
         resources = cluster_resources(ray)
         gpus = int(resources["gpus"])
-        counts = a.ray_encoders or sorted({1, max(2, gpus)})
+        counts = a.ray_pipelines or sorted({1, max(2, gpus)})
         backends = a.ray_backends or (["torch-fp16", "torch-fp32"] if gpus else ["torch-fp32"])
-        log.info("ray scaling: %d node(s), %g CPUs, %d GPUs; encoders %s; backends %s", resources["nodes"],
+        log.info("ray scaling: %d node(s), %g CPUs, %d GPUs; pipelines %s; backends %s", resources["nodes"],
                  resources["cpus"], gpus, counts, backends)
         checkpoint = os.path.abspath(a.checkpoint) if a.checkpoint else None
         variant = dataclasses.asdict(vision_config(a.variant))
@@ -126,21 +126,22 @@ def _measure(session, a, batch: int, frames: int, img_size: int, tmpdir: str, ad
                 out = Path(tmpdir) / f"ray_{backend}_{n}"
                 s = InferSettings(inputs=["synthetic"], output=str(out), backend="torch", variant=a.variant,
                                   checkpoint=a.checkpoint, random_init=not a.checkpoint, seed=a.seed, frames=frames,
-                                  batch_size=batch, progress=False, ray=address, ray_encoders=n,
+                                  batch_size=batch, progress=False, ray=address, ray_pipelines=n,
                                   ray_partition_size=max(1, 4096 // a.ray_clips_per_video))
                 summary = run_ray_job(s, synthetic_items(videos, a.ray_clips_per_video), Windowing(frames),
                                       source=synthetic_clips, make_runner=factory)
                 r = summary["ray"]
-                rows.append({"backend": backend, "encoders": n, "gpus": gpus, "clips": summary["clips"],
+                infer_s = sum(p["infer_seconds"] for p in summary["pipelines"])
+                rows.append({"backend": backend, "pipelines": n, "gpus": gpus, "clips": summary["clips"],
                              "videos": videos, "seconds": summary["seconds"], "clips_per_s": summary["clips_per_s"],
                              "steady_clips_per_s": r["steady_clips_per_s"], "startup_s": r["startup_s"],
-                             "encode_clips_per_busy_s": r["stages"]["encode"]["clips_per_busy_s"],
-                             "encoders_seen": r["stages"]["encode"]["encoders_seen"],
+                             "encode_clips_per_busy_s": round(summary["clips"] / infer_s, 3) if infer_s else None,
+                             "pipelines_seen": len(summary["pipelines"]),
                              "encoder_alone_clips_per_s": alone["clips_per_s"], "device": alone["device"]})
                 log.info("%s x%d: %.1f clips/s steady, %.1f over the run", backend, n,
                          r["steady_clips_per_s"] or 0, summary["clips_per_s"])
     for r in rows:
-        one = next((o for o in rows if o["backend"] == r["backend"] and o["encoders"] == 1), None)
+        one = next((o for o in rows if o["backend"] == r["backend"] and o["pipelines"] == 1), None)
         r["speedup_steady"] = (round(r["steady_clips_per_s"] / one["steady_clips_per_s"], 3)
                                if one and one["steady_clips_per_s"] and r["steady_clips_per_s"] else None)
         r["speedup_run"] = round(r["clips_per_s"] / one["clips_per_s"], 3) if one and one["clips_per_s"] else None
@@ -153,11 +154,11 @@ def markdown(result: dict[str, Any]) -> list[str]:
              f"{result['img_size']} px; {result['cluster']['nodes']} node(s), {result['cluster']['gpus']:g} GPUs, "
              f"{result['cluster']['cpus']:g} CPUs)", "",
              "clips/s (run): all clips / whole job time (actor start-up included); (steady): first result to last. "
-             "speed-up: against one encoder, steady. alone: `stages.encode` in one Ray task on one device.", "",
-             "| backend | encoders | clips | run s | clips/s (run) | clips/s (steady) | speed-up | start-up s "
+             "speed-up: against one pipeline, steady. alone: `stages.encode` in one Ray task on one device.", "",
+             "| backend | pipelines | clips | run s | clips/s (run) | clips/s (steady) | speed-up | start-up s "
              "| alone, clips/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['backend']} | {r['encoders']} | {r['clips']} | {r['seconds']:.1f} | "
+        lines.append(f"| {r['backend']} | {r['pipelines']} | {r['clips']} | {r['seconds']:.1f} | "
                      f"{r['clips_per_s']:.1f} | {r['steady_clips_per_s'] or 0:.1f} | "
                      f"{'n/a' if r['speedup_steady'] is None else format(r['speedup_steady'], '.2f')}x | "
                      f"{r['startup_s'] or 0:.1f} | {r['encoder_alone_clips_per_s']:.1f} ({r['device']}) |")
@@ -165,8 +166,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
 
 
 def target(result: dict[str, Any]) -> dict[str, str]:
-    name = f"two GPUs >= {TARGET_TWO_GPU_SPEEDUP}x one (Ray encoders, steady state)"
-    two = [r for r in result["rows"] if r["encoders"] == 2 and r["gpus"] >= 2 and r["speedup_steady"]]
+    name = f"two GPUs >= {TARGET_TWO_GPU_SPEEDUP}x one (Ray pipelines, steady state)"
+    two = [r for r in result["rows"] if r["pipelines"] == 2 and r["gpus"] >= 2 and r["speedup_steady"]]
     if not two:
         return {"name": name, "status": "not measured", "detail": "needs a cluster with 2 GPUs"}
     best = max(two, key=lambda r: r["speedup_steady"])

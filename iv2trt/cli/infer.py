@@ -3,15 +3,10 @@ executor, and the --compare-pytorch check."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Sequence
 
-from ..decode.plan import check_decoder
 from ..errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, PipelineError, ValidationFailed
-from ..job.identity import complete_identity, finish_summary, job_identity
 from ..job.settings import InferSettings, check_settings
-from ..model import ModelSettings
-from ..runners.choice import create_runner, runner_img_size, runner_precision
 from ..settings import parse_settings
 
 log = logging.getLogger(__name__)
@@ -44,20 +39,6 @@ on a Ray cluster (ray start --head, then ray start --address HEAD:6379 on the ot
          python trt_inference.py --ray auto --inputs /shared/videos/ --output outputs/feats"""
 
 
-def reference_runner(s: InferSettings):
-    """The PyTorch fp32 model that --compare-pytorch checks the backend against."""
-    from ..model import load_model
-    from ..runners.torch_runner import TorchRunner
-
-    if s.compare_pytorch == "random":
-        ref = ModelSettings(variant=s.variant, random_init=True, seed=s.seed)
-    else:
-        if not Path(s.compare_pytorch).is_file():
-            raise PipelineError(f"--compare-pytorch {s.compare_pytorch}: no such checkpoint (or pass 'random')")
-        ref = ModelSettings(variant=s.variant, checkpoint=s.compare_pytorch, align_checkpoint=s.align_checkpoint)
-    return TorchRunner(load_model(ref), precision="fp32")
-
-
 def check_comparison(summary: dict[str, Any], precision: str) -> None:
     from ..compare import Comparison
 
@@ -80,8 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     from ..decode.clips import Windowing
     from ..decode.inputs import discover
-    from ..job.local import JobOptions, check_frame_count, run_job
-    from ..output.writer import FeatureWriter, prepare_output
 
     if not s.inputs:
         raise PipelineError("no inputs: pass --inputs DIR|GLOB|LIST|FILE ... (or set infer.inputs in the config)")
@@ -96,28 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         summary = run_ray_job(s, items, windowing)
         return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
-    check_decoder(s.decoder)
-    from ..engine.engine_map import settings_for_this_gpu
+    from ..job.local import run_local_job
 
-    runner = create_runner(settings_for_this_gpu(s))
-    try:
-        img_size = runner_img_size(runner)
-        check_frame_count(runner, s.frames)
-        identity = complete_identity(job_identity(s, runner, img_size), s)
-        done = prepare_output(s.output, identity, s.overwrite)
-        todo = [item for item in items if item.id not in done]
-        log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),
-                 s.output)
-        reference = reference_runner(s) if s.compare_pytorch else None
-        writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy)
-        options = JobOptions(windowing, img_size, s.batch_size, s.workers, s.decode_timeout_s, s.progress,
-                             s.decoder, s.nvdec_sessions)
-        summary = run_job(todo, runner, s.output, writer, options, reference, skipped=len(items) - len(todo))
-    finally:
-        close = getattr(runner, "close", None)  # the TensorRT runner frees its engine and GPU buffers
-        if close is not None:
-            close()
-    finish_summary(s.output, summary, identity["random_init"])
-    if reference is not None and summary["compare_pytorch"]["clips"]:
-        check_comparison(summary, runner_precision(runner))
+    summary = run_local_job(s, items, windowing)
+    if s.compare_pytorch and summary["compare_pytorch"]["clips"]:
+        check_comparison(summary, summary["precision"])
     return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK

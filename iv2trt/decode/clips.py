@@ -21,6 +21,12 @@ class DecodeError(Exception):
         self.reason = reason
 
 
+def failure_reason(exc: Exception) -> str:
+    """An input's failure reason from what its decoder raised: a DecodeError's own reason; for anything else (a
+    decoder bug must not stop the job) the exception's type and message."""
+    return exc.reason if isinstance(exc, DecodeError) else f"{type(exc).__name__}: {exc}"
+
+
 @dataclass(frozen=True)
 class Windowing:
     """How clips are cut: the whole video (default), or windows of `size` seconds or frames every `stride`."""

@@ -19,11 +19,12 @@ CPU_WORKERS_PER_CORE_WITH_NVDEC = 0.25  # measured on 16 cores: 4 CPU workers be
                                          # they add), none 80
 
 
-def default_workers(nvdec: bool = False) -> int:
+def default_workers(nvdec: bool = False, share: float = 1.0) -> int:
     """CPU decoding processes when none are asked for: one per core; a quarter of the cores while NVDEC sessions
-    run in the job's process (more CPU workers cost the GPU path more than they add)."""
-    cores = os.cpu_count() or 1
-    return max(1, int(cores * CPU_WORKERS_PER_CORE_WITH_NVDEC) if nvdec else cores)
+    run in the job's process (more CPU workers cost the GPU path more than they add). `share`: the fraction of
+    the machine's cores one pipeline has (one pipeline per GPU share them)."""
+    cores = (os.cpu_count() or 1) * share
+    return max(1, int(cores * CPU_WORKERS_PER_CORE_WITH_NVDEC) if nvdec else int(cores))
 
 
 def check_decoder(decoder: str, gpu: int = 0) -> str | None:
@@ -42,7 +43,7 @@ def check_decoder(decoder: str, gpu: int = 0) -> str | None:
 class DecoderPlan:
     """How many workers of each kind a job runs, and which inputs the GPU ones take."""
 
-    def __init__(self, decoder: str, cpu_workers: int | None, nvdec_sessions: int, gpu: int = 0):
+    def __init__(self, decoder: str, cpu_workers: int | None, nvdec_sessions: int, gpu: int = 0, share: float = 1.0):
         from . import nvdec
 
         if decoder not in DECODERS:
@@ -50,7 +51,7 @@ class DecoderPlan:
         self.decoder, self.gpu = decoder, gpu
         reason = check_decoder(decoder, gpu)
         self.gpu_sessions = 0 if reason else max(1, nvdec_sessions)
-        self.cpu_workers = max(1, cpu_workers or default_workers(nvdec=bool(self.gpu_sessions)))
+        self.cpu_workers = max(1, cpu_workers or default_workers(bool(self.gpu_sessions), share))
         self.jpeg = bool(self.gpu_sessions) and nvdec.gpu_jpeg_available()
         self.gpu_first = decoder == "nvdec"   # nvdec: CPU workers only take what the GPU cannot
         if decoder == "auto" and reason:

@@ -145,8 +145,45 @@ def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None) ->
         container.close()
 
 
-def read_video_clips(path: str, w: Windowing) -> Iterator[Clip]:
-    """Yield the clips of one video or image file in window order. Raises DecodeError."""
+class _FrameArrays:
+    """What a clip holds of each decoded frame: RGB (rotated), as the CPU path hands the resize; or, with
+    `planes` and an 8-bit 4:2:0 stream of even size, its raw Y/U/V planes (gpu_frames.yuv420p_planes) for the
+    GPU to convert, rotate and resize, the clips' `extra["yuv"]` saying how."""
+
+    def __init__(self, stream, probe: VideoProbe, planes: bool):
+        from .colorspace import stream_yuv_to_rgb
+        from .gpu_frames import PLANAR_FORMATS
+
+        self.rotation = _stream_rotation(stream)
+        self.planes = planes and probe.pix_fmt in PLANAR_FORMATS and not probe.width % 2 and not probe.height % 2
+        try:
+            stream_yuv_to_rgb(probe.colorspace, probe.color_range, probe.pix_fmt)
+        except ValueError:  # a matrix the GPU conversion does not take: RGB from swscale, as ever
+            self.planes = False
+        self.yuv = {"colorspace": probe.colorspace, "color_range": probe.color_range, "pix_fmt": probe.pix_fmt,
+                    "height": probe.height, "width": probe.width, "rotation": 0.0}
+
+    def __call__(self, frame) -> np.ndarray:
+        if self.planes:
+            from .gpu_frames import yuv420p_planes
+
+            planes = yuv420p_planes(frame)
+            if planes is not None and planes.shape == (self.yuv["height"] * 3 // 2, self.yuv["width"]):
+                self.yuv["rotation"] = float(frame.rotation or self.rotation)
+                return planes
+            raise DecodeError(f"frame format {frame.format.name} {frame.width}x{frame.height} differs from the "
+                              "stream's")
+        return _rotate(frame.to_ndarray(format="rgb24"), frame.rotation or self.rotation)
+
+    def mark(self, clip: Clip) -> Clip:
+        if self.planes:
+            clip.extra["yuv"] = dict(self.yuv)
+        return clip
+
+
+def read_video_clips(path: str, w: Windowing, planes: bool = False) -> Iterator[Clip]:
+    """Yield the clips of one video or image file in window order (with `planes`, 8-bit 4:2:0 video as raw
+    planes: _FrameArrays). Raises DecodeError."""
     import av
 
     container = _open(path)
@@ -159,12 +196,13 @@ def read_video_clips(path: str, w: Windowing) -> Iterator[Clip]:
             raise DecodeError(f"unreadable stream ({exc})") from None
         if not probe.packet_pts:
             raise DecodeError("no video frames")
+        arrays = _FrameArrays(stream, probe, planes)
         if probe.seekable:
             yielded = 0
             try:
-                for clip in _clips_by_pts(container, stream, probe, w):
+                for clip in _clips_by_pts(container, stream, probe, w, arrays):
                     yielded += 1
-                    yield clip
+                    yield arrays.mark(clip)
                 return
             except DecodeError:
                 if yielded:
@@ -174,7 +212,8 @@ def read_video_clips(path: str, w: Windowing) -> Iterator[Clip]:
         container = _open(path)
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        yield from _clips_sequential(container, stream, probe, w)
+        for clip in _clips_sequential(container, stream, probe, w, arrays):
+            yield arrays.mark(clip)
     except av.FFmpegError as exc:
         raise DecodeError(f"decoding failed ({exc.__class__.__name__}: {exc})") from None
     finally:
@@ -198,12 +237,11 @@ def _decode_needed(container, stream, needed_pts: set[int], skip_unneeded: bool)
         yield from cc.decode(packet)
 
 
-def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, skip_unneeded: bool = True):
+def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, arrays, skip_unneeded: bool = True):
     pts, index_of, key_index = probe.pts, probe.index_of, probe.keyframe_indices
     asm = ClipAssembler(probe.plan(w))
     needed = asm.needed()
     needed_pts = {pts[i] for i in needed}
-    rotation = _stream_rotation(stream)
     frames_iter, cur_i, cur_frame = None, -1, None
     for target in needed:
         while True:
@@ -223,20 +261,19 @@ def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, skip_unnee
                 continue
             break
         # cur_i > target only when the decoder never output `target`: the next frame stands in
-        yield from asm.add(target, _rotate(cur_frame.to_ndarray(format="rgb24"), cur_frame.rotation or rotation))
+        yield from asm.add(target, arrays(cur_frame))
 
 
-def _clips_sequential(container, stream, probe: VideoProbe, w: Windowing):
+def _clips_sequential(container, stream, probe: VideoProbe, w: Windowing, arrays):
     """Streams whose packets lack timestamps: decode everything once, frame numbers by order."""
     asm = ClipAssembler(probe.plan_by_count(w))
     needed = set(asm.needed())
-    rotation = _stream_rotation(stream)
     last = None
     count = 0
     for i, frame in enumerate(container.decode(stream)):
         count = i + 1
         if i in needed:
-            last = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation or rotation)
+            last = arrays(frame)
             yield from asm.add(i, last)
     if count == 0:
         raise DecodeError("no decodable video frames")
@@ -268,12 +305,13 @@ def read_image(path: str) -> np.ndarray:
     return clips[0].frames[0]
 
 
-def read_clips(path: str, w: Windowing) -> Iterator[Clip]:
-    """Clips of a video file, an image (one clip of one frame) or a folder of frames."""
+def read_clips(path: str, w: Windowing, planes: bool = False) -> Iterator[Clip]:
+    """Clips of a video file, an image (one clip of one frame) or a folder of frames; with `planes`, 8-bit 4:2:0
+    video clips hold raw planes (read_video_clips)."""
     if os.path.isdir(path):
         yield from read_folder_clips(path, w)
     elif Path(path).suffix.lower() in IMAGE_EXTENSIONS:
         rgb = read_image(path)
         yield Clip(rgb[None], [0], 0.0, 0.0)
     else:
-        yield from read_video_clips(path, w)
+        yield from read_video_clips(path, w, planes)

@@ -8,15 +8,18 @@ from typing import Any, Iterator
 import numpy as np
 
 from .clips import DecodeError, Windowing
+from .gpu_frames import YuvClip
 from .inputs import InputItem
 from .pyav import read_clips
 
 
 # --- the CPU path ---------------------------------------------------------------------------------------------
-def iter_clips(item: InputItem, w: Windowing, img_size: int) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+def iter_clips(item: InputItem, w: Windowing, img_size: int, planes: bool = False
+               ) -> Iterator[tuple[dict[str, Any], Any]]:
     """(clip info, frames) for every clip of one input on the CPU: uint8 [T, S, S, 3] resized frames for videos,
     images and frame folders (normalised later, by the runner); float32 [T, 3, S, S] as stored for .npy
-    inputs. Raises DecodeError."""
+    inputs. With `planes` (a worker of a pipeline on a GPU), 8-bit 4:2:0 videos come as `YuvClip`s: the decoded
+    planes, for the GPU to convert and resize (gpu_frames.py). Raises DecodeError."""
     if item.kind == "npy":
         try:
             array = np.load(item.path, mmap_mode="r")
@@ -32,6 +35,7 @@ def iter_clips(item: InputItem, w: Windowing, img_size: int) -> Iterator[tuple[d
         return
     from ..transforms import resize_frames
 
-    for clip in read_clips(item.path, w):
-        yield ({"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices},
-               resize_frames(clip.frames, img_size))
+    for clip in read_clips(item.path, w, planes):
+        info = {"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices}
+        yuv = clip.extra.get("yuv")
+        yield info, YuvClip(clip.frames, **yuv) if yuv else resize_frames(clip.frames, img_size)

@@ -19,9 +19,10 @@ import queue
 import signal
 import threading
 import time
+from typing import Callable
 
 from ..doorbell import Doorbell
-from .clips import DecodeError, Windowing
+from .clips import Windowing, failure_reason
 from .inputs import InputItem
 from .source import iter_clips
 
@@ -41,7 +42,7 @@ def worker_context():
     return mp.get_context("spawn")
 
 
-def _cpu_worker_main(conn, w: Windowing, img_size: int) -> None:
+def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable) -> None:
     """Worker process: receive (number, item), send ("clip", ...)..., then ("done"|"failed", ...)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     os.nice(CPU_WORKER_NICENESS)  # the job's own process (GPU decoder threads, batching) goes first
@@ -58,26 +59,24 @@ def _cpu_worker_main(conn, w: Windowing, img_size: int) -> None:
         number, item = task
         try:
             count = 0
-            for info, array in iter_clips(item, w, img_size):
+            for info, array in source(item, w, img_size):
                 conn.send(("clip", number, info, array, None))
                 count += 1
             conn.send(("done", number, count))
-        except DecodeError as exc:
-            conn.send(("failed", number, exc.reason))
         except (BrokenPipeError, EOFError):
             return
-        except Exception as exc:  # a decoder bug must not stop the job: report it as this input's failure
-            conn.send(("failed", number, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - this input's failure (clips.failure_reason)
+            conn.send(("failed", number, failure_reason(exc)))
 
 
 class CpuWorker:
-    """One decoding process (PyAV)."""
+    """One decoding process: PyAV through `source` (decode.source.iter_clips; benchmarks pass their own)."""
 
     path = "cpu"
 
-    def __init__(self, ctx, w: Windowing, img_size: int):
+    def __init__(self, ctx, w: Windowing, img_size: int, source: Callable = iter_clips):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_cpu_worker_main, args=(child, w, img_size), daemon=True)
+        self.process = ctx.Process(target=_cpu_worker_main, args=(child, w, img_size, source), daemon=True)
         self.process.start()
         child.close()
         self.task: int | None = None
@@ -191,10 +190,8 @@ class GpuWorker:
                             return
                         count += 1
                     message = ("done", number, count)
-                except DecodeError as exc:
-                    message = ("failed", number, exc.reason)
-                except Exception as exc:  # noqa: BLE001 - reported as this input's failure on the GPU path
-                    message = ("failed", number, f"{type(exc).__name__}: {exc}")
+                except Exception as exc:  # noqa: BLE001 - this input's failure on the GPU path
+                    message = ("failed", number, failure_reason(exc))
                 if session is not None:
                     self.frames_decoded, self.frames_dropped = session.frames_decoded, session.frames_dropped
                 if not self.pool.put(self, message):

@@ -2,19 +2,20 @@
 
     driver (this process)                        cluster (ray_stages.py)
     discover inputs, cut them into partitions
-    ray.data.from_items(inputs)  ------------->  decode tasks: CPU, any node (spread); iter_clips
-                                                 encoder actors: one per GPU (or CPU actors without
-                                                 GPUs), TensorRT / PyTorch / ONNX Runtime as locally
+    ray.data.from_items(inputs)  ------------->  pipeline actors: one per GPU (one per node without GPUs),
+                                                 each the local job's pipeline: its GPU's NVDEC sessions,
+                                                 CPU decode workers, TensorRT / PyTorch / ONNX Runtime
     iter_batches(feature rows)  <--------------
     PartitionAssembler: one shard per partition (FeatureWriter), failures.jsonl, job.json, summary.json
 
-Only the driver writes, so the output directory needs to exist on this machine alone; inputs and
-model files must be readable at the same paths on every node. The package's code travels with the
-job (Ray's py_modules); each node needs the Python packages of requirements.txt (+ -gpu on GPU nodes)
-and Ray. Every input goes through the same source, runner and writer code as in the local job, and
-the output is laid out the same way, so `finished_ids`, resume and `load_features` cannot tell which
-executor ran. Exactly once: see partitions.py. Ray retries decode tasks and restarts encoder actors
-(also on other nodes when one dies); a rerun skips committed partitions and redoes the others.
+Only input records go to the actors and feature rows come back: no pixels in the object store. Only the
+driver writes, so the output directory needs to exist on this machine alone; inputs and model files must
+be readable at the same paths on every node. The package's code travels with the job (Ray's py_modules);
+each node needs the Python packages of requirements.txt (+ -gpu on GPU nodes) and Ray. Every input goes
+through the same pipeline and writer code as in the local job, and the output is laid out the same way, so
+`finished_ids`, resume and `load_features` cannot tell which executor ran. Exactly once: see
+partitions.py. Ray restarts pipeline actors (also on other nodes when one dies) and retries their calls;
+a rerun skips committed partitions and redoes the others.
 """
 from __future__ import annotations
 
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 PACKAGE = Path(__file__).resolve().parent.parent  # iv2trt/
 INSTALL_HINT = "pip install -r requirements-distributed.txt"
-DECODE_MEMORY = 512 * 2**20  # bytes of memory each decode task reserves with Ray
 
 
 def import_ray():
@@ -84,6 +84,9 @@ def ray_session(address: str, **init_options) -> Iterator[Any]:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose  # our own bar counts videos; -v adds Ray Data's per-operator bars
     ctx.raise_original_map_exception = True  # a PipelineError of a stage reaches the driver as itself (exit code)
+    # every pipeline actor up (its runner built, its decoders started) before any input is handed out, as the
+    # local job waits for its pipelines: else the first ready actor takes a short job alone
+    ctx.wait_for_min_actors_s = ACTORS_START_S
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         yield ray
@@ -107,42 +110,45 @@ def node_settings(s):
 
 
 def settings_runner(s):
-    """The runner factory the nodes call for settings `s` (ray_stages.SettingsRunner); the PyTorch backend (asked
-    for, or one `auto` may choose on a GPU node) gets the model variant's config along (the YAML files under
-    configs/ stay here)."""
+    """The runner factory the actors call for settings `s` (job.factory.SettingsRunner, naming the node in its
+    errors); the PyTorch backend (asked for, or one `auto` may choose on a GPU node) gets the model variant's
+    config along (the YAML files under configs/ stay here)."""
+    from ..job.factory import SettingsRunner
+    from ..model import vision_config
     from ..runners.choice import has_weights
-    from .ray_stages import SettingsRunner
+    from .ray_stages import node_where
 
     torch_possible = s.backend == "torch" or (s.backend == "auto" and has_weights(s))
-    if not torch_possible or not isinstance(s.variant, (str, Path)):
-        return SettingsRunner(node_settings(s))
-    from ..model import vision_config
-
-    variant = dataclasses.asdict(vision_config(s.variant))
-    return SettingsRunner(node_settings(s), variant)
+    variant = None
+    if torch_possible and isinstance(s.variant, (str, Path)):
+        variant = dataclasses.asdict(vision_config(s.variant))
+    return SettingsRunner(node_settings(s), variant, where=node_where)
 
 
 def cluster_resources(ray) -> dict[str, Any]:
-    total = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return {"nodes": len(nodes), "cpus": float(total.get("CPU", 0)), "gpus": float(total.get("GPU", 0))}
+    """The cluster's nodes, CPUs and GPUs, and the fewest CPUs a node has per GPU (per node without GPUs)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    workers = [n for n in nodes if n.get("CPU")]  # (a head node without CPUs only hosts the driver's connection)
+    gpu_nodes = [n for n in workers if n.get("GPU")]
+    per = [n["CPU"] / n["GPU"] for n in gpu_nodes] if gpu_nodes else [n["CPU"] for n in workers]
+    return {"nodes": len(nodes), "cpu_nodes": len(workers), "cpus": float(sum(n.get("CPU", 0) for n in nodes)),
+            "gpus": float(sum(n.get("GPU", 0) for n in nodes)), "cpus_per_pipeline": float(min(per, default=0))}
 
 
-def encoder_plan(s, resources: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """(number of encoder actors, Ray resources of each): one per GPU, or CPU actors on a cluster without GPUs."""
-    gpus, cpus = int(resources["gpus"]), resources["cpus"]
-    if gpus:
-        count = s.ray_encoders or gpus
-        if count > gpus:
-            raise PipelineError(f"--ray-encoders {count}: the cluster has {gpus} GPU(s), one per encoder")
-        need = {"num_gpus": 1, "num_cpus": s.ray_encoder_cpus}
-    else:
-        count = s.ray_encoders or 1
-        need = {"num_cpus": s.ray_encoder_cpus}
-    if count * s.ray_encoder_cpus + s.ray_decode_cpus > cpus:
-        raise PipelineError(f"{count} encoder(s) x {s.ray_encoder_cpus:g} CPUs + one decode task "
-                            f"({s.ray_decode_cpus:g} CPUs) do not fit the cluster's {cpus:g} CPUs: lower "
-                            "--ray-encoders / --ray-encoder-cpus / --ray-decode-cpus, or add nodes")
+def pipeline_plan(s, resources: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """(number of pipeline actors, Ray resources of each): one per GPU, or one per node on a cluster without
+    GPUs, each with the node's CPUs per GPU (`--ray-pipeline-cpus` to choose)."""
+    gpus, nodes = int(resources["gpus"]), resources["cpu_nodes"]
+    most = gpus or nodes
+    count = s.ray_pipelines or most
+    # (more pipelines than nodes on a cluster without GPUs share the nodes' CPUs)
+    cpus = s.ray_pipeline_cpus or max(1.0, float(int(resources["cpus_per_pipeline"] * most / max(count, most))))
+    if gpus and count > gpus:
+        raise PipelineError(f"--ray-pipelines {count}: the cluster has {gpus} GPU(s), one per pipeline")
+    if count * cpus > resources["cpus"]:
+        raise PipelineError(f"{count} pipeline(s) x {cpus:g} CPUs do not fit the cluster's {resources['cpus']:g} "
+                            "CPUs: lower --ray-pipelines / --ray-pipeline-cpus, or add nodes")
+    need = {"num_gpus": 1, "num_cpus": cpus} if gpus else {"num_cpus": cpus}
     return count, need
 
 
@@ -160,122 +166,107 @@ def pipeline_error(exc: BaseException) -> PipelineError | None:
     return None
 
 
-def build_pipeline(ray, records: list[dict[str, Any]], spec, make_runner, feature_dim: int, batch_size: int,
-                   encoders: int, encoder_resources: dict[str, Any], decode_cpus: float, cpus: float):
-    """inputs -> decode tasks -> encoder actors, as a lazy Ray Dataset of feature rows (ray_stages.py).
+ACTORS_START_S = 600      # the longest wait for the pipeline actors to start (a model to load, maybe compile)
+MOST_INPUTS_PER_CALL = 16  # inputs per call of a pipeline actor; two calls run at once, so up to 32 are in hand
 
-    Decode tasks reserve DECODE_MEMORY each (a 720p decode holds a few hundred MB), which also keeps Ray Data
-    from fusing them into the encoder actors (operators with other resources never fuse). Each encoder runs
-    two calls at once: one batch's upload overlaps the other's compute (see ray_stages.Encoder)."""
-    from .ray_stages import Encoder, decode_batch, decode_blocks
 
-    ds = ray.data.from_items(records, override_num_blocks=decode_blocks(len(records), cpus))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"spec": spec}, batch_size=None, num_cpus=decode_cpus,
-                        memory=DECODE_MEMORY)
-    pool = ray.data.ActorPoolStrategy(size=encoders, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
-    args = {"make_runner": make_runner, "feature_dim": feature_dim, "batch_size": batch_size,
-            "frames": spec.windowing.frames, "img_size": spec.img_size}
-    return ds.map_batches(Encoder, fn_constructor_kwargs=args,
-                          batch_size=batch_size, compute=pool, **encoder_resources)
+def build_pipeline(ray, records: list[dict[str, Any]], make_runner, options, feature_dim: int, actors: int,
+                   need: dict[str, Any]):
+    """inputs -> pipeline actors, as a lazy Ray Dataset of feature rows (ray_stages.py). Each actor runs two
+    calls at once, so its decoders have the next inputs while a call's last input finishes; a small job is cut
+    into calls of fewer inputs, so that every actor gets some and results come back as they finish."""
+    from .ray_stages import PipelineActor
+
+    per_call = max(1, min(MOST_INPUTS_PER_CALL, -(-len(records) // (4 * actors))))
+    ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // per_call)))
+    pool = ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, max_tasks_in_flight_per_actor=2,
+                                      enable_true_multi_threading=True)  # (more calls queued at one actor: idle others)
+    args = {"make_runner": make_runner, "options": options, "feature_dim": feature_dim, "cpus": need["num_cpus"]}
+    return ds.map_batches(PipelineActor, fn_constructor_kwargs=args, batch_size=per_call, compute=pool,
+                          **need)
 
 
 class Collector:
-    """Driver: feature rows -> PartitionAssembler, with per-stage and per-node counts for the summary."""
+    """Driver: feature rows -> PartitionAssembler; keeps each pipeline's latest summary and the clips per node."""
 
     def __init__(self, assembler, bar):
         self.assembler, self.bar = assembler, bar
-        self.decode_s = self.encode_s = self.write_s = 0.0
-        self.decoded: Counter = Counter()   # rows per node that decoded them
-        self.encoded: Counter = Counter()   # clips per node that encoded them
-        self.per_encoder: Counter = Counter()
-        self.batches: set[tuple[str, int]] = set()
+        self.pipelines: dict[str, str] = {}  # "node/actor" -> the JSON of its summary so far
+        self.encoded: Counter = Counter()               # clips per node
         self.started = time.perf_counter()
         self.first_row_s: float | None = None  # seconds from the start to the first result (actors starting up)
         self.last_row_s = 0.0
         self.clips_in_first_batch = 0
 
     def steady_rate(self) -> float | None:
-        """Clips encoded per second between the first result batch and the last (actor startup left out)."""
+        """Clips per second between the first result batch and the last (actor start-up left out)."""
         span = self.last_row_s - (self.first_row_s or 0.0)
         clips = sum(self.encoded.values()) - self.clips_in_first_batch
         return round(clips / span, 3) if span > 0 and clips > 0 else None
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        t0 = time.perf_counter()
         first = self.first_row_s is None
         if first:
-            self.first_row_s = t0 - self.started
+            self.first_row_s = time.perf_counter() - self.started
         a = self.assembler
+        self.pipelines.update(zip(map(str, batch["pipeline"]), map(str, batch["stats"])))  # the latest of each
         for i in range(len(batch["number"])):
-            number, error = int(batch["number"][i]), str(batch["error"][i])
-            self.decode_s += float(batch["decode_s"][i])
-            self.decoded[str(batch["decode_node"][i])] += 1
-            if error:  # the decode task saw the absolute path: name the input as it was given, like the local job
+            number, error, pipeline = int(batch["number"][i]), str(batch["error"][i]), str(batch["pipeline"][i])
+            if error:  # the actor saw the absolute path: name the input as it was given, like the local job
                 path = a.items[number].path
                 a.add_failure(number, error.replace(_absolute(path), path))
                 continue
-            encoder = str(batch["encoder"][i])
-            self.encode_s += float(batch["encode_s"][i])
-            self.encoded[encoder.split("/")[0]] += 1
-            self.per_encoder[encoder] += 1
-            self.batches.add((encoder, int(batch["batch_id"][i])))
+            self.encoded[pipeline.split("/")[0]] += 1
             a.add_clip(number, int(batch["clip"][i]), json.loads(str(batch["info"][i])),
                        np.array(batch["feature"][i]), int(batch["count"][i]))
         if first:
             self.clips_in_first_batch = sum(self.encoded.values())
-        self.write_s += time.perf_counter() - t0
         elapsed = self.last_row_s = time.perf_counter() - self.started
         self.bar.set_postfix_str(f"{a.stats['clips'] / max(elapsed, 1e-9):.1f} clips/s, {a.stats['failed']} failed",
                                  refresh=False)
 
 
-def _stage(busy_s: float, count: int, unit: str) -> dict[str, Any]:
-    return {unit: count, "busy_s": round(busy_s, 3), f"{unit}_per_busy_s": round(count / busy_s, 3) if busy_s else None}
-
-
 def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runner=None) -> dict[str, Any]:
     """Run the job described by settings `s` (InferSettings) over `items` on Ray; returns the summary.
 
-    `source(item, windowing, img_size)` yields an input's clips (default: decode.source.iter_clips); `make_runner()`
-    builds the runner on a node (default: the one `s` names, with the engine map applied). Benchmarks replace them."""
+    `source(item, windowing, img_size)` yields an input's clips in the actors' CPU decode workers (default:
+    decode.source.iter_clips); `make_runner()` builds the runner on a node (default: the one `s` names, with the
+    engine map applied). Benchmarks replace them."""
     from tqdm import tqdm
 
     from ..decode.source import iter_clips
+    from ..job.factory import SettingsRunner
     from ..job.identity import complete_identity, finish_summary
-    from ..job.stages import batch_size_for, log_done, summarize
+    from ..job.local import merge_summaries
+    from ..job.pipeline import JobOptions
+    from ..job.stages import log_done
     from ..output.writer import FailureLog, FeatureWriter, prepare_output
     from .partitions import PartitionAssembler, plan_partitions
-    from .ray_stages import DecodeSpec, SettingsRunner, probe_runner
+    from .ray_stages import probe_runner
 
     if s.compare_pytorch:
         raise PipelineError("--compare-pytorch runs in the local job only: drop --ray for that check")
-    if s.decoder == "nvdec":
-        raise PipelineError("--decoder nvdec runs in the local job only: with --ray, inputs are decoded on CPUs "
-                            "(PyAV) in Ray tasks; pass --decoder cpu or auto")
-    if s.ray_partition_size < 1 or s.ray_encoders < 0 or s.ray_encoder_cpus <= 0 or s.ray_decode_cpus <= 0:
-        raise PipelineError("ray_partition_size and ray_encoder_cpus/ray_decode_cpus must be positive, "
-                            "ray_encoders >= 0 (0: one per GPU)")
     with ray_session(s.ray) as ray:
         try:
             resources = cluster_resources(ray)
-            encoders, need = encoder_plan(s, resources)
+            actors, need = pipeline_plan(s, resources)
             make_runner = make_runner or settings_runner(s)
             probe = ray.remote(max_calls=1, **need)(probe_runner)
             info = ray.get(probe.remote(make_runner, s.frames, node_settings(s)))
-            if isinstance(make_runner, SettingsRunner):  # every encoder runs the backend the probe chose
+            if isinstance(make_runner, SettingsRunner):  # every pipeline runs the backend the probe chose
                 s = dataclasses.replace(s, backend=info["name"])
-                make_runner = dataclasses.replace(
-                    make_runner, settings=dataclasses.replace(make_runner.settings, backend=info["name"]))
+                make_runner = make_runner.with_backend(info["name"])
             identity = complete_identity(info["identity"], s)
             done = prepare_output(s.output, identity, s.overwrite)
             partitions, committed = plan_partitions(items, s.ray_partition_size, done)
             numbers = [n for p in partitions for n in p.numbers]
             log.info("%d inputs found, %d to do, %d already done in %s; %d partitions of <= %d inputs (%d committed "
-                     "before); Ray: %d node(s), %g CPUs, %g GPUs, %d %s encoder(s) (%s)", len(items), len(numbers),
-                     len(items) - len(numbers), s.output, len(partitions) + committed, s.ray_partition_size, committed,
-                     resources["nodes"], resources["cpus"], resources["gpus"], encoders,
-                     "GPU" if "num_gpus" in need else "CPU", info["name"])
-            batch_size = batch_size_for(s.batch_size, info["max_batch"])
+                     "before); Ray: %d node(s), %g CPUs, %g GPUs; %d %s pipeline(s) of %g CPUs (%s)", len(items),
+                     len(numbers), len(items) - len(numbers), s.output, len(partitions) + committed,
+                     s.ray_partition_size, committed, resources["nodes"], resources["cpus"], resources["gpus"],
+                     actors, "GPU" if "num_gpus" in need else "CPU", need["num_cpus"], info["name"])
+            options = JobOptions(windowing, info["img_size"], s.batch_size, s.workers, s.decode_timeout_s, False,
+                                 s.decoder, s.nvdec_sessions, source=source or iter_clips, gpu_convert=s.gpu_convert)
             writer = FeatureWriter(s.output, s.dtype, shard_size=sys.maxsize, per_video_npy=s.per_video_npy)
             failures = FailureLog(s.output)
             bar = tqdm(total=len(numbers), unit="video", disable=not s.progress, mininterval=1.0, dynamic_ncols=True,
@@ -285,12 +276,9 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
             started = time.perf_counter()
             try:
                 if numbers:
-                    spec = DecodeSpec(source or iter_clips, windowing, info["img_size"], info["frame_range"],
-                                      info["name"], s.decode_timeout_s)
                     records = [{"number": n, "path": _absolute(items[n].path), "id": items[n].id,
                                 "kind": items[n].kind} for n in numbers]
-                    ds = build_pipeline(ray, records, spec, make_runner, info["feature_dim"], batch_size,
-                                        encoders, need, s.ray_decode_cpus, resources["cpus"])
+                    ds = build_pipeline(ray, records, make_runner, options, info["feature_dim"], actors, need)
                     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                         collector.add(batch)
             finally:
@@ -306,29 +294,21 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
         missing = sorted(n for p in a.open.values() for n in p.left)
         raise RuntimeError(f"the pipeline ended without results for {len(missing)} inputs, e.g. "
                            f"{[items[n].path for n in missing[:3]]}; rerun to redo them")
-    stats = {"ok": a.stats["ok"], "failed": a.stats["failed"], "clips": a.stats["clips"],
-             "batches": len(collector.batches), "infer_s": collector.encode_s}
-    summary = summarize(stats, len(numbers), elapsed, info["name"], batch_size)
-    summary["skipped_already_done"] = len(items) - len(numbers)
-    summary["executor"] = "ray"
+    pipelines = [dict(json.loads(stats), name=name, node=name.split("/")[0])
+                 for name, stats in sorted(collector.pipelines.items())]
+    summary = merge_summaries(pipelines, a.stats, len(numbers), elapsed, info["name"], s.decoder)
+    summary.update(skipped_already_done=len(items) - len(numbers), executor="ray")
     summary["ray"] = {
-        "address": s.ray, **resources, "encoders": encoders, "encoder_resources": need,
+        "address": s.ray, **resources, "pipelines": actors, "pipeline_resources": need,
         "startup_s": round(collector.first_row_s, 3) if collector.first_row_s is not None else None,
         "steady_clips_per_s": collector.steady_rate(),
-        "encoder_busy_fraction": round(collector.encode_s / max(elapsed * encoders, 1e-9), 3),
         "partitions": {"size": s.ray_partition_size, "total": len(partitions) + committed,
                        "committed_before": committed, "written": a.stats["shards"]},
-        "stages": {"decode": _stage(collector.decode_s, sum(collector.decoded.values()), "rows"),
-                   "encode": {**_stage(collector.encode_s, sum(collector.encoded.values()), "clips"),
-                              "encoders_seen": len(collector.per_encoder)},
-                   "write": _stage(collector.write_s, a.stats["ok"] + a.stats["failed"], "videos")},
-        "per_node": {node: {"decoded_rows": collector.decoded[node], "encoded_clips": collector.encoded[node]}
-                  for node in sorted(set(collector.decoded) | set(collector.encoded))}}
+        "per_node": {node: {"clips": clips, "pipelines": sum(p["node"] == node for p in pipelines)}
+                     for node, clips in sorted(collector.encoded.items())}}
     log_done(summary, failures.path)
     finish_summary(s.output, summary, identity["random_init"])
-    st = summary["ray"]["stages"]
-    log.info("ray: %d node(s) took part; decode %.1f rows per task-second, encode %.1f clips per encoder-second "
-             "(%d encoders seen), driver writing %.1f s", len(summary["ray"]["per_node"]),
-             st["decode"]["rows_per_busy_s"] or 0, st["encode"]["clips_per_busy_s"] or 0,
-             st["encode"]["encoders_seen"], st["write"]["busy_s"])
+    for p in pipelines:
+        log.info("ray pipeline %s (%s): %d inputs, %.1f clips/s, encoder busy %.0f%%, bound by %s", p["name"],
+                 p["device"], p["inputs"], p["clips_per_s"], 100 * p["encoder_busy_fraction"], p["bound_by"])
     return summary

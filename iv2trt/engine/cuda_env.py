@@ -77,6 +77,16 @@ def gpu_info(device: int = 0) -> dict[str, str] | None:
     return None
 
 
+def gpu_count() -> int:
+    """How many CUDA GPUs this process sees (CUDA_VISIBLE_DEVICES applies), asked of the driver without creating a
+    context; 0 without a driver."""
+    lib = _libcuda()
+    count = ctypes.c_int(0)
+    if lib is None or lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 def wheel_cuda(flavour: str) -> tuple[str, int] | None:
     """(package, CUDA major) of the installed TensorRT wheel of `flavour` (tensorrt | tensorrt-rtx), e.g.
     ("tensorrt-cu13", 13); None when no wheel with a CUDA suffix is installed (a tar/deb install)."""

@@ -1,9 +1,9 @@
-"""The batcher and the runner stage of the local job: clips assembled in place into fixed-shape batches, and the
-inference thread that runs them through the runner (two in flight) beside the job's main thread.
+"""The batcher and the runner stage of a pipeline: clips assembled in place into fixed-shape batches, and the
+inference thread that runs them through the runner (two in flight) beside the pipeline's thread.
 
 `Batch` holds clips of one kind (device, dtype, clip shape) in a preallocated buffer (pinned host memory, or GPU
 memory for GPU-decoded clips); `InferenceThread` takes full batches through a bounded queue and hands back raw
-features; `Comparison` keeps the running agreement with a reference runner (--compare-pytorch).
+features.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,29 +28,6 @@ def on_stream(stream):
     import torch
 
     return torch.cuda.stream(stream)
-
-
-@dataclass
-class Comparison:
-    """Running agreement of the job's runner with a reference runner (raw features)."""
-
-    min_cosine: float = 1.0
-    max_abs_error: float = 0.0
-    max_ref: float = 0.0
-    clips: int = 0
-
-    def update(self, reference: np.ndarray, output: np.ndarray) -> None:
-        from ..compare import compare
-
-        c = compare(reference, output)
-        self.min_cosine = min(self.min_cosine, c.min_cosine)
-        self.max_abs_error = max(self.max_abs_error, c.max_abs_error)
-        self.max_ref = max(self.max_ref, float(np.abs(reference).max()))
-        self.clips += len(reference)
-
-    @property
-    def max_rel_error(self) -> float:
-        return self.max_abs_error / (self.max_ref or 1.0)
 
 
 class Batch:

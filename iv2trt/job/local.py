@@ -1,513 +1,514 @@
-"""The extraction job (the local executor): decode workers -> batches -> inference thread -> writer.
+"""The local executor: pipelines on this machine (job/pipeline.py), one per GPU, fed from one queue; this process
+is the only writer.
 
-Decoding happens in workers of two kinds (decoders.py): CPU processes (PyAV) that send each clip through a
-pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored), and GPU sessions (NVDEC
-threads in this process) whose clips are uint8 CUDA tensors that never leave the GPU. One scheduler hands
-inputs to whichever worker is idle (`--decoder auto`: both kinds pull from one queue; `nvdec`: the GPU takes
-every input it can and CPU workers the rest; `cpu`). An input that fails on the GPU (or that NVDEC cannot
-take) is decoded again on the CPU; one that fails on both is listed with both reasons.
-
-The main thread copies each clip into its slot of a preallocated batch buffer of its kind (pinned host
-memory, or GPU memory for GPU clips, after the clip's CUDA event) and hands full batches to the inference
-thread through a bounded queue (`QUEUE_DEPTH`), so receiving and assembling the next batches overlaps with
-the encoder. The inference thread runs `runner.submit_uint8` (two batches in flight, so the next upload
-overlaps the current compute) or `runner.infer_uint8`; GPU batches reach runners that only take host arrays
-through one device-to-host copy. It sends raw features back and the main thread L2-normalises them and hands
-finished inputs to the writer. A batch buffer is recycled only after its features came back. The main thread
-stops reading the workers while a full batch waits for the queue (pipes and the GPU outbox are bounded), so
-host and GPU memory stay flat whatever the job size. An exception in the inference thread is re-raised in
-the main thread. A worker silent for longer than `decode_timeout_s` on one input is replaced; the input is
-recorded as failed (or, from a GPU worker, retried on the CPU).
-
-The summary says where the time went: clips and busy time per decode path, the encoder's busy fraction, and
-which stage bounded the run.
+One pipeline runs in this process where the job has the CPU or GPU 0 alone. With several GPUs (`--gpus`), each
+pipeline runs in a process of its own (spawned, its GPU made the process's only one through
+CUDA_VISIBLE_DEVICES) with that GPU's NVDEC sessions, its share of the CPU decode workers and its runner: NVDEC
+threads of several GPUs in one process would share one GIL. This process hands each pipeline a few more inputs
+than it has decode workers, writes what comes back (shards, failures.jsonl) and commits exactly as before, so
+resume, shards and exactly-once do not depend on how many pipelines ran. A pipeline process that dies loses
+nothing: its unfinished inputs go back to the queue for the others (an input that two dying pipelines held is
+failed), and the job goes on with the rest and says so.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
+import multiprocessing as mp
+import os
+import signal
 import sys
 import time
-from collections import deque
+import traceback
+from collections import Counter, deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Iterable
+from typing import Any, Sequence
 
 import numpy as np
 
-from ..compare import l2_normalize
-from ..decode.clips import Windowing
+from ..compare import RunningComparison
 from ..decode.inputs import InputItem
-from ..decode.plan import DEFAULT_NVDEC_SESSIONS, DecoderPlan, default_workers
-from ..decode.source import iter_clips
-from ..decode.workers import CpuWorker, GpuWorker, GpuWorkerPool, worker_context
-from ..output.writer import FailureLog, FeatureWriter, write_summary
-from .batching import QUEUE_DEPTH, Batch, Comparison, InferenceThread, on_stream
-from .stages import (
-    InputClips,
-    batch_size_for,
-    check_frame_count,
-    clip_frames_problem,
-    host_buffer,
-    is_cuda_tensor,
-    log_done,
-    summarize,
-    timeout_reason,
-    warm_up,
-)
-
-__all__ = ["Job", "JobOptions", "InferenceThread", "run_job", "check_frame_count", "iter_clips", "default_workers",
-           "worker_context"]
+from ..decode.plan import check_decoder
+from ..errors import PipelineError
+from ..output.writer import FailureLog, FeatureWriter, prepare_output, write_summary
+from .factory import SettingsRunner, close_runner, describe_runner, reference_runner
+from .identity import complete_identity, finish_summary
+from .pipeline import JobOptions, Pipeline, bound_by
+from .stages import log_done, summarize
 
 log = logging.getLogger(__name__)
 
-PARTIAL_BATCH_WAIT_S = 0.5  # how long clips wait for more to fill a batch while decoders are working
+DIED_TWICE = "the pipeline processes decoding it died twice"
 
 
-@dataclass
-class JobOptions:
-    windowing: Windowing
-    img_size: int = 224
-    batch_size: int = 16
-    workers: int | None = 2         # CPU decode workers (None: decoders.default_workers)
-    decode_timeout_s: float = 120.0
-    progress: bool = True
-    decoder: str = "cpu"            # auto | nvdec | cpu
-    nvdec_sessions: int = DEFAULT_NVDEC_SESSIONS
-    gpu: int = 0                    # the GPU whose decoders (and, for GPU runners, memory) the job uses
+# --- where pipelines run --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PipelineSpec:
+    """One pipeline: its GPU (this process's index; None: the CPU) and its share of the machine's cores."""
+
+    gpu: int | None
+    share: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return "cpu" if self.gpu is None else f"gpu{self.gpu}"
 
 
-@dataclass(kw_only=True)
-class _Video(InputClips):
-    item: InputItem                 # (count is known once the worker says done)
-    nvdec_failure: str | None = None  # why the GPU path could not decode it (then it is on the CPU path)
+def select_gpus(gpus: str, count: int, names: Sequence[str] = ()) -> list[int]:
+    """`--gpus`: all | none | N (the first N) | I,J,... (those GPUs; an index twice: two pipelines on that GPU, a
+    single one written `I,`). PipelineError listing the GPUs for an index or count this machine lacks."""
+    text = str(gpus).strip().lower()
+    listing = ", ".join(f"{i}: {n}" for i, n in enumerate(names)) or "none"
+    if text in ("all", ""):
+        return list(range(count))
+    if text in ("none", "cpu", "0"):
+        return []
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 0 or n > count:
+                raise IndexError(n)
+            return list(range(n))
+        chosen = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise PipelineError(f"--gpus {gpus}: give all, none, a number of GPUs or indices such as 0,2 (GPUs here: "
+                            f"{listing})") from None
+    except IndexError:
+        raise PipelineError(f"--gpus {gpus}: this machine has {count} GPU(s) ({listing})") from None
+    bad = [i for i in chosen if not 0 <= i < count]
+    if bad or not chosen:
+        raise PipelineError(f"--gpus {gpus}: no GPU {bad[0] if bad else ''} here; GPUs: {listing} (set "
+                            "CUDA_VISIBLE_DEVICES to choose among more)")
+    return chosen
 
 
-class _PathStats:
-    """Work done by one decode path (cpu | nvdec) in a run."""
+def pipeline_specs(gpus: str) -> list[PipelineSpec]:
+    """The pipelines of a local job: one per GPU `--gpus` selects, sharing the CPU decode workers; one CPU pipeline
+    without GPUs."""
+    from ..engine.cuda_env import gpu_count, gpu_info
 
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.inputs = self.clips = self.fallbacks = 0
-        self.busy_s = 0.0  # summed over workers: time spent on an input
-        self.frames: dict[str, int] | None = None  # NVDEC: frames decoded, and dropped before decoding
-
-    def as_dict(self, elapsed: float) -> dict[str, Any]:
-        return {"workers": self.workers, "inputs": self.inputs, "clips": self.clips,
-                "clips_per_s": round(self.clips / max(elapsed, 1e-9), 3),
-                "busy_fraction": round(self.busy_s / max(elapsed * self.workers, 1e-9), 3) if self.workers else 0.0}
+    count = gpu_count()
+    names = [(gpu_info(i) or {}).get("name", "?") for i in range(count)]
+    chosen = select_gpus(gpus, count, names)
+    if not chosen:
+        return [PipelineSpec(None)]
+    return [PipelineSpec(g, 1.0 / len(chosen)) for g in chosen]
 
 
-class Job:
-    """One run over `items` with `runner`, writing through `writer`; `run()` returns the summary."""
+# --- pipelines as the executor sees them ----------------------------------------------------------------------
+class _Events:
+    """A pipeline's sink that keeps what it hands over, for the executor to take."""
 
-    def __init__(self, items: list[InputItem], runner, writer: FeatureWriter, failures: FailureLog,
-                 options: JobOptions, reference=None):
-        self.items, self.runner, self.writer, self.failures, self.o = items, runner, writer, failures, options
-        self.reference = reference
-        self.comparison = Comparison() if reference is not None else None
-        self.batch_size = batch_size_for(options.batch_size, runner.max_batch)
-        check_frame_count(runner, options.windowing.frames)
-        self.videos: dict[int, _Video] = {}
-        self.open: dict[tuple, Batch] = {}      # batches being filled, one per (device, dtype, clip shape)
-        self.ready: deque[Batch] = deque()      # full (or flushed) batches waiting for room in the queue
-        self._free: dict[tuple, list[Any]] = {}  # batch buffers to reuse
-        self.inference: InferenceThread | None = None
-        self.stats = {"ok": 0, "failed": 0, "clips": 0, "batches": 0, "infer_s": 0.0}
-        self.paths: dict[str, _PathStats] = {}
-        self._next_number = 0
-        # GPU batches are assembled and encoded on a stream of the job's own, not the legacy default stream,
-        # which synchronises with every other blocking stream (and so with the GPU decoders' copies)
-        self.cuda_stream = None
+    def __init__(self):
+        self.items: list[tuple] = []
 
-    # --- results -------------------------------------------------------------------------------------------
-    def _discard(self, number: int) -> _Video:
-        """Forget an input: its clips leave the open and ready batches (features in flight are ignored)."""
-        video = self.videos.pop(number)
-        with on_stream(self.cuda_stream):
-            for batch in [*self.open.values(), *self.ready]:
-                batch.drop(number)
-        for key, batch in list(self.open.items()):
-            if not len(batch):
-                del self.open[key]
-                self._recycle(batch)
-        for batch in [b for b in self.ready if not len(b)]:
-            self.ready.remove(batch)
-            self._recycle(batch)
-        return video
+    def finished(self, number: int, item: InputItem, infos: list[dict[str, Any]], features: np.ndarray) -> None:
+        self.items.append(("finished", number, infos, features))
 
-    def _fail(self, number: int, reason: str) -> None:
-        video = self._discard(number)
-        if video.nvdec_failure:
-            reason = f"NVDEC: {video.nvdec_failure}; CPU: {reason}"
-        self.failures.add(video.item.path, video.item.id, reason)
-        self.stats["failed"] += 1
-        log.warning("failed %s: %s", video.item.path, reason)
-        self.bar.update(1)
+    def failed(self, number: int, item: InputItem, reason: str) -> None:
+        self.items.append(("failed", number, reason))
 
-    def _to_cpu_path(self, number: int, reason: str) -> None:
-        """The GPU path could not decode an input: it starts again on the CPU path under a new number (so
-        features of its clips still in flight cannot mix in)."""
-        video = self._discard(number)
-        self.paths["nvdec"].fallbacks += 1
-        log.info("NVDEC could not decode %s (%s); decoding it on the CPU", video.item.path, reason)
-        retry = self._new_video(video.item)
-        self.videos[retry].nvdec_failure = reason
-        self.cpu_queue.appendleft((retry, video.item))
+    def take(self) -> list[tuple]:
+        out, self.items = self.items, []
+        return out
 
-    def _new_video(self, item: InputItem) -> int:
-        number, self._next_number = self._next_number, self._next_number + 1
-        self.videos[number] = _Video(item=item)
-        return number
 
-    def _finish_ready(self, number: int) -> None:
-        video = self.videos.get(number)
-        if video is None or not video.complete:
-            return
-        if video.count == 0:
-            self._fail(number, "no clips")
-            return
-        del self.videos[number]
-        self.writer.add_video(video.item.path, video.item.id, video.item.kind, *video.ordered())
-        self.stats["ok"] += 1
-        self.bar.update(1)
+class _InProcess:
+    """A pipeline in this process: fed everything at once, stepped by the executor's loop."""
 
-    def _handle(self, message: tuple, path: str = "cpu") -> int | None:
-        """Take one worker message; returns the input's number when the worker is done with it."""
-        kind, number = message[0], message[1]
-        if number not in self.videos:
-            return None
-        if kind == "clip":
-            _, _, info, array, ready = message
-            problem = clip_frames_problem(array.shape[0], self.runner.frame_range, self.runner.name)
-            if problem:
-                self._fail(number, problem)
-                return number
-            video = self.videos[number]
-            clip = len(video.infos)
-            video.infos[clip] = info
-            self._add_clip(number, clip, array, ready)
-            self.paths[path].clips += 1
-            return None
-        if kind == "done":
-            self.videos[number].count = message[2]
-            self.paths[path].inputs += 1
-            self._finish_ready(number)
-        elif path == "nvdec":
-            self._to_cpu_path(number, message[2])
-        else:
-            self._fail(number, message[2])
-        return number
+    def __init__(self, pipeline: Pipeline, events: _Events):
+        self.pipeline, self.events, self.name = pipeline, events, pipeline.name
+        self.assigned: set[int] = set()
+        self.result: dict[str, Any] | None = None
+        self.gone: str | None = None
 
-    # --- batching ------------------------------------------------------------------------------------------
-    def _add_clip(self, number: int, clip: int, array, ready=None) -> None:
-        """Copy a clip into its slot of the open batch of its kind; a full batch becomes ready. A GPU clip is
-        copied on the stream the inference thread computes on (the job's, else the default stream) once the
-        decoder's stream has written it (`ready`)."""
-        if is_cuda_tensor(array):
-            import torch
-
-            stream = self.cuda_stream or torch.cuda.current_stream(array.device)
-            if ready is not None:
-                stream.wait_event(ready)
-            array.record_stream(stream)  # its memory is not reused before the copy below has run
-            key = (str(array.device), str(array.dtype), tuple(array.shape))
-        else:
-            key = ("cpu", np.dtype(array.dtype).str, tuple(array.shape))
-        with on_stream(self.cuda_stream if key[0] != "cpu" else None):
-            batch = self.open.get(key)
-            if batch is None:
-                batch = self.open[key] = Batch(key, self._buffer(key))
-            batch.add(number, clip, array)
-        if batch.full:
-            self.ready.append(self.open.pop(key))
-
-    def _buffer(self, key: tuple):
-        free = self._free.get(key)
-        if free:
-            return free.pop()
-        device, dtype, shape = key[0], key[1], (self.batch_size, *key[2])
-        if device != "cpu":
-            import torch
-
-            return torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)
-        return host_buffer(self.runner, shape, np.dtype(dtype))
-
-    def _recycle(self, batch: Batch) -> None:
-        free = self._free.setdefault(batch.key, [])
-        if len(free) < QUEUE_DEPTH + 2:
-            free.append(batch.frames)
-
-    def _open_clips(self) -> int:
-        return sum(len(b) for b in self.open.values())
-
-    def _flush_partial(self) -> bool:
-        """Make the fullest open batch ready although not full (decoders quiet, or too many open clips)."""
-        if not self.open:
-            return False
-        key = max(self.open, key=lambda k: len(self.open[k]))
-        self.ready.append(self.open.pop(key))
+    def wants(self) -> bool:
         return True
 
-    # --- inference -----------------------------------------------------------------------------------------
-    def _pump(self, wait_s: float = 0.0) -> None:
-        """Hand ready batches to the inference thread; take in finished ones (waiting up to `wait_s` for one
-        when some are in flight). Re-raises an exception of the inference thread."""
-        while self.ready and self.inference.submit(self.ready[0]):
-            self.ready.popleft()
-        done = self.inference.results(wait_s)
-        for result in done:
-            self._complete(*result)
-        while done and self.ready and self.inference.submit(self.ready[0]):
-            self.ready.popleft()
+    def feed(self, number: int, item: InputItem) -> None:
+        self.assigned.add(number)
+        self.pipeline.feed(number, item)
 
-    def _complete(self, batch: Batch, raw: np.ndarray, ref: np.ndarray | None, seconds: float) -> None:
-        self.stats["infer_s"] += seconds
-        if self.comparison is not None:
-            self.comparison.update(ref, raw)
-        features = l2_normalize(raw)
-        self.stats["batches"] += 1
-        self.stats["clips"] += len(batch)
-        rows = batch.rows
-        self._recycle(batch)
-        for (number, clip), feature in zip(rows, features):
-            video = self.videos.get(number)
-            if video is not None:  # else it failed while its clips were in flight
-                video.features[clip] = feature
-        for number in dict.fromkeys(n for n, _ in rows):
-            self._finish_ready(number)
+    def no_more(self) -> None:
+        pass
 
-    def _drain(self) -> None:
-        """Every clip received so far through the encoder and written (used when no more clips can come)."""
-        while self.open or self.ready or self.inference.in_flight:
-            if not self.ready:
-                self._flush_partial()
-            self._pump(wait_s=0.5)
+    def poll(self) -> list[tuple]:
+        if self.pipeline.busy:
+            self.pipeline.step()
+        return self.events.take()
 
-    # --- scheduling ----------------------------------------------------------------------------------------
-    def _start_workers(self):
-        """The decode workers of this run, and the GPU pool (None without GPU workers)."""
-        o = self.o
-        plan = DecoderPlan(o.decoder, o.workers, o.nvdec_sessions, o.gpu) if self.items else None
-        n_gpu = min(plan.gpu_sessions, sum(map(plan.gpu_takes, self.items))) if plan else 0
-        n_cpu = max(1, min(plan.cpu_workers, len(self.items))) if plan else 0  # nvdec: what the GPU cannot take
-        self.plan = plan
-        self.paths = {"cpu": _PathStats(n_cpu if self.items else 0), "nvdec": _PathStats(n_gpu)}
-        if not self.items:
-            return [], None
-        self.ctx = worker_context()
-        workers: list = [CpuWorker(self.ctx, o.windowing, o.img_size) for _ in range(n_cpu)]
-        pool = None
-        if n_gpu:
-            pool = GpuWorkerPool(o.gpu, o.windowing, o.img_size)
-            workers += [GpuWorker(pool, f"iv2trt-nvdec-{i}") for i in range(n_gpu)]
-        return workers, pool
+    def close(self, interrupted: bool) -> None:
+        self.pipeline.close(interrupted)
+        if self.result is None:
+            self.result = self.pipeline.summary()
 
-    def _assign(self, workers: list) -> None:
-        """Idle workers take inputs: GPU workers from the shared queue; CPU workers from their own queue (inputs
-        only the CPU can decode, and retries of what failed on the GPU) first, then from the shared queue
-        unless the GPU takes it all (`--decoder nvdec`)."""
-        for wk in workers:
-            if wk.task is not None:
-                continue
-            if wk.path == "nvdec":
-                source = self.gpu_queue
-            else:
-                source = self.cpu_queue if self.cpu_queue or self.plan.gpu_first else self.gpu_queue
-            if source:
-                number, item = source.popleft()
-                wk.assign(number, item)
-                wk.started = time.monotonic()
 
-    def _release(self, wk) -> None:
-        self.paths[wk.path].busy_s += time.monotonic() - wk.started
-        wk.task = None
+class _Process:
+    """A pipeline in a process of its own (`_pipeline_main`), fed through a pipe a few inputs ahead."""
 
-    # --- main loop -----------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        from tqdm import tqdm
+    def __init__(self, ctx, spec: PipelineSpec, factory: SettingsRunner, options: JobOptions, compare: Any,
+                 verbose: bool):
+        self.spec, self.name = spec, spec.name
+        self.conn, child = ctx.Pipe(duplex=True)
+        # not a daemon: its own decode workers are processes
+        self.process = ctx.Process(target=_pipeline_main, name=f"iv2trt-{spec.name}",
+                                   args=(child, spec, factory, options, compare, verbose))
+        self.process.start()
+        child.close()
+        self.assigned: set[int] = set()
+        self.capacity = 4
+        self.info: dict[str, Any] | None = None
+        self.result: dict[str, Any] | None = None
+        self.gone: str | None = None
+        self.finishing = False
 
-        started = time.perf_counter()
-        for runner in (self.runner, self.reference):  # CUDA graphs captured before GPU decoders share the GPU
-            if runner is not None and self.items:
-                warm_up(runner, self.batch_size, self.o.windowing.frames, self.o.img_size)
-        workers, pool = self._start_workers()
-        if pool is not None:
-            import torch
-
-            if torch.cuda.is_available():  # (the scheduler's tests run a fake GPU path on CPU-only machines)
-                self.cuda_stream = torch.cuda.Stream(torch.device("cuda", self.o.gpu))
-        self.gpu_queue: deque = deque()   # inputs any worker may take (all of them, when no GPU worker runs)
-        self.cpu_queue: deque = deque()   # inputs for CPU workers only
-        for item in self.items:
-            on_gpu = pool is not None and self.plan.gpu_takes(item)
-            (self.gpu_queue if on_gpu else self.cpu_queue).append((self._new_video(item), item))
-        self.bar = tqdm(total=len(self.items), unit="video", disable=not self.o.progress, mininterval=1.0,
-                        dynamic_ncols=True, file=sys.stderr)
-        self.inference = InferenceThread(self.runner, self.reference, cuda_stream=self.cuda_stream)
-        interrupted = False
-        last_received = time.monotonic()
+    def ready(self, timeout: float | None = None) -> dict[str, Any]:
+        """The runner's description once the pipeline is up; raises what the process raised (a PipelineError
+        keeps its type, so its exit code)."""
+        if not self.conn.poll(timeout):
+            raise PipelineError(f"pipeline {self.name} did not start within {timeout:g} s")
         try:
-            while self.gpu_queue or self.cpu_queue or self.videos:
-                self._assign(workers)
-                busy = [wk for wk in workers if wk.task is not None]
-                room = not self.ready and self._open_clips() < 2 * self.batch_size
-                listen = [wk.conn for wk in busy if wk.path == "cpu"] if room else []
-                if room and pool is not None:
-                    listen.append(pool)
-                ready = wait(listen + [self.inference], timeout=0.05 if self.open else 0.2)
-                received = False
-                for wk in busy:
-                    if wk.path == "cpu" and wk.conn in ready:
-                        self._receive(workers, wk)
-                        received = True
-                if pool is not None and pool in ready:
-                    for wk, message in pool.messages():
-                        received = True
-                        if wk.abandoned:
-                            continue
-                        wk.last_heard = time.monotonic()
-                        if self._handle(message, "nvdec") is not None:
-                            self._release(wk)
-                if received:
-                    last_received = time.monotonic()
-                # a partial batch only once the decoders have gone quiet (or are all idle)
-                quiet = not room or not received and (time.monotonic() - last_received > PARTIAL_BATCH_WAIT_S or
-                                                      all(wk.task is None for wk in workers))
-                if quiet and not self.ready:
-                    self._flush_partial()
-                self._pump()
-                self._check_timeouts(workers)
-                elapsed = time.perf_counter() - started
-                self.bar.set_postfix_str(f"{self.stats['clips'] / max(elapsed, 1e-9):.1f} clips/s", refresh=False)
-        except KeyboardInterrupt:
-            interrupted = True
-            raise
-        finally:
-            self.inference.close(timeout=5 if interrupted else 60)
-            self.bar.close()
-            if pool is not None:
-                pool.close()
-            for wk in workers:
-                wk.stop(kill=interrupted)
-            self.writer.flush()  # finished videos are kept even when the job stops early
-        if pool is not None:
-            self.paths["nvdec"].frames = {"decoded": sum(w.frames_decoded for w in workers if w.path == "nvdec"),
-                                          "dropped_non_reference": sum(w.frames_dropped for w in workers
-                                                                       if w.path == "nvdec")}
-        return self._summary(time.perf_counter() - started)
-
-    def run_preloaded(self, videos: Iterable[Iterable[np.ndarray]]) -> dict[str, Any]:
-        """The job's inference stage alone, on clips already decoded: each element of `videos` is one input's
-        clips as the workers send them (uint8 [T, S, S, 3] resized frames, host arrays or CUDA tensors, or
-        float32 [T, 3, S, S]). They go through the same message handling, batch assembly, inference thread,
-        L2-normalisation and writer as in `run` (inputs named preloaded/<n>); returns the summary. For
-        benchmarks and tests."""
-        from tqdm import tqdm
-
-        started = time.perf_counter()
-        self.items = []
-        self.paths = {"cpu": _PathStats(0), "nvdec": _PathStats(0)}
-        self.bar = tqdm(disable=True)
-        self.inference = InferenceThread(self.runner, self.reference)
-        info = {"start_s": math.nan, "end_s": math.nan, "indices": []}
-        try:
-            for clips in videos:
-                name = f"preloaded/{len(self.items)}"
-                self.items.append(InputItem(name, name, "video"))
-                number = self._new_video(self.items[-1])
-                count = 0
-                for array in clips:
-                    while self.ready:  # the queue is full: wait for the encoder (memory stays bounded)
-                        self._pump(wait_s=0.5)
-                    self._handle(("clip", number, info, array, None))
-                    self._pump()
-                    count += 1
-                self._handle(("done", number, count))
-            self._drain()
-        finally:
-            self.inference.close()
-            self.writer.flush()
-        return self._summary(time.perf_counter() - started)
-
-    def _receive(self, workers: list, wk: CpuWorker) -> None:
-        try:
-            message = wk.conn.recv()
+            message = self.conn.recv()
         except (EOFError, OSError):
-            number = wk.task
-            self._replace(workers, wk)
-            self._fail(number, wk.why_gone())
-            return
-        wk.last_heard = time.monotonic()
-        if self._handle(message, "cpu") is not None:
-            self._release(wk)
+            self.process.join(5)
+            raise RuntimeError(f"pipeline {self.name} died while starting (exit code {self.process.exitcode})")
+        if message[0] == "error":
+            raise message[1]
+        _, self.info, workers = message
+        self.capacity = max(4, 2 * workers)
+        return self.info
 
-    def _check_timeouts(self, workers: list) -> None:
-        now = time.monotonic()
-        for wk in list(workers):
-            if wk.task is None or now - wk.last_heard <= self.o.decode_timeout_s:
-                continue
-            if wk.path == "cpu" and wk.conn.poll():
-                continue
-            number = wk.task
-            self._replace(workers, wk)
-            reason = timeout_reason(self.o.decode_timeout_s)
-            if number in self.videos:
-                if wk.path == "nvdec":
-                    self._to_cpu_path(number, reason)
+    def wants(self) -> bool:
+        return self.gone is None and len(self.assigned) < self.capacity
+
+    def feed(self, number: int, item: InputItem) -> None:
+        self.assigned.add(number)
+        self._send(("feed", number, item))
+
+    def no_more(self) -> None:
+        if not self.finishing:
+            self.finishing = True
+            self._send(("done",))
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except (BrokenPipeError, OSError):
+            self._died()
+
+    def poll(self) -> list[tuple]:
+        events = []
+        try:
+            while self.gone is None and self.conn.poll():
+                message = self.conn.recv()
+                if message[0] == "summary":
+                    self.result = message[1]
+                elif message[0] == "error":
+                    if isinstance(message[1], PipelineError):
+                        raise message[1]
+                    log.error("pipeline %s stopped: %s", self.name, message[1])
+                    self._died()
                 else:
-                    self._fail(number, reason)
+                    events.append(message)
+        except (EOFError, OSError):
+            self._died()
+        return events
 
-    def _replace(self, workers: list, wk) -> None:
-        self._release(wk)
-        wk.stop(kill=True)
-        fresh = (CpuWorker(self.ctx, self.o.windowing, self.o.img_size) if wk.path == "cpu"
-                 else GpuWorker(wk.pool, wk.thread.name + "+"))
-        workers[workers.index(wk)] = fresh
+    def _died(self) -> None:
+        if self.gone is None:
+            self.process.join(2)
+            code = self.process.exitcode
+            self.gone = f"exit code {code}" if code is not None else "stopped answering"
 
-    def _summary(self, elapsed: float) -> dict[str, Any]:
-        summary = summarize(self.stats, len(self.items), elapsed, self.runner.name, self.batch_size)
-        decoders = {}
-        for name, p in self.paths.items():
-            if p.workers:
-                decoders[name] = p.as_dict(elapsed)
-                if name == "nvdec":
-                    decoders[name].update(fallbacks_to_cpu=p.fallbacks, frames=p.frames)
-        encoder_busy = self.inference.busy_s / max(elapsed, 1e-9) if self.inference is not None else 0.0
-        summary["decoder"] = self.o.decoder
-        summary["decoders"] = decoders
-        summary["encoder_busy_fraction"] = round(encoder_busy, 3)
-        summary["bound_by"] = bound_by(encoder_busy, decoders)
-        if self.comparison is not None:
-            c = self.comparison
-            summary["compare_pytorch"] = {"clips": c.clips, "min_cosine": c.min_cosine,
-                                          "max_abs_error": c.max_abs_error, "max_rel_error": c.max_rel_error}
-        return summary
+    def close(self, interrupted: bool) -> None:
+        if self.gone is None and not interrupted:
+            self._send(("stop",))
+            self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()
 
 
-def bound_by(encoder_busy: float, decoders: dict[str, dict]) -> str:
-    """Which stage limited a run: the encoder (busy most of the time), decoding (decoders busy most of the
-    time while the encoder waited), or neither (too few inputs to keep either busy)."""
-    if encoder_busy >= 0.85:
-        return "encoder"
-    if decoders and max(d["busy_fraction"] for d in decoders.values()) >= 0.6:
-        return "decode"
-    return "inputs (too few to keep decoders or encoder busy)"
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the executor dies (kill -9 included), so no pipeline outlives it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: JobOptions, compare: Any,
+                   verbose: bool) -> None:
+    """A pipeline process: build the runner on this GPU, report it, then take inputs and hand back results until
+    told `done` (then the summary) or `stop`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the executor's business
+    _die_with_parent()
+    if spec.gpu is not None:  # its GPU becomes the only one it sees (GPU 0 here), before CUDA starts
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[spec.gpu] if visible else str(spec.gpu)
+    from ..settings import setup_logging
+
+    setup_logging(verbose, tag=f"[{spec.name}]")
+    pipeline = runner = reference = None
+    events = _Events()
+    try:
+        runner = factory()
+        reference = reference_runner(compare) if compare is not None else None
+        info = describe_runner(runner, factory.settings, options.windowing.frames)
+        options = dataclasses.replace(options, img_size=info["img_size"], gpu=0)
+        pipeline = Pipeline(runner, options, events, reference, spec.name).start()
+        conn.send(("ready", info, len(pipeline.workers)))
+        finishing = False
+        while True:
+            while conn.poll():
+                message = conn.recv()
+                if message[0] == "feed":
+                    pipeline.feed(message[1], message[2])
+                elif message[0] == "done":
+                    finishing = True
+                else:
+                    return
+            if pipeline.busy:
+                pipeline.step(also_wait=[conn])
+            elif finishing:
+                break
+            else:
+                wait([conn], timeout=1.0)
+            for event in events.take():
+                conn.send(event)
+        pipeline.close()
+        conn.send(("summary", pipeline.summary()))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return  # the executor is gone
+    except PipelineError as exc:
+        _send_quietly(conn, ("error", exc))
+    except BaseException as exc:  # noqa: BLE001 - reported to the executor, which goes on without this pipeline
+        _send_quietly(conn, ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        if pipeline is not None:
+            pipeline.close(interrupted=True)
+        for r in (runner, reference):
+            if r is not None:
+                close_runner(r)
+
+
+def _send_quietly(conn, message: tuple) -> None:
+    try:
+        conn.send(message)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+# --- the executor ---------------------------------------------------------------------------------------------
+class _Writing:
+    """Finished inputs -> the writer and failures.jsonl, with the progress bar and the run's counts."""
+
+    def __init__(self, items: Sequence[InputItem], writer: FeatureWriter, failures: FailureLog, bar):
+        self.items, self.writer, self.failures, self.bar = items, writer, failures, bar
+        self.ok = self.failed = self.clips = 0
+
+    def finished(self, number: int, infos: list[dict[str, Any]], features: np.ndarray) -> None:
+        item = self.items[number]
+        self.writer.add_video(item.path, item.id, item.kind, infos, features)
+        self.ok += 1
+        self.clips += len(features)
+        self.bar.update(1)
+
+    def fail(self, number: int, reason: str) -> None:
+        item = self.items[number]
+        self.failures.add(item.path, item.id, reason)
+        self.failed += 1
+        log.warning("failed %s: %s", item.path, reason)
+        self.bar.update(1)
+
+
+def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writer: FeatureWriter,
+            failures: FailureLog, progress: bool) -> tuple[_Writing, float]:
+    """Feed `todo` (numbers into `items`) to the pipelines, write what comes back; returns the counts and the
+    seconds it took. Inputs of a pipeline that dies go to the others."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="video", disable=not progress, mininterval=1.0, dynamic_ncols=True,
+               file=sys.stderr)
+    out = _Writing(items, writer, failures, bar)
+    queue, attempts = deque(todo), Counter()
+    live = list(handles)
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        while live and (queue or any(h.assigned for h in live)):
+            for h in live:
+                while queue and h.wants():
+                    number = queue.popleft()
+                    h.feed(number, items[number])
+                if not queue:
+                    h.no_more()
+            if len(live) > 1 or not isinstance(live[0], _InProcess):
+                wait([h.conn for h in live if isinstance(h, _Process)], timeout=0.2)
+            for h in live:
+                for event in h.poll():
+                    h.assigned.discard(event[1])
+                    if event[0] == "finished":
+                        out.finished(event[1], event[2], event[3])
+                    else:
+                        out.fail(event[1], event[2])
+            for h in [h for h in live if h.gone]:
+                live.remove(h)
+                back = sorted(h.assigned)
+                attempts.update(back)
+                for number in back:
+                    if attempts[number] >= 2:
+                        out.fail(number, DIED_TWICE)
+                h.assigned.clear()
+                queue.extendleft(reversed([n for n in back if attempts[n] < 2]))
+                log.warning("pipeline %s died (%s); its %d unfinished input(s) go to the %d other pipeline(s)", h.name,
+                            h.gone, len(back), len(live))
+            elapsed = time.perf_counter() - started
+            bar.set_postfix_str(f"{out.clips / max(elapsed, 1e-9):.1f} clips/s", refresh=False)
+        if queue or any(h.assigned for h in handles):
+            raise RuntimeError(f"every pipeline stopped ({', '.join(f'{h.name}: {h.gone}' for h in handles)}); "
+                               "committed results are kept: rerun to finish the rest")
+        for h in live:  # their summaries
+            h.no_more()
+            deadline = time.monotonic() + 60
+            while isinstance(h, _Process) and h.result is None and h.gone is None and time.monotonic() < deadline:
+                h.conn.poll(0.5)
+                h.poll()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        for h in handles:
+            h.close(interrupted)
+        bar.close()
+        writer.flush()  # finished videos are kept even when the job stops early
+    return out, time.perf_counter() - started
+
+
+def merge_summaries(pipelines: list[dict[str, Any]], counts: dict[str, int], inputs: int, elapsed: float, backend: str,
+                    decoder: str) -> dict[str, Any]:
+    """summary.json for a run of either executor: its counts (ok, failed, clips: what was written), and where
+    each pipeline's time went, with the totals over them."""
+    stats = {"ok": counts["ok"], "failed": counts["failed"], "clips": counts["clips"],
+             "batches": sum(p["batches"] for p in pipelines),
+             "infer_s": sum(p["infer_seconds"] for p in pipelines)}
+    summary = summarize(stats, inputs, elapsed, backend, max((p["batch_size"] for p in pipelines), default=0))
+    decoders: dict[str, dict[str, Any]] = {}
+    for p in pipelines:
+        for path, d in p["decoders"].items():
+            total = decoders.setdefault(path, {"workers": 0, "inputs": 0, "clips": 0, "busy_worker_s": 0.0})
+            total["workers"] += d["workers"]
+            total["inputs"] += d["inputs"]
+            total["clips"] += d["clips"]
+            total["busy_worker_s"] += d["busy_fraction"] * d["workers"] * p["seconds"]
+            if "fallbacks_to_cpu" in d:
+                total["fallbacks_to_cpu"] = total.get("fallbacks_to_cpu", 0) + d["fallbacks_to_cpu"]
+    for d in decoders.values():
+        busy = d.pop("busy_worker_s")
+        d["clips_per_s"] = round(d["clips"] / max(elapsed, 1e-9), 3)
+        d["busy_fraction"] = round(busy / max(elapsed * d["workers"], 1e-9), 3) if d["workers"] else 0.0
+    encoder_busy = (sum(p["encoder_busy_fraction"] * p["seconds"] for p in pipelines) /
+                    max(elapsed * len(pipelines), 1e-9)) if pipelines else 0.0
+    summary.update(decoder=decoder, decoders=decoders, encoder_busy_fraction=round(encoder_busy, 3),
+                   bound_by=bound_by(encoder_busy, decoders), pipelines=pipelines)
+    compared = [RunningComparison.from_dict(p["compare_pytorch"]) for p in pipelines if "compare_pytorch" in p]
+    if compared:
+        total = RunningComparison()
+        for c in compared:
+            total.merge(c)
+        summary["compare_pytorch"] = total.as_dict()
+    return summary
+
+
+def log_summary(summary: dict[str, Any], failures_path) -> None:
+    """The closing lines of a local run: totals, then each pipeline's decode paths and encoder."""
+    log_done(summary, failures_path)
+    for p in summary["pipelines"] if summary["inputs"] else []:
+        where = f"pipeline {p['name']} ({p['device']}): " if len(summary["pipelines"]) > 1 else ""
+        for name, d in p["decoders"].items():
+            log.info("%sdecode %s: %d worker(s), %d inputs, %.1f clips/s, busy %.0f%%%s", where, name, d["workers"],
+                     d["inputs"], d["clips_per_s"], 100 * d["busy_fraction"],
+                     f", {d['fallbacks_to_cpu']} sent to the CPU" if d.get("fallbacks_to_cpu") else "")
+        log.info("%sencoder busy %.0f%% of the run; bound by %s", where, 100 * p["encoder_busy_fraction"],
+                 p["bound_by"])
 
 
 def run_job(items: list[InputItem], runner, out_dir, writer: FeatureWriter, options: JobOptions,
             reference=None, skipped: int = 0) -> dict[str, Any]:
-    """Run a job and write summary.json (counts, speeds, where the time went); returns the summary."""
+    """One pipeline in this process over `items` with `runner`; writes summary.json (counts, speeds, where the
+    time went) and returns the summary."""
     failures = FailureLog(out_dir)
-    summary = Job(items, runner, writer, failures, options, reference).run()
+    events = _Events()
+    pipeline = Pipeline(runner, options, events, reference).start(items)
+    out, elapsed = execute([_InProcess(pipeline, events)], items, range(len(items)), writer, failures,
+                           options.progress)
+    summary = merge_summaries([pipeline.summary()], vars(out), len(items), elapsed, runner.name, options.decoder)
     summary["skipped_already_done"] = skipped
     write_summary(out_dir, summary)
-    log_done(summary, failures.path)
-    for name, d in summary["decoders"].items():
-        log.info("decode %s: %d worker(s), %d inputs, %.1f clips/s, busy %.0f%%%s", name, d["workers"], d["inputs"],
-                 d["clips_per_s"], 100 * d["busy_fraction"],
-                 f", {d['fallbacks_to_cpu']} sent to the CPU" if d.get("fallbacks_to_cpu") else "")
-    if summary["inputs"]:
-        log.info("encoder busy %.0f%% of the run; bound by %s", 100 * summary["encoder_busy_fraction"],
-                 summary["bound_by"])
+    log_summary(summary, failures.path)
+    return summary
+
+
+def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[PipelineSpec] | None = None
+                  ) -> dict[str, Any]:
+    """Run the job described by settings `s` (job.settings.InferSettings) over `items` on this machine: one
+    pipeline per selected GPU (`specs`, by default from --gpus), in this process when it is the only one and on
+    GPU 0 or the CPU; returns the summary (written to summary.json)."""
+    specs = list(specs or pipeline_specs(s.gpus))
+    factory = SettingsRunner(s)
+    options = JobOptions(windowing, 224, s.batch_size, s.workers, s.decode_timeout_s, s.progress, s.decoder,
+                         s.nvdec_sessions, gpu_convert=s.gpu_convert)
+    compare = s if s.compare_pytorch else None
+    if compare is not None and len(specs) > 1:
+        log.info("--compare-pytorch runs one pipeline (GPU %s)", specs[0].gpu)
+        specs = specs[:1]
+    handles: list = []
+    try:
+        if len(specs) == 1 and specs[0].gpu in (None, 0):
+            check_decoder(s.decoder)  # (before the model loads: --decoder nvdec without NVDEC is exit 4)
+            runner = factory()
+            reference = reference_runner(s) if compare is not None else None
+            info = describe_runner(runner, s, s.frames)
+            options = dataclasses.replace(options, img_size=info["img_size"])
+            events = _Events()
+            handles = [_InProcess(Pipeline(runner, options, events, reference, specs[0].name), events)]
+            infos = [info]
+        else:
+            ctx = mp.get_context("spawn")
+            verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+            for spec in specs:
+                share = dataclasses.replace(options, workers=max(1, int(s.workers * spec.share)) if s.workers else None,
+                                            cpu_share=spec.share)
+                handles.append(_Process(ctx, spec, factory, share, compare, verbose))
+            infos = [h.ready(timeout=600) for h in handles]
+            if len({(i["name"], i["img_size"], i["feature_dim"]) for i in infos}) > 1:
+                raise PipelineError("the GPUs' pipelines disagree on the model: "
+                                    + "; ".join(f"{h.name}: {i['name']} {i['img_size']}px" for h, i in zip(handles,
+                                                                                                         infos)))
+        identity = complete_identity(infos[0]["identity"], s)
+        done = prepare_output(s.output, identity, s.overwrite)
+        todo = [n for n, item in enumerate(items) if item.id not in done]
+        log.info("%d inputs found, %d to do, %d already done in %s; %d pipeline(s): %s", len(items), len(todo),
+                 len(items) - len(todo), s.output, len(handles),
+                 ", ".join(f"{h.name} ({i['name']} on {i['device']})" for h, i in zip(handles, infos)))
+        if isinstance(handles[0], _InProcess):
+            handles[0].pipeline.start([items[n] for n in todo])
+        writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy)
+        failures = FailureLog(s.output)
+        out, elapsed = execute(handles, items, todo, writer, failures, s.progress)
+    finally:
+        for h in handles:
+            h.close(interrupted=True)
+            if isinstance(h, _InProcess):
+                close_runner(h.pipeline.runner)
+    pipelines = [h.result for h in handles if h.result is not None]
+    summary = merge_summaries(pipelines, vars(out), len(todo), elapsed, infos[0]["name"], s.decoder)
+    summary.update(skipped_already_done=len(items) - len(todo), executor="local", precision=infos[0]["precision"])
+    write_summary(s.output, summary)
+    log_summary(summary, failures.path)
+    finish_summary(s.output, summary, identity["random_init"])
     return summary

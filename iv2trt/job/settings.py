@@ -27,9 +27,16 @@ class InferSettings(ModelSettings):
                            "together, pulling from one queue; CPU only when NVDEC cannot run here), nvdec (the GPU "
                            "takes every input it can; exit 4 if it cannot run), cpu (PyAV worker processes)",
                            choices=DECODERS)
-    nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) on the GPU")
-    workers: int | None = setting(None, f"CPU decoding processes (default: one per core, {default_workers()} here; "
-                                  f"a quarter of the cores, {default_workers(nvdec=True)} here, beside NVDEC)")
+    gpus: str = setting("all", "GPUs the job runs on, one pipeline each (its NVDEC sessions, its share of the CPU "
+                        "workers, its encoder): all, none (the CPU), a number N (the first N), or indices such as "
+                        "0,2 (an index twice: two pipelines on that GPU; one index alone: '1,')")
+    nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) per GPU")
+    workers: int | None = setting(None, f"CPU decoding processes, shared by the pipelines (default: one per core, "
+                                  f"{default_workers()} here; a quarter of the cores, {default_workers(nvdec=True)} "
+                                  "here, beside NVDEC)")
+    gpu_convert: bool = setting(True, "CPU decode workers beside a GPU hand the decoded 8-bit 4:2:0 frames over, and "
+                                "the GPU converts and resizes them as it does NVDEC's (no: the workers resize, as "
+                                "without a GPU)")
     window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
                                            "per video)")
     window_frames: int | None = setting(None, "one clip per window of this many frames")
@@ -53,18 +60,23 @@ class InferSettings(ModelSettings):
                               "HOST:PORT another (see README)", const="local")
     ray_partition_size: int = setting(512, "--ray: inputs per partition, the unit of resume: one shard each, "
                                       "committed once all its inputs finished (replaces --shard-size)")
-    ray_encoders: int = setting(0, "--ray: encoder actors (0: one per GPU in the cluster; one CPU actor without GPUs)")
-    ray_encoder_cpus: float = setting(1.0, "--ray: CPUs reserved per encoder actor")
-    ray_decode_cpus: float = setting(1.0, "--ray: CPUs per decode task (as many tasks run as CPUs are free)")
+    ray_pipelines: int = setting(0, "--ray: pipeline actors, each the local job's pipeline (decoders, batcher, "
+                                 "encoder) on one GPU (0: one per GPU in the cluster; one per node without GPUs)")
+    ray_pipeline_cpus: float = setting(0.0, "--ray: CPUs reserved per pipeline actor, its decode workers among them "
+                                       "(0: the fewest CPUs a node has per GPU, or per node without GPUs)")
 
 
 def check_settings(s: InferSettings) -> None:
-    """PipelineError naming each setting that cannot be used as given."""
+    """PipelineError naming each setting that cannot be used as given (both executors' settings: one check)."""
     bad = [f"--{name.replace('_', '-')} {getattr(s, name)!r}" for name in
-           ("batch_size", "workers", "nvdec_sessions", "shard_size", "decode_timeout_s")
+           ("batch_size", "workers", "nvdec_sessions", "shard_size", "decode_timeout_s", "ray_partition_size")
            if getattr(s, name) is not None and not getattr(s, name) > 0]
     if bad:
         raise PipelineError(f"{', '.join(bad)}: must be positive")
+    bad = [f"--{name.replace('_', '-')} {getattr(s, name)!r}" for name in ("ray_pipelines", "ray_pipeline_cpus")
+           if getattr(s, name) < 0]
+    if bad:
+        raise PipelineError(f"{', '.join(bad)}: must be positive (or 0: chosen from the cluster)")
     if s.stride is not None and s.window_seconds is None and s.window_frames is None:
         raise PipelineError(f"--stride {s.stride:g} needs a window to step: add --window-seconds or --window-frames "
                             "(without one, each video is one clip)")

@@ -1,23 +1,20 @@
-"""The job's stages as plain functions, called by every executor (the local job and the Ray pipeline).
+"""The job's stages as plain functions, called by the pipeline (job/pipeline.py) that both executors run.
 
-source -> batcher -> runner -> writer (see STYLE.md, "The job as stages"):
-  source  `decode.source.iter_clips(item, windowing, img_size)` (CPU; NVDEC sessions in the local job): one input ->
-          its clips (uint8 [T, S, S, 3] resized frames, float32 [T, 3, S, S] for .npy inputs);
-          `clips_with_deadline` bounds how long one clip may take; `clip_frames_problem` and
+source -> batcher -> runner -> writer:
+  source  decode/ (`decode.source.iter_clips` in CPU workers, NVDEC sessions on the GPU): one input -> its clips
+          (uint8 [T, S, S, 3] resized frames, float32 [T, 3, S, S] for .npy inputs); `clip_frames_problem` and
           `timeout_reason` give an input's failure reason
   runner  `start_inference(runner, frames)` -> a function that waits for the raw features; `encode` adds the
           L2 normalisation
-  writer  writer.py (`FeatureWriter`, `FailureLog`, `write_summary`); `summarize` and `log_done` give both
+  writer  output/ (`FeatureWriter`, `FailureLog`, `write_summary`); `summarize` and `log_done` give both
           executors the same summary.json fields and closing log line
 Nothing here knows which executor calls it.
 """
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -50,56 +47,6 @@ def timeout_reason(timeout_s: float) -> str:
     return f"decoding timed out (no progress for {timeout_s:g}s)"
 
 
-IMPORT_GRACE_S = 0.5
-
-
-class DecodeStalled(BaseException):
-    """A source made no progress for its deadline (a BaseException, so decoders' `except Exception` let it pass)."""
-
-
-def clips_with_deadline(clips: Iterable, timeout_s: float) -> Iterator:
-    """The elements of `clips`, raising DecodeStalled when one takes longer than `timeout_s` to arrive.
-
-    Uses SIGALRM, which interrupts a blocking open or read too (a decoder that turns the interruption into an
-    error of its own still counts as stalled); where there is none (not the main thread, or no SIGALRM on this
-    platform) the clips come without a deadline. An import in progress (a source importing torch on first use)
-    is never interrupted: a half-imported module would break every later task of the process; the deadline
-    is checked again IMPORT_GRACE_S later."""
-    iterator = iter(clips)
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGALRM"):
-        yield from iterator
-        return
-    expired = False
-
-    def stalled(signum, frame):
-        nonlocal expired
-        while frame is not None:
-            if frame.f_code.co_filename.startswith("<frozen importlib"):
-                signal.setitimer(signal.ITIMER_REAL, IMPORT_GRACE_S)
-                return
-            frame = frame.f_back
-        expired = True
-        raise DecodeStalled()
-
-    previous = signal.signal(signal.SIGALRM, stalled)
-    try:
-        while True:
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
-            try:
-                clip = next(iterator)
-            except StopIteration:
-                return
-            except Exception:
-                if expired:
-                    raise DecodeStalled() from None
-                raise
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            yield clip
-    finally:
-        signal.signal(signal.SIGALRM, previous)
-
-
 # --- an input's clips, as they arrive -----------------------------------------------------------------------
 @dataclass
 class InputClips:
@@ -126,12 +73,12 @@ def batch_size_for(asked: int, max_batch: int | None) -> int:
     return max(1, min(asked, max_batch or asked))
 
 
-def warm_up(runner, batch: int, frames: int, img_size: int) -> None:
-    """Compile and capture the runner's full-batch CUDA graph now, where it has that step (PyTorch on a GPU):
-    before GPU decoders share the GPU, and so that partial batches replay it."""
+def warm_up(runner, batch: int, frames: int, img_size: int, wait: bool = True) -> None:
+    """Get the runner ready for full batches where it has that step (PyTorch on a GPU: compile, and with `wait`
+    capture the CUDA graph now, so that partial batches replay it)."""
     step = getattr(runner, "warm_up", None)
     if step is not None:
-        step(batch, frames, img_size)
+        step(batch, frames, img_size, wait=wait)
 
 
 def host_buffer(runner, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -180,6 +180,20 @@ def runner_img_size(runner, default: int = 224) -> int:
     return default
 
 
+def runner_feature_dim(runner) -> int | None:
+    """The size of the features a runner returns, where it says without running (its engine's output, the
+    model's config, the ONNX output shape); None otherwise."""
+    dim = getattr(runner, "feature_dim", None)
+    model = getattr(runner, "model", None)
+    if dim is None and model is not None and hasattr(model, "cfg"):
+        dim = model.cfg.align_dim
+    session = getattr(runner, "session", None)
+    if dim is None and session is not None:
+        last = session.get_outputs()[0].shape[-1]
+        dim = last if isinstance(last, int) else None
+    return int(dim) if dim else None
+
+
 def runner_precision(runner) -> str:
     """fp16 or fp32: the precision the runner computes in (decides the comparison threshold)."""
     precision = getattr(runner, "precision", None)

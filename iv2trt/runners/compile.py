@@ -136,6 +136,18 @@ def finish_compiles(timeout: float = EXIT_WAIT_S) -> None:
             return
 
 
+COMPILE_NICENESS = 15  # background compiles (and the compile workers they start) below the CPU decoders' 10
+
+
+def _lower_priority() -> None:
+    """This thread at COMPILE_NICENESS (Linux: a thread's own nice value; the compile worker processes it starts
+    inherit it), so a compile in the background takes the cores the decoders leave."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICENESS)
+    except (OSError, AttributeError):  # not Linux, or not allowed
+        pass
+
+
 class CompiledForward:
     """A model and its torch.compile'd twin; `__call__` runs the twin for inputs whose specialisation is
     compiled and the eager model otherwise (asking for that compile the first time it sees the class).
@@ -238,6 +250,7 @@ class CompiledForward:
                 raise TimeoutError(f"torch.compile of {self.name} still running after {timeout} s")
 
     def _work(self) -> None:
+        _lower_priority()
         while (job := self._queue.get()) is not None:
             self._compile_job(job)
 

@@ -3,7 +3,6 @@ fp32 on the CPU; the reference that every other backend is compared with."""
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
@@ -36,6 +35,7 @@ class TorchRunner:
     # defers its norms into quack's products (one stream measured faster there)
     GRAPH_STREAMS = 2
     MIN_PART_FRAMES = 64   # a batch splits over the streams only when each part has this many frames
+    MAX_CAPTURE_FAILURES = 3  # failed captures of one input shape before it runs without a graph for good
 
     def __init__(self, model, device: str | None = None, precision: str | None = None, cuda_graphs: bool = True,
                  compile_mode: str | None = None, compile_in_background: bool = True,
@@ -67,6 +67,7 @@ class TorchRunner:
         self.compiled = CompiledForward(self.model, self.compile_mode, background=compile_in_background) \
             if self.compile_mode else None
         self._graphs: dict[tuple[int, ...], tuple] = {}  # shape -> (graph, static in, static out, captured callable)
+        self._capture_failures: dict[tuple[int, ...], int] = {}
         self._staging = [None, None]                     # pinned uint8 buffers, used in turn
         self._staging_done = [None, None]                # copy-stream events: staging buffer free again
         self._turn = 0
@@ -90,36 +91,56 @@ class TorchRunner:
         (captured on first sight, from the compiled model once it is ready). The result may be the graph's
         static output: read it before the next call."""
         with self.torch.inference_mode():
-            forward = self.compiled.select(x) if self.compiled is not None else self.model
-            if not self.cuda_graphs:
-                return forward(x)
             key = tuple(x.shape)
-            entry = self._graphs.get(key)
-            if entry is None or entry[3] is not forward:
-                larger = [k for k, e in self._graphs.items() if k[1:] == key[1:] and k[0] > key[0] and e[3] is forward]
-                if entry is None and larger and self.replay_larger_graphs:
-                    # a smaller batch (a job's last) replays a larger one's graph (extra rows ignored)
+            if self.cuda_graphs and self.replay_larger_graphs and key not in self._graphs:
+                larger = [k for k in self._graphs if k[1:] == key[1:] and k[0] > key[0]]
+                if larger:
+                    # a smaller batch (a job's last, a lone clip) replays the next larger graph (extra rows
+                    # ignored) and never asks for a compile of its own shape (batch 1 is a class of its own)
                     graph, static_in, static_out, _ = self._graphs[min(larger)]
                     static_in[:len(x)].copy_(x)
                     graph.replay()
                     return static_out[:len(x)]
+            forward = self.compiled.select(x) if self.compiled is not None else self.model
+            if not self.cuda_graphs:
+                return forward(x)
+            entry = self._graphs.get(key)
+            if entry is None or entry[3] is not forward:
                 capturable = self.compiled is None or not self.compiled.busy  # no capture while compiling
+                capturable = capturable and self._capture_failures.get(key, 0) < self.MAX_CAPTURE_FAILURES
                 if capturable and (entry is not None or len(self._graphs) < self.MAX_GRAPHS):
                     self._graphs.pop(key, None)  # an eager graph gives way to the compiled one
-                    entry = self._graphs[key] = self._capture(forward, x)
-                elif entry is None:
+                    entry = self._try_capture(key, forward, x)
+                if entry is None:
                     return forward(x)
             graph, static_in, static_out, _ = entry
             static_in.copy_(x)
             graph.replay()
             return static_out
 
-    def warm_up(self, batch: int, frames: int, size: int) -> None:
-        """Compile and capture the CUDA graph of full batches now. A job calls this before its decoders start: a
-        capture must not share the GPU with other threads' CUDA calls (NVDEC sessions), and partial batches
-        then replay the full batch's graph."""
+    def warm_up(self, batch: int, frames: int, size: int, wait: bool = True) -> None:
+        """Get full batches ready: compile (in the background) and, with `wait`, block until the compile is done
+        and the CUDA graph captured. A pipeline starts its decoders without waiting: until the compiled model is
+        ready, batches run the eager fp16 model (still far faster than decoding), and the graph is captured on
+        first sight after (thread-local capture: the decoders' CUDA calls cannot spoil it). Partial batches
+        replay the full batch's graph."""
         if self.device.type == "cuda":
-            self.prepare([(batch, frames)], wait=True)
+            self.prepare([(batch, frames)], wait=wait)
+
+    def _try_capture(self, key: tuple, forward, x) -> tuple | None:
+        """The graph of `forward` for x's shape, or None where the capture failed: that call (and the next ones,
+        until a capture succeeds, at most MAX_CAPTURE_FAILURES tries) runs without a graph, and the job goes on."""
+        try:
+            entry = self._graphs[key] = self._capture(forward, x)
+            return entry
+        except RuntimeError as exc:
+            self.torch.cuda.synchronize(self.device)
+            failures = self._capture_failures[key] = self._capture_failures.get(key, 0) + 1
+            self._graph_pool = self.torch.cuda.graph_pool_handle()  # a fresh pool for the next capture
+            log.warning("CUDA graph capture of input %s failed (%s); %s", tuple(x.shape), str(exc).splitlines()[0],
+                        "running without a graph from now on" if failures >= self.MAX_CAPTURE_FAILURES
+                        else "this call runs without one")
+            return None
 
     def _capture(self, forward, x) -> tuple:
         torch = self.torch
@@ -133,7 +154,9 @@ class TorchRunner:
                     forward(static_in[part])
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread-local capture: the CUDA calls of other threads (NVDEC sessions, the decode workers' copies) can
+        # neither fail in the capture nor invalidate it
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             static_out = self._forward_parts(forward, static_in, parts)
         log.debug("captured a CUDA graph for input %s (%s, %d stream(s))", tuple(x.shape),
                   "eager" if forward is self.model else f"compiled, {self.compile_mode}", len(parts))

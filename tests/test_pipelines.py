@@ -1,0 +1,112 @@
+"""The local executor's pipelines on CPU: --gpus, two pipeline processes give what one gives, a pipeline that dies
+mid-job loses nothing, and the summary says where each pipeline's time went."""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from iv2trt.decode.clips import Windowing
+from iv2trt.decode.inputs import discover
+from iv2trt.decode.samples import pattern_frames, write_video
+from iv2trt.errors import PipelineError
+from iv2trt.job.local import PipelineSpec, run_local_job, select_gpus
+from iv2trt.job.settings import InferSettings
+from iv2trt.output.writer import load_features
+
+TWO_CPU_PIPELINES = [PipelineSpec(None, 0.5), PipelineSpec(None, 0.5)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline_inputs")
+    for i in range(24):
+        write_video(root / f"v{i:02d}.mp4", pattern_frames(6 + i % 5, 24, 32, seed=i))
+    (root / "broken.mp4").write_bytes(b"not a video")
+    return root
+
+
+def _settings(tiny_onnx, inputs: Path, out: Path, **kw) -> InferSettings:
+    values = dict(inputs=[str(inputs)], output=str(out), backend="onnxruntime", onnx=str(tiny_onnx["fp32"]), frames=4,
+                  workers=2, progress=False, dtype="float32", shard_size=1, decoder="cpu", batch_size=2,
+                  window_frames=4)
+    values.update(kw)
+    return InferSettings(**values)
+
+
+def _run(s: InferSettings, specs=None):
+    items = discover(s.inputs)
+    return run_local_job(s, items, Windowing(s.frames, window_frames=s.window_frames), specs=specs)
+
+
+def _by_key(out: Path) -> dict:
+    features, rows = load_features(out)
+    assert len({(r["id"], r["clip"]) for r in rows}) == len(rows)  # no duplicates
+    return {(r["id"], r["clip"]): f for f, r in zip(features, rows)}
+
+
+def test_gpus_setting():
+    names = ["NVIDIA H200", "NVIDIA H200"]
+    assert select_gpus("all", 2, names) == [0, 1]
+    assert select_gpus("none", 2, names) == [] and select_gpus("0", 2, names) == []
+    assert select_gpus("1", 2, names) == [0] and select_gpus("2", 2, names) == [0, 1]
+    assert select_gpus("1,", 2, names) == [1] and select_gpus("0,0", 2, names) == [0, 0]
+    assert select_gpus("all", 0) == []
+    for bad, says in (("3", "this machine has 2 GPU"), ("0,5", "no GPU 5 here"), ("fast", "give all, none"),
+                      ("-1", "this machine has 2 GPU")):
+        with pytest.raises(PipelineError, match=says) as info:
+            select_gpus(bad, 2, names)
+        assert "0: NVIDIA H200, 1: NVIDIA H200" in str(info.value) and info.value.exit_code == 2
+
+
+def test_two_pipeline_processes_give_what_one_gives(tmp_path, tiny_onnx, inputs):
+    one = _run(_settings(tiny_onnx, inputs, tmp_path / "one"))
+    two = _run(_settings(tiny_onnx, inputs, tmp_path / "two"), TWO_CPU_PIPELINES)
+    for key in ("inputs", "ok", "failed", "clips"):
+        assert one[key] == two[key], key
+    assert one["ok"] == 24 and one["failed"] == 1
+    expected, got = _by_key(tmp_path / "one"), _by_key(tmp_path / "two")
+    assert sorted(expected) == sorted(got)
+    for key in expected:  # same pixels and runner; only the batches' make-up differs (float rounding of the GEMMs)
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-6)
+    assert len(one["pipelines"]) == 1 and len(two["pipelines"]) == 2
+    for p in two["pipelines"]:  # each pipeline says where its time went
+        assert p["decoders"]["cpu"]["workers"] == 1 and p["ok"] + p["failed"] > 0
+        assert 0 <= p["encoder_busy_fraction"] <= 1 and p["bound_by"]
+    assert sum(p["ok"] for p in two["pipelines"]) == 24 and two["decoders"]["cpu"]["workers"] == 2
+    # and the second run resumes the first's output like its own
+    again = _run(_settings(tiny_onnx, inputs, tmp_path / "one"), TWO_CPU_PIPELINES)
+    assert again["skipped_already_done"] == 24 and again["inputs"] == 1
+
+
+def test_a_pipeline_that_dies_loses_nothing(tmp_path, tiny_onnx, inputs, caplog):
+    _run(_settings(tiny_onnx, inputs, tmp_path / "reference"))
+    reference = _by_key(tmp_path / "reference")
+    out = tmp_path / "killed"
+    s = _settings(tiny_onnx, inputs, out, workers=2)
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=_run(s, TWO_CPU_PIPELINES)))
+    with caplog.at_level(logging.WARNING, logger="iv2trt.job.local"):
+        job.start()
+        deadline = time.monotonic() + 120
+        while len(list((out / "shards").glob("*.parquet"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        victim = next(p for p in mp.active_children() if p.name == "iv2trt-cpu")
+        os.kill(victim.pid, signal.SIGKILL)
+        job.join(180)
+    assert not job.is_alive() and "summary" in result
+    summary = result["summary"]
+    assert summary["ok"] == 24 and summary["failed"] == 1  # the broken input only
+    assert "pipeline cpu died (exit code -9)" in caplog.text
+    assert len(summary["pipelines"]) == 1  # the survivor's
+    got = _by_key(out)
+    assert sorted(got) == sorted(reference)
+    for key in reference:
+        np.testing.assert_allclose(got[key], reference[key], rtol=0, atol=1e-6)
