@@ -22,6 +22,7 @@ from .errors import PipelineError
 
 T = TypeVar("T")
 CONFIG_NAME = "internvideo2_clip_s14.yaml"
+SECTIONS = ("model", "export", "build", "infer")  # of a config file; each stage reads some of them
 
 
 def config_dir() -> Path:
@@ -62,8 +63,16 @@ def read_config(path: str | Path) -> dict[str, dict[str, Any]]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise PipelineError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict) or not all(isinstance(v, (dict, type(None))) for v in data.values()):
-        raise PipelineError(f"config file {path} must map section names (model, export, ...) to key/value maps")
+    known = ", ".join(SECTIONS)
+    if not isinstance(data, dict):
+        raise PipelineError(f"config file {path} must map section names ({known}) to key/value maps")
+    for key, value in data.items():
+        if key not in SECTIONS:
+            what = "section" if isinstance(value, (dict, type(None))) else "top-level key"
+            raise PipelineError(f"config file {path}: unknown {what} {key!r}; the sections are {known}, and every "
+                                "key goes inside one of them (see configs/)")
+        if not isinstance(value, (dict, type(None))):
+            raise PipelineError(f"config file {path}: section {key!r} must be a map of keys to values")
     return {k: (v or {}) for k, v in data.items()}
 
 
