@@ -81,3 +81,14 @@ def test_another_backends_output_names_the_backend_to_go_on_with(tmp_path):
     with pytest.raises(PipelineError) as refused:  # the backend agrees: nothing to add about it
         prepare_output(tmp_path, {"backend": "onnxruntime", "frames": 4}, overwrite=False)
     assert "--backend" not in str(refused.value)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_that_is_a_file_is_refused_by_name(tmp_path, overwrite):
+    """Before: NotADirectoryError, exit 1 ("internal error") with a traceback."""
+    target = tmp_path / "features.npy"
+    target.write_bytes(b"not a directory")
+    for out in (target, target / "sub"):  # the output, or a folder above it, is a file
+        with pytest.raises(PipelineError, match=f"--output {out}: {target} is a file.*pass a directory"):
+            prepare_output(out, {"backend": "onnxruntime"}, overwrite)
+    assert target.read_bytes() == b"not a directory"

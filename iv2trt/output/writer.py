@@ -48,6 +48,7 @@ def prepare_output(out_dir: str | Path, job: dict[str, Any], overwrite: bool) ->
     """
     out_dir = Path(out_dir)
     job_path = out_dir / JOB_FILE
+    check_directory(out_dir)
     if overwrite and out_dir.exists():
         for name in (SHARD_DIR, VIDEO_DIR):
             shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -73,6 +74,16 @@ def prepare_output(out_dir: str | Path, job: dict[str, Any], overwrite: bool) ->
     if done:
         log.info("resuming in %s: %d inputs already done", out_dir, len(done))
     return done
+
+
+def check_directory(out_dir: Path) -> None:
+    """PipelineError when `out_dir`, or a folder above it, is a file: the output cannot be made there."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise PipelineError(f"--output {out_dir}: {path} is a file, not a directory: pass a directory (a new "
+                                    "one, or this job's earlier output) as --output")
+            return
 
 
 class FeatureWriter:
