@@ -92,3 +92,15 @@ def test_output_that_is_a_file_is_refused_by_name(tmp_path, overwrite):
         with pytest.raises(PipelineError, match=f"--output {out}: {target} is a file.*pass a directory"):
             prepare_output(out, {"backend": "onnxruntime"}, overwrite)
     assert target.read_bytes() == b"not a directory"
+
+
+def test_load_features_refuses_a_path_that_is_no_output_directory(tmp_path):
+    """Before: a missing path (a typo, or outputs/ for outputs/features) read back as empty arrays."""
+    for path in (tmp_path / "missing", tmp_path):  # nothing there; a folder that no job wrote to
+        with pytest.raises(FileNotFoundError, match=f"{path}.*--output of trt_inference.py"):
+            load_features(path)
+    out = tmp_path / "features"
+    prepare_output(out, {"backend": "onnxruntime"}, False)
+    FeatureWriter(out)  # a job that has committed nothing yet: empty, not an error
+    feats, rows = load_features(out)
+    assert feats.shape == (0, 0) and rows == []

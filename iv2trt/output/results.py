@@ -51,8 +51,14 @@ def load_features(out_dir: str | Path) -> tuple[np.ndarray, list[dict[str, Any]]
       frame_indices   the sampled frame numbers
       file, file_row  where the feature is stored
     Without pandas: rows are plain dicts; with it, pandas.DataFrame(rows) is the manifest as a table.
+    An output directory of a job that has committed nothing yet gives no rows; a path that is not an output
+    directory at all (missing, or without shards/) raises FileNotFoundError.
     """
     out_dir = Path(out_dir)
+    if not (out_dir / SHARD_DIR).is_dir():
+        what = "does not exist" if not out_dir.exists() else f"has no {SHARD_DIR}/ folder"
+        raise FileNotFoundError(f"{out_dir} {what}: it is not an output directory; pass the --output of "
+                                "trt_inference.py")
     rows = read_manifest(out_dir).to_pylist()
     files: dict[str, np.ndarray] = {}
     features = []
