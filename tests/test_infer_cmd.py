@@ -235,3 +235,18 @@ def test_auto_runs_pytorch_end_to_end_and_records_it(tmp_path, clips, monkeypatc
     s = dataclasses.replace(InferSettings(), random_init=True, variant=str(variant))
     assert settings_runner(s).variant == dataclasses.asdict(TINY)                     # auto may pick torch there
     assert settings_runner(dataclasses.replace(s, random_init=False)).variant is None  # ONNX Runtime only
+
+
+def test_inputs_that_hold_nothing_to_extract_exit_2_but_a_finished_job_resumes_with_0(tmp_path, clips, tiny_onnx,
+                                                                                      capfd):
+    """Before: an empty input folder exited 0 with "0 inputs found"."""
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "readme.md").write_text("no videos here")
+    assert run_main(main, _argv(tiny_onnx["fp32"], [empty], tmp_path / "none")) == 2
+    err = capfd.readouterr().err
+    assert f"--inputs {empty}: no inputs found" in err and ".mp4" in err and ".jpg" in err, err
+    out = tmp_path / "out"
+    assert run_main(main, _argv(tiny_onnx["fp32"], [clips / "v0.mp4"], out)) == 0
+    assert run_main(main, _argv(tiny_onnx["fp32"], [clips / "v0.mp4"], out)) == 0  # all done already: a resume
+    assert "1 inputs found, 0 to do, 1 already done" in capfd.readouterr().err
