@@ -250,3 +250,25 @@ def test_inputs_that_hold_nothing_to_extract_exit_2_but_a_finished_job_resumes_w
     assert run_main(main, _argv(tiny_onnx["fp32"], [clips / "v0.mp4"], out)) == 0
     assert run_main(main, _argv(tiny_onnx["fp32"], [clips / "v0.mp4"], out)) == 0  # all done already: a resume
     assert "1 inputs found, 0 to do, 1 already done" in capfd.readouterr().err
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path, clips, tiny_onnx, monkeypatch, capfd):
+    """Before: only "interrupted". The job is stopped after committing one input of this run, with another one
+    committed by an earlier run; the writer commits by time as well as by size (--commit-seconds, 60 s default)."""
+    from iv2trt.job import local
+
+    out = tmp_path / "out"
+    assert run_main(main, _argv(tiny_onnx["fp32"], [clips / "v0.mp4"], out)) == 0
+    real_run_job = local.run_job
+
+    def interrupted_run_job(todo, runner, out_dir, writer, options, *args, **kwargs):
+        assert writer.commit_seconds == 60 and writer.shard_size == 4096
+        real_run_job(todo[:1], runner, out_dir, writer, options, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "run_job", interrupted_run_job)
+    capfd.readouterr()
+    assert run_main(main, _argv(tiny_onnx["fp32"], [clips], out)) == 130
+    err = capfd.readouterr().err
+    assert (f"interrupted: 2 inputs (2 clips) are committed in {out} (1 of them in this run); rerun the same "
+            "command to resume") in err, err

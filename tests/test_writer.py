@@ -104,3 +104,30 @@ def test_load_features_refuses_a_path_that_is_no_output_directory(tmp_path):
     FeatureWriter(out)  # a job that has committed nothing yet: empty, not an error
     feats, rows = load_features(out)
     assert feats.shape == (0, 0) and rows == []
+
+
+def test_shards_also_commit_after_commit_seconds_of_work(tmp_path, monkeypatch):
+    """Before: only --shard-size rows committed a shard (4096 by default: minutes of CPU work lost to a kill)."""
+    from iv2trt.output import writer as writer_module
+
+    clock = [100.0]
+    monkeypatch.setattr(writer_module.time, "monotonic", lambda: clock[0])
+    writer = FeatureWriter(tmp_path, "float32", shard_size=4096, commit_seconds=60)
+    shards = lambda: sorted(p.name for p in (tmp_path / "shards").glob("*.parquet"))  # noqa: E731
+    writer.add_video("/in/a.mp4", "a", "video", _clips(2), _feats(2, 0))
+    clock[0] += 59
+    writer.add_video("/in/b.mp4", "b", "video", _clips(1), _feats(1, 1))
+    assert shards() == []  # the oldest finished video has waited 59 s
+    clock[0] += 1
+    writer.add_video("/in/c.mp4", "c", "video", _clips(3), _feats(3, 2))
+    assert shards() == ["shard-00000.parquet"] and finished_ids(tmp_path) == {"a", "b", "c"}  # whole videos
+    clock[0] += 30
+    writer.add_video("/in/d.mp4", "d", "video", _clips(1), _feats(1, 3))
+    clock[0] += 59
+    writer.add_video("/in/e.mp4", "e", "video", _clips(1), _feats(1, 4))
+    assert shards() == ["shard-00000.parquet"]  # d's clock started when d finished, 59 s ago
+    untimed = FeatureWriter(tmp_path / "untimed", "float32", shard_size=4096)  # the Ray executor's: by size only
+    untimed.add_video("/in/a.mp4", "a", "video", _clips(1), _feats(1, 0))
+    clock[0] += 1e6
+    untimed.add_video("/in/b.mp4", "b", "video", _clips(1), _feats(1, 1))
+    assert not list((tmp_path / "untimed" / "shards").glob("*.parquet"))

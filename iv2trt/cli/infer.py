@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..decode.plan import check_decoder
-from ..errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, PipelineError, ValidationFailed
+from ..errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, Interrupted, PipelineError, ValidationFailed
 from ..job.identity import complete_identity, finish_summary, job_identity
 from ..job.settings import InferSettings, check_settings
 from ..model import ModelSettings
@@ -33,7 +33,8 @@ EPILOG = """exit codes:
        PyTorch on a GPU (with weights) or onnxruntime instead
   5    the engine was built for another GPU or TensorRT version (the message gives the rebuild command)
   6    some inputs failed (unreadable, truncated, timed out); they are listed in <output>/failures.jsonl
-  130  interrupted (committed shards are kept; rerun the same command to resume)
+  130  interrupted (committed shards are kept, and the job commits at least every --commit-seconds; rerun
+       the same command to resume)
 
 results: <output>/shards/*.npy (features) and *.parquet (which video, clip and window each row is), or
   videos/<id>.npy with --per-video-npy; read them with `from iv2trt import load_features`. Default paths
@@ -80,8 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     from ..decode.clips import Windowing
     from ..decode.inputs import discover
-    from ..job.local import JobOptions, check_frame_count, run_job
-    from ..output.writer import FeatureWriter, prepare_output
+    from ..output.results import manifest_stamps
 
     if not s.inputs:
         raise PipelineError("no inputs: pass --inputs DIR|GLOB|LIST|FILE ... (or set infer.inputs in the config)")
@@ -91,14 +91,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
     items = discover(s.inputs, s.frame_folders)
-    if s.ray is not None:
-        from ..distributed.ray_job import run_ray_job
+    before = manifest_stamps(s.output)
+    try:
+        if s.ray is not None:
+            from ..distributed.ray_job import run_ray_job
 
-        summary = run_ray_job(s, items, windowing)
-        return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
-    check_decoder(s.decoder)
+            summary = run_ray_job(s, items, windowing)
+        else:
+            summary = run_local(s, items, windowing)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted(s, before)) from None
+    return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
+
+
+def run_local(s: InferSettings, items, windowing) -> dict[str, Any]:
+    """The job on this machine (the local executor); its summary."""
     from ..engine.engine_map import settings_for_this_gpu
+    from ..job.local import JobOptions, check_frame_count, run_job
+    from ..output.writer import FeatureWriter, prepare_output
 
+    check_decoder(s.decoder)
     runner = create_runner(settings_for_this_gpu(s))
     try:
         img_size = runner_img_size(runner)
@@ -109,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),
                  s.output)
         reference = reference_runner(s) if s.compare_pytorch else None
-        writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy)
+        writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy, s.commit_seconds)
         options = JobOptions(windowing, img_size, s.batch_size, s.workers, s.decode_timeout_s, s.progress,
                              s.decoder, s.nvdec_sessions)
         summary = run_job(todo, runner, s.output, writer, options, reference, skipped=len(items) - len(todo))
@@ -120,4 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     finish_summary(s.output, summary, identity["random_init"])
     if reference is not None and summary["compare_pytorch"]["clips"]:
         check_comparison(summary, runner_precision(runner))
-    return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
+    return summary
+
+
+def interrupted(s: InferSettings, before: dict[str, int]) -> str:
+    """What an interrupted job kept in its output directory (`before`: its manifest stamps when the job began),
+    and how to go on."""
+    from ..output.results import committed_since, output_totals
+
+    totals = output_totals(s.output)
+    if not totals["inputs"]:
+        return f"interrupted: nothing is committed in {s.output} yet; rerun the same command to start again"
+    again = ("rerun the same command without --overwrite to resume (with it, the job starts over)" if s.overwrite
+             else "rerun the same command to resume")
+    return (f"interrupted: {totals['inputs']} inputs ({totals['clips']} clips) are committed in {s.output} "
+            f"({len(committed_since(s.output, before))} of them in this run); {again}")

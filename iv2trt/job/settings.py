@@ -37,6 +37,9 @@ class InferSettings(ModelSettings):
     frame_folders: bool = setting(True, "a folder holding only images is one video (frames in name order)")
     dtype: str = setting("float16", "feature file dtype", choices=("float16", "float32"))
     shard_size: int = setting(4096, "feature rows per shard (a shard holds whole videos)")
+    commit_seconds: float = setting(60.0, "also commit a shard once its oldest finished input has waited this many "
+                                    "seconds, so an interrupt or crash loses about this much work at most (the "
+                                    "--ray job commits per partition instead)")
     per_video_npy: bool = setting(False, "one videos/<id>.npy per input instead of shards of features")
     decode_timeout_s: float = setting(120.0, "an input whose decoder makes no progress this long is failed")
     overwrite: bool = setting(False, "delete the features already in --output instead of resuming")
@@ -61,7 +64,7 @@ class InferSettings(ModelSettings):
 def check_settings(s: InferSettings) -> None:
     """PipelineError naming each setting that cannot be used as given."""
     bad = [f"--{name.replace('_', '-')} {getattr(s, name)!r}" for name in
-           ("batch_size", "workers", "nvdec_sessions", "shard_size", "decode_timeout_s")
+           ("batch_size", "workers", "nvdec_sessions", "shard_size", "commit_seconds", "decode_timeout_s")
            if getattr(s, name) is not None and not getattr(s, name) > 0]
     if bad:
         raise PipelineError(f"{', '.join(bad)}: must be positive")

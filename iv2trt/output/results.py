@@ -74,3 +74,17 @@ def output_totals(out_dir: str | Path) -> dict[str, int]:
     """What an output directory holds now, over every run into it: inputs done, feature rows, shards."""
     ids = read_manifest(out_dir, ["id"]).column("id").to_pylist()
     return {"inputs": len(set(ids)), "clips": len(ids), "shards": len(manifest_paths(out_dir))}
+
+
+def manifest_stamps(out_dir: str | Path) -> dict[str, int]:
+    """Each committed manifest's name and modification time (ns); taken before a run, `committed_since` tells what
+    the run committed."""
+    return {p.name: p.stat().st_mtime_ns for p in manifest_paths(out_dir)}
+
+
+def committed_since(out_dir: str | Path, stamps: dict[str, int]) -> set[str]:
+    """Ids of the inputs in the manifests committed (written or replaced) since `stamps` were taken."""
+    import pyarrow.parquet as pq
+
+    changed = [p for p in manifest_paths(out_dir) if stamps.get(p.name) != p.stat().st_mtime_ns]
+    return {i for p in changed for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +88,18 @@ def check_directory(out_dir: Path) -> None:
 
 
 class FeatureWriter:
-    """Buffers finished videos and commits them shard by shard (features first, manifest last)."""
+    """Buffers finished videos and commits them shard by shard (features first, manifest last): once `shard_size`
+    rows wait, or (with `commit_seconds`) once the oldest waiting video finished that many seconds ago, so a killed
+    run loses about that much work at most. A shard holds whole videos only."""
 
     def __init__(self, out_dir: str | Path, dtype: str = "float16", shard_size: int = 4096,
-                 per_video_npy: bool = False):
+                 per_video_npy: bool = False, commit_seconds: float | None = None):
         import pyarrow.parquet as pq
 
         self.out_dir = Path(out_dir)
         self.dtype = np.dtype(dtype)
         self.shard_size = shard_size
+        self.commit_seconds = commit_seconds
         self.per_video_npy = per_video_npy
         (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         manifests = manifest_paths(self.out_dir)
@@ -106,6 +110,7 @@ class FeatureWriter:
                 npy.unlink()
         self.pending: list[tuple[list[dict[str, Any]], np.ndarray]] = []  # (manifest rows, features) per video
         self.pending_rows = 0
+        self.pending_since = 0.0  # when the oldest pending video finished (time.monotonic)
 
     def add_video(self, path: str, video_id: str, kind: str, clips: list[dict[str, Any]], features: np.ndarray):
         """Queue one video's clips (`clips[i]` has start_s, end_s, indices) and its features [clips, D]."""
@@ -118,9 +123,13 @@ class FeatureWriter:
                 for i, clip in enumerate(clips)]
         if len(rows) != len(features):
             raise ValueError(f"{path}: {len(rows)} clips but {len(features)} feature rows")
+        now = time.monotonic()
+        if not self.pending:
+            self.pending_since = now
         self.pending.append((rows, features))  # one append: an interrupt never splits rows from features
         self.pending_rows += len(rows)
-        if self.pending_rows >= self.shard_size:
+        waited = self.commit_seconds is not None and now - self.pending_since >= self.commit_seconds
+        if self.pending_rows >= self.shard_size or waited:
             self.flush()
 
     def _video_file(self, video_id: str) -> str:
