@@ -272,3 +272,25 @@ def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path, clips, tiny_onnx, 
     err = capfd.readouterr().err
     assert (f"interrupted: 2 inputs (2 clips) are committed in {out} (1 of them in this run); rerun the same "
             "command to resume") in err, err
+
+
+def test_variant_must_match_the_model_file_and_is_recorded(tmp_path, clips, tiny_onnx, capfd):
+    """Before: --variant was ignored on the ONNX Runtime and TensorRT paths (any variant, even a misspelt one, ran
+    the model file's) and job.json did not record it. The tiny graphs' metadata names the variant tiny_test."""
+    video = clips / "v0.mp4"
+    for given, message in (
+            (["--variant", "internvideo2_clip_b14"], "--variant internvideo2_clip_b14 disagrees with tiny_fp32.onnx, "
+                                                     "made for tiny_test: pass --variant tiny_test"),
+            (["--variant", "internvideo2_clip_b15"], "unknown model variant 'internvideo2_clip_b15'")):
+        out = tmp_path / given[1]
+        assert run_main(main, _argv(tiny_onnx["fp32"], [video], out, *given)) == 2
+        err = capfd.readouterr().err
+        assert message in err and not out.exists(), err
+    config = tmp_path / "b14.yaml"  # a config file the user names gives the variant as much as a flag does
+    config.write_text("model:\n  variant: internvideo2_clip_b14\n")
+    assert run_main(main, _argv(tiny_onnx["fp32"], [video], tmp_path / "c", "--config", config)) == 2
+    assert "--variant internvideo2_clip_b14 disagrees with tiny_fp32.onnx" in capfd.readouterr().err
+    out = tmp_path / "out"  # not given: the model file's, said in the log
+    assert run_main(main, _argv(tiny_onnx["fp32"], [video], out)) == 0
+    assert "model variant tiny_test, the model file's (no --variant given)" in capfd.readouterr().err
+    assert json.loads((out / "job.json").read_text())["variant"] == "tiny_test"

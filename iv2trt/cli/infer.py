@@ -2,6 +2,7 @@
 executor, and the --compare-pytorch check."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -116,6 +117,8 @@ def run_local(s: InferSettings, items, windowing) -> dict[str, Any]:
         img_size = runner_img_size(runner)
         check_frame_count(runner, s.frames)
         identity = complete_identity(job_identity(s, runner, img_size), s)
+        if "variant" not in s.given and identity["variant"]:  # the model file's, for --compare-pytorch
+            s = dataclasses.replace(s, variant=identity["variant"])
         done = prepare_output(s.output, identity, s.overwrite)
         todo = [item for item in items if item.id not in done]
         log.info("%d inputs found, %d to do, %d already done in %s", len(items), len(todo), len(items) - len(todo),

@@ -13,6 +13,9 @@ from ..settings import setting
 
 @dataclass
 class InferSettings(ModelSettings):
+    variant: str = setting("internvideo2_clip_s14", "model variant: a name under configs/models/ or a YAML path; "
+                           "with ONNX Runtime or TensorRT it must be the model file's, which is taken when this is "
+                           "not given")
     inputs: list[str] = setting([], "directories (recursive), globs, list files (.txt; .csv/.jsonl with path[,id]), "
                                 "video/image files, folders of frames, or .npy preprocessed frames [B,T,3,H,W]")
     output: str = setting("outputs/features", "output directory (shards, manifests, failures.jsonl, summary.json)")
