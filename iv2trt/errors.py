@@ -25,6 +25,10 @@ class EngineMismatch(PipelineError):
     exit_code = 5
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the job kept and how to go on."""
+
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_SOME_INPUTS_FAILED = 6

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import PipelineError
 from .fileio import shown_path
-from .settings import setting
+from .settings import given_settings, setting
 
 log = logging.getLogger("iv2trt")
 
@@ -22,6 +22,7 @@ class ModelSettings:
     align_checkpoint: str | None = setting(None, "second file with the vision_align head, for backbone-only checkpoints")
     random_init: bool = setting(False, "use random weights (no checkpoint); outputs are labelled RANDOM")
     seed: int = setting(0, "seed for --random-init weights")
+    given: frozenset[str] = given_settings()  # the settings the user gave (flags, or their --config file)
 
 
 def load_model(s: ModelSettings):

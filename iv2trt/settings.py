@@ -3,7 +3,9 @@
 A script declares a dataclass whose fields are its settings (with `help` in the field metadata)
 and the YAML sections it reads, e.g. ("model", "export"). `parse_settings` builds an argparse
 parser from the dataclass (`--some-key` for `some_key`), reads `--config`, and returns the
-merged settings: field defaults < YAML < command line.
+merged settings: field defaults < YAML < command line. A dataclass with a `given_settings()` field learns there
+which settings the user gave: flags, and keys of a --config file they named (the default config file's values
+count as defaults).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .errors import PipelineError
 
 T = TypeVar("T")
 CONFIG_NAME = "internvideo2_clip_s14.yaml"
+SECTIONS = ("model", "export", "build", "infer")  # of a config file; each stage reads some of them
 
 
 def config_dir() -> Path:
@@ -43,6 +46,17 @@ def setting(default: Any, help: str, choices: Sequence[str] | None = None, const
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def given_settings() -> Any:
+    """A dataclass field that parse_settings fills with the names of the settings the user gave (neither a flag nor
+    a config key itself)."""
+    return dataclasses.field(default=frozenset(), compare=False, repr=False, metadata={"given": True})
+
+
+def setting_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a settings dataclass that are settings (flags and config keys)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("given")]
+
+
 def _base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, is_list) of annotations like `int`, `str | None`, `list[str]`."""
     origin = typing.get_origin(tp)
@@ -62,19 +76,27 @@ def read_config(path: str | Path) -> dict[str, dict[str, Any]]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise PipelineError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict) or not all(isinstance(v, (dict, type(None))) for v in data.values()):
-        raise PipelineError(f"config file {path} must map section names (model, export, ...) to key/value maps")
+    known = ", ".join(SECTIONS)
+    if not isinstance(data, dict):
+        raise PipelineError(f"config file {path} must map section names ({known}) to key/value maps")
+    for key, value in data.items():
+        if key not in SECTIONS:
+            what = "section" if isinstance(value, (dict, type(None))) else "top-level key"
+            raise PipelineError(f"config file {path}: unknown {what} {key!r}; the sections are {known}, and every "
+                                "key goes inside one of them (see configs/)")
+        if not isinstance(value, (dict, type(None))):
+            raise PipelineError(f"config file {path}: section {key!r} must be a map of keys to values")
     return {k: (v or {}) for k, v in data.items()}
 
 
 def build_parser(cls: type, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="YAML settings file; flags below override its keys (default: %(default)s)")
+    parser.add_argument("--config", help=f"YAML settings file; flags below override its keys (default: "
+                                         f"{DEFAULT_CONFIG})")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in setting_fields(cls):
         flag = "--" + f.name.replace("_", "-")
         inner, is_list = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -96,7 +118,7 @@ def build_parser(cls: type, description: str, epilog: str | None = None) -> argp
 def settings_from(cls: type[T], config: dict[str, dict[str, Any]], sections: Sequence[str],
                   overrides: dict[str, Any] | None = None) -> T:
     """Merge `sections` of a parsed config file and `overrides` into `cls`, rejecting unknown keys."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in setting_fields(cls)}
     values: dict[str, Any] = {}
     for section in sections:
         data = config.get(section, {})
@@ -114,7 +136,7 @@ def settings_from(cls: type[T], config: dict[str, dict[str, Any]], sections: Seq
         if inner is Path and value is not None:
             values[key] = Path(value)
     settings = cls(**values)
-    for f in dataclasses.fields(cls):
+    for f in setting_fields(cls):
         choices = f.metadata.get("choices")
         if choices and getattr(settings, f.name) not in choices:
             raise PipelineError(f"{f.name} must be one of {list(choices)}, got {getattr(settings, f.name)!r}")
@@ -128,7 +150,13 @@ def parse_settings(cls: type[T], sections: Sequence[str], description: str, argv
     args = vars(parser.parse_args(argv))
     config_path, verbose = args.pop("config"), args.pop("verbose")
     setup_logging(verbose)
-    return settings_from(cls, read_config(config_path), sections, args)
+    config = read_config(config_path or DEFAULT_CONFIG)
+    settings = settings_from(cls, config, sections, args)
+    given = set(args) | ({key for section in sections for key in config.get(section, {})} if config_path else set())
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("given"):
+            setattr(settings, f.name, frozenset(given))
+    return settings
 
 
 def setup_logging(verbose: bool = False, tag: str = "") -> None:

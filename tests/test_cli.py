@@ -47,3 +47,18 @@ def test_interrupt_while_a_thread_is_in_native_code_exits_130():
                                 text=True, timeout=120)
         assert result.returncode == 130, result.stderr[-2000:]
         assert "interrupted" in result.stderr and "terminate called" not in result.stderr
+
+
+def test_a_misspelt_or_stray_config_section_is_named(tmp_path, capfd):
+    """Before: `inference:` (for `infer:`) was ignored, the run going on with defaults; a stray top-level key got a
+    message that did not name it."""
+    from iv2trt.cli import run_main
+    from iv2trt.cli.infer import main
+
+    cfg = tmp_path / "c.yaml"
+    for text, named in (("inference:\n  batch_size: 4\n", "'inference'"),
+                        ("variant: internvideo2_clip_b14\ninfer:\n  batch_size: 4\n", "'variant'")):
+        cfg.write_text(text)
+        assert run_main(main, ["--config", str(cfg), "--inputs", str(tmp_path)]) == 2
+        err = capfd.readouterr().err
+        assert named in err and str(cfg) in err and "model, export, build, infer" in err, err

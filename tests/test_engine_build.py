@@ -247,6 +247,44 @@ def test_auto_build_falls_back_to_rtx_when_tensorrt_cannot_start(tensorrt_cannot
     assert "could not start CUDA" in caplog.text and "building with tensorrt-rtx" in caplog.text
 
 
+@pytest.fixture
+def cpu_only_without(monkeypatch):
+    """A machine without a GPU where the named TensorRT modules are missing."""
+    import importlib
+
+    from iv2trt.engine import tensorrt
+
+    monkeypatch.setattr(tensorrt, "gpu_info", lambda device=0: None)
+    real, missing = importlib.import_module, set()
+
+    def fake(name, *args):
+        if name in missing:
+            raise ImportError(f"No module named '{name}'")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    return missing
+
+
+def test_cpu_only_machine_is_pointed_at_tensorrt_rtx_not_tensorrt_cu12(cpu_only_without, tiny_onnx, tmp_path,
+                                                                        caplog, capsys):
+    """Before: without full TensorRT, the build said `pip install tensorrt-cu12`, which cannot build without a GPU."""
+    from iv2trt.engine.tensorrt import start_builder
+
+    cpu_only_without.add("tensorrt")
+    with caplog.at_level("INFO"):
+        assert start_builder("auto")[0].flavour == "tensorrt-rtx"
+    assert "tensorrt-cu12" not in caplog.text and "builds engines without a GPU" in caplog.text
+    assert "full TensorRT" in caplog.text and "GPU host" in caplog.text
+    with pytest.raises(BackendUnavailable, match="GPU host.*--backend tensorrt-rtx") as asked:
+        start_builder("tensorrt")
+    assert "tensorrt-cu12" not in str(asked.value)
+    cpu_only_without.add("tensorrt_rtx")
+    assert build(tiny_onnx["fp16"], tmp_path / "x.engine", "--max", "4x8", "--opt", "2x4") == 4
+    err = capsys.readouterr().err
+    assert "pip install tensorrt-rtx-cu13" in err and "GPU host" in err and "tensorrt-cu12" not in err, err
+
+
 def test_builder_is_not_started_on_a_driver_too_old_for_the_wheel(monkeypatch):
     from iv2trt.engine import cuda_env
     from iv2trt.engine.tensorrt import create_builder

@@ -235,3 +235,62 @@ def test_auto_runs_pytorch_end_to_end_and_records_it(tmp_path, clips, monkeypatc
     s = dataclasses.replace(InferSettings(), random_init=True, variant=str(variant))
     assert settings_runner(s).variant == dataclasses.asdict(TINY)                     # auto may pick torch there
     assert settings_runner(dataclasses.replace(s, random_init=False)).variant is None  # ONNX Runtime only
+
+
+def test_inputs_that_hold_nothing_to_extract_exit_2_but_a_finished_job_resumes_with_0(tmp_path, clips, tiny_onnx,
+                                                                                      capfd):
+    """Before: an empty input folder exited 0 with "0 inputs found"."""
+    empty = tmp_path / "empty"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "readme.md").write_text("no videos here")
+    assert run_main(main, _argv(tiny_onnx["fp32"], [empty], tmp_path / "none")) == 2
+    err = capfd.readouterr().err
+    assert f"--inputs {empty}: no inputs found" in err and ".mp4" in err and ".jpg" in err, err
+    out = tmp_path / "out"
+    assert run_main(main, _argv(tiny_onnx["fp32"], [clips / "v0.mp4"], out)) == 0
+    assert run_main(main, _argv(tiny_onnx["fp32"], [clips / "v0.mp4"], out)) == 0  # all done already: a resume
+    assert "1 inputs found, 0 to do, 1 already done" in capfd.readouterr().err
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_resume(tmp_path, clips, tiny_onnx, monkeypatch, capfd):
+    """Before: only "interrupted". The job is stopped after committing one input of this run, with another one
+    committed by an earlier run; the writer commits by time as well as by size (--commit-seconds, 60 s default)."""
+    from iv2trt.job import local
+
+    out = tmp_path / "out"
+    assert run_main(main, _argv(tiny_onnx["fp32"], [clips / "v0.mp4"], out)) == 0
+    real_execute = local.execute
+
+    def interrupted_execute(handles, items, todo, writer, *args, **kwargs):
+        assert writer.commit_seconds == 60 and writer.shard_size == 4096
+        real_execute(handles, items, todo[:1], writer, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "execute", interrupted_execute)
+    capfd.readouterr()
+    assert run_main(main, _argv(tiny_onnx["fp32"], [clips], out)) == 130
+    err = capfd.readouterr().err
+    assert (f"interrupted: 2 inputs (2 clips) are committed in {out} (1 of them in this run); rerun the same "
+            "command to resume") in err, err
+
+
+def test_variant_must_match_the_model_file_and_is_recorded(tmp_path, clips, tiny_onnx, capfd):
+    """Before: --variant was ignored on the ONNX Runtime and TensorRT paths (any variant, even a misspelt one, ran
+    the model file's) and job.json did not record it. The tiny graphs' metadata names the variant tiny_test."""
+    video = clips / "v0.mp4"
+    for given, message in (
+            (["--variant", "internvideo2_clip_b14"], "--variant internvideo2_clip_b14 disagrees with tiny_fp32.onnx, "
+                                                     "made for tiny_test: pass --variant tiny_test"),
+            (["--variant", "internvideo2_clip_b15"], "unknown model variant 'internvideo2_clip_b15'")):
+        out = tmp_path / given[1]
+        assert run_main(main, _argv(tiny_onnx["fp32"], [video], out, *given)) == 2
+        err = capfd.readouterr().err
+        assert message in err and not out.exists(), err
+    config = tmp_path / "b14.yaml"  # a config file the user names gives the variant as much as a flag does
+    config.write_text("model:\n  variant: internvideo2_clip_b14\n")
+    assert run_main(main, _argv(tiny_onnx["fp32"], [video], tmp_path / "c", "--config", config)) == 2
+    assert "--variant internvideo2_clip_b14 disagrees with tiny_fp32.onnx" in capfd.readouterr().err
+    out = tmp_path / "out"  # not given: the model file's, said in the log
+    assert run_main(main, _argv(tiny_onnx["fp32"], [video], out)) == 0
+    assert "model variant tiny_test, the model file's (no --variant given)" in capfd.readouterr().err
+    assert json.loads((out / "job.json").read_text())["variant"] == "tiny_test"

@@ -23,8 +23,8 @@ def installed(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "src"
     src.mkdir()
-    shutil.copy(ROOT / "pyproject.toml", src)
-    shutil.copy(ROOT / "README.md", src)
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy(ROOT / name, src)
     for package in ("iv2trt", "configs"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
@@ -91,3 +91,11 @@ def test_the_wheel_installs_every_subpackage_and_no_top_level_models(installed):
     installed_packages = {p.parent.relative_to(installed).as_posix() for p in inits}
     assert packages <= installed_packages, packages - installed_packages
     assert not (installed / "models").exists()  # the model code installs as iv2trt.models, never as `models`
+
+
+def test_building_leaves_the_project_s_build_folder_to_the_pipeline(installed):
+    """build/ holds the ONNX files, engines and timing cache by default; before, setuptools wrote its build/lib
+    and build/bdist.* there too (pip install . builds in the source tree)."""
+    src = installed.parent / "src"
+    assert (src / "iv2trt.egg-info").exists()  # the build ran in this tree
+    assert not (src / "build").exists()

@@ -150,6 +150,32 @@ def test_compare_pytorch_flag(tmp_path, tiny_cfg, videos):
     assert run_main(main, argv + ["--output", str(tmp_path / "o2"), "--seed", "1"]) == 3
 
 
+def test_a_tensorrt_engine_s_variant_is_checked_and_recorded(tmp_path, caplog):
+    """The engine's <engine>.json carries its ONNX's metadata: the job takes its variant when --variant is not
+    given, refuses one that disagrees (exit 2), and records it in job.json (the identity)."""
+    from types import SimpleNamespace
+
+    from iv2trt.errors import PipelineError
+    from iv2trt.job.identity import complete_identity, job_identity
+    from iv2trt.job.settings import InferSettings
+
+    engine = tmp_path / "b14.engine"
+    engine.write_bytes(b"engine")
+    runner = SimpleNamespace(name="tensorrt", precision="fp16",
+                             metadata={"onnx": {"variant": "internvideo2_clip_b14", "random_init": "false"}})
+    s = InferSettings(engine=str(engine))  # as the default config file gives it: internvideo2_clip_s14, not given
+    with caplog.at_level("INFO"):
+        assert complete_identity(job_identity(s, runner, 224), s)["variant"] == "internvideo2_clip_b14"
+    assert "model variant internvideo2_clip_b14, the model file's (no --variant given)" in caplog.text
+    for variant in ("b14", "internvideo2_clip_b14"):  # a short name is the same variant
+        given = dataclasses.replace(s, variant=variant, given=frozenset({"variant"}))
+        assert complete_identity(job_identity(given, runner, 224), given)["variant"] == "internvideo2_clip_b14"
+    wrong = dataclasses.replace(s, given=frozenset({"variant"}))
+    with pytest.raises(PipelineError, match="--variant internvideo2_clip_s14 disagrees with b14.engine, made for "
+                                            "internvideo2_clip_b14: pass --variant internvideo2_clip_b14"):
+        complete_identity(job_identity(wrong, runner, 224), wrong)
+
+
 def test_hanging_decoder_is_timed_out(tmp_path, videos, tiny_onnx):
     inputs = tmp_path / "in"
     inputs.mkdir()

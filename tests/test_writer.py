@@ -100,3 +100,54 @@ def test_another_backends_output_names_the_backend_to_go_on_with(tmp_path):
     with pytest.raises(PipelineError) as refused:  # the backend agrees: nothing to add about it
         prepare_output(tmp_path, {"backend": "onnxruntime", "frames": 4}, overwrite=False)
     assert "--backend" not in str(refused.value)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_that_is_a_file_is_refused_by_name(tmp_path, overwrite):
+    """Before: NotADirectoryError, exit 1 ("internal error") with a traceback."""
+    target = tmp_path / "features.npy"
+    target.write_bytes(b"not a directory")
+    for out in (target, target / "sub"):  # the output, or a folder above it, is a file
+        with pytest.raises(PipelineError, match=f"--output {out}: {target} is a file.*pass a directory"):
+            prepare_output(out, {"backend": "onnxruntime"}, overwrite)
+    assert target.read_bytes() == b"not a directory"
+
+
+def test_load_features_refuses_a_path_that_is_no_output_directory(tmp_path):
+    """Before: a missing path (a typo, or outputs/ for outputs/features) read back as empty arrays."""
+    for path in (tmp_path / "missing", tmp_path):  # nothing there; a folder that no job wrote to
+        with pytest.raises(FileNotFoundError, match=f"{path}.*--output of trt_inference.py"):
+            load_features(path)
+    out = tmp_path / "features"
+    prepare_output(out, {"backend": "onnxruntime"}, False)
+    FeatureWriter(out)  # a job that has committed nothing yet: empty, not an error
+    feats, rows = load_features(out)
+    assert feats.shape == (0, 0) and rows == []
+
+
+def test_shards_also_commit_after_commit_seconds_of_work(tmp_path, monkeypatch):
+    """Before: only --shard-size rows committed a shard (4096 by default: minutes of CPU work lost to a kill)."""
+    from iv2trt.output import writer as writer_module
+
+    clock = [100.0]
+    monkeypatch.setattr(writer_module.time, "monotonic", lambda: clock[0])
+    writer = FeatureWriter(tmp_path, "float32", shard_size=4096, commit_seconds=60)
+    shards = lambda: sorted(p.name for p in (tmp_path / "shards").glob("*.parquet"))  # noqa: E731
+    writer.add_video("/in/a.mp4", "a", "video", _clips(2), _feats(2, 0))
+    clock[0] += 59
+    writer.add_video("/in/b.mp4", "b", "video", _clips(1), _feats(1, 1))
+    assert shards() == []  # the oldest finished video has waited 59 s
+    clock[0] += 1
+    writer.add_video("/in/c.mp4", "c", "video", _clips(3), _feats(3, 2))
+    first = Path(shard_name(0, ["a", "b", "c"])).name + ".parquet"
+    assert shards() == [first] and finished_ids(tmp_path) == {"a", "b", "c"}  # whole videos
+    clock[0] += 30
+    writer.add_video("/in/d.mp4", "d", "video", _clips(1), _feats(1, 3))
+    clock[0] += 59
+    writer.add_video("/in/e.mp4", "e", "video", _clips(1), _feats(1, 4))
+    assert shards() == [first]  # d's clock started when d finished, 59 s ago
+    untimed = FeatureWriter(tmp_path / "untimed", "float32", shard_size=4096)  # the Ray executor's: by size only
+    untimed.add_video("/in/a.mp4", "a", "video", _clips(1), _feats(1, 0))
+    clock[0] += 1e6
+    untimed.add_video("/in/b.mp4", "b", "video", _clips(1), _feats(1, 1))
+    assert not list((tmp_path / "untimed" / "shards").glob("*.parquet"))

@@ -20,8 +20,8 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except PipelineError as exc:
         log.error("%s", exc)
         return exc.exit_code
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except KeyboardInterrupt as exc:  # errors.Interrupted says what was kept
+        log.error("%s", str(exc) or "interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:
         from ..models import CheckpointError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from ..errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, PipelineError, ValidationFailed
+from ..errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED, Interrupted, PipelineError, ValidationFailed
 from ..job.settings import InferSettings, check_settings
 from ..settings import parse_settings
 
@@ -28,7 +28,8 @@ EPILOG = """exit codes:
        PyTorch on a GPU (with weights) or onnxruntime instead
   5    the engine was built for another GPU or TensorRT version (the message gives the rebuild command)
   6    some inputs failed (unreadable, truncated, timed out); they are listed in <output>/failures.jsonl
-  130  interrupted (committed shards are kept; rerun the same command to resume)
+  130  interrupted (committed shards are kept, and the job commits at least every --commit-seconds; rerun
+       the same command to resume)
 
 results: <output>/shards/*.npy (features) and *.parquet (which video, clip and window each row is), or
   videos/<id>.npy with --per-video-npy; read them with `from iv2trt import load_features`. Default paths
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     from ..decode.clips import Windowing
     from ..decode.inputs import discover
+    from ..output.results import manifest_stamps
 
     if not s.inputs:
         raise PipelineError("no inputs: pass --inputs DIR|GLOB|LIST|FILE ... (or set infer.inputs in the config)")
@@ -70,14 +72,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
     items = discover(s.inputs, s.frame_folders)
-    if s.ray is not None:
-        from ..distributed.ray_job import run_ray_job
+    before = manifest_stamps(s.output)
+    try:
+        if s.ray is not None:
+            from ..distributed.ray_job import run_ray_job
 
-        summary = run_ray_job(s, items, windowing)
-        return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
-    from ..job.local import run_local_job
+            summary = run_ray_job(s, items, windowing)
+        else:
+            from ..job.local import run_local_job
 
-    summary = run_local_job(s, items, windowing)
+            summary = run_local_job(s, items, windowing)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted(s, before)) from None
     if s.compare_pytorch and summary["compare_pytorch"]["clips"]:
         check_comparison(summary, summary["precision"])
     return EXIT_SOME_INPUTS_FAILED if summary["failed"] else EXIT_OK
+
+
+def interrupted(s: InferSettings, before: dict[str, int]) -> str:
+    """What an interrupted job kept in its output directory (`before`: its manifest stamps when the job began),
+    and how to go on."""
+    from ..output.results import committed_since, output_totals
+
+    totals = output_totals(s.output)
+    if not totals["inputs"]:
+        return f"interrupted: nothing is committed in {s.output} yet; rerun the same command to start again"
+    again = ("rerun the same command without --overwrite to resume (with it, the job starts over)" if s.overwrite
+             else "rerun the same command to resume")
+    return (f"interrupted: {totals['inputs']} inputs ({totals['clips']} clips) are committed in {s.output} "
+            f"({len(committed_since(s.output, before))} of them in this run); {again}")

@@ -102,7 +102,8 @@ def _glob_root(pattern: str) -> str:
 
 
 def discover(inputs: list[str], frame_folders: bool = True) -> list[InputItem]:
-    """All inputs named by `inputs`, sorted by id; raises PipelineError on missing inputs or clashing ids."""
+    """All inputs named by `inputs`, sorted by id; raises PipelineError on missing inputs, clashing ids, or when
+    `inputs` name no input at all."""
     items: list[InputItem] = []
     for spec in inputs:
         if glob.has_magic(spec) and not os.path.exists(spec):
@@ -124,6 +125,11 @@ def discover(inputs: list[str], frame_folders: bool = True) -> list[InputItem]:
             items.append(InputItem(spec, Path(spec).name, kind_of(spec)))
         else:
             raise PipelineError(f"input {spec!r} does not exist (expected a directory, glob, list file or file)")
+    if not items:
+        raise PipelineError(f"--inputs {' '.join(inputs)}: no inputs found; looked for videos "
+                            f"({' '.join(sorted(VIDEO_EXTENSIONS))}), images ({' '.join(sorted(IMAGE_EXTENSIONS))}), "
+                            f"{NPY_EXTENSION} arrays and folders of frames, and read list files "
+                            f"({' '.join(sorted(LIST_EXTENSIONS))}): point --inputs at those")
     by_id: dict[str, InputItem] = {}
     for item in items:
         if item.id in by_id and by_id[item.id].path != item.path:

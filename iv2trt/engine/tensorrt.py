@@ -104,7 +104,10 @@ def start_builder(backend: str = "auto", verbose: bool = False) -> tuple[TensorR
     problems = []
     for flavour in candidates:
         try:
-            trt = import_tensorrt(flavour)
+            try:
+                trt = import_tensorrt(flavour)
+            except BackendUnavailable as exc:
+                raise not_installed(flavour, exc, asked=len(candidates) == 1) from None
             logger = make_logger(trt, verbose)
             builder = create_builder(trt, logger)
         except BackendUnavailable as exc:
@@ -113,10 +116,23 @@ def start_builder(backend: str = "auto", verbose: bool = False) -> tuple[TensorR
             problems.append(str(exc))
             continue
         if problems:
-            log.warning("%s; building with %s %s instead", "; ".join(problems), trt.flavour, trt.version)
+            log.warning("%s; building with %s %s instead%s", "; ".join(problems), trt.flavour, trt.version,
+                        ", which builds engines without a GPU" if trt.flavour == "tensorrt-rtx" else "")
         warn_if_rtx_cannot_run_here(trt)
         return trt, logger, builder
     raise BackendUnavailable("no TensorRT can build here: " + "; ".join(problems))
+
+
+def not_installed(flavour: str, exc: BackendUnavailable, asked: bool) -> BackendUnavailable:
+    """`exc` (the module of `flavour` cannot be imported) with the fix that works on this machine: on one without a
+    GPU, full TensorRT is no use (it builds only where a GPU is) and TensorRT-RTX is the way."""
+    if gpu_info() is not None:
+        return exc
+    if flavour == "tensorrt":
+        fix = ": build there, or pass --backend tensorrt-rtx (TensorRT-RTX builds without a GPU)" if asked else ""
+        return BackendUnavailable(f"full TensorRT is not installed, and it builds only on a GPU host (none here){fix}")
+    return BackendUnavailable(f"TensorRT-RTX is not installed (it builds engines without a GPU, as this machine "
+                              f"needs): pip install {FLAVOURS[flavour][1]}")
 
 
 def rtx_compute_capabilities(module) -> list[str]:

@@ -48,17 +48,21 @@ class SettingsRunner:
         return dataclasses.replace(self, settings=dataclasses.replace(self.settings, backend=backend))
 
 
-def reference_runner(s) -> Any:
+def reference_runner(s, identity: dict[str, Any] | None = None) -> Any:
     """The PyTorch fp32 model that --compare-pytorch checks the backend against (settings `s`: compare_pytorch is a
-    checkpoint path or 'random')."""
+    checkpoint path or 'random'), of the model file's variant where --variant was not given (`identity`: the
+    runner's job identity)."""
     from ..runners.torch_runner import TorchRunner
 
+    variant = s.variant
+    if identity and identity.get("variant") and "variant" not in s.given:
+        variant = identity["variant"]
     if s.compare_pytorch == "random":
-        ref = ModelSettings(variant=s.variant, random_init=True, seed=s.seed)
+        ref = ModelSettings(variant=variant, random_init=True, seed=s.seed)
     else:
         if not Path(s.compare_pytorch).is_file():
             raise PipelineError(f"--compare-pytorch {s.compare_pytorch}: no such checkpoint (or pass 'random')")
-        ref = ModelSettings(variant=s.variant, checkpoint=s.compare_pytorch, align_checkpoint=s.align_checkpoint)
+        ref = ModelSettings(variant=variant, checkpoint=s.compare_pytorch, align_checkpoint=s.align_checkpoint)
     return TorchRunner(load_model(ref), precision="fp32")
 
 

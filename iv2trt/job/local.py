@@ -257,8 +257,8 @@ def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: J
     events = _Events()
     try:
         runner = factory()
-        reference = reference_runner(compare) if compare is not None else None
         info = describe_runner(runner, factory.settings, options.windowing.frames)
+        reference = reference_runner(compare, info["identity"]) if compare is not None else None
         options = dataclasses.replace(options, img_size=info["img_size"], gpu=0)
         pipeline = Pipeline(runner, options, events, reference, spec.name).start()
         conn.send(("ready", info, len(pipeline.workers)))
@@ -471,8 +471,8 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
         if len(specs) == 1 and specs[0].gpu in (None, 0):
             check_decoder(s.decoder)  # (before the model loads: --decoder nvdec without NVDEC is exit 4)
             runner = factory()
-            reference = reference_runner(s) if compare is not None else None
             info = describe_runner(runner, s, s.frames)
+            reference = reference_runner(s, info["identity"]) if compare is not None else None
             options = dataclasses.replace(options, img_size=info["img_size"])
             events = _Events()
             handles = [_InProcess(Pipeline(runner, options, events, reference, specs[0].name), events)]
@@ -497,7 +497,7 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
                  ", ".join(f"{h.name} ({i['name']} on {i['device']})" for h, i in zip(handles, infos)))
         if isinstance(handles[0], _InProcess):
             handles[0].pipeline.start([items[n] for n in todo])
-        writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy)
+        writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy, s.commit_seconds)
         failures = FailureLog(s.output)
         out, elapsed = execute(handles, items, todo, writer, failures, s.progress)
     finally:

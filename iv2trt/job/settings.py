@@ -13,6 +13,9 @@ from ..settings import setting
 
 @dataclass
 class InferSettings(ModelSettings):
+    variant: str = setting("internvideo2_clip_s14", "model variant: a name under configs/models/ or a YAML path; "
+                           "with ONNX Runtime or TensorRT it must be the model file's, which is taken when this is "
+                           "not given")
     inputs: list[str] = setting([], "directories (recursive), globs, list files (.txt; .csv/.jsonl with path[,id]), "
                                 "video/image files, folders of frames, or .npy preprocessed frames [B,T,3,H,W]")
     output: str = setting("outputs/features", "output directory (shards, manifests, failures.jsonl, summary.json)")
@@ -44,6 +47,9 @@ class InferSettings(ModelSettings):
     frame_folders: bool = setting(True, "a folder holding only images is one video (frames in name order)")
     dtype: str = setting("float16", "feature file dtype", choices=("float16", "float32"))
     shard_size: int = setting(4096, "feature rows per shard (a shard holds whole videos)")
+    commit_seconds: float = setting(60.0, "also commit a shard once its oldest finished input has waited this many "
+                                    "seconds, so an interrupt or crash loses about this much work at most (the "
+                                    "--ray job commits per partition instead)")
     per_video_npy: bool = setting(False, "one videos/<id>.npy per input instead of shards of features")
     decode_timeout_s: float = setting(120.0, "an input whose decoder makes no progress this long is failed")
     overwrite: bool = setting(False, "delete the features already in --output instead of resuming")
@@ -69,7 +75,8 @@ class InferSettings(ModelSettings):
 def check_settings(s: InferSettings) -> None:
     """PipelineError naming each setting that cannot be used as given (both executors' settings: one check)."""
     bad = [f"--{name.replace('_', '-')} {getattr(s, name)!r}" for name in
-           ("batch_size", "workers", "nvdec_sessions", "shard_size", "decode_timeout_s", "ray_partition_size")
+           ("batch_size", "workers", "nvdec_sessions", "shard_size", "commit_seconds", "decode_timeout_s",
+            "ray_partition_size")
            if getattr(s, name) is not None and not getattr(s, name) > 0]
     if bad:
         raise PipelineError(f"{', '.join(bad)}: must be positive")

@@ -66,8 +66,14 @@ def load_features(out_dir: str | Path) -> tuple[np.ndarray, list[dict[str, Any]]
       frame_indices   the sampled frame numbers
       file, file_row  where the feature is stored
     Without pandas: rows are plain dicts; with it, pandas.DataFrame(rows) is the manifest as a table.
+    An output directory of a job that has committed nothing yet gives no rows; a path that is not an output
+    directory at all (missing, or without shards/) raises FileNotFoundError.
     """
     out_dir = Path(out_dir)
+    if not (out_dir / SHARD_DIR).is_dir():
+        what = "does not exist" if not out_dir.exists() else f"has no {SHARD_DIR}/ folder"
+        raise FileNotFoundError(f"{out_dir} {what}: it is not an output directory; pass the --output of "
+                                "trt_inference.py")
     rows = read_manifest(out_dir).to_pylist()
     files: dict[str, np.ndarray] = {}
     features = []
@@ -83,3 +89,17 @@ def output_totals(out_dir: str | Path) -> dict[str, int]:
     """What an output directory holds now, over every run into it: inputs done, feature rows, shards."""
     ids = read_manifest(out_dir, ["id"]).column("id").to_pylist()
     return {"inputs": len(set(ids)), "clips": len(ids), "shards": len(manifest_paths(out_dir))}
+
+
+def manifest_stamps(out_dir: str | Path) -> dict[str, int]:
+    """Each committed manifest's name and modification time (ns); taken before a run, `committed_since` tells what
+    the run committed."""
+    return {p.name: p.stat().st_mtime_ns for p in manifest_paths(out_dir)}
+
+
+def committed_since(out_dir: str | Path, stamps: dict[str, int]) -> set[str]:
+    """Ids of the inputs in the manifests committed (written or replaced) since `stamps` were taken."""
+    import pyarrow.parquet as pq
+
+    changed = [p for p in manifest_paths(out_dir) if stamps.get(p.name) != p.stat().st_mtime_ns]
+    return {i for p in changed for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()}

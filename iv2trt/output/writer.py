@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ def prepare_output(out_dir: str | Path, job: dict[str, Any], overwrite: bool) ->
     """
     out_dir = Path(out_dir)
     job_path = out_dir / JOB_FILE
+    check_directory(out_dir)
     if overwrite and out_dir.exists():
         for name in (SHARD_DIR, VIDEO_DIR):
             shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -76,16 +78,29 @@ def prepare_output(out_dir: str | Path, job: dict[str, Any], overwrite: bool) ->
     return done
 
 
+def check_directory(out_dir: Path) -> None:
+    """PipelineError when `out_dir`, or a folder above it, is a file: the output cannot be made there."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise PipelineError(f"--output {out_dir}: {path} is a file, not a directory: pass a directory (a new "
+                                    "one, or this job's earlier output) as --output")
+            return
+
+
 class FeatureWriter:
-    """Buffers finished videos and commits them shard by shard (features first, manifest last)."""
+    """Buffers finished videos and commits them shard by shard (features first, manifest last): once `shard_size`
+    rows wait, or (with `commit_seconds`) once the oldest waiting video finished that many seconds ago, so a killed
+    run loses about that much work at most. A shard holds whole videos only."""
 
     def __init__(self, out_dir: str | Path, dtype: str = "float16", shard_size: int = 4096,
-                 per_video_npy: bool = False):
+                 per_video_npy: bool = False, commit_seconds: float | None = None):
         import pyarrow.parquet as pq
 
         self.out_dir = Path(out_dir)
         self.dtype = np.dtype(dtype)
         self.shard_size = shard_size
+        self.commit_seconds = commit_seconds
         self.per_video_npy = per_video_npy
         (self.out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         manifests = manifest_paths(self.out_dir)
@@ -96,6 +111,7 @@ class FeatureWriter:
                 npy.unlink()
         self.pending: list[tuple[list[dict[str, Any]], np.ndarray]] = []  # (manifest rows, features) per video
         self.pending_rows = 0
+        self.pending_since = 0.0  # when the oldest pending video finished (time.monotonic)
 
     def add_video(self, path: str, video_id: str, kind: str, clips: list[dict[str, Any]], features: np.ndarray):
         """Queue one video's clips (`clips[i]` has start_s, end_s, indices) and its features [clips, D]."""
@@ -108,9 +124,13 @@ class FeatureWriter:
                 for i, clip in enumerate(clips)]
         if len(rows) != len(features):
             raise ValueError(f"{path}: {len(rows)} clips but {len(features)} feature rows")
+        now = time.monotonic()
+        if not self.pending:
+            self.pending_since = now
         self.pending.append((rows, features))  # one append: an interrupt never splits rows from features
         self.pending_rows += len(rows)
-        if self.pending_rows >= self.shard_size:
+        waited = self.commit_seconds is not None and now - self.pending_since >= self.commit_seconds
+        if self.pending_rows >= self.shard_size or waited:
             self.flush()
 
     def _video_file(self, video_id: str) -> str:

@@ -157,11 +157,20 @@ def runner_random_init(runner, s) -> bool | None:
     """Whether the runner's weights are random (--random-init); None when its model file does not say."""
     if getattr(runner, "name", "") == "torch":
         return not s.checkpoint
+    return {"true": True, "false": False}.get(str(model_file_metadata(runner, "random_init")).lower())
+
+
+def runner_variant(runner) -> str | None:
+    """The model variant the runner's model file was exported for, or None when the file does not say."""
+    value = model_file_metadata(runner, "variant")
+    return value if value not in (None, "", "unknown") else None
+
+
+def model_file_metadata(runner, key: str) -> str | None:
+    """A key of the ONNX metadata export_onnx.py wrote (an engine's <engine>.json carries its ONNX's)."""
     if getattr(runner, "session", None) is not None:
-        value = runner.session.get_modelmeta().custom_metadata_map.get("random_init")
-    else:
-        value = (getattr(runner, "metadata", None) or {}).get("onnx", {}).get("random_init")
-    return {"true": True, "false": False}.get(str(value).lower())
+        return runner.session.get_modelmeta().custom_metadata_map.get(key)
+    return (getattr(runner, "metadata", None) or {}).get("onnx", {}).get(key)
 
 
 def runner_img_size(runner, default: int = 224) -> int:
