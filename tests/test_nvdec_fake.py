@@ -17,7 +17,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from test_colorspace import _has_encoder, decoder_surface, frame_planes  # noqa: E402 - the tests' own helpers
+from test_colorspace import _has_encoder, decoder_surface, frame_planes  # the tests' own helpers
 
 from iv2trt.decode import nvdec
 from iv2trt.decode.clips import Windowing
@@ -94,7 +94,7 @@ class FakeDemuxer:
                 return FakePacket(raw, data, pts + self.nvc.shift_pts, pos, self.stream)
         raise StopIteration
 
-    def Seek(self, frame: int) -> FakePacket:  # noqa: N802 - PyNvVideoCodec's name
+    def Seek(self, frame: int) -> FakePacket:
         self.nvc.seeks += 1
         seconds = frame / float(self.stream.average_rate)  # TsFromFrameNumber; from the start outside MOV and FLV
         start = 0 if "mp4" in self.container.format.name else self.stream.start_time * self.stream.time_base
@@ -109,7 +109,7 @@ class FakeFrame:
     def __init__(self, label: int, surface: torch.Tensor):
         self.label, self.surface = label, surface
 
-    def getPTS(self) -> int:  # noqa: N802 - PyNvVideoCodec's name
+    def getPTS(self) -> int:
         return self.label
 
     def __dlpack__(self, stream=None):
@@ -128,7 +128,7 @@ class FakeDecoder:
         self.nvc, self.ctx = nvc, None
         self.sent: collections.deque[int] = collections.deque()
 
-    def Decode(self, packet: FakePacket) -> list[FakeFrame]:  # noqa: N802 - PyNvVideoCodec's name
+    def Decode(self, packet: FakePacket) -> list[FakeFrame]:
         nvc = self.nvc
         if packet.bsl == 0:
             frames = list(self.ctx.decode(None)) if self.ctx is not None else []
@@ -176,10 +176,10 @@ class FakeNvc:
         self.demuxers_opened = self.decoders_created = self.frames_out = self.seeks = 0
 
     @staticmethod
-    def PacketData() -> FakePacket:  # noqa: N802 - PyNvVideoCodec's name
+    def PacketData() -> FakePacket:
         return FakePacket()
 
-    def GetDecoderCaps(self, gpuid: int, codec: str, chromaformat: int, bitdepth: int) -> dict:  # noqa: N802
+    def GetDecoderCaps(self, gpuid: int = 0, codec: str = "H264", chromaformat: int = 1, bitdepth: int = 8) -> dict:
         chroma = {0: "400", 1: "420", 2: "422", 3: "444"}[chromaformat]
         name = {v: k for k, v in nvdec.NVDEC_CODECS.items()}[codec]
         self.queries.append((name, bitdepth, chroma))
@@ -188,10 +188,10 @@ class FakeNvc:
             raise RuntimeError(answer["error"])
         return answer
 
-    def CreateDemuxer(self, filename: str) -> FakeDemuxer:  # noqa: N802
+    def CreateDemuxer(self, filename: str) -> FakeDemuxer:
         return FakeDemuxer(filename, self)
 
-    def CreateDecoder(self, gpuid, codec, cudacontext, cudastream, usedevicememory) -> FakeDecoder:  # noqa: N802
+    def CreateDecoder(self, gpuid, codec, cudacontext, cudastream, usedevicememory) -> FakeDecoder:
         self.decoders_created += 1
         return FakeDecoder(self)
 
@@ -224,15 +224,18 @@ def fake_gpu(monkeypatch):
 
 # --- test files with the properties real files have ------------------------------------------------------------
 def encode(path: Path, count: int, codec: str = "libx264", time_base: Fraction = Fraction(1, 1000), pts=None,
-           pix_fmt: str = "yuv420p", options=None, gop: int = 24, h: int = 64, w: int = 96, seed: int = 0) -> Path:
-    """`count` frames at timestamps `pts` (in `time_base`; default 30 fps)."""
+           pix_fmt: str = "yuv420p", options=None, gop: int = 24, h: int = 64, w: int = 96, seed: int = 0,
+           frames: np.ndarray | None = None) -> Path:
+    """`count` frames (`frames`, or a test pattern of h x w) at timestamps `pts` (in `time_base`; default 30 fps)."""
     pts = list(range(0, count * 33, 33)) if pts is None else [int(p) for p in pts]
+    if frames is not None:
+        h, w = frames.shape[1:3]
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=30, options=options or {})
         stream.height, stream.width, stream.pix_fmt = h, w, pix_fmt
         stream.codec_context.time_base = stream.time_base = time_base
         stream.codec_context.gop_size = gop
-        for p, rgb in zip(pts, pattern_frames(count, h, w, seed=seed)):
+        for p, rgb in zip(pts, pattern_frames(count, h, w, seed=seed) if frames is None else frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts, frame.time_base = p, time_base
             for packet in stream.encode(frame):
@@ -293,6 +296,19 @@ def cpu_clips(path: Path, w: Windowing):
     return list(iter_clips(InputItem(str(path), path.name, "video"), w, SIZE))
 
 
+def reference_clips(path: Path, w: Windowing, size: int = SIZE):
+    """The plan's frames from a full decode with nothing skipped, resized as the job does: what the CPU path gives
+    where its decoder honours skip_frame per packet (FFmpeg's own decoders). PyAV's libdav1d does not: it applies
+    the setting to frames decoded later, so the CPU path's sparse AV1 clips can hold a neighbouring frame."""
+    from iv2trt.transforms import resize_frames
+
+    probe = probe_video(str(path))[0]
+    with av.open(str(path)) as container:
+        frames = {f.pts: f.to_ndarray(format="rgb24") for f in container.decode(video=0)}
+    return [({"indices": idx, "start_s": t0, "end_s": t1},
+             resize_frames(np.stack([frames[probe.pts[i]] for i in idx]), size)) for idx, t0, t1 in probe.plan(w)]
+
+
 def assert_same_clips(gpu, cpu) -> None:
     assert [i["indices"] for i, _ in gpu] == [i["indices"] for i, _ in cpu]
     assert [(i["start_s"], i["end_s"]) for i, _ in gpu] == [(i["start_s"], i["end_s"]) for i, _ in cpu]
@@ -323,7 +339,7 @@ def test_session_gives_the_cpu_paths_clips(files, fake_gpu, name, w):
     """Every file decoded by the session (no fallback) gives exactly the CPU path's clips: same frames by number,
     same windows, same pixels; the sparse windows make the session seek."""
     path = need(files, name)
-    fake, make_session = fake_gpu()
+    _, make_session = fake_gpu()
     gpu, session = gpu_clips(make_session, path, w)
     assert_same_clips(gpu, cpu_clips(path, w))
     assert session.labels_repaired == 0
@@ -340,8 +356,20 @@ def test_av1_is_refused_on_an_h100_before_any_decoder_and_decoded_on_an_l4(files
     assert info.value.category == "codec" and "Codec not supported" in info.value.reason
     assert fake.demuxers_opened == fake.decoders_created == 0
     fake, make_session = fake_gpu(l4_caps, "NVIDIA L4")
-    w = Windowing(frames=4, window_frames=10)
-    assert_same_clips(gpu_clips(make_session, path, w)[0], cpu_clips(path, w))
+    for w in (Windowing(frames=8), Windowing(frames=2, window_frames=6)):
+        assert_same_clips(gpu_clips(make_session, path, w)[0], reference_clips(path, w))
+
+
+def test_the_cpu_paths_sparse_av1_clips_can_hold_a_neighbouring_frame(files):
+    """Noticed here, left to the CPU path's owners: with libdav1d, pyav._clips_by_pts's per-packet skip_frame=NONREF
+    reaches frames decoded later, and a needed non-reference frame comes out as its neighbour. The GPU path gives
+    the frames the plan names (reference_clips). This pins the CPU path's behaviour as it is: if it changes, the
+    GPU AV1 tests can compare with the CPU path again."""
+    path = need(files, "av1_10bit")
+    w = Windowing(frames=2, window_frames=6)
+    cpu, reference = cpu_clips(path, w), reference_clips(path, w)
+    assert [i["indices"] for i, _ in cpu] == [i["indices"] for i, _ in reference]
+    assert any(not np.array_equal(a, b) for (_, a), (_, b) in zip(cpu, reference))
 
 
 def test_frames_an_edit_list_cuts_are_stood_in_for_as_on_the_cpu(files, fake_gpu):
@@ -354,7 +382,7 @@ def test_frames_an_edit_list_cuts_are_stood_in_for_as_on_the_cpu(files, fake_gpu
     cpu = cpu_clips(path, w)
     assert cut & set(cpu[0][0]["indices"])
     _, make_session = fake_gpu()
-    gpu, session = gpu_clips(make_session, path, w)
+    gpu, _ = gpu_clips(make_session, path, w)
     assert_same_clips(gpu, cpu)
     first = cpu[0][0]["indices"]
     stand_in = first.index(min(i for i in first if i not in cut))
@@ -574,3 +602,51 @@ def test_frame_matcher_stands_in_for_frames_an_edit_list_cuts():
     for i in range(4):
         m.send(i)
     assert [m.decoded(i) for i in range(4)] == [[], [], [0, 1], [3]]  # frame 2 stands in for the cut ones before it
+
+
+def test_parity_tool_reports_refused_and_failed_files_and_goes_on(files, fake_gpu, tmp_path, monkeypatch,
+                                                                  tiny_model, capsys):
+    """tools/decode_parity.py on a folder where NVDEC decodes one file, refuses three (AV1 on an H100, 10-bit H.264,
+    a file that is no video) and breaks on one: every file is a row of the table and of the JSON, with its fallback
+    category and reason, and the summary counts them."""
+    import importlib.util
+    import shutil
+
+    from iv2trt.runners.torch_runner import TorchRunner
+
+    spec = importlib.util.spec_from_file_location("decode_parity", Path(__file__).parent.parent / "tools" /
+                                                  "decode_parity.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    root = tmp_path / "videos"
+    root.mkdir()
+    shutil.copy(files["ts_no_bframes"], root / "a_decoded.ts")             # 100 frames
+    shutil.copy(files["phone_editlist"], root / "b_breaks.mp4")            # 150 frames: NVDEC fails at frame 120
+    shutil.copy(need(files, "av1_10bit"), root / "c_av1.mkv")
+    if _has_encoder("libx264", "yuv420p10le"):
+        encode(root / "d_h264_10bit.mp4", 4, pix_fmt="yuv420p10le")
+    (root / "e_garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
+    monkeypatch.setattr(nvdec, "nvdec_unavailable", lambda gpu=0: None)
+    monkeypatch.setattr("iv2trt.models.create_model", lambda *a, **k: tiny_model)
+    monkeypatch.setattr("iv2trt.runners.torch_runner.TorchRunner",
+                        lambda model, device=None, precision=None: TorchRunner(model, device="cpu", precision="fp32"))
+    fake_gpu(explode=[120])
+    out = tmp_path / "parity.json"
+    assert tool.main(["--videos", str(root), "--frames", "4", "--window-seconds", "0", "--output", str(out)]) == 0
+    report = __import__("json").loads(out.read_text())
+    rows = {r["file"]: r for r in report["rows"]}
+    assert rows["a_decoded.ts"]["status"] == "ok" and rows["a_decoded.ts"]["mean_abs_diff"] == 0
+    assert rows["a_decoded.ts"]["min_cosine"] > 0.99999
+    assert (rows["b_breaks.mp4"]["status"], rows["b_breaks.mp4"]["category"]) == ("failed", "stream_error")
+    assert (rows["c_av1.mkv"]["status"], rows["c_av1.mkv"]["category"]) == ("refused", "codec")
+    assert "Codec not supported" in rows["c_av1.mkv"]["reason"]
+    assert (rows["e_garbage.mp4"]["status"], rows["e_garbage.mp4"]["category"]) == ("refused", "stream_error")
+    bit_depth = int("d_h264_10bit.mp4" in rows)
+    if bit_depth:
+        assert (rows["d_h264_10bit.mp4"]["status"], rows["d_h264_10bit.mp4"]["category"]) == ("refused", "bit_depth")
+    assert report["decoded_by_nvdec"] == 1 and report["videos"] == 4 + bit_depth
+    assert report["fallbacks"] == {**dict.fromkeys(nvdec.FALLBACK_CATEGORIES, 0), "codec": 1, "bit_depth": bit_depth,
+                                   "stream_error": 2}
+    table = capsys.readouterr().out
+    assert "| c_av1.mkv | libdav1d yuv420p10le" in table and "| refused (codec) | " in table
+    assert "| b_breaks.mp4 |" in table and "failed (stream_error)" in table

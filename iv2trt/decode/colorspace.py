@@ -338,7 +338,7 @@ def dense_surface(frame: torch.Tensor) -> torch.Tensor:
     strides that are not the buffer's layout (`LoadDLPack(shape, {width, 2}, "|u2", ...)` for P016 in its
     PyNvVideoCodecUtils.hpp, while NvDecoder copies them out packed, `dstPitch = GetWidth() * m_nBPP`): the
     buffer holds rows of W samples, one after the other."""
-    rows, w = frame.shape[-2:]
+    w = frame.shape[-1]
     if frame.stride()[-2:] == (w, 1):
         return frame
     return frame.as_strided(frame.shape, (*frame.stride()[:-2], w, 1))

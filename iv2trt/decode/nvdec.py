@@ -418,8 +418,13 @@ class NvdecSession:
                 sitings.append(swscale_chroma_siting(frame))
 
         # refused before anything is decoded on the GPU: format from the headers, then timestamps, then colour
-        probe, rotation = probe_video(path, header=self._refuse_format, accept=self._refuse_timestamps,
-                                      first_frame=inspect)
+        try:
+            probe, rotation = probe_video(path, header=self._refuse_format, accept=self._refuse_timestamps,
+                                          first_frame=inspect)
+        except NvdecError:
+            raise
+        except DecodeError as exc:  # the demux pass's own (unreadable file, no video stream)
+            raise NvdecUnsupported(exc.reason, "stream_error") from None
         fmt = StreamFormat.of(probe)
         conv = self._converter(probe, sitings)
         codec = getattr(self.nvc.cudaVideoCodec, NVDEC_CODECS[fmt.codec])
