@@ -548,6 +548,21 @@ def test_capabilities_are_asked_once_per_gpu_model(fake_gpu):
     assert nvdec.gpu_caps(fake, 0, "NVIDIA L4")("av1", 8, "420")["supported"]  # the L4's answer, cached
 
 
+def test_a_query_without_chroma_format_is_asked_for_4_2_0(fake_gpu):
+    """A PyNvVideoCodec whose GetDecoderCaps takes no chroma format: its answer (4:2:0's) stands for every format,
+    and the decoder's own check refuses what the GPU does not decode."""
+    fake, _ = fake_gpu()
+
+    def old_query(gpuid=0, codec="H264", bitdepth=8):
+        return FakeNvc.GetDecoderCaps(fake, gpuid, codec, 1, bitdepth)
+
+    fake.GetDecoderCaps = old_query
+    lookup = nvdec.gpu_caps(fake, 0, "NVIDIA H100 80GB HBM3")
+    assert lookup("h264", 8, "444")["supported"] and lookup("h264", 8, "444")["chroma_unchecked"]
+    assert format_refusal(StreamFormat("hevc", 10, "444", 640, 480), lookup) is None
+    assert format_refusal(StreamFormat("h264", 10, "420", 640, 480), lookup).category == "bit_depth"
+
+
 def test_fallbacks_are_counted_by_category():
     causes = [NvdecUnsupported("AV1"), NvdecUnsupported("10-bit H.264", "bit_depth"), NvdecError("broken"),
               NvdecError("short", "frames_missing"), RuntimeError("CUDA"), "timestamps"]

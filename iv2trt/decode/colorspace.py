@@ -27,6 +27,7 @@ means limited/MPEG range; `yuvj*` pixel formats are full/JPEG range).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -243,14 +244,34 @@ def bilinear_filter(src: int, dst: int, src_pos: int, dst_pos: int, one: int, al
     return pos, taps
 
 
-def _apply(x: torch.Tensor, pos: list[int], taps: list[list[int]], dim: int) -> torch.Tensor:
-    """sum_j x[pos[i] + j] * taps[i][j] along `dim` (int32 in, int32 out)."""
-    n = len(taps[0])
-    index = torch.tensor([[p + j for j in range(n)] for p in pos], device=x.device).clamp_(max=x.shape[dim] - 1)
-    weight = torch.tensor(taps, dtype=torch.int32, device=x.device)
-    x = x.movedim(dim, -1)
-    out = (x[..., index] * weight).sum(-1, dtype=torch.int32)
-    return out.movedim(-1, dim)
+@dataclass(frozen=True)
+class _Filter:
+    """A bilinear_filter as tensors on one device: output i takes sum_j x[index[i, j]] * weight[i, j]."""
+
+    index: torch.Tensor
+    weight: torch.Tensor
+    packed1: bool  # at most 2 taps summing to 4096: swscale's yuv2packed1 runs (else yuv2packedX, which clips)
+
+    def __call__(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        x = x.movedim(dim, -1)
+        return (x[..., self.index] * self.weight).sum(-1, dtype=torch.int32).movedim(-1, dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _chroma_filters(height: int, width: int, h_pos: int, v_pos: int, device: str) -> tuple[_Filter, _Filter]:
+    """swscale's (horizontal, vertical) chroma filters for a height x width 4:2:0 frame at this chroma siting: the
+    chroma grid onto 15-bit samples for each output pair of pixels, then onto every output row. Made once per
+    frame size, siting and device (a 1080p frame's take tens of milliseconds in Python)."""
+    ch, cw = (height + 1) // 2, (width + 1) // 2
+    made = []
+    for (pos, taps), src in ((bilinear_filter(cw, cw, _local_pos(1, h_pos), _local_pos(1, -513), 1 << 14, align=4),
+                              cw),
+                             (bilinear_filter(ch, height, _local_pos(1, v_pos), _local_pos(0, -513), 1 << 12, align=2),
+                              ch)):
+        index = torch.tensor([[min(p + j, src - 1) for j in range(len(taps[0]))] for p in pos], device=device)
+        weight = torch.tensor(taps, dtype=torch.int32, device=device)
+        made.append(_Filter(index, weight, all(len(t) <= 2 and sum(t) == 4096 for t in taps)))
+    return made[0], made[1]
 
 
 # --- 10- and 12-bit 4:2:0: the scaler's C output (yuv2rgb24_1_c) -----------------------------------------------
@@ -265,46 +286,45 @@ class Yuv420HighDepth:
     h_pos: int = -513
     v_pos: int = -513
 
-    def filters(self, height: int, width: int):
-        """(horizontal, vertical) chroma filters of a height x width frame: the chroma grid onto 15-bit samples for
-        each output pair of pixels, then onto every output row."""
-        ch, cw, cdw = (height + 1) // 2, (width + 1) // 2, (width + 1) // 2
-        horizontal = bilinear_filter(cw, cdw, _local_pos(1, self.h_pos), _local_pos(1, -513), 1 << 14, align=4)
-        vertical = bilinear_filter(ch, height, _local_pos(1, self.v_pos), _local_pos(0, -513), 1 << 12, align=2)
-        return horizontal, vertical
-
     def to_rgb_planar(self, y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Samples (in `bit_depth` bits) y [..., H, W], u and v [..., ceil(H/2), ceil(W/2)] -> RGB int32
         [..., 3, H, W], 0..255, as swscale computes them."""
         h, w = y.shape[-2:]
         d = self.bit_depth
-        (hpos, htaps), (vpos, vtaps) = self.filters(h, w)
-        packed1 = all(len(t) <= 2 and sum(t) == 4096 for t in vtaps)  # yuv2packed1 (else yuv2packedX)
+        horizontal, vertical = _chroma_filters(h, w, self.h_pos, self.v_pos, str(y.device))
         luma = ((y.to(torch.int32) << (15 - d)) + 64) >> 7  # the 1-tap vertical luma filter's rounding
-        if not packed1:
+        if not vertical.packed1:
             luma = luma.clamp_(max=255)
         chroma = []
         for c in (u, v):
-            c15 = (_apply(c.to(torch.int32), hpos, htaps, -1) >> (d - 1)).clamp_(max=(1 << 15) - 1)  # hScale16To15
-            c8 = (_apply(c15, vpos, vtaps, -2) + (1 << 18)) >> 19
+            c15 = (horizontal(c.to(torch.int32), -1) >> (d - 1)).clamp_(max=(1 << 15) - 1)  # hScale16To15
+            c8 = (vertical(c15, -2) + (1 << 18)) >> 19
             chroma.append(c8.clamp_(0, 255).repeat_interleave(2, dim=-1)[..., :w])
         return _c_table_rgb(luma, chroma[0], chroma[1], self.colorspace, self.full_range)
 
 
-def _c_table_rgb(luma: torch.Tensor, u: torch.Tensor, v: torch.Tensor, colorspace: int, full: bool) -> torch.Tensor:
-    """RGB from 8-bit Y (up to 256), U, V through swscale's 24-bit C tables: y_table[i] = clip((yb + i * cy +
-    0x8000) >> 16) and table_rV[V] = y_table + yoffs - (crv >> 9) + ((V * crv) >> 16), the other terms alike;
-    written out as the arithmetic the lookups perform."""
+@functools.lru_cache(maxsize=32)
+def _c_tables(colorspace: int, full: bool, device: str) -> tuple[torch.Tensor, ...]:
+    """swscale's 24-bit C tables (ff_yuv2rgb_c_init_tables): y_table[i] = clip((yb + i * cy + 0x8000) >> 16), and
+    for each 8-bit chroma value the offset table_rV[V] (table_gU[U] + table_gV[V], table_bU[U]) adds to the luma
+    index: ((V * crv) >> 16) - (crv >> 9), the coefficients scaled by cy. Returned as (y_table from index `low`,
+    low, R's V offsets, G's U offsets, G's V offsets, B's U offsets)."""
     cy, oy, crv, cbu, cgu, cgv = _matrix(colorspace, full)
-    crv, cbu, cgu, cgv = (_c_div(c * (1 << 16) + 0x8000, cy) for c in (crv, cbu, cgu, cgv))  # scaled by cy
+    crv, cbu, cgu, cgv = (_c_div(c * (1 << 16) + 0x8000, cy) for c in (crv, cbu, cgu, cgv))
+    offsets = [[((x * k) >> 16) - (k >> 9) for x in range(256)] for k in (crv, cgu, cgv, cbu)]
+    low = min(min(offsets[0]), min(offsets[1]) + min(offsets[2]), min(offsets[3]))
+    high = 256 + max(max(offsets[0]), max(offsets[1]) + max(offsets[2]), max(offsets[3]))
     base = -(384 << 16) - oy + (384 if full else 326) * cy + 0x8000
+    y_table = [max(0, min(255, (base + i * cy) >> 16)) for i in range(low, high + 1)]
+    return (torch.tensor(y_table, dtype=torch.int32, device=device), low,
+            *(torch.tensor(o, dtype=torch.int32, device=device) for o in offsets))
 
-    def term(x: torch.Tensor, k: int) -> torch.Tensor:
-        return ((x.to(torch.int64) * k) >> 16) - (k >> 9)
 
-    y = luma.to(torch.int64)
-    rgb = [y + term(v, crv), y + term(u, cgu) + term(v, cgv), y + term(u, cbu)]
-    return torch.stack([((base + i * cy) >> 16).clamp_(0, 255) for i in rgb], -3).to(torch.int32)
+def _c_table_rgb(luma: torch.Tensor, u: torch.Tensor, v: torch.Tensor, colorspace: int, full: bool) -> torch.Tensor:
+    """RGB from 8-bit Y (up to 256), U and V (0..255) through swscale's 24-bit C tables, looked up as it does."""
+    y_table, low, rv, gu, gv, bu = _c_tables(colorspace, full, str(luma.device))
+    y, u, v = luma.long() - low, u.long(), v.long()
+    return torch.stack([y_table[y + rv[v]], y_table[y + gu[u] + gv[v]], y_table[y + bu[u]]], -3)
 
 
 # --- 4:4:4: full chroma interpolation (yuv2rgb_full_1_c) ----------------------------------------------------------

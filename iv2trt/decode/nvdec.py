@@ -226,10 +226,15 @@ def gpu_caps(nvc, gpu: int, model: str | None = None) -> CapsLookup:
     def lookup(codec: str, depth: int, chroma: str) -> dict:
         key = (model, codec, depth, chroma)
         if key not in _CAPS:
+            nv_codec = getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec])
             try:
-                answer = nvc.GetDecoderCaps(gpuid=gpu, codec=getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec]),
-                                            chromaformat=_chroma_format(nvc, chroma), bitdepth=depth)
-                _CAPS[key] = dict(answer)
+                try:
+                    answer = dict(nvc.GetDecoderCaps(gpuid=gpu, codec=nv_codec, bitdepth=depth,
+                                                     chromaformat=_chroma_format(nvc, chroma)))
+                except TypeError:  # a build whose query takes no chroma format: 4:2:0's answer; its decoder checks
+                    answer = dict(nvc.GetDecoderCaps(gpuid=gpu, codec=nv_codec, bitdepth=depth))
+                    answer["chroma_unchecked"] = chroma != "420"
+                _CAPS[key] = answer
             except Exception as exc:  # noqa: BLE001 - the driver refuses the question: not supported
                 _CAPS[key] = {"supported": 0, "error": _one_line(exc)}
         return _CAPS[key]
