@@ -15,7 +15,8 @@ Whether NVDEC takes a video is decided from the container's headers before any p
 codec, not its decoder), bit depth, chroma format and size against what this GPU's NVDEC reports
 (GetDecoderCaps, asked once per GPU model in the process; `format_refusal`). Every file the GPU path does not
 decode raises NvdecError (NvdecUnsupported when refused before decoding) with a `category`
-(FALLBACK_CATEGORIES); the job sends it to the CPU path (workers.py) and counts fallbacks by category.
+(FALLBACK_CATEGORIES); the job sends it to the CPU path (workers.py), and can count fallbacks by category
+(count_fallbacks).
 """
 from __future__ import annotations
 
