@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from iv2trt.decode.colorspace import nv12_to_rgb, split_nv12, stream_yuv_to_rgb, yuv_to_rgb
+from iv2trt.decode.colorspace import (CHROMA_SITINGS, dense_surface, nv12_to_rgb, split_nv12, stream_yuv_to_rgb,
+                                      surface_converter, swscale_chroma_siting, yuv_to_rgb)
 from iv2trt.decode.samples import pattern_frames, write_video
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -114,3 +115,140 @@ def test_unconvertible_matrices_are_refused():
         stream_yuv_to_rgb(8, 1, "yuv420p")
     reserved = stream_yuv_to_rgb(3, 0, "yuv420p")  # reserved: the BT.601 default
     assert dataclasses.replace(reserved, colorspace=2) == yuv_to_rgb(2, False)
+
+
+# --- 10/12-bit 4:2:0 and 4:4:4: swscale's scaler routes, as NVDEC's P016 / YUV444 surfaces reach them -----------
+def planar_frame(planes: list[np.ndarray], fmt: str, colorspace: int = 2, color_range: int = 0) -> av.VideoFrame:
+    """A PyAV frame of a planar format (yuv444p, yuv420p10le, yuv444p12le, ...) holding these planes."""
+    frame = av.VideoFrame(planes[0].shape[1], planes[0].shape[0], fmt)
+    dtype = np.uint8 if frame.format.components[0].bits == 8 else np.uint16
+    for plane, data in zip(frame.planes, planes):
+        rows = np.frombuffer(plane, dtype).reshape(-1, plane.line_size // dtype().itemsize)
+        rows[:data.shape[0], :data.shape[1]] = data
+    frame.colorspace, frame.color_range = colorspace, color_range
+    return frame
+
+
+def frame_planes(frame: av.VideoFrame) -> list[np.ndarray]:
+    """Y, U, V samples of a planar frame (8 or 16-bit words), without the line padding."""
+    dtype = np.uint8 if frame.format.components[0].bits == 8 else np.uint16
+    out = []
+    for plane, comp in zip(frame.planes, frame.format.components):
+        data = np.frombuffer(plane, dtype).reshape(-1, plane.line_size // dtype().itemsize)
+        out.append(data[:comp.height, :comp.width])
+    return out
+
+
+def decoder_surface(planes: list[np.ndarray], depth: int) -> torch.Tensor:
+    """The surface NVDEC hands out for these samples: luma rows then interleaved U/V rows for 4:2:0 (P016 above 8
+    bits), three planes for 4:4:4; above 8 bits in 16-bit words with the samples in the high bits."""
+    y, u, v = planes
+    rows = [y, np.stack([u, v], -1).reshape(u.shape[0], -1)] if u.shape != y.shape else [y, u, v]
+    surface = np.concatenate(rows, 0)
+    return torch.from_numpy(surface.astype(np.uint16) << (16 - depth) if depth > 8 else surface.astype(np.uint8))
+
+
+def assert_converts_like_pyav(frame: av.VideoFrame, siting=(-513, -513)) -> None:
+    conv = surface_converter(frame.colorspace, frame.color_range, frame.format.name, siting)
+    surface = decoder_surface(frame_planes(frame), frame.format.components[0].bits)
+    assert surface.shape[0] == conv.rows(frame.height)
+    ours = conv.to_rgb_planar(surface, frame.height, frame.width).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert_same_pixels(ours, frame.to_ndarray(format="rgb24"))
+
+
+HI_MATRICES = [(2, 0), (1, 1), (1, 2), (5, 2), (4, 1), (7, 1), (9, 1), (9, 2)]
+
+
+@pytest.mark.parametrize("colorspace,color_range", HI_MATRICES)
+@pytest.mark.parametrize("fmt", ["yuv420p10le", "yuv420p12le", "yuv444p", "yuv444p10le", "yuv444p12le"])
+def test_high_depth_and_444_random_samples_match_pyav(fmt, colorspace, color_range):
+    """Random samples over the whole range, each matrix and range: surfaces converted here equal swscale's rgb24
+    (for 10/12-bit 4:2:0 its scaler route: 15-bit samples, 2x chroma filter, C tables; full chroma for 4:4:4)."""
+    depth, sub = av.VideoFormat(fmt).components[0].bits, 1 if "420" in fmt else 0
+    rng = np.random.default_rng(depth * 100 + colorspace * 10 + color_range)
+    h, w = 48, 80
+    planes = [rng.integers(0, 1 << depth, (h, w))] + [rng.integers(0, 1 << depth, (h >> sub, w >> sub)) for _ in "uv"]
+    assert_converts_like_pyav(planar_frame(planes, fmt, colorspace, color_range))
+
+
+@pytest.mark.parametrize("colorspace,color_range", [(1, 1), (1, 2), (2, 1), (7, 1), (9, 2)])
+@pytest.mark.parametrize("fmt", ["yuv420p10le", "yuv420p12le", "yuv444p", "yuv444p12le"])
+def test_extreme_samples_match_pyav(fmt, colorspace, color_range):
+    """Every combination of extreme and middle samples (0, 1, mid, max - 1, max) for Y, U and V: the saturation of
+    the C tables (luma rounds up to 256 at the top) and the 32-bit wrap-around of the full-chroma sums."""
+    top = (1 << av.VideoFormat(fmt).components[0].bits) - 1
+    values = np.array([0, 1, top // 2, top - 1, top])
+    y, u, v = (a.ravel() for a in np.meshgrid(values, values, values, indexing="ij"))  # 125 triples
+    if "444" in fmt:
+        planes = [np.tile(np.append(c, c[-1]), (2, 1)) for c in (y, u, v)]                 # [2, 126]
+    else:  # each (U, V) under a 2 x 2 block of one Y
+        planes = [np.repeat(np.repeat(y[None], 2, 0), 2, 1), u[None], v[None]]
+    assert_converts_like_pyav(planar_frame(planes, fmt, colorspace, color_range))
+
+
+def _has_encoder(name: str, pix_fmt: str) -> bool:
+    try:
+        return pix_fmt in [f.name for f in av.codec.Codec(name, "w").video_formats]
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("chromaloc", range(6))
+def test_chroma_siting_of_decoded_hevc_10bit(tmp_path, chromaloc):
+    """HEVC signals where chroma sits (x265 --chromaloc 0..5; the decoder reports LEFT when unsignalled) and swscale
+    filters chroma to match: swscale_chroma_siting finds it from one frame, and every frame of the stream then
+    converts like PyAV."""
+    if not _has_encoder("libx265", "yuv420p10le"):
+        pytest.skip("no 10-bit libx265 in this FFmpeg build")
+    path = write_video(tmp_path / "c.mp4", pattern_frames(4, 48, 64, seed=chromaloc), "libx265", pix_fmt="yuv420p10le",
+                       options={"x265-params": f"log-level=0:chromaloc={chromaloc}"})
+    expected = list(CHROMA_SITINGS.values())[[1, 0, 2, 3, 4, 5][chromaloc]]  # CENTER is swscale's default
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+    for frame in frames[:-1]:
+        assert_converts_like_pyav(frame, expected)
+    assert swscale_chroma_siting(frames[-1]) == expected
+
+
+ENCODED = [("libx265", "yuv420p10le", {"x265-params": "log-level=0"}), ("libx265", "yuv420p12le",
+                                                                       {"x265-params": "log-level=0"}),
+           ("libx265", "yuv444p", {"x265-params": "log-level=0"}), ("libx265", "yuv444p10le",
+                                                                   {"x265-params": "log-level=0"}),
+           ("libx264", "yuv420p10le", {}), ("libx264", "yuv444p", {}), ("libsvtav1", "yuv420p10le", {})]
+
+
+@pytest.mark.parametrize("codec,pix_fmt,options", ENCODED, ids=[f"{c}-{p}" for c, p, _ in ENCODED])
+def test_encoded_high_depth_and_444_streams_convert_like_pyav(tmp_path, codec, pix_fmt, options):
+    """Real decoded frames (each decoder sets its own chroma location and colour tags): the siting found on one
+    frame, then every other frame converted from its decoder surface, equal PyAV's rgb24."""
+    if not _has_encoder(codec, pix_fmt):
+        pytest.skip(f"no {codec} for {pix_fmt} in this FFmpeg build")
+    path = write_video(tmp_path / "v.mkv", pattern_frames(4, 64, 96, seed=5), codec, pix_fmt=pix_fmt, options=options,
+                       colorspace=1, color_range=1)
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+    assert frames[0].format.name == pix_fmt
+    siting = swscale_chroma_siting(frames[-1]) if "420" in pix_fmt else (-513, -513)
+    assert siting is not None
+    for frame in frames[:-1]:
+        assert_converts_like_pyav(frame, siting)
+
+
+def test_formats_without_a_reproduced_conversion_are_refused():
+    for pix_fmt in ("yuv422p10le", "gray10le", "yuva420p", "gbrp", "nv12", "yuv420p16le"):
+        with pytest.raises(ValueError, match="no RGB conversion"):
+            surface_converter(1, 1, pix_fmt)
+    with pytest.raises(ValueError, match="YCgCo"):
+        surface_converter(8, 1, "yuv420p10le")
+    assert surface_converter(1, 2, "yuvj444p").route.full_range
+
+
+def test_16_bit_surface_exported_with_odd_strides_reads_as_packed_rows():
+    """PyNvVideoCodec labels its P016 surfaces with element strides (W, 2) over a buffer of packed W-sample rows;
+    dense_surface reads the buffer as it is laid out."""
+    rows, w = 6, 8
+    buffer = torch.arange(rows * w + w, dtype=torch.int32)
+    exported = buffer.as_strided((rows, w), (w, 2))
+    assert torch.equal(dense_surface(exported), buffer[:rows * w].view(rows, w))
+    dense = buffer[:rows * w].view(rows, w)
+    assert dense_surface(dense) is dense

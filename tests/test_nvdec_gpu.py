@@ -230,3 +230,127 @@ def test_job_features_nvdec_vs_cpu(tmp_path, tiny_model):
     assert summary["decoders"]["nvdec"]["fallbacks_to_cpu"] == 2  # the AVI and the broken file
     failure = json.loads((tmp_path / "nvdec" / "failures.jsonl").read_text().splitlines()[0])
     assert failure["reason"].startswith("NVDEC: ") and "; CPU: " in failure["reason"]
+
+
+# --- issue 22: every format the GPU decodes, high bit depths, real-file timestamps, refusals with categories -------
+def _encoder_takes(codec: str, pix_fmt: str) -> bool:
+    import av
+
+    try:
+        return pix_fmt in [f.name for f in av.codec.Codec(codec, "w").video_formats]
+    except Exception:  # noqa: BLE001 - no such encoder in this FFmpeg build
+        return False
+
+
+def decoded_by_nvdec(session, path: Path, w: Windowing):
+    """The GPU clips of a file NVDEC must decode (a fallback fails the test, with its category and reason), and the
+    session (its counters)."""
+    from iv2trt.decode.nvdec import NvdecError
+
+    s = session(w)
+    try:
+        out = []
+        for info, frames, ready in s.clips("video", str(path)):
+            ready.synchronize()
+            out.append((info, frames.cpu().numpy()))
+    except NvdecError as exc:
+        pytest.fail(f"NVDEC fell back on {path.name}: {exc.category}: {exc.reason}")
+    return out, s
+
+
+HIGH_DEPTH = [("libx265", "mp4", "yuv420p10le", {"x265-params": "log-level=0"}),
+              ("libx265", "mp4", "yuv420p12le", {"x265-params": "log-level=0"}),
+              ("libx265", "mp4", "yuv444p", {"x265-params": "log-level=0"}),
+              ("libx265", "mp4", "yuv444p10le", {"x265-params": "log-level=0"}),
+              ("libx265", "mkv", "yuv420p10le", {"x265-params": "log-level=0:chromaloc=2"}),  # top-left chroma
+              ("libvpx-vp9", "webm", "yuv420p10le", {}),
+              ("libvpx-vp9", "webm", "yuv420p12le", {})]
+
+
+@pytest.mark.parametrize("codec,ext,pix_fmt,options", HIGH_DEPTH,
+                         ids=[f"{c}-{p}" + ("-chromaloc2" if "chromaloc" in str(o) else "") for c, _, p, o in HIGH_DEPTH])
+def test_high_bit_depth_and_444_parity(tmp_path, session, codec, ext, pix_fmt, options):
+    """HEVC 10/12-bit 4:2:0 (P016 surfaces) and 8/10-bit 4:4:4 (YUV444 surfaces), VP9 10/12-bit where PyAV's
+    libvpx writes them (PyPI's wheels: 8-bit only), 2 s of 640x360: decoded by NVDEC with no fallback, converted as
+    swscale does (bit-exact on x86: HEVC and VP9 decode identically), so the resized clips match the CPU path's,
+    one clip and 1 s windows; every label came back."""
+    if not _encoder_takes(codec, pix_fmt):
+        pytest.skip(f"this FFmpeg build's {codec} does not write {pix_fmt}")
+    path = encode(tmp_path / f"v.{ext}", natural_frames(60, 360, 640, seed=30), codec, options=options,
+                  pix_fmt=pix_fmt, colorspace=1, color_range=1)
+    for w in WINDOWINGS[:2]:
+        gpu, s = decoded_by_nvdec(session, path, w)
+        assert_same_clips(gpu, cpu_clips(path, w), exact=True)
+        assert s.labels_repaired == 0
+
+
+@pytest.mark.parametrize("kind", ["us-jitter-editlist-bframes", "us-jitter-no-bframes", "90k-start-5s-pyramid"])
+def test_real_file_timestamps_parity(tmp_path, session, kind):
+    """H.264 as phones and cameras write it, 2.5 s of 640x360: a 1/1,000,000 time base with durations of 32-34 ms
+    and an edit list cutting frames before 0 (with and without B-frames), and 1/90,000 starting at 5 s with
+    reordered B-frames. Every file decoded by NVDEC with no fallback, frames matched to the plan through seeks
+    (one clip, sparse 0.5 s windows, frame windows), clips equal the CPU path's; every label came back."""
+    from fractions import Fraction
+
+    from test_nvdec_fake import encode as encode_timed
+    from test_nvdec_fake import jittered
+
+    frames = natural_frames(75, 360, 640, seed=31)
+    if kind.startswith("us"):
+        pts, time_base = jittered(75, 33_333, 1_000, -100_000), Fraction(1, 1_000_000)
+    else:
+        pts, time_base = jittered(75, 3003, 300, 450_000), Fraction(1, 90_000)
+    options = {"bf": "0"} if "no-bframes" in kind else {"bf": "3", "b_strategy": "0"}
+    path = encode_timed(tmp_path / "t.mp4", 75, time_base=time_base, pts=pts, options=options, gop=15, frames=frames)
+    for w in (Windowing(frames=8), Windowing(frames=4, window_seconds=0.5, stride=1.5),
+              Windowing(frames=6, window_frames=20, stride=13)):
+        gpu, s = decoded_by_nvdec(session, path, w)
+        assert_same_clips(gpu, cpu_clips(path, w), exact=True)
+        assert s.labels_repaired == 0
+        print(json.dumps({"kind": kind, "windowing": str(w), "frames_decoded": s.frames_decoded,
+                          "frames_dropped": s.frames_dropped}))
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv420p10le"])
+def test_av1_refused_by_codec_or_decoded_with_parity(tmp_path, session, pix_fmt):
+    """AV1: on a GPU whose NVDEC does not report it (H100/H200) refused before anything is decoded, category codec;
+    where it does (L4, L40S, ...), decoded like the CPU path."""
+    from iv2trt.decode.nvdec import NvdecUnsupported, gpu_caps
+
+    if not _encoder_takes("libsvtav1", pix_fmt):
+        pytest.skip(f"no libsvtav1 for {pix_fmt} in this FFmpeg build")
+    path = encode(tmp_path / "a.mkv", natural_frames(30, 240, 320, seed=32), "libsvtav1", pix_fmt=pix_fmt)
+    w = Windowing(frames=4)
+    s = session(w)
+    depth = 10 if "10" in pix_fmt else 8
+    print(json.dumps({"gpu": torch.cuda.get_device_name(0), "av1_caps": gpu_caps(s.nvc, 0)("av1", depth, "420")}))
+    if not gpu_caps(s.nvc, 0)("av1", depth, "420").get("supported"):
+        with pytest.raises(NvdecUnsupported) as info:
+            list(s.clips("video", str(path)))
+        assert info.value.category in ("codec", "bit_depth"), info.value.reason
+        assert s.frames_decoded == 0
+    else:  # against the frames the plan names: the CPU path's libdav1d may give a neighbour (see reference_clips)
+        from test_nvdec_fake import reference_clips
+
+        gpu, _ = decoded_by_nvdec(session, path, w)
+        assert_same_clips(gpu, reference_clips(path, w, SIZE), exact=True)
+
+
+@pytest.mark.parametrize("codec,pix_fmt,category", [("libx264", "yuv420p10le", "bit_depth"),
+                                                    ("libx264", "yuv444p", "chroma"),
+                                                    ("libx265", "yuv422p10le", "chroma")])
+def test_formats_refused_with_their_category_and_decoded_on_the_cpu(tmp_path, session, codec, pix_fmt, category):
+    """Formats this GPU's NVDEC (or the conversion) does not take are refused before a decoder is made, with a
+    category; the CPU path decodes them."""
+    from iv2trt.decode.nvdec import NvdecUnsupported
+
+    if not _encoder_takes(codec, pix_fmt):
+        pytest.skip(f"no {codec} for {pix_fmt}")
+    path = encode(tmp_path / "r.mp4", natural_frames(8, 96, 160, seed=33), codec, pix_fmt=pix_fmt,
+                  options={"x265-params": "log-level=0"} if codec == "libx265" else None)
+    s = session(Windowing(frames=4))
+    with pytest.raises(NvdecUnsupported) as info:
+        list(s.clips("video", str(path)))
+    assert info.value.category == category, info.value.reason
+    assert s.frames_decoded == 0 and not s._decoders
+    assert len(cpu_clips(path, Windowing(frames=4))) == 1

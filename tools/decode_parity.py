@@ -1,10 +1,11 @@
 """GPU decode (NVDEC) against the CPU path on real videos: resized frames and S/14 fp32 features, per file.
 
-For every video in --videos (and, with --transcode, copies of each re-encoded to HEVC, VP9 and MPEG-4
-Part 2 with FFmpeg's encoders, so one set of real footage covers several codecs), both decoders produce
+For every video in --videos (and, with --transcode, copies of each re-encoded to HEVC 8 and 10-bit, VP9, MPEG-4
+Part 2 and AV1 10-bit with FFmpeg's encoders, so one set of real footage covers several codecs), both decoders produce
 the job's clips (T frames, resized uint8); the tool reports the mean and largest absolute pixel difference,
-the share of identical values, and the smallest cosine between the fp32 model's features of the two.
-Prints a table and writes JSON. Needs a GPU with NVDEC and PyNvVideoCodec.
+the share of identical values, and the smallest cosine between the fp32 model's features of the two. Files NVDEC
+refuses or fails on are rows too (status refused / failed, the fallback category and the reason), and the summary
+counts them by category. Prints a table and writes JSON. Needs a GPU with NVDEC and PyNvVideoCodec.
 
   python tools/decode_parity.py --videos DIR --transcode --output parity.json
 """
@@ -21,12 +22,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-TRANSCODES = {"hevc": ("libx265", "mp4", {"x265-params": "log-level=0"}), "vp9": ("libvpx-vp9", "webm", {}),
-              "mpeg4": ("mpeg4", "mp4", {"qscale": "3", "bf": "2"})}
+# name -> (encoder, container, options, pixel format)
+TRANSCODES = {"hevc": ("libx265", "mp4", {"x265-params": "log-level=0"}, "yuv420p"),
+              "hevc10": ("libx265", "mp4", {"x265-params": "log-level=0"}, "yuv420p10le"),
+              "vp9": ("libvpx-vp9", "webm", {}, "yuv420p"),
+              "mpeg4": ("mpeg4", "mp4", {"qscale": "3", "bf": "2"}, "yuv420p"),
+              "av1": ("libsvtav1", "mkv", {}, "yuv420p10le")}
 
 
-def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float) -> Path:
-    """The first `seconds` of src re-encoded with `codec` (frame size, rate and colour tags kept)."""
+def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float, pix_fmt: str = "yuv420p") -> Path:
+    """The first `seconds` of src re-encoded with `codec` in `pix_fmt` (frame size, rate and colour tags kept)."""
     import av
 
     if dst.is_file():
@@ -37,13 +42,13 @@ def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float) -
         cc = s_in.codec_context
         s_out = out.add_stream(codec, rate=s_in.average_rate or 30, options=options)
         s_out.codec_context.time_base = Fraction(1) / (s_in.average_rate or 30)
-        s_out.width, s_out.height, s_out.pix_fmt = cc.width, cc.height, "yuv420p"
+        s_out.width, s_out.height, s_out.pix_fmt = cc.width, cc.height, pix_fmt
         s_out.codec_context.colorspace, s_out.codec_context.color_range = cc.colorspace, cc.color_range
         rate = s_in.average_rate or 30
         for n, frame in enumerate(inp.decode(s_in)):
             if n >= seconds * rate:
                 break
-            frame = frame.reformat(format="yuv420p")
+            frame = frame.reformat(format=pix_fmt)
             frame.pts, frame.time_base = n, Fraction(1) / rate
             for packet in s_out.encode(frame):
                 out.mux(packet)
@@ -53,10 +58,88 @@ def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float) -
     return dst
 
 
+def stream_format(path: Path) -> str:
+    """codec, pixel format, size and colour tags of a file's video stream, for the table."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            cc = c.streams.video[0].codec_context
+            return f"{cc.name} {cc.pix_fmt} {cc.width}x{cc.height} cs{cc.colorspace} range{cc.color_range}"
+    except Exception as exc:  # noqa: BLE001 - the row says the file is not readable
+        return f"unreadable ({type(exc).__name__})"
+
+
+def compare(path: Path, session, runner, w, img_size: int) -> dict:
+    """NVDEC's clips of one file against the CPU path's: pixel differences and feature cosines. Raises NvdecError
+    (or another exception) when the GPU path does not decode it, DecodeError when the CPU path does not."""
+    import torch
+
+    from iv2trt.compare import cosine_rows
+    from iv2trt.decode.inputs import InputItem
+    from iv2trt.decode.source import iter_clips
+
+    gpu = []
+    for _, frames, ready in session.clips("video", str(path)):
+        ready.synchronize()
+        gpu.append(frames)
+    cpu = [f for _, f in iter_clips(InputItem(str(path), path.name, "video"), w, img_size)]
+    a_cpu, t_gpu = np.stack(cpu), torch.stack(gpu)
+    diff = np.abs(a_cpu.astype(np.int16) - t_gpu.cpu().numpy().astype(np.int16))
+    f_cpu = np.concatenate([runner.infer_uint8(a_cpu[i:i + 8]) for i in range(0, len(a_cpu), 8)])
+    f_gpu = np.concatenate([runner.infer_uint8(t_gpu[i:i + 8]) for i in range(0, len(t_gpu), 8)])
+    return {"clips": len(cpu), "mean_abs_diff": float(diff.mean()), "max_abs_diff": int(diff.max()),
+            "identical": float((diff == 0).mean()), "min_cosine": float(cosine_rows(f_cpu, f_gpu).min())}
+
+
+def parity_rows(videos: list[Path], session, runner, w, img_size: int) -> list[dict]:
+    """One row per file, printed as it comes: its comparison when NVDEC decoded it; otherwise "refused" (NVDEC
+    does not take it), "failed" (NVDEC broke on it) or "cpu_failed", with the fallback category and the reason.
+    A file that does not go through NVDEC is reported and the next one taken."""
+    from iv2trt.decode.clips import DecodeError
+    from iv2trt.decode.nvdec import NvdecError, NvdecUnsupported, fallback_category
+
+    print("| file | format | status | clips | mean abs diff | max | identical | min cosine |", flush=True)
+    rows = []
+    for path in videos:
+        started = time.perf_counter()
+        row = {"file": path.name, "format": stream_format(path)}
+        try:
+            row.update(status="ok", **compare(path, session, runner, w, img_size))
+        except NvdecError as exc:
+            row.update(status="refused" if isinstance(exc, NvdecUnsupported) else "failed", category=exc.category,
+                       reason=exc.reason)
+        except DecodeError as exc:  # NVDEC decoded it, the CPU path did not
+            row.update(status="cpu_failed", category=None, reason=exc.reason)
+        except Exception as exc:  # noqa: BLE001 - a crash on the GPU path is that file's result; go on
+            row.update(status="failed", category=fallback_category(exc), reason=f"{type(exc).__name__}: {exc}")
+        row["seconds"] = time.perf_counter() - started
+        rows.append(row)
+        if row["status"] == "ok":
+            print(f"| {row['file']} | {row['format']} | ok | {row['clips']} | {row['mean_abs_diff']:.4f} | "
+                  f"{row['max_abs_diff']} | {100 * row['identical']:.3f}% | {row['min_cosine']:.7f} |", flush=True)
+        else:
+            why = f"{row['status']} ({row['category']})" if row["category"] else row["status"]
+            print(f"| {row['file']} | {row['format']} | {why} | {row['reason']} | | | | |", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    from iv2trt.decode.nvdec import count_fallbacks
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    return {"videos": len(rows), "decoded_by_nvdec": len(ok),
+            "fallbacks": count_fallbacks(r["category"] for r in rows if r["status"] in ("refused", "failed")),
+            "cpu_failed": sum(r["status"] == "cpu_failed" for r in rows),
+            "worst_mean_abs_diff": max((r["mean_abs_diff"] for r in ok), default=None),
+            "worst_min_cosine": min((r["min_cosine"] for r in ok), default=None)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, help="folder of videos (searched recursively)")
-    p.add_argument("--transcode", action="store_true", help="also HEVC, VP9 and MPEG-4 copies of each video")
+    p.add_argument("--transcode", action="store_true",
+                   help="also HEVC (8 and 10-bit), VP9, MPEG-4 and AV1 (10-bit) copies of each video")
     p.add_argument("--transcode-seconds", type=float, default=10.0, help="length of the transcoded copies")
     p.add_argument("--work", default="/tmp/iv2trt_parity", help="where transcoded copies go")
     p.add_argument("--frames", type=int, default=8)
@@ -66,11 +149,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from iv2trt.compare import cosine_rows
     from iv2trt.decode.clips import Windowing
-    from iv2trt.decode.inputs import InputItem, discover
+    from iv2trt.decode.inputs import discover
     from iv2trt.decode.nvdec import NvdecSession, nvdec_unavailable
-    from iv2trt.decode.source import iter_clips
     from iv2trt.models import create_model
     from iv2trt.runners.torch_runner import TorchRunner
 
@@ -83,42 +164,18 @@ def main(argv=None) -> int:
         work = Path(a.work)
         work.mkdir(parents=True, exist_ok=True)
         for src in list(videos):
-            for name, (codec, ext, options) in TRANSCODES.items():
+            for name, (codec, ext, options, pix_fmt) in TRANSCODES.items():
                 try:
                     videos.append(transcode(src, work / f"{src.stem}.{name}.{ext}", codec, options,
-                                            a.transcode_seconds))
+                                            a.transcode_seconds, pix_fmt))
                 except Exception as exc:  # noqa: BLE001 - a source FFmpeg cannot read is skipped, and said
                     print(f"skipping {src} ({name}): {exc}", file=sys.stderr)
     w = Windowing(a.frames, a.window_seconds or None)
     model = create_model("internvideo2_clip_s14", random_init=True, seed=0)
     runner = TorchRunner(model, device="cuda", precision="fp32")
     session = NvdecSession(0, w, model.cfg.img_size)
-    rows = []
-    for path in videos:
-        started = time.perf_counter()
-        cpu = [f for _, f in iter_clips(InputItem(str(path), path.name, "video"), w, model.cfg.img_size)]
-        gpu = []
-        for _, frames, ready in session.clips("video", str(path)):
-            ready.synchronize()
-            gpu.append(frames)
-        a_cpu = np.stack(cpu)
-        t_gpu = torch.stack(gpu)
-        diff = np.abs(a_cpu.astype(np.int16) - t_gpu.cpu().numpy().astype(np.int16))
-        f_cpu = np.concatenate([runner.infer_uint8(a_cpu[i:i + 8]) for i in range(0, len(a_cpu), 8)])
-        f_gpu = np.concatenate([runner.infer_uint8(t_gpu[i:i + 8]) for i in range(0, len(t_gpu), 8)])
-        import av
-
-        with av.open(str(path)) as c:
-            cc = c.streams.video[0].codec_context
-            fmt = f"{cc.name} {cc.pix_fmt} {cc.width}x{cc.height} cs{cc.colorspace} range{cc.color_range}"
-        rows.append({"file": path.name, "format": fmt, "clips": len(cpu), "mean_abs_diff": float(diff.mean()),
-                     "max_abs_diff": int(diff.max()), "identical": float((diff == 0).mean()),
-                     "min_cosine": float(cosine_rows(f_cpu, f_gpu).min()), "seconds": time.perf_counter() - started})
-        r = rows[-1]
-        print(f"| {r['file']} | {r['format']} | {r['clips']} | {r['mean_abs_diff']:.4f} | {r['max_abs_diff']} | "
-              f"{100 * r['identical']:.3f}% | {r['min_cosine']:.7f} |", flush=True)
-    summary = {"videos": len(rows), "worst_mean_abs_diff": max(r["mean_abs_diff"] for r in rows),
-               "worst_min_cosine": min(r["min_cosine"] for r in rows), "gpu": torch.cuda.get_device_name(0),
+    rows = parity_rows(videos, session, runner, w, model.cfg.img_size)
+    summary = {**summarize(rows), "gpu": torch.cuda.get_device_name(0),
                "model": "internvideo2_clip_s14 fp32, random weights (seed 0)", "windowing": str(w), "rows": rows}
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
     if a.output:

@@ -3,15 +3,20 @@
 Videos go through the GPU's video decoders (NVDEC, driven by PyNvVideoCodec); JPEG images and frame folders
 of JPEGs through nvJPEG (torchvision.io.decode_jpeg on CUDA) when torchvision has it. A video is planned
 exactly as on the CPU path (pyav.VideoProbe: PyAV's demux pass gives the frame timestamps and each clip's
-frame indices); PyNvVideoCodec's demuxer feeds the decoder, and decoded frames are matched to the plan by
-their timestamps (NVDEC hands back FFmpeg's pts). Only needed frames are converted: NV12 -> RGB with the CPU
-path's own arithmetic and the stream's matrix and range (colorspace.py), rotation, resize (transforms.
-resize_planar), all on one CUDA stream per session. H.264 non-reference frames no clip needs are not sent
-to the decoder at all, and decoding stops after the last needed frame.
+frame indices); PyNvVideoCodec's demuxer feeds the decoder. Each packet is recognised by its byte position in
+the file (FrameMatcher) and handed to NVDEC labelled with its frame number, so decoded frames are matched to the
+plan whatever timestamps the two demuxers compute. Only needed frames are converted: NV12, P016 or YUV444 ->
+RGB with the CPU path's own arithmetic for the stream's pixel format, matrix, range and chroma siting
+(colorspace.py), rotation, resize (transforms.resize_planar), all on one CUDA stream per session. H.264
+non-reference frames no clip needs are not sent to the decoder at all, and decoding stops after the last needed
+frame.
 
-What NVDEC cannot take (codec, bit depth, chroma format, odd sizes, size limits, streams without usable
-timestamps) raises `NvdecUnsupported`; anything else that goes wrong raises DecodeError. The job sends both
-to the CPU path (workers.py).
+Whether NVDEC takes a video is decided from the container's headers before any packet is read, by codec (FFmpeg's
+codec, not its decoder), bit depth, chroma format and size against what this GPU's NVDEC reports
+(GetDecoderCaps, asked once per GPU model in the process; `format_refusal`). Every file the GPU path does not
+decode raises NvdecError (NvdecUnsupported when refused before decoding) with a `category`
+(FALLBACK_CATEGORIES); the job sends it to the CPU path (workers.py), and can count fallbacks by category
+(count_fallbacks).
 """
 from __future__ import annotations
 
@@ -19,25 +24,65 @@ import bisect
 import ctypes
 import functools
 import logging
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .clips import DecodeError, Windowing
+from .colorspace import pix_fmt_layout
 from .inputs import IMAGE_EXTENSIONS
 from .pyav import list_frame_folder, probe_video
 
 log = logging.getLogger(__name__)
 
 JPEG_EXTENSIONS = frozenset({".jpg", ".jpeg"})
-# FFmpeg codec name -> PyNvVideoCodec's cudaVideoCodec member
+# FFmpeg codec name (AVCodecDescriptor, not the decoder: "av1" whether libdav1d or libaom decodes it on the CPU)
+# -> PyNvVideoCodec's cudaVideoCodec member
 NVDEC_CODECS = {"h264": "H264", "hevc": "HEVC", "vp9": "VP9", "av1": "AV1", "vp8": "VP8", "mpeg4": "MPEG4",
                 "mpeg2video": "MPEG2", "mpeg1video": "MPEG1", "vc1": "VC1"}
-NVDEC_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})  # 8-bit 4:2:0: NV12 out, converted like the CPU path
+# chroma format -> cudaVideoChromaFormat (Monochrome, 420, 422, 444 in cuviddec.h's order)
+CHROMA_FORMATS = {"400": 0, "420": 1, "422": 2, "444": 3}
+CONVERTED_CHROMA = ("420", "444")  # formats colorspace.py turns into the CPU path's RGB
+CONVERTED_DEPTHS = (8, 10, 12)
+
+# --- why a file did not go through NVDEC ------------------------------------------------------------------------
+FALLBACK_CATEGORIES = ("codec", "bit_depth", "chroma", "size", "timestamps", "stream_error", "frames_missing")
 
 
-class NvdecUnsupported(DecodeError):
-    """An input the GPU decoders cannot take; the CPU path can."""
+class NvdecError(DecodeError):
+    """A file the GPU path did not decode; the CPU path takes it. `reason` says why in one line, `category` in one
+    word (FALLBACK_CATEGORIES): codec (this GPU's NVDEC does not decode the codec), bit_depth or chroma (its pixel
+    format), size, timestamps (its frames cannot be matched to the plan), stream_error (NVDEC or its demuxer
+    failed on the data), frames_missing (NVDEC gave fewer frames than the clips need)."""
+
+    def __init__(self, reason: str, category: str = "stream_error"):
+        if category not in FALLBACK_CATEGORIES:
+            raise ValueError(f"unknown fallback category {category!r}")
+        super().__init__(reason)
+        self.category = category
+
+
+class NvdecUnsupported(NvdecError):
+    """An input the GPU decoders cannot take, refused before anything was decoded on the GPU."""
+
+    def __init__(self, reason: str, category: str = "codec"):
+        super().__init__(reason, category)
+
+
+def fallback_category(exc: BaseException) -> str:
+    """The category of a GPU-path failure: an NvdecError's own; anything else (an error of the driver or of
+    PyTorch) counts as stream_error."""
+    return exc.category if isinstance(exc, NvdecError) else "stream_error"
+
+
+def count_fallbacks(causes: Iterable[BaseException | str]) -> dict[str, int]:
+    """{category: count} over GPU-path failures (exceptions or their categories), every category present."""
+    counts = dict.fromkeys(FALLBACK_CATEGORIES, 0)
+    for cause in causes:
+        counts[cause if isinstance(cause, str) else fallback_category(cause)] += 1
+    return counts
 
 
 @functools.cache
@@ -98,8 +143,197 @@ def h264_droppable(data: bytes) -> bool:
         i = j + 3
 
 
+# --- what this GPU's NVDEC takes ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StreamFormat:
+    """What decides whether NVDEC takes a video, from the container's headers: codec, bit depth and chroma format of
+    the pixel format FFmpeg decodes it to (None when unknown), size."""
+
+    codec: str
+    bit_depth: int | None
+    chroma: str | None
+    width: int
+    height: int
+    container: str = ""
+
+    @classmethod
+    def of(cls, probe) -> StreamFormat:
+        depth, chroma = pix_fmt_layout(probe.pix_fmt) or (None, None)
+        return cls(probe.codec, depth, chroma, probe.width, probe.height, probe.container)
+
+
+# (codec, bit depth, chroma format) -> GetDecoderCaps' answer: {"supported": 0/1, "width_max", "height_max",
+# "mb_num_max", "width_min", "height_min", ...}; {"supported": 0, "error": text} where the query raised
+CapsLookup = Callable[[str, int, str], dict]
+
+
+def format_refusal(fmt: StreamFormat, caps: CapsLookup) -> NvdecUnsupported | None:
+    """Why NVDEC does not take a stream of this format on the GPU `caps` describes, or None when it does. The
+    category says what: the codec (this GPU decodes none of it at 8-bit 4:2:0), its bit depth (not at 4:2:0 in
+    this depth), its chroma format (not at this depth in this format, or no RGB conversion here), its size."""
+    name = f"{fmt.codec} {fmt.bit_depth or '?'}-bit {fmt.chroma or '?'}"
+    if fmt.codec not in NVDEC_CODECS:
+        return NvdecUnsupported(f"NVDEC does not decode {fmt.codec}", "codec")
+    if fmt.codec == "mpeg4" and "avi" in fmt.container:
+        return NvdecUnsupported("MPEG-4 Part 2 in AVI (packed B-frames, which NVDEC's parser does not unpack)", "codec")
+    if fmt.chroma not in CONVERTED_CHROMA:
+        return NvdecUnsupported(f"{name} (the GPU path converts 4:2:0 and 4:4:4)", "chroma")
+    if fmt.bit_depth not in CONVERTED_DEPTHS:
+        return NvdecUnsupported(f"{name} (the GPU path converts 8, 10 and 12 bits)", "bit_depth")
+    if fmt.width % 2 or fmt.height % 2:
+        return NvdecUnsupported(f"odd frame size {fmt.width}x{fmt.height}", "size")
+
+    def unsupported(depth: int, chroma: str) -> str | None:
+        answer = caps(fmt.codec, depth, chroma)
+        if answer.get("supported", 0):
+            return None
+        return f"this GPU's NVDEC does not decode {fmt.codec} {depth}-bit {chroma}" + (
+            f" ({answer['error']})" if answer.get("error") else "")
+
+    for depth, chroma, category in ((8, "420", "codec"), (fmt.bit_depth, "420", "bit_depth"),
+                                    (fmt.bit_depth, fmt.chroma, "chroma")):
+        why = unsupported(depth, chroma)
+        if why:
+            return NvdecUnsupported(why, category)
+    answer = caps(fmt.codec, fmt.bit_depth, fmt.chroma)
+    lo_w, lo_h = answer.get("width_min", 0), answer.get("height_min", 0)
+    hi_w, hi_h = answer.get("width_max", 1 << 30), answer.get("height_max", 1 << 30)
+    if not (lo_w <= fmt.width <= hi_w and lo_h <= fmt.height <= hi_h):
+        return NvdecUnsupported(f"{fmt.width}x{fmt.height} is outside NVDEC's {lo_w}x{lo_h} to {hi_w}x{hi_h} for "
+                                f"{name}", "size")
+    blocks = ((fmt.width + 15) // 16) * ((fmt.height + 15) // 16)
+    if blocks > answer.get("mb_num_max", 1 << 30):
+        return NvdecUnsupported(f"{fmt.width}x{fmt.height} has {blocks} macroblocks, over NVDEC's "
+                                f"{answer['mb_num_max']} for {name}", "size")
+    return None
+
+
+_CAPS: dict[tuple[str, str, int, str], dict] = {}  # (GPU model, codec, bit depth, chroma) -> answer, per process
+
+
+def gpu_caps(nvc, gpu: int, model: str | None = None) -> CapsLookup:
+    """NVDEC's capabilities on GPU `gpu` as PyNvVideoCodec reports them, each question asked once per GPU model (its
+    name) in the process. PyNvVideoCodec 2.x binds `GetDecoderCaps(gpuid=0, codec=cudaVideoCodec.H264,
+    chromaformat=cudaVideoChromaFormat.420, bitdepth=8)` and returns cuvidGetDecoderCaps' fields as a dict
+    ("supported", "width_max", "height_max", "mb_num_max", "width_min", "height_min", "num_decoder_engines", ...);
+    it raises where the driver refuses the query (AV1 on an H100: "Codec not supported on this GPU"), which counts
+    as not supported. Its source creates the query's context on device 0 whatever gpuid says, so on a machine of
+    mixed GPUs the answer is device 0's."""
+    if model is None:
+        import torch
+
+        model = torch.cuda.get_device_name(gpu)
+
+    def lookup(codec: str, depth: int, chroma: str) -> dict:
+        key = (model, codec, depth, chroma)
+        if key not in _CAPS:
+            nv_codec = getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec])
+            try:
+                try:
+                    answer = dict(nvc.GetDecoderCaps(gpuid=gpu, codec=nv_codec, bitdepth=depth,
+                                                     chromaformat=_chroma_format(nvc, chroma)))
+                except TypeError:  # a build whose query takes no chroma format: 4:2:0's answer; its decoder checks
+                    answer = dict(nvc.GetDecoderCaps(gpuid=gpu, codec=nv_codec, bitdepth=depth))
+                    answer["chroma_unchecked"] = chroma != "420"
+                _CAPS[key] = answer
+            except Exception as exc:  # noqa: BLE001 - the driver refuses the question: not supported
+                _CAPS[key] = {"supported": 0, "error": _one_line(exc)}
+        return _CAPS[key]
+
+    return lookup
+
+
+def _chroma_format(nvc, chroma: str):
+    """PyNvVideoCodec's cudaVideoChromaFormat member for "400"/"420"/"422"/"444" (its pybind11 enum names them after
+    cuviddec.h: Monochrome, 420, 422, 444; built from the value where a build names them otherwise)."""
+    enum = nvc.cudaVideoChromaFormat
+    members = getattr(enum, "__members__", {})
+    for name in (chroma, f"YUV{chroma}", f"_{chroma}", "Monochrome" if chroma == "400" else ""):
+        if name in members:
+            return members[name]
+    return enum(CHROMA_FORMATS[chroma])
+
+
+# --- which frame of the plan a decoded frame is -----------------------------------------------------------------
+class FrameMatcher:
+    """Frame numbers (presentation-order positions of the demux pass, as the CPU path counts them) for the packets
+    PyNvVideoCodec's demuxer reads and the frames NVDEC gives back.
+
+    A packet is recognised by its byte position in the file, else by its timestamp (two FFmpeg builds may compute
+    different timestamps for the same sample: edit lists, time bases of 1/1,000,000); it goes to NVDEC labelled
+    with its frame number, which NVDEC hands back with the decoded frame. A label NVDEC garbles (no frame sent in
+    this run has it) is repaired from the order NVDEC outputs frames in: presentation order, so it is the lowest
+    frame still in flight. Frames out of order stop the file (timestamps): nothing can be trusted then.
+    Where the CPU path's decoder gives no frame (frames an edit list cuts, which FFmpeg drops; frames the decoder
+    passes over), the next decoded frame stands in, as it does there."""
+
+    def __init__(self, probe, needed: Iterable[int]):
+        self.index_of = probe.index_of
+        pts, pos = probe.packet_pts, probe.packet_pos
+        usable = len(pos) == len(pts) and min(pos, default=-1) >= 0 and len(set(pos)) == len(pos)
+        self.by_pos = {p: self.index_of[t] for p, t in zip(pos, pts)} if usable else {}
+        self.discard = {self.index_of[t] for t, cut in zip(pts, probe.packet_discard) if cut}
+        self.needed = set(needed)
+        self.repaired = 0                   # frames whose label NVDEC garbled
+        self.start = self.index_of[pts[0]]  # the file's first packet in decode order
+        self.restart()
+
+    def identify(self, packet) -> int:
+        """The frame number of a packet from PyNvVideoCodec's demuxer; NvdecError (timestamps) for a packet the demux
+        pass did not see."""
+        pos = getattr(packet, "pos", -1)
+        index = self.by_pos.get(pos) if self.by_pos else None
+        if index is None:
+            index = self.index_of.get(packet.pts)
+        if index is None:
+            raise NvdecError(f"NVDEC's demuxer read a packet the demux pass did not see (byte {pos}, pts "
+                             f"{packet.pts})", "timestamps")
+        return index
+
+    def restart(self, first: int | None = None) -> None:
+        """A new run of the decoder from the keyframe with frame number `first` (a seek), or from the file's start."""
+        self.first, self.last = self.start if first is None else first, -1
+        self.sent: set[int] = set()
+        self.in_flight: list[int] = []      # sent in this run, not decoded yet; sorted
+        self.owed: list[int] = []           # needed frames passed over: the next decoded frame stands in
+
+    def send(self, index: int) -> None:
+        self.sent.add(index)
+        bisect.insort(self.in_flight, index)
+
+    def decoded(self, label: int) -> list[int]:
+        """The needed frame numbers a decoded frame serves: its own, after those of needed frames the decoder passed
+        over (none for a frame no clip needs, or one no clip of this run may take)."""
+        if label in self.sent:
+            index = label
+        elif self.in_flight:
+            index = self.in_flight[0]
+            self.repaired += 1
+        else:
+            self.repaired += 1
+            return []
+        if index < self.first:  # a leading picture of the keyframe this run started at: decoded from elsewhere
+            if index in self.in_flight:
+                self.in_flight.remove(index)
+            return []
+        if index <= self.last:
+            raise NvdecError(f"NVDEC's frames came out of order (frame {index} after frame {self.last})",
+                             "timestamps")
+        cut = bisect.bisect_left(self.in_flight, index)
+        passed = self.in_flight[:cut]
+        self.in_flight = [i for i in self.in_flight[cut:] if i != index]
+        self.owed += [i for i in passed if i >= self.first and i in self.needed]
+        self.last = index
+        if index in self.discard:  # cut by an edit list: FFmpeg drops it, the next frame stands in
+            if index in self.needed:
+                self.owed.append(index)
+            return []
+        served, self.owed = self.owed + [index] * (index in self.needed), []
+        return served
+
+
 class NvdecSession:
-    """One NVDEC session (used by one thread at a time) and its CUDA stream; decoders are kept per codec and
+    """One NVDEC session (used by one thread at a time) and its CUDA stream; decoders are kept per stream format and
     reused from input to input. `clips(item)` yields (clip info, uint8 [T, S, S, 3] CUDA tensor, CUDA event
     recorded after the tensor was written)."""
 
@@ -115,46 +349,30 @@ class NvdecSession:
         self.gpu, self.w, self.size = gpu, windowing, img_size
         self.device = torch.device("cuda", gpu)
         self.stream = torch.cuda.Stream(self.device)
+        self.caps = gpu_caps(nvc, gpu)
         self._decoders: dict[Any, Any] = {}
-        self._caps: dict[tuple, dict] = {}
-        self.frames_decoded = 0   # frames that came out of NVDEC (stats)
-        self.frames_dropped = 0   # non-reference access units never decoded
+        self.frames_decoded = 0      # frames that came out of NVDEC (stats)
+        self.frames_dropped = 0      # non-reference access units never decoded
+        self.labels_repaired = 0     # frames NVDEC gave back with a label no frame in flight had
 
     # --- videos ----------------------------------------------------------------------------------------------
-    def _codec(self, probe) -> Any:
-        """PyNvVideoCodec codec id for a probed stream; NvdecUnsupported when NVDEC cannot decode it."""
-        name = NVDEC_CODECS.get(probe.codec)
-        if name is None:
-            raise NvdecUnsupported(f"NVDEC does not decode {probe.codec}")
-        if probe.pix_fmt not in NVDEC_PIX_FMTS:
-            raise NvdecUnsupported(f"pixel format {probe.pix_fmt} (the GPU path takes 8-bit 4:2:0)")
-        if probe.width % 2 or probe.height % 2:
-            raise NvdecUnsupported(f"odd frame size {probe.width}x{probe.height}")
+    def _refuse_format(self, header) -> None:
+        """probe_video's check of the container's headers, before any packet is read."""
+        refusal = format_refusal(StreamFormat.of(header), self.caps)
+        if refusal is not None:
+            raise refusal
+
+    @staticmethod
+    def _refuse_timestamps(probe) -> None:
+        """probe_video's check after the demux pass, before anything is decoded."""
         if not probe.seekable:
-            raise NvdecUnsupported("frame timestamps missing or repeated")
-        codec = getattr(self.nvc.cudaVideoCodec, name)
-        key = (name, 8)
-        if key not in self._caps:
-            try:
-                self._caps[key] = self.nvc.GetDecoderCaps(gpuid=self.gpu, codec=codec, bitdepth=8)
-            except Exception as exc:
-                raise NvdecUnsupported(f"NVDEC capabilities for {probe.codec} unknown ({exc})") from None
-        caps = self._caps[key]
-        if not caps.get("supported", 1):
-            raise NvdecUnsupported(f"this GPU's NVDEC does not decode 8-bit {probe.codec}")
-        lo_w, lo_h = caps.get("width_min", 0), caps.get("height_min", 0)
-        hi_w, hi_h = caps.get("width_max", 1 << 30), caps.get("height_max", 1 << 30)
-        if not (lo_w <= probe.width <= hi_w and lo_h <= probe.height <= hi_h):
-            raise NvdecUnsupported(f"{probe.width}x{probe.height} is outside NVDEC's {lo_w}x{lo_h} to {hi_w}x{hi_h} "
-                                   f"for {probe.codec}")
-        if probe.codec == "mpeg4" and "avi" in probe.container:
-            raise NvdecUnsupported("MPEG-4 Part 2 in AVI (packed B-frames, which NVDEC's parser does not unpack)")
-        return codec
+            raise NvdecUnsupported("frame timestamps missing or repeated", "timestamps")
 
     def _decoder(self, key: tuple):
-        """This session's decoder for (codec, width, height): one per stream format, kept for the next input of
-        that format (reconfiguring a decoder to another size gave frames of the old size), the least recently
-        used dropped beyond MAX_DECODERS."""
+        """This session's decoder for (codec, width, height, bit depth, chroma): one per stream format, kept for the
+        next input of that format (reconfiguring a decoder to another size gave frames of the old size, and
+        PyNvVideoCodec refuses to reconfigure bit depth or chroma), the least recently used dropped beyond
+        MAX_DECODERS."""
         decoder = self._decoders.pop(key, None)
         if decoder is None:
             decoder = self.nvc.CreateDecoder(gpuid=self.gpu, codec=key[0], cudacontext=0,
@@ -176,54 +394,93 @@ class NvdecSession:
             log.debug("NVDEC decoder dropped after a failed flush: %s", exc)
             del self._decoders[key]
 
+    def _converter(self, probe, sitings: list):
+        """The stream's surface -> RGB conversion; NvdecUnsupported where the CPU path's is not reproduced."""
+        from .colorspace import surface_converter
+
+        siting = sitings[0] if sitings else (-513, -513)
+        if siting is None:
+            raise NvdecUnsupported(f"swscale filters the chroma of this {probe.pix_fmt} stream in a way not reproduced "
+                                   "here", "chroma")
+        try:
+            conv = surface_converter(probe.colorspace, probe.color_range, probe.pix_fmt, siting)
+        except ValueError as exc:
+            raise NvdecUnsupported(str(exc), "chroma") from None
+        if conv.layout == "p016" and not sitings:
+            raise NvdecUnsupported("the first frame did not decode on the CPU (its chroma siting is unknown)",
+                                   "stream_error")
+        return conv
+
     def video_clips(self, path: str) -> Iterator[tuple[dict, Any, Any]]:
         from ..transforms import resize_planar
         from .clips import ClipAssembler
-        from .colorspace import nv12_to_rgb_planar, split_nv12, stream_yuv_to_rgb
+        from .colorspace import dense_surface, swscale_chroma_siting
 
         torch = self.torch
-        probe, rotation = probe_video(path, accept=self._codec)  # refused before any frame is decoded
-        codec = self._codec(probe)
+        sitings: list = []
+
+        def inspect(frame) -> None:  # swscale filters 10/12-bit 4:2:0 chroma by the frame's chroma location
+            if frame is not None and pix_fmt_layout(frame.format.name) in ((10, "420"), (12, "420")):
+                sitings.append(swscale_chroma_siting(frame))
+
+        # refused before anything is decoded on the GPU: format from the headers, then timestamps, then colour
         try:
-            colour = stream_yuv_to_rgb(probe.colorspace, probe.color_range, probe.pix_fmt)
-        except ValueError as exc:
-            raise NvdecUnsupported(str(exc)) from None
-        pts, index_of, keyframes = probe.pts, probe.index_of, probe.keyframe_indices
+            probe, rotation = probe_video(path, header=self._refuse_format, accept=self._refuse_timestamps,
+                                          first_frame=inspect)
+        except NvdecError:
+            raise
+        except DecodeError as exc:  # the demux pass's own (unreadable file, no video stream)
+            raise NvdecUnsupported(exc.reason, "stream_error") from None
+        fmt = StreamFormat.of(probe)
+        conv = self._converter(probe, sitings)
+        codec = getattr(self.nvc.cudaVideoCodec, NVDEC_CODECS[fmt.codec])
+        keyframes = probe.keyframe_indices
         asm = ClipAssembler(probe.plan(self.w), stack=torch.stack)
         needed = asm.needed()
-        needed_pts = {pts[i] for i in needed}
+        needed_set = set(needed)
+        matcher = FrameMatcher(probe, needed)
         turns = int(round(rotation / 90.0)) % 4
-        drop = probe.codec == "h264"
+        drop = fmt.codec == "h264"
+        surface_dtype = torch.uint8 if fmt.bit_depth == 8 else torch.uint16
+        key = (codec, fmt.width, fmt.height, fmt.bit_depth, fmt.chroma)
+
+        def surface_of(frame):
+            surface = dense_surface(torch.from_dlpack(frame))
+            if surface.dtype != surface_dtype or surface.shape[-2] != conv.rows(fmt.height) or \
+                    surface.shape[-1] < fmt.width:
+                raise NvdecError(f"NVDEC gave a {tuple(surface.shape)} {surface.dtype} surface for "
+                                 f"{fmt.width}x{fmt.height} {probe.pix_fmt}", "chroma")
+            return surface.clone()  # the decoder reuses its buffers
+
+        def take(frames, got: set[int]) -> Iterator[tuple[dict, Any, Any]]:
+            """Keep a copy of the needed frames among `frames` (their frame numbers into `got`); once a clip's
+            frames are all there, convert and resize them together (a few kernels per clip, not per frame: the
+            launches hold the GIL that the other sessions' threads need) and yield the clip."""
+            for frame in frames:
+                self.frames_decoded += 1
+                served = [i for i in matcher.decoded(frame.getPTS()) if i not in got]
+                if not served:
+                    continue
+                surface = surface_of(frame)
+                for index in served:
+                    got.add(index)
+                    for clip in asm.add(index, surface):
+                        rgb = conv.to_rgb_planar(clip.frames, fmt.height, fmt.width).float()
+                        if turns:
+                            rgb = torch.rot90(rgb, turns, dims=(-2, -1))
+                        done = torch.cuda.Event()
+                        resized = resize_planar(rgb, self.size)
+                        done.record(self.stream)
+                        yield {"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices}, resized, done
+
         try:
             demuxer = self.nvc.CreateDemuxer(filename=path)
         except Exception as exc:
-            raise DecodeError(f"NVDEC demuxer cannot open it ({_one_line(exc)})") from None
-        key = (codec, probe.width, probe.height)
-        decoder = self._decoder(key)
-
-        def take(frames, got: set[int]) -> Iterator[tuple[dict, Any, Any]]:
-            """Keep a copy of the needed frames among `frames` (their indices into `got`); once a clip's frames
-            are all there, convert and resize them together (a few kernels per clip, not per frame: the launches
-            hold the GIL that the other sessions' threads need) and yield the clip."""
-            for frame in frames:
-                self.frames_decoded += 1
-                index = index_of.get(frame.getPTS())
-                if index is None or pts[index] not in needed_pts or index in got:
-                    continue
-                got.add(index)
-                for clip in asm.add(index, torch.from_dlpack(frame).clone()):  # the decoder reuses its buffers
-                    luma, chroma = split_nv12(clip.frames, probe.height, probe.width)
-                    rgb = nv12_to_rgb_planar(luma, chroma, colour).float()
-                    if turns:
-                        rgb = torch.rot90(rgb, turns, dims=(-2, -1))
-                    done = torch.cuda.Event()
-                    resized = resize_planar(rgb, self.size)
-                    done.record(self.stream)
-                    yield {"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices}, resized, done
-
+            raise NvdecError(f"NVDEC demuxer cannot open it ({_one_line(exc)})") from None
         got: set[int] = set()
-        fed, seeked_to, next_needed, seeking = -1, None, 0, True  # fed: latest frame (presentation index) sent
+        fed, seeked_to, next_needed, seeking = -1, None, 0, True  # fed: latest frame (frame number) sent
         try:
+            decoder = self._decoder(key)
             with torch.cuda.stream(self.stream):
                 packets = iter(demuxer)
                 while not asm.done:
@@ -236,8 +493,8 @@ class NvdecSession:
                         seeked_to = keyframe
                         yield from take(decoder.Decode(self.nvc.PacketData()), got)  # what is in flight
                         try:  # PyNvVideoCodec's demuxer seeks to the keyframe at or before a frame number
-                            packet = demuxer.Seek(keyframe)
-                            landed = index_of.get(packet.pts, target + 1)
+                            packet = demuxer.Seek(seek_number(probe, keyframe))
+                            landed = matcher.identify(packet)
                         except Exception as exc:  # noqa: BLE001 - decode in order instead
                             log.debug("NVDEC seek failed in %s: %s", path, _one_line(exc))
                             packet, landed = None, -1
@@ -246,29 +503,36 @@ class NvdecSession:
                             seeking, fed = False, -1
                             demuxer = self.nvc.CreateDemuxer(filename=path)
                             packets = iter(demuxer)
+                            matcher.restart()
                             continue
+                        matcher.restart(landed)
                     else:
                         packet = next(packets, None)
                         if packet is None:  # end of the stream: what the decoder still holds
                             yield from take(decoder.Decode(self.nvc.PacketData()), got)
                             break
-                    fed = max(fed, index_of.get(packet.pts, fed))
-                    if drop and packet.bsl and packet.pts not in needed_pts and h264_droppable(
-                            ctypes.string_at(packet.bsl_data, min(packet.bsl, self.HEADER_BYTES))):
+                    index = matcher.identify(packet)
+                    fed = max(fed, index)
+                    # the frame after a needed one is kept too: it stands in if the needed one never comes out
+                    if drop and packet.bsl and index not in needed_set and index - 1 not in needed_set and \
+                            h264_droppable(ctypes.string_at(packet.bsl_data, min(packet.bsl, self.HEADER_BYTES))):
                         self.frames_dropped += 1
                         continue
+                    packet.pts = index  # NVDEC hands the label back with the decoded frame
+                    matcher.send(index)
                     yield from take(decoder.Decode(packet), got)
         except DecodeError:
             self._decoders.pop(key, None)
             raise
         except Exception as exc:  # a corrupt stream: the decoder is dropped, the input goes to the CPU path
             self._decoders.pop(key, None)
-            raise DecodeError(f"NVDEC failed ({_one_line(exc)})") from None
+            raise NvdecError(f"NVDEC failed ({_one_line(exc)})", _driver_category(exc)) from None
         finally:
             self._flush(key)
+            self.labels_repaired += matcher.repaired
         if not asm.done:
-            raise DecodeError(f"NVDEC returned {len(got)} of the {len(needed)} needed frames "
-                              "(truncated or corrupt stream)")
+            raise NvdecError(f"NVDEC returned {len(got)} of the {len(needed)} needed frames (truncated or corrupt "
+                             "stream)", "frames_missing")
 
     # --- JPEG images and folders ------------------------------------------------------------------------------
     def jpeg_clips(self, path: str, kind: str) -> Iterator[tuple[dict, Any, Any]]:
@@ -280,7 +544,7 @@ class NvdecSession:
         torch = self.torch
         files = [path] if kind == "image" else list_frame_folder(path)
         if not files:
-            raise DecodeError("folder has no image frames")
+            raise NvdecError("folder has no image frames")
         if any(Path(f).suffix.lower() not in JPEG_EXTENSIONS for f in files):
             raise NvdecUnsupported("not all frames are JPEG")
         plan = [([0], 0.0, 0.0)] if kind == "image" else plan_by_count(len(files), FOLDER_FPS, self.w)
@@ -291,9 +555,9 @@ class NvdecSession:
                     data = [torch.frombuffer(bytearray(Path(files[i]).read_bytes()), dtype=torch.uint8) for i in unique]
                     images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
                 except Exception as exc:
-                    raise DecodeError(f"nvJPEG cannot decode it ({_one_line(exc)})") from None
+                    raise NvdecError(f"nvJPEG cannot decode it ({_one_line(exc)})") from None
                 if len({tuple(im.shape) for im in images}) > 1:
-                    raise DecodeError("frames of different sizes in one folder")
+                    raise NvdecError("frames of different sizes in one folder", "size")
                 small = dict(zip(unique, resize_planar(torch.stack(images).float(), self.size)))
                 done = torch.cuda.Event()
                 done.record(self.stream)
@@ -301,10 +565,33 @@ class NvdecSession:
 
     def clips(self, kind: str, path: str) -> Iterator[tuple[dict, Any, Any]]:
         if not os.path.exists(path):
-            raise DecodeError("file not found")
+            raise NvdecError("file not found")
         if kind == "video":
             return self.video_clips(path)
         return self.jpeg_clips(path, kind)
+
+
+def seek_number(probe, index: int) -> int:
+    """The frame number to ask PyNvVideoCodec's demuxer for to land on the keyframe with frame number `index`: its
+    FFmpegDemuxer turns a frame number into a time as frame / average frame rate (TsFromFrameNumber), counted from
+    the stream's start except in MOV/MP4 and FLV, where timestamps count from 0 (as its dts_to_frame_number
+    does). From the keyframe's own time, so variable frame rates and a first timestamp other than 0 land there."""
+    pts = probe.pts
+    origin = 0 if any(name in probe.container for name in ("mov", "mp4", "flv")) else pts[0]
+    seconds = (pts[index] - origin) * probe.time_base
+    return max(0, math.ceil(seconds * (probe.rate or 1.0) - 1e-6))
+
+
+def _driver_category(exc: Exception) -> str:
+    """The category of an error PyNvVideoCodec raised while decoding, from its text (NvDecoder's messages: "Codec
+    not supported on this GPU", "Resolution not supported on this GPU", "MBCount not supported on this GPU",
+    "Reconfigure Not supported for bit depth change", ... for chroma format change)."""
+    text = str(exc).lower()
+    if "not supported" not in text:
+        return "stream_error"
+    if "resolution" in text or "mbcount" in text:
+        return "size"
+    return "bit_depth" if "bit depth" in text else "chroma" if "chroma" in text else "codec"
 
 
 def _one_line(exc: Exception) -> str:

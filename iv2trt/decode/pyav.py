@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -56,7 +56,7 @@ class VideoProbe:
     """What a demux-only pass (nothing decoded) learns of a video stream: enough to plan its reads on either
     decoder (PyAV here, NVDEC in nvdec.py), so both read the same frames for the same clips."""
 
-    codec: str
+    codec: str                       # the codec's name (FFmpeg's codec id, e.g. "av1"; not the decoder's, "libdav1d")
     container: str                   # the demuxer's name(s), e.g. "mov,mp4,m4a,3gp,3g2,mj2"
     pix_fmt: str | None
     width: int
@@ -67,6 +67,8 @@ class VideoProbe:
     rate: float | None
     packet_pts: list[int | None]    # every video packet, in decode order
     keyframes: list[int]             # pts of keyframe packets, sorted
+    packet_pos: list[int] = field(default_factory=list)         # byte position of each packet (-1: unknown)
+    packet_discard: list[bool] = field(default_factory=list)    # packets an edit list cuts: decoders drop their frames
 
     @property
     def seekable(self) -> bool:
@@ -102,34 +104,51 @@ class VideoProbe:
         return plan_by_count(len(self.packet_pts), self.rate or FOLDER_FPS, w)
 
 
+def stream_header(container, stream) -> VideoProbe:
+    """The stream's format and colour metadata from the container's headers, before any packet is read (the packet
+    lists are empty)."""
+    cc = stream.codec_context
+    rate = stream.average_rate
+    codec = getattr(cc.codec, "canonical_name", None) or cc.name
+    return VideoProbe(codec=codec, container=container.format.name, pix_fmt=cc.pix_fmt, width=cc.width,
+                      height=cc.height, colorspace=int(cc.colorspace or 2), color_range=int(cc.color_range or 0),
+                      time_base=float(stream.time_base) if stream.time_base else None,
+                      rate=float(rate) if rate else None, packet_pts=[], keyframes=[])
+
+
 def probe_stream(container, stream) -> VideoProbe:
     """Scan the packets of `stream` (demux only) and read its format and colour metadata."""
-    pts, keys = [], []
+    probe = stream_header(container, stream)
+    keys = []
     for packet in container.demux(stream):
         if packet.size == 0:  # flush packet
             continue
-        pts.append(packet.pts)
+        probe.packet_pts.append(packet.pts)
+        probe.packet_pos.append(-1 if packet.pos is None else packet.pos)
+        probe.packet_discard.append(bool(getattr(packet, "is_discard", False)))
         if packet.is_keyframe and packet.pts is not None:
             keys.append(packet.pts)
-    cc = stream.codec_context
-    rate = stream.average_rate
-    return VideoProbe(codec=cc.name, container=container.format.name, pix_fmt=cc.pix_fmt, width=cc.width, height=cc.height,
-                      colorspace=int(cc.colorspace or 2), color_range=int(cc.color_range or 0),
-                      time_base=float(stream.time_base) if stream.time_base else None,
-                      rate=float(rate) if rate else None, packet_pts=pts, keyframes=sorted(keys))
+    probe.keyframes = sorted(keys)
+    return probe
 
 
-def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None) -> tuple[VideoProbe, float]:
+def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None,
+                header: Callable[[VideoProbe], Any] | None = None,
+                first_frame: Callable[[Any], Any] | None = None) -> tuple[VideoProbe, float]:
     """(probe, counter-clockwise rotation in degrees) of a video file, for a decoder other than PyAV. The
     rotation of the display matrix is only attached to decoded frames, so the first frame is decoded
-    (one keyframe, on the CPU). `accept(probe)` runs before that and may raise to refuse the file (a
-    decoder that cannot take its codec). Raises DecodeError."""
+    (one keyframe, on the CPU). A decoder that cannot take the file may refuse it (raise) early: `header(probe)`
+    runs on the container's headers before any packet is read (format, size, codec), `accept(probe)` after the
+    demux pass (timestamps) and before anything is decoded. `first_frame(frame)` then sees the decoded first
+    frame (after its rotation was read; it may change it). Raises DecodeError."""
     import av
 
     container = _open(path)
     try:
         stream = container.streams.video[0]
         try:
+            if header is not None:
+                header(stream_header(container, stream))
             probe = probe_stream(container, stream)
             if not probe.packet_pts:
                 raise DecodeError("no video frames")
@@ -140,6 +159,8 @@ def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None) ->
         except av.FFmpegError as exc:
             raise DecodeError(f"unreadable stream ({exc})") from None
         rotation = (first.rotation if first is not None else 0) or _stream_rotation(stream)
+        if first_frame is not None:
+            first_frame(first)
         return probe, float(rotation)
     finally:
         container.close()
