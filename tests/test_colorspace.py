@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from iv2trt.decode.colorspace import (CHROMA_SITINGS, dense_surface, nv12_to_rgb, split_nv12, stream_yuv_to_rgb,
-                                      surface_converter, swscale_chroma_siting, yuv_to_rgb)
+from iv2trt.decode.colorspace import (
+    CHROMA_SITINGS,
+    dense_surface,
+    nv12_to_rgb,
+    split_nv12,
+    stream_yuv_to_rgb,
+    surface_converter,
+    swscale_chroma_siting,
+    yuv_to_rgb,
+)
 from iv2trt.decode.samples import pattern_frames, write_video
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")

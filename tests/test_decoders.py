@@ -123,6 +123,7 @@ def test_nvdec_mode_sends_only_what_the_gpu_cannot_take_to_the_cpu(tmp_path, tin
     # every video the fake takes was decoded there; the CPU only did the image and the two fallbacks
     assert d["cpu"]["inputs"] == 3 and d["nvdec"]["inputs"] == 6
     assert d["nvdec"]["fallbacks_to_cpu"] == 2  # nvfail refused, nvbreak failed after its first clip
+    assert d["nvdec"]["fallbacks_by_category"] == {"codec": 1, "stream_error": 1}  # summary.json: why, counted
     assert sorted(fake_nvdec.decoded) == [f"v{i}.mp4" for i in range(6)]
 
 
@@ -146,6 +147,7 @@ def test_a_hung_gpu_session_is_abandoned_and_the_input_decoded_on_the_cpu(tmp_pa
     summary, feats, _ = _run(tmp_path, tiny_onnx, root, "nvdec", "hang", timeout=3.0)
     assert summary["failed"] == 0 and summary["ok"] == 2
     assert summary["decoders"]["nvdec"]["fallbacks_to_cpu"] == 1
+    assert summary["decoders"]["nvdec"]["fallbacks_by_category"] == {"timeout": 1}
     assert {k[0] for k in feats} == {"z_nvhang.mp4", "w.mp4"}
 
 

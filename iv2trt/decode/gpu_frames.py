@@ -2,7 +2,7 @@
 planes the CPU decode workers hand over (so both give the same pixels as the CPU path).
 
 The CPU path converts with swscale and resizes with torchvision's antialiased bicubic on the CPU; here the same
-arithmetic runs as torch ops on the pipeline's GPU (colorspace.nv12_to_rgb_planar is swscale's x86 converter
+arithmetic runs as torch ops on the pipeline's GPU (colorspace.surface_converter is swscale's converter
 bit for bit; resize_planar is the CPU path's resize), a few kernels per clip. A CPU worker that leaves the
 conversion and the resize to the GPU spends its time decoding only (the resize alone was about 80% of its time).
 """
@@ -34,15 +34,16 @@ class YuvClip:
 
     def to_model_frames(self, device, size: int):
         """The clip as the model's uint8 frames [T, size, size, 3] on `device` (call it on the stream that the
-        result is used on)."""
+        result is used on): its planes laid out as NVDEC's NV12 surfaces, then the NVDEC path's own steps."""
         import torch
 
-        from .colorspace import stream_yuv_to_rgb
+        from .colorspace import surface_converter
 
         planes = torch.from_numpy(self.planes).to(device, non_blocking=True)
-        luma, chroma = split_planes(planes, self.height, self.width)
-        colour = stream_yuv_to_rgb(self.colorspace, self.color_range, self.pix_fmt)
-        return yuv_to_model_frames(luma, chroma, colour, int(round(self.rotation / 90.0)) % 4, size)
+        conv = surface_converter(self.colorspace, self.color_range, self.pix_fmt)
+        turns = int(round(self.rotation / 90.0)) % 4
+        return model_frames(nv12_surfaces(planes, self.height, self.width), conv, self.height, self.width, turns,
+                            size)
 
 
 def yuv420p_planes(frame) -> np.ndarray | None:
@@ -54,28 +55,28 @@ def yuv420p_planes(frame) -> np.ndarray | None:
     return frame.to_ndarray()
 
 
-def split_planes(planes, height: int, width: int):
-    """[..., H * 3 // 2, W] planes (yuv420p_planes' layout, any device) -> (luma [..., H, W], chroma [..., H/2,
-    W/2, 2] with U and V interleaved, as NVDEC's NV12 gives them)."""
+def nv12_surfaces(planes, height: int, width: int):
+    """[..., H * 3 // 2, W] planes (yuv420p_planes' layout, any device) -> NV12 surfaces [..., H * 3 // 2, W]: the
+    luma rows, then the chroma rows with U and V interleaved, as NVDEC gives its frames."""
     import torch
 
     flat = planes.reshape(*planes.shape[:-2], -1)
-    luma = flat[..., :height * width].unflatten(-1, (height, width))
-    quarter = height * width // 4
-    u = flat[..., height * width:height * width + quarter].unflatten(-1, (height // 2, width // 2))
-    v = flat[..., height * width + quarter:height * width + 2 * quarter].unflatten(-1, (height // 2, width // 2))
-    return luma, torch.stack([u, v], -1)
+    area, quarter = height * width, height * width // 4
+    u = flat[..., area:area + quarter].unflatten(-1, (height // 2, width // 2))
+    v = flat[..., area + quarter:area + 2 * quarter].unflatten(-1, (height // 2, width // 2))
+    chroma = torch.stack([u, v], -1).flatten(-2)  # [..., H/2, W]: U V U V ...
+    return torch.cat([flat[..., :area].unflatten(-1, (height, width)), chroma], -2)
 
 
-def yuv_to_model_frames(luma, chroma, colour, turns: int, size: int):
-    """uint8 luma [T, H, W] and interleaved chroma [T, H/2, W/2, 2] -> uint8 [T, size, size, 3]: swscale's
-    conversion, the rotation (counter-clockwise quarter turns) and the CPU path's resize."""
+def model_frames(surfaces, conv, height: int, width: int, turns: int, size: int):
+    """Decoder surfaces of one clip [T, rows, >= W] -> the model's uint8 frames [T, size, size, 3]: the stream's
+    conversion to the CPU path's RGB (`conv`, colorspace.surface_converter), the rotation (counter-clockwise
+    quarter turns) and the CPU path's resize. NVDEC's frames and CPU workers' planes both come through here."""
     import torch
 
     from ..transforms import resize_planar
-    from .colorspace import nv12_to_rgb_planar
 
-    rgb = nv12_to_rgb_planar(luma, chroma, colour).float()
+    rgb = conv.to_rgb_planar(surfaces, height, width).float()
     if turns:
         rgb = torch.rot90(rgb, turns, dims=(-2, -1))
     return resize_planar(rgb, size)

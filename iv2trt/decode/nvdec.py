@@ -412,9 +412,9 @@ class NvdecSession:
         return conv
 
     def video_clips(self, path: str) -> Iterator[tuple[dict, Any, Any]]:
-        from ..transforms import resize_planar
         from .clips import ClipAssembler
         from .colorspace import dense_surface, swscale_chroma_siting
+        from .gpu_frames import model_frames
 
         torch = self.torch
         sitings: list = []
@@ -465,11 +465,8 @@ class NvdecSession:
                 for index in served:
                     got.add(index)
                     for clip in asm.add(index, surface):
-                        rgb = conv.to_rgb_planar(clip.frames, fmt.height, fmt.width).float()
-                        if turns:
-                            rgb = torch.rot90(rgb, turns, dims=(-2, -1))
                         done = torch.cuda.Event()
-                        resized = resize_planar(rgb, self.size)
+                        resized = model_frames(clip.frames, conv, fmt.height, fmt.width, turns, self.size)
                         done.record(self.stream)
                         yield {"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices}, resized, done
 

@@ -5,7 +5,7 @@ A worker takes one input at a time (`assign(number, item)`) and reports, in orde
   ("clip", number, info, frames, ready)  frames: uint8 [T, S, S, 3] resized clip (numpy from a CPU worker,
                                          a CUDA tensor from a GPU one, float32 [T, 3, S, S] for .npy inputs);
                                          ready: None, or the CUDA event after which a GPU tensor may be read
-  ("done", number, clip count) | ("failed", number, reason)
+  ("done", number, clip count) | ("failed", number, reason), a GPU worker's with the fallback category
 CPU workers answer through their pipe (`conn`); GPU workers through their pool's shared outbox, which has a
 `fileno()` so the job waits on pipes, the pool and the inference thread with one `wait`. A worker silent too
 long on one input is replaced: a CPU worker is killed; a GPU worker (a thread cannot be killed) is abandoned,
@@ -191,7 +191,7 @@ class GpuWorker:
                         count += 1
                     message = ("done", number, count)
                 except Exception as exc:  # noqa: BLE001 - this input's failure on the GPU path
-                    message = ("failed", number, failure_reason(exc))
+                    message = ("failed", number, failure_reason(exc), nvdec.fallback_category(exc))
                 if session is not None:
                     self.frames_decoded, self.frames_dropped = session.frames_decoded, session.frames_dropped
                 if not self.pool.put(self, message):

@@ -407,6 +407,9 @@ def merge_summaries(pipelines: list[dict[str, Any]], counts: dict[str, int], inp
             total["busy_worker_s"] += d["busy_fraction"] * d["workers"] * p["seconds"]
             if "fallbacks_to_cpu" in d:
                 total["fallbacks_to_cpu"] = total.get("fallbacks_to_cpu", 0) + d["fallbacks_to_cpu"]
+                by = total.setdefault("fallbacks_by_category", {})
+                for category, n in d.get("fallbacks_by_category", {}).items():
+                    by[category] = by.get(category, 0) + n
     for d in decoders.values():
         busy = d.pop("busy_worker_s")
         d["clips_per_s"] = round(d["clips"] / max(elapsed, 1e-9), 3)
@@ -432,9 +435,14 @@ def log_summary(summary: dict[str, Any], failures_path) -> None:
         for name, d in p["decoders"].items():
             log.info("%sdecode %s: %d worker(s), %d inputs, %.1f clips/s, busy %.0f%%%s", where, name, d["workers"],
                      d["inputs"], d["clips_per_s"], 100 * d["busy_fraction"],
-                     f", {d['fallbacks_to_cpu']} sent to the CPU" if d.get("fallbacks_to_cpu") else "")
+                     f", {d['fallbacks_to_cpu']} sent to the CPU ({_categories(d)})" if d.get("fallbacks_to_cpu")
+                     else "")
         log.info("%sencoder busy %.0f%% of the run; bound by %s", where, 100 * p["encoder_busy_fraction"],
                  p["bound_by"])
+
+
+def _categories(decoder: dict[str, Any]) -> str:
+    return ", ".join(f"{n} {c}" for c, n in sorted(decoder.get("fallbacks_by_category", {}).items()))
 
 
 def run_job(items: list[InputItem], runner, out_dir, writer: FeatureWriter, options: JobOptions,

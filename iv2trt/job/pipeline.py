@@ -122,6 +122,7 @@ class _PathStats:
     def __init__(self, workers: int):
         self.workers = workers
         self.inputs = self.clips = self.fallbacks = 0
+        self.fallback_categories: dict[str, int] = {}  # NVDEC: fallbacks to the CPU by decode.nvdec category
         self.busy_s = 0.0  # summed over workers: time spent on an input
         self.frames: dict[str, int] | None = None  # NVDEC: frames decoded, and dropped before decoding
 
@@ -290,7 +291,8 @@ class Pipeline:
             if p.workers:
                 decoders[name] = p.as_dict(elapsed)
                 if name == "nvdec":
-                    decoders[name].update(fallbacks_to_cpu=p.fallbacks, frames=p.frames)
+                    decoders[name].update(fallbacks_to_cpu=p.fallbacks, fallbacks_by_category=p.fallback_categories,
+                                          frames=p.frames)
         encoder_busy = self.inference.busy_s / max(elapsed, 1e-9) if self.inference is not None else 0.0
         out = {"name": self.name, "device": getattr(self.runner, "device_name", None) or _device_name(self.runner),
                "inputs": s["inputs"], "ok": s["ok"], "failed": s["failed"], "clips": s["clips"],
@@ -330,12 +332,18 @@ class Pipeline:
         self.stats["failed"] += 1
         self.sink.failed(video.number, video.item, reason)
 
-    def _to_cpu_path(self, key: int, reason: str) -> None:
+    def _to_cpu_path(self, key: int, reason: str, category: str) -> None:
         """The GPU path could not decode an input: it starts again on the CPU path under a new key (so features
-        of its clips still in flight cannot mix in)."""
+        of its clips still in flight cannot mix in). The log says so once per fallback category (the summary
+        counts them all), every file with -v."""
         video = self._discard(key)
-        self.paths["nvdec"].fallbacks += 1
-        log.info("NVDEC could not decode %s (%s); decoding it on the CPU", video.item.path, reason)
+        stats = self.paths["nvdec"]
+        stats.fallbacks += 1
+        stats.fallback_categories[category] = stats.fallback_categories.get(category, 0) + 1
+        first = stats.fallback_categories[category] == 1
+        log.log(logging.INFO if first else logging.DEBUG, "NVDEC could not decode %s (%s: %s); decoding it on the "
+                "CPU%s", video.item.path, category, reason, " (further files of this kind: in the summary)" if first
+                else "")
         retry = self._new_video(video.item, video.number)
         self.videos[retry].nvdec_failure = reason
         self.cpu_queue.appendleft((retry, video.item))
@@ -375,7 +383,7 @@ class Pipeline:
             self.paths[path].inputs += 1
             self._finish_ready(key)
         elif path == "nvdec":
-            self._to_cpu_path(key, message[2])
+            self._to_cpu_path(key, message[2], message[3] if len(message) > 3 else "stream_error")
         else:
             self._fail(key, message[2])
         return key
@@ -551,7 +559,7 @@ class Pipeline:
             reason = timeout_reason(self.o.decode_timeout_s)
             if key in self.videos:
                 if wk.path == "nvdec":
-                    self._to_cpu_path(key, reason)
+                    self._to_cpu_path(key, reason, "timeout")
                 else:
                     self._fail(key, reason)
 
