@@ -127,3 +127,29 @@ def test_pipeline_benchmark_on_cpu(tmp_path, tiny_onnx):
     out = write_results(results, tmp_path / "res")
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| cpu |" in out["md"].read_text()
+
+
+def test_decode_and_executor_targets():
+    """Issue 21's targets from a GPU run's numbers: auto against the sum of the nvdec-alone and cpu-alone
+    ceilings, the clips/s floor, two pipelines on one GPU against one, Ray's one actor against the local job."""
+    from iv2trt.bench.main import decode_targets, executor_targets
+
+    def run(cps):
+        return {"clips_per_s": cps, "videos_per_s": cps / 5}
+
+    pipe = {"windowing": {"window_seconds": 2.0, "window_frames": None}, "frames": 8,
+            "decoder_runs": {"decode_ceiling": {"cpu": run(40.0), "nvdec": run(80.0), "auto": run(100.0)},
+                             "end_to_end": {"cpu": run(39.0), "nvdec": run(79.0), "auto": run(111.0)}}}
+    by_name = {t["name"]: t for t in decode_targets(pipe)}
+    share = next(t for n, t in by_name.items() if "nvdec-alone + cpu-alone" in n)
+    assert share["status"] == "met" and "80.0 + 40.0 = 120.0" in share["detail"]  # 111 / 120 = 92.5%
+    assert next(t for n, t in by_name.items() if ">= 110 clips/s" in n)["status"] == "met"
+    pipe["decoder_runs"]["end_to_end"]["auto"] = run(100.0)
+    assert {t["status"] for t in decode_targets(pipe)} == {"MISSED"}  # 83% of the ceilings, below 110
+
+    rows = [{"executor": "local", "gpus": "1", "clips_per_s": 100.0}, {"executor": "local", "gpus": "0,0",
+            "clips_per_s": 99.0}, {"executor": "ray", "gpus": "1", "clips_per_s": 96.0}]
+    two, ray = executor_targets(rows)
+    assert two["status"] == "MISSED" and "0.99x" in two["detail"]
+    assert ray["status"] == "met" and "96%" in ray["detail"]
+    assert executor_targets(rows[1:]) == []  # nothing to compare with

@@ -1,7 +1,8 @@
 """GPU decode (NVDEC) against the CPU path on real videos: resized frames and S/14 fp32 features, per file.
 
 For every video in --videos (and, with --transcode, copies of each re-encoded to HEVC 8 and 10-bit, VP9, MPEG-4
-Part 2 and AV1 10-bit with FFmpeg's encoders, so one set of real footage covers several codecs), both decoders produce
+Part 2, AV1 10-bit, and H.264 stamped as phones do (a 1/1,000,000 time base, jittered durations, an edit list),
+with FFmpeg's encoders, so one set of real footage covers several codecs and timestamp styles), both decoders produce
 the job's clips (T frames, resized uint8); the tool reports the mean and largest absolute pixel difference,
 the share of identical values, and the smallest cosine between the fp32 model's features of the two. Files NVDEC
 refuses or fails on are rows too (status refused / failed, the fallback category and the reason), and the summary
@@ -22,16 +23,29 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# name -> (encoder, container, options, pixel format)
-TRANSCODES = {"hevc": ("libx265", "mp4", {"x265-params": "log-level=0"}, "yuv420p"),
-              "hevc10": ("libx265", "mp4", {"x265-params": "log-level=0"}, "yuv420p10le"),
-              "vp9": ("libvpx-vp9", "webm", {}, "yuv420p"),
-              "mpeg4": ("mpeg4", "mp4", {"qscale": "3", "bf": "2"}, "yuv420p"),
-              "av1": ("libsvtav1", "mkv", {}, "yuv420p10le")}
+# name -> (encoder, container, options, pixel format, timestamps: "rate" (1/fps, one per frame) or "phone")
+TRANSCODES = {"hevc": ("libx265", "mp4", {"x265-params": "log-level=0"}, "yuv420p", "rate"),
+              "hevc10": ("libx265", "mp4", {"x265-params": "log-level=0"}, "yuv420p10le", "rate"),
+              "vp9": ("libvpx-vp9", "webm", {}, "yuv420p", "rate"),
+              "mpeg4": ("mpeg4", "mp4", {"qscale": "3", "bf": "2"}, "yuv420p", "rate"),
+              "av1": ("libsvtav1", "mkv", {}, "yuv420p10le", "rate"),
+              "h264phone": ("libx264", "mp4", {"bf": "2"}, "yuv420p", "phone")}
+PHONE_TIME_BASE = Fraction(1, 1_000_000)
+PHONE_START_US = -100_000  # frames before 0: the mp4 muxer writes an edit list that cuts them
 
 
-def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float, pix_fmt: str = "yuv420p") -> Path:
-    """The first `seconds` of src re-encoded with `codec` in `pix_fmt` (frame size, rate and colour tags kept)."""
+def phone_pts(count: int, rate: Fraction, seed: int = 0) -> list[int]:
+    """Timestamps as phones write them: a 1/1,000,000 time base, durations jittering by +-3% around 1/rate, and a
+    first frame before 0."""
+    step = 1_000_000 / float(rate)
+    durations = np.random.default_rng(seed).uniform(0.97 * step, 1.03 * step, count)
+    return [PHONE_START_US + int(round(t)) for t in np.concatenate([[0], np.cumsum(durations)[:-1]])]
+
+
+def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float, pix_fmt: str = "yuv420p",
+              timing: str = "rate") -> Path:
+    """The first `seconds` of src re-encoded with `codec` in `pix_fmt` (frame size, rate and colour tags kept);
+    `timing="phone"` stamps the frames as a phone does (phone_pts)."""
     import av
 
     if dst.is_file():
@@ -41,15 +55,18 @@ def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float, p
         s_in = inp.streams.video[0]
         cc = s_in.codec_context
         s_out = out.add_stream(codec, rate=s_in.average_rate or 30, options=options)
-        s_out.codec_context.time_base = Fraction(1) / (s_in.average_rate or 30)
+        rate = s_in.average_rate or 30
+        time_base = PHONE_TIME_BASE if timing == "phone" else Fraction(1) / rate
+        s_out.codec_context.time_base = time_base
         s_out.width, s_out.height, s_out.pix_fmt = cc.width, cc.height, pix_fmt
         s_out.codec_context.colorspace, s_out.codec_context.color_range = cc.colorspace, cc.color_range
-        rate = s_in.average_rate or 30
+        count = int(seconds * rate)
+        pts = phone_pts(count, rate) if timing == "phone" else range(count)
         for n, frame in enumerate(inp.decode(s_in)):
-            if n >= seconds * rate:
+            if n >= count:
                 break
             frame = frame.reformat(format=pix_fmt)
-            frame.pts, frame.time_base = n, Fraction(1) / rate
+            frame.pts, frame.time_base = pts[n], time_base
             for packet in s_out.encode(frame):
                 out.mux(packet)
         for packet in s_out.encode():
@@ -139,7 +156,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--videos", required=True, help="folder of videos (searched recursively)")
     p.add_argument("--transcode", action="store_true",
-                   help="also HEVC (8 and 10-bit), VP9, MPEG-4 and AV1 (10-bit) copies of each video")
+                   help="also HEVC (8 and 10-bit), VP9, MPEG-4, AV1 (10-bit) and phone-style H.264 "
+                        "(1/1,000,000 time base, jittered durations, an edit list, B-frames) copies of each video")
     p.add_argument("--transcode-seconds", type=float, default=10.0, help="length of the transcoded copies")
     p.add_argument("--work", default="/tmp/iv2trt_parity", help="where transcoded copies go")
     p.add_argument("--frames", type=int, default=8)
@@ -164,10 +182,10 @@ def main(argv=None) -> int:
         work = Path(a.work)
         work.mkdir(parents=True, exist_ok=True)
         for src in list(videos):
-            for name, (codec, ext, options, pix_fmt) in TRANSCODES.items():
+            for name, (codec, ext, options, pix_fmt, timing) in TRANSCODES.items():
                 try:
                     videos.append(transcode(src, work / f"{src.stem}.{name}.{ext}", codec, options,
-                                            a.transcode_seconds, pix_fmt))
+                                            a.transcode_seconds, pix_fmt, timing))
                 except Exception as exc:  # noqa: BLE001 - a source FFmpeg cannot read is skipped, and said
                     print(f"skipping {src} ({name}): {exc}", file=sys.stderr)
     w = Windowing(a.frames, a.window_seconds or None)

@@ -33,7 +33,17 @@ log = logging.getLogger(__name__)
 # 720p H.264 as cameras and sites deliver it: x264's default settings (preset medium, CRF 23, B-frames,
 # keyframe interval 250), 30 fps, 10 s. `gop: None` keeps x264's default.
 VIDEO_SPEC = {"width": 1280, "height": 720, "fps": 30, "seconds": 10, "codec": "libx264", "gop": None,
-              "preset": "medium", "crf": 23}
+              "preset": "medium", "crf": 23, "pix_fmt": "yuv420p"}
+# --video-codec: the same scenes in another encoding. hevc10 = HEVC Main10 as phones record it, x265's defaults.
+VIDEO_CODECS = {"h264": VIDEO_SPEC,
+                "hevc10": {**VIDEO_SPEC, "codec": "libx265", "crf": 28, "pix_fmt": "yuv420p10le"}}
+
+
+def _encoder_options(spec: dict[str, Any]) -> dict[str, str]:
+    options = {"preset": spec["preset"], "crf": str(spec["crf"])}
+    if spec["codec"] == "libx265":
+        options["x265-params"] = "log-level=0"
+    return options
 
 
 # --- test videos -------------------------------------------------------------------------------------------
@@ -56,9 +66,8 @@ def write_test_video(path: Path, seed: int, spec: dict[str, Any] = VIDEO_SPEC) -
     tex = _texture(h + 64, w + 64, seed)
     with atomic_path(path) as tmp:
         with av.open(str(tmp), "w", format="mp4") as container:
-            stream = container.add_stream(spec["codec"], rate=fps,
-                                          options={"preset": spec["preset"], "crf": str(spec["crf"])})
-            stream.height, stream.width, stream.pix_fmt = h, w, "yuv420p"
+            stream = container.add_stream(spec["codec"], rate=fps, options=_encoder_options(spec))
+            stream.height, stream.width, stream.pix_fmt = h, w, spec.get("pix_fmt", "yuv420p")
             if spec["gop"]:
                 stream.codec_context.gop_size = spec["gop"]
             stream.codec_context.time_base = Fraction(1, fps)
@@ -85,8 +94,8 @@ def write_footage_video(path: Path, source: str, start: int, spec: dict[str, Any
     with av.open(source) as c:
         total = sum(1 for _ in c.demux(c.streams.video[0])) - 1
     with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as out:
-        stream = out.add_stream(spec["codec"], rate=fps, options={"preset": spec["preset"], "crf": str(spec["crf"])})
-        stream.height, stream.width, stream.pix_fmt = spec["height"], spec["width"], "yuv420p"
+        stream = out.add_stream(spec["codec"], rate=fps, options=_encoder_options(spec))
+        stream.height, stream.width, stream.pix_fmt = spec["height"], spec["width"], spec.get("pix_fmt", "yuv420p")
         if spec["gop"]:
             stream.codec_context.gop_size = spec["gop"]
         written, skip = 0, start % max(total - 1, 1)
@@ -95,7 +104,8 @@ def write_footage_video(path: Path, source: str, start: int, spec: dict[str, Any
                 for i, frame in enumerate(c.decode(video=0)):
                     if i < skip:
                         continue
-                    frame = frame.reformat(width=spec["width"], height=spec["height"], format="yuv420p",
+                    frame = frame.reformat(width=spec["width"], height=spec["height"],
+                                           format=spec.get("pix_fmt", "yuv420p"),
                                            interpolation="BICUBIC")
                     frame.pts, frame.time_base = written, Fraction(1, fps)
                     for packet in stream.encode(frame):
@@ -115,7 +125,8 @@ def ensure_test_videos(folder: str | Path, count: int, spec: dict[str, Any] = VI
     `footage` (video files) 10 s pieces of that real footage, each source in turn at growing offsets."""
     folder = Path(folder)
     name = (f"{spec['width']}x{spec['height']}_{spec['fps']}fps_{spec['seconds']}s_{spec['codec']}_{spec['preset']}"
-            f"_gop{spec['gop'] or 'default'}" + ("_footage" if footage else ""))
+            f"_gop{spec['gop'] or 'default'}" + ("" if spec.get("pix_fmt", "yuv420p") == "yuv420p" else
+                                                  f"_{spec['pix_fmt']}") + ("_footage" if footage else ""))
     paths = [folder / f"{name}_{i:03d}.mp4" for i in range(count)]
     if footage:
         footage = sorted(footage)
@@ -234,7 +245,7 @@ class NullRunner:
 
 
 def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
-               decoder: str = "cpu", nvdec_sessions: int | None = None) -> dict[str, Any]:
+               decoder: str = "cpu", nvdec_sessions: int | None = None, gpu_convert: bool = True) -> dict[str, Any]:
     """The real extraction job over `paths` (fresh output folder, no progress bar); its summary."""
     from ..decode.inputs import InputItem
     from ..decode.plan import DEFAULT_NVDEC_SESSIONS
@@ -244,7 +255,7 @@ def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, 
 
     items = [InputItem(str(p), p.name, "video") for p in paths]
     options = JobOptions(windowing, img_size, batch, workers, progress=False, decoder=decoder,
-                         nvdec_sessions=nvdec_sessions or DEFAULT_NVDEC_SESSIONS)
+                         nvdec_sessions=nvdec_sessions or DEFAULT_NVDEC_SESSIONS, gpu_convert=gpu_convert)
     with tempfile.TemporaryDirectory(prefix="iv2trt_bench_job_") as out:
         writer = FeatureWriter(out, "float16")
         summary = run_job(items, runner, out, writer, options)
@@ -260,9 +271,11 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
-                 nvdec_sessions: int) -> dict[str, Any]:
+                 nvdec_sessions: int, auto_workers: list[int] | None = None,
+                 cpu_resize: bool = False) -> dict[str, Any]:
     """For each decoder that can run here: the decode ceiling (job with NullRunner) and the job end to end
-    with `runner`, on the same videos."""
+    with `runner`, on the same videos; then `--decoder auto` with each of `auto_workers` CPU workers; with
+    `cpu_resize`, `cpu` and `auto` again with --no-gpu-convert (CPU workers convert and resize themselves)."""
     from ..decode.nvdec import nvdec_unavailable
 
     reason = nvdec_unavailable()
@@ -280,8 +293,19 @@ def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int
         e2e[decoder] = _brief(end_to_end(paths, runner, windowing, img_size, batch, workers, decoder, nvdec_sessions))
         log.info("  %.2f clips/s, %.2f videos/s; encoder busy %.0f%%, bound by %s", e2e[decoder]["clips_per_s"],
                  e2e[decoder]["videos_per_s"], 100 * e2e[decoder]["encoder_busy_fraction"], e2e[decoder]["bound_by"])
+    sweep, resized_on_cpu = [], []
+    extra = [("auto", n, True) for n in ((auto_workers or []) if "auto" in decoders else [])]
+    extra += [(d, workers, False) for d in (("cpu", "auto") if cpu_resize and "auto" in decoders else ())]
+    for decoder, n, gpu_convert in extra:
+        row = {"decoder": decoder, "workers": n, "gpu_convert": gpu_convert}
+        for key, r in (("ceiling", NullRunner()), ("end_to_end", runner)):
+            row[key] = _brief(end_to_end(paths, r, windowing, img_size, batch, n, decoder, nvdec_sessions,
+                                         gpu_convert))
+        log.info("%s, %s CPU workers, gpu_convert %s: ceiling %.2f, end to end %.2f clips/s", decoder,
+                 n or "default", gpu_convert, row["ceiling"]["clips_per_s"], row["end_to_end"]["clips_per_s"])
+        (sweep if gpu_convert else resized_on_cpu).append(row)
     return {"decoders": decoders, "nvdec_unavailable": reason, "nvdec_sessions": nvdec_sessions, "workers": workers,
-            "decode_ceiling": ceilings, "end_to_end": e2e}
+            "decode_ceiling": ceilings, "end_to_end": e2e, "auto_workers": sweep, "cpu_resize": resized_on_cpu}
 
 
 # --- the executors -----------------------------------------------------------------------------------------
@@ -374,7 +398,8 @@ def starvation_verdict(e2e_cps: float, encoder_cps: float, decode_cps_per_worker
 
 def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: float, paths: list[Path],
                  windowing, img_size: int, batch: int, worker_counts: list[int], job_workers: int,
-                 stage_batches: int, nvdec_sessions: int | None = None) -> dict[str, Any]:
+                 stage_batches: int, nvdec_sessions: int | None = None,
+                 auto_workers: list[int] | None = None, cpu_resize: bool = False) -> dict[str, Any]:
     """All pipeline measurements with one runner; `encoder_cps`/`encoder_batch_s` come from the caller's
     encoder-only timing at (batch, windowing.frames)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -387,7 +412,8 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
                  decode[-1]["clips_per_s"], decode[-1]["sampled_frames_per_s"])
     from ..decode.plan import DEFAULT_NVDEC_SESSIONS
 
-    runs = decoder_runs(paths, runner, windowing, img_size, batch, job_workers, nvdec_sessions or DEFAULT_NVDEC_SESSIONS)
+    runs = decoder_runs(paths, runner, windowing, img_size, batch, job_workers,
+                        nvdec_sessions or DEFAULT_NVDEC_SESSIONS, auto_workers, cpu_resize)
     e2e = runs["end_to_end"]["auto" if "auto" in runs["end_to_end"] else "cpu"]
     log.info("preloading clips for the inference-stage measurement")
     videos = preload_clips(paths, windowing, img_size)
