@@ -81,6 +81,7 @@ class FakeDemuxer:
         self.bsf = av.bitstream.BitStreamFilterContext(f"{self.stream.codec_context.name}_mp4toannexb",
                                                        self.stream) if annexb else None
         self.packets = self.container.demux(self.stream)
+        self.ended = False
         nvc.demuxers_opened += 1
 
     def __iter__(self):
@@ -92,6 +93,9 @@ class FakeDemuxer:
                 raw, pts, pos = bytes(packet), packet.pts, -1 if self.nvc.no_pos else packet.pos
                 data = b"".join(bytes(p) for p in self.bsf.filter(packet)) if self.bsf else raw  # takes the packet
                 return FakePacket(raw, data, pts + self.nvc.shift_pts, pos, self.stream)
+        if not self.ended:  # as seen on an H200 (2.2.4): an empty packet (pts 0, byte 0) at the end of some files
+            self.ended = True
+            return FakePacket(pts=0, pos=0)
         raise StopIteration
 
     def Seek(self, frame: int) -> FakePacket:
@@ -100,6 +104,7 @@ class FakeDemuxer:
         start = 0 if "mp4" in self.container.format.name else self.stream.start_time * self.stream.time_base
         self.container.seek(round((seconds + start) / self.stream.time_base), stream=self.stream, backward=True)
         self.packets = self.container.demux(self.stream)
+        self.ended = False
         return next(self)
 
 

@@ -110,3 +110,62 @@ def test_a_pipeline_that_dies_loses_nothing(tmp_path, tiny_onnx, inputs, caplog)
     assert sorted(got) == sorted(reference)
     for key in reference:
         np.testing.assert_allclose(got[key], reference[key], rtol=0, atol=1e-6)
+
+
+class _FakePipeline:
+    """A pipeline process as the executor sees it, keeping the child's protocol: it finishes what it holds at
+    each poll, and once told `no_more` and idle it sends its summary and exits (its later inputs are lost)."""
+
+    def __init__(self, name: str, stuck: bool = False, dies_at_poll: int | None = None):
+        self.name, self.stuck, self.dies_at_poll = name, stuck, dies_at_poll
+        self.assigned: set[int] = set()
+        self.pending: list[int] = []
+        self.gone = self.result = None
+        self.told_no_more = self.exited = False
+        self.polls = 0
+
+    def wants(self) -> bool:
+        return self.gone is None and len(self.assigned) < 4
+
+    def feed(self, number, item) -> None:
+        self.assigned.add(number)
+        if not self.exited:
+            self.pending.append(number)
+
+    def no_more(self) -> None:
+        self.told_no_more = True
+
+    def poll(self) -> list[tuple]:
+        self.polls += 1
+        if self.polls == self.dies_at_poll:
+            self.gone = "exit code -9"
+            return []
+        if self.exited or self.stuck:
+            return []
+        if not self.pending and self.told_no_more:
+            self.exited, self.gone = True, "exit code 0"
+            return []
+        done, self.pending = self.pending, []
+        return [("finished", n, [{"clip": 0}], np.zeros((1, 4), np.float32)) for n in done]
+
+    def close(self, interrupted: bool) -> None:
+        pass
+
+
+def test_inputs_of_a_pipeline_that_dies_late_go_to_one_that_has_run_dry():
+    """All inputs handed out; one pipeline finishes its share and idles, then the other dies: its inputs must
+    reach the idle one, which has not been told to finish yet (before: told early, it had exited, and they failed
+    as 'died twice')."""
+    from types import SimpleNamespace
+
+    from iv2trt.job.local import execute
+
+    items = [SimpleNamespace(path=f"v{i}.mp4", id=f"v{i}", kind="video") for i in range(6)]
+    written, failed = [], []
+    writer = SimpleNamespace(add_video=lambda path, *a: written.append(path), flush=lambda: None)
+    failures = SimpleNamespace(add=lambda path, vid, reason: failed.append((path, reason)))
+    slow, quick = _FakePipeline("gpu0", stuck=True, dies_at_poll=3), _FakePipeline("gpu1")
+    out, _ = execute([slow, quick], items, range(6), writer, failures, progress=False)
+    assert not failed, failed
+    assert sorted(written) == sorted(i.path for i in items) and out.ok == 6
+    assert quick.told_no_more and quick.gone is None  # told to finish only at the end

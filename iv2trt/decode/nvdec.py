@@ -183,18 +183,14 @@ def format_refusal(fmt: StreamFormat, caps: CapsLookup) -> NvdecUnsupported | No
     if fmt.width % 2 or fmt.height % 2:
         return NvdecUnsupported(f"odd frame size {fmt.width}x{fmt.height}", "size")
 
-    def unsupported(depth: int, chroma: str) -> str | None:
-        answer = caps(fmt.codec, depth, chroma)
-        if answer.get("supported", 0):
-            return None
-        return f"this GPU's NVDEC does not decode {fmt.codec} {depth}-bit {chroma}" + (
-            f" ({answer['error']})" if answer.get("error") else "")
-
     for depth, chroma, category in ((8, "420", "codec"), (fmt.bit_depth, "420", "bit_depth"),
                                     (fmt.bit_depth, fmt.chroma, "chroma")):
-        why = unsupported(depth, chroma)
-        if why:
-            return NvdecUnsupported(why, category)
+        answer = caps(fmt.codec, depth, chroma)
+        if not answer.get("supported", 0):
+            what = (f"{fmt.codec} at all (its capability query says no even for 8-bit 4:2:0)" if category == "codec"
+                    else f"{fmt.codec} {depth}-bit {chroma}")
+            return NvdecUnsupported(f"this GPU's NVDEC does not decode {what}" + (
+                f" ({answer['error']})" if answer.get("error") else ""), category)
     answer = caps(fmt.codec, fmt.bit_depth, fmt.chroma)
     lo_w, lo_h = answer.get("width_min", 0), answer.get("height_min", 0)
     hi_w, hi_h = answer.get("width_max", 1 << 30), answer.get("height_max", 1 << 30)
@@ -505,7 +501,9 @@ class NvdecSession:
                         matcher.restart(landed)
                     else:
                         packet = next(packets, None)
-                        if packet is None:  # end of the stream: what the decoder still holds
+                        # end of the stream (PyNvVideoCodec 2.2.4's demuxer hands some files an empty packet there,
+                        # pts 0 at byte 0, before it stops): what the decoder still holds
+                        if packet is None or not packet.bsl:
                             yield from take(decoder.Decode(self.nvc.PacketData()), got)
                             break
                     index = matcher.identify(packet)

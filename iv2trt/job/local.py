@@ -341,12 +341,10 @@ def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writ
     interrupted = False
     try:
         while live and (queue or any(h.assigned for h in live)):
-            for h in live:
+            for h in live:  # `no_more` only after the loop: a pipeline that dies hands its inputs back to the others
                 while queue and h.wants():
                     number = queue.popleft()
                     h.feed(number, items[number])
-                if not queue:
-                    h.no_more()
             if len(live) > 1 or not isinstance(live[0], _InProcess):
                 wait([h.conn for h in live if isinstance(h, _Process)], timeout=0.2)
             for h in live:
