@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpu-resize", action="store_true",
                    help="also run --decoder cpu and auto with --no-gpu-convert (CPU workers convert and resize)")
     g.add_argument("--nvdec-sessions", type=int, help="NVDEC sessions of the jobs (default: as trt_inference)")
+    g.add_argument("--repeat", type=int, default=1,
+                   help="inputs of the decoder runs: the videos this many times over, under other ids (longer runs "
+                        "from the same files; default: %(default)s)")
     g.add_argument("--executor-gpus", nargs="+", metavar="GPUS",
                    help="also run the job as trt_inference.py does, once per --gpus value given (e.g. 1 0,0: one "
                         "pipeline, then two on GPU 0)")
@@ -210,7 +213,8 @@ def markdown_report(results: dict[str, Any]) -> str:
                          f"{100 * d['decode_share']:.0f}% |")
         runs = pipe.get("decoder_runs")
         if runs:
-            lines += ["", f"Decoders ({runs['workers'] or 'default'} CPU workers, {runs['nvdec_sessions']} NVDEC sessions"
+            lines += ["", f"Decoders ({runs['workers'] or 'default'} CPU workers, {runs['nvdec_sessions']} NVDEC sessions, "
+                      f"the videos {runs.get('repeat', 1)} time(s) over"
                       + (f"; NVDEC unavailable: {runs['nvdec_unavailable']}" if runs["nvdec_unavailable"] else "")
                       + "). Ceiling: the job with an encoder that costs nothing. End to end: the job with "
                       f"{pipe['backend']}.", "",
@@ -489,7 +493,7 @@ def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
     # p50 per batch: robust against stray slow calls (the table's clips/s uses the mean)
     result = run_pipeline(runner, backend, batch / (stats["p50_ms"] / 1e3), stats["p50_ms"] / 1e3, paths, windowing,
                           model.cfg.img_size, batch, worker_counts, a.job_workers, a.stage_batches,
-                          a.nvdec_sessions, a.auto_workers, a.cpu_resize)
+                          a.nvdec_sessions, a.auto_workers, a.cpu_resize, a.repeat)
     result["encoder_only_timing"] = "device" if backend.startswith("torch") and env.cuda else "host"
     result["video_spec"] = None if a.videos else {**VIDEO_CODECS[a.video_codec],
                                                   "content": "real footage" if a.footage else "synthetic"}

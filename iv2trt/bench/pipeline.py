@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import time
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,11 @@ def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, 
     from ..job.pipeline import JobOptions
     from ..output.writer import FeatureWriter
 
-    items = [InputItem(str(p), p.name, "video") for p in paths]
+    seen: Counter = Counter()  # a video given again (`--repeat`) is another input: its own id
+    items = []
+    for p in paths:
+        items.append(InputItem(str(p), f"{seen[p]}/{p.name}" if seen[p] else p.name, "video"))
+        seen[p] += 1
     options = JobOptions(windowing, img_size, batch, workers, progress=False, decoder=decoder,
                          nvdec_sessions=nvdec_sessions or DEFAULT_NVDEC_SESSIONS, gpu_convert=gpu_convert)
     with tempfile.TemporaryDirectory(prefix="iv2trt_bench_job_") as out:
@@ -399,7 +404,8 @@ def starvation_verdict(e2e_cps: float, encoder_cps: float, decode_cps_per_worker
 def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: float, paths: list[Path],
                  windowing, img_size: int, batch: int, worker_counts: list[int], job_workers: int,
                  stage_batches: int, nvdec_sessions: int | None = None,
-                 auto_workers: list[int] | None = None, cpu_resize: bool = False) -> dict[str, Any]:
+                 auto_workers: list[int] | None = None, cpu_resize: bool = False,
+                 repeat: int = 1) -> dict[str, Any]:
     """All pipeline measurements with one runner; `encoder_cps`/`encoder_batch_s` come from the caller's
     encoder-only timing at (batch, windowing.frames)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -412,8 +418,9 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
                  decode[-1]["clips_per_s"], decode[-1]["sampled_frames_per_s"])
     from ..decode.plan import DEFAULT_NVDEC_SESSIONS
 
-    runs = decoder_runs(paths, runner, windowing, img_size, batch, job_workers,
+    runs = decoder_runs(list(paths) * repeat, runner, windowing, img_size, batch, job_workers,
                         nvdec_sessions or DEFAULT_NVDEC_SESSIONS, auto_workers, cpu_resize)
+    runs["repeat"] = repeat
     e2e = runs["end_to_end"]["auto" if "auto" in runs["end_to_end"] else "cpu"]
     log.info("preloading clips for the inference-stage measurement")
     videos = preload_clips(paths, windowing, img_size)
