@@ -19,6 +19,7 @@ import pytest
 import torch
 from test_colorspace import _has_encoder, decoder_surface, frame_planes  # the tests' own helpers
 
+from iv2trt.capture_guard import GUARD
 from iv2trt.decode import nvdec
 from iv2trt.decode.clips import Windowing
 from iv2trt.decode.inputs import InputItem
@@ -135,6 +136,7 @@ class FakeDecoder:
 
     def Decode(self, packet: FakePacket) -> list[FakeFrame]:
         nvc = self.nvc
+        assert GUARD.calls > 0, "NVDEC called outside capture_guard: a CUDA graph capture could run meanwhile"
         if packet.bsl == 0:
             frames = list(self.ctx.decode(None)) if self.ctx is not None else []
             self.ctx = None
@@ -197,6 +199,7 @@ class FakeNvc:
         return FakeDemuxer(filename, self)
 
     def CreateDecoder(self, gpuid, codec, cudacontext, cudastream, usedevicememory) -> FakeDecoder:
+        assert GUARD.calls > 0, "decoder made outside capture_guard"
         self.decoders_created += 1
         return FakeDecoder(self)
 

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("iv2trt.models.kernels",),                                                    # its fused GPU kernels
     ("iv2trt.models",),                                                            # the model, its factory
     ("iv2trt.version", "iv2trt.errors", "iv2trt.fileio", "iv2trt.settings", "iv2trt.compare",
-     "iv2trt.transforms", "iv2trt.doorbell"),                                      # what every stage uses
+     "iv2trt.transforms", "iv2trt.doorbell", "iv2trt.capture_guard"),                                      # what every stage uses
     ("iv2trt.model",),                                                             # settings -> PyTorch model
     ("iv2trt.export",),                                                            # stage 1
     ("iv2trt.engine",),                                                            # stage 2

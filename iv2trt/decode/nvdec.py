@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from ..capture_guard import GUARD
 from .clips import DecodeError, Windowing
 from .colorspace import pix_fmt_layout
 from .inputs import IMAGE_EXTENSIONS
@@ -225,12 +226,13 @@ def gpu_caps(nvc, gpu: int, model: str | None = None) -> CapsLookup:
         if key not in _CAPS:
             nv_codec = getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec])
             try:
-                try:
-                    answer = dict(nvc.GetDecoderCaps(gpuid=gpu, codec=nv_codec, bitdepth=depth,
-                                                     chromaformat=_chroma_format(nvc, chroma)))
-                except TypeError:  # a build whose query takes no chroma format: 4:2:0's answer; its decoder checks
-                    answer = dict(nvc.GetDecoderCaps(gpuid=gpu, codec=nv_codec, bitdepth=depth))
-                    answer["chroma_unchecked"] = chroma != "420"
+                with GUARD.shared():
+                    try:
+                        answer = dict(nvc.GetDecoderCaps(gpuid=gpu, codec=nv_codec, bitdepth=depth,
+                                                         chromaformat=_chroma_format(nvc, chroma)))
+                    except TypeError:  # a build whose query takes no chroma format: 4:2:0's answer; decoder checks
+                        answer = dict(nvc.GetDecoderCaps(gpuid=gpu, codec=nv_codec, bitdepth=depth))
+                        answer["chroma_unchecked"] = chroma != "420"
                 _CAPS[key] = answer
             except Exception as exc:  # noqa: BLE001 - the driver refuses the question: not supported
                 _CAPS[key] = {"supported": 0, "error": _one_line(exc)}
@@ -371,12 +373,23 @@ class NvdecSession:
         MAX_DECODERS."""
         decoder = self._decoders.pop(key, None)
         if decoder is None:
-            decoder = self.nvc.CreateDecoder(gpuid=self.gpu, codec=key[0], cudacontext=0,
-                                             cudastream=self.stream.cuda_stream, usedevicememory=True)
-            while len(self._decoders) >= self.MAX_DECODERS:
-                self._decoders.pop(next(iter(self._decoders)))
+            with GUARD.shared():  # creating and releasing decoders synchronises the context, as decoding does
+                decoder = self.nvc.CreateDecoder(gpuid=self.gpu, codec=key[0], cudacontext=0,
+                                                 cudastream=self.stream.cuda_stream, usedevicememory=True)
+                while len(self._decoders) >= self.MAX_DECODERS:
+                    self._decoders.pop(next(iter(self._decoders)))
         self._decoders[key] = decoder  # most recently used last
         return decoder
+
+    def _decode(self, decoder, packet=None) -> list:
+        """The frames NVDEC gives for `packet` (None: drain it), with no CUDA graph capture running meanwhile."""
+        with GUARD.shared():
+            return decoder.Decode(self.nvc.PacketData() if packet is None else packet)
+
+    def _drop(self, key: tuple) -> None:
+        """Release the decoder of `key` (a failed one: a fresh one next time)."""
+        with GUARD.shared():
+            self._decoders.pop(key, None)
 
     def _flush(self, key: tuple) -> None:
         """End of an input: drain the decoder (an empty packet) so the next input starts clean; a decoder that
@@ -385,10 +398,11 @@ class NvdecSession:
         if decoder is None:
             return
         try:
-            decoder.Decode(self.nvc.PacketData())
+            self._decode(decoder)
         except Exception as exc:  # noqa: BLE001 - a fresh decoder next time
             log.debug("NVDEC decoder dropped after a failed flush: %s", exc)
-            del self._decoders[key]
+            decoder = None
+            self._drop(key)
 
     def _converter(self, probe, sitings: list):
         """The stream's surface -> RGB conversion; NvdecUnsupported where the CPU path's is not reproduced."""
@@ -484,7 +498,7 @@ class NvdecSession:
                     if seeking and keyframe - fed > self.SEEK_MIN_FRAMES and keyframe != seeked_to:
                         # a keyframe lies well ahead: seeking skips decoding work
                         seeked_to = keyframe
-                        yield from take(decoder.Decode(self.nvc.PacketData()), got)  # what is in flight
+                        yield from take(self._decode(decoder), got)  # what is in flight
                         try:  # PyNvVideoCodec's demuxer seeks to the keyframe at or before a frame number
                             packet = demuxer.Seek(seek_number(probe, keyframe))
                             landed = matcher.identify(packet)
@@ -504,7 +518,7 @@ class NvdecSession:
                         # end of the stream (PyNvVideoCodec 2.2.4's demuxer hands some files an empty packet there,
                         # pts 0 at byte 0, before it stops): what the decoder still holds
                         if packet is None or not packet.bsl:
-                            yield from take(decoder.Decode(self.nvc.PacketData()), got)
+                            yield from take(self._decode(decoder), got)
                             break
                     index = matcher.identify(packet)
                     fed = max(fed, index)
@@ -515,12 +529,14 @@ class NvdecSession:
                         continue
                     packet.pts = index  # NVDEC hands the label back with the decoded frame
                     matcher.send(index)
-                    yield from take(decoder.Decode(packet), got)
+                    yield from take(self._decode(decoder, packet), got)
         except DecodeError:
-            self._decoders.pop(key, None)
+            decoder = None
+            self._drop(key)
             raise
         except Exception as exc:  # a corrupt stream: the decoder is dropped, the input goes to the CPU path
-            self._decoders.pop(key, None)
+            decoder = None
+            self._drop(key)
             raise NvdecError(f"NVDEC failed ({_one_line(exc)})", _driver_category(exc)) from None
         finally:
             self._flush(key)
@@ -548,7 +564,8 @@ class NvdecSession:
                 unique = sorted(set(idx))
                 try:
                     data = [torch.frombuffer(bytearray(Path(files[i]).read_bytes()), dtype=torch.uint8) for i in unique]
-                    images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                    with GUARD.shared():  # nvJPEG synchronises too
+                        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
                 except Exception as exc:
                     raise NvdecError(f"nvJPEG cannot decode it ({_one_line(exc)})") from None
                 if len({tuple(im.shape) for im in images}) > 1:

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 
+from ..capture_guard import GUARD
 from ..errors import PipelineError
 from .base import check_uint8_frames, normalized_shape, reusable_buffer
 
@@ -122,7 +123,7 @@ class TorchRunner:
         """Get full batches ready: compile (in the background) and, with `wait`, block until the compile is done
         and the CUDA graph captured. A pipeline starts its decoders without waiting: until the compiled model is
         ready, batches run the eager fp16 model (still far faster than decoding), and the graph is captured on
-        first sight after (thread-local capture: the decoders' CUDA calls cannot spoil it). Partial batches
+        first sight after (with NVDEC's calls held back meanwhile: capture_guard). Partial batches
         replay the full batch's graph."""
         if self.device.type == "cuda":
             self.prepare([(batch, frames)], wait=wait)
@@ -154,9 +155,9 @@ class TorchRunner:
                     forward(static_in[part])
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread-local capture: the CUDA calls of other threads (NVDEC sessions, the decode workers' copies) can
-        # neither fail in the capture nor invalidate it
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+        # thread-local capture: the CUDA calls of other threads (the decode workers' copies) neither fail in the
+        # capture nor spoil it; NVDEC's calls synchronise the context, so none runs meanwhile (capture_guard)
+        with GUARD.exclusive(), torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             static_out = self._forward_parts(forward, static_in, parts)
         log.debug("captured a CUDA graph for input %s (%s, %d stream(s))", tuple(x.shape),
                   "eager" if forward is self.model else f"compiled, {self.compile_mode}", len(parts))
