@@ -3,6 +3,7 @@ failures with both reasons, timeouts, the --decoder choice, and the run's where-
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 
@@ -190,3 +191,24 @@ def test_nvdec_is_probed_once_per_process():
     nvdec.nvdec_unavailable.cache_clear()
     first = nvdec.nvdec_unavailable(0)
     assert nvdec.nvdec_unavailable(0) == first and nvdec.nvdec_unavailable.cache_info().misses == 1
+
+
+def test_cuda_graphs_off_where_the_gpu_decodes_in_the_process(tmp_path, tiny_onnx, inputs, fake_nvdec, caplog):
+    """A runner's CUDA graphs go off in a pipeline whose NVDEC sessions share its process (a capture beside them
+    was spoilt on an H200, and the job died); a CPU-decoding pipeline keeps them."""
+    class GraphRunner(OnnxRuntimeRunner):
+        cuda_graphs = True
+
+    def run(decoder):
+        runner = GraphRunner(tiny_onnx["fp32"])
+        options = JobOptions(Windowing(frames=4, window_frames=12), 56, 4, 2, 120.0, False, decoder, 3)
+        items = [i for i in discover([str(inputs)]) if i.path.endswith("v0.mp4")]
+        out = tmp_path / decoder
+        summary = run_job(items, runner, out, FeatureWriter(out, "float32", 1000), options)
+        assert summary["ok"] == 1
+        return runner
+
+    with caplog.at_level(logging.INFO, logger="iv2trt.job.pipeline"):
+        assert run("auto").cuda_graphs is False
+    assert "CUDA graphs off" in caplog.text
+    assert run("cpu").cuda_graphs is True

@@ -171,6 +171,11 @@ class Pipeline:
             if self.reference is not None:
                 warm_up(self.reference, self.batch_size, self.o.windowing.frames, self.o.img_size)
             self._start_workers(expected)
+            if getattr(self.runner, "cuda_graphs", False) and (self.pool is not None or self._gpu_converts()):
+                # decode threads share this process's CUDA context: on an H200 a graph capture beside them was
+                # spoilt (and the encoder's calls after it failed); the job is decode-bound, graphs gain it nothing
+                self.runner.cuda_graphs = False
+                log.info("CUDA graphs off: the GPU decodes in this process too (the encoder runs without them)")
         if self.pool is not None:
             import torch
 
