@@ -14,9 +14,10 @@ DECODERS = ("auto", "nvdec", "cpu")
 
 DEFAULT_NVDEC_SESSIONS = 8  # decoder sessions that saturate the NVDEC engines (docs/benchmarks.md, H100/H200)
 
-CPU_WORKERS_PER_CORE_WITH_NVDEC = 0.25  # measured on 16 cores: 4 CPU workers beside 8 NVDEC sessions gave 74
-                                         # clips/s end to end, 14 workers 58 (they slow the GPU path more than
-                                         # they add), none 80
+CPU_WORKERS_PER_CORE_WITH_NVDEC = 0.25  # beside NVDEC: for what it cannot take (images, codecs, fallbacks)
+# Whether those CPU workers also take videos NVDEC could decode (`auto` pulling from one queue) is left to an explicit
+# --workers: on an H200 with 16 cores (docs/benchmarks.md, 720p H.264 real footage, 480 clips per run) NVDEC alone
+# gave 81.7 clips/s end to end, and CPU workers sharing its videos lowered that: 2 -> 72.4, 4 -> 72.7, 8 -> 67.5.
 
 
 def default_workers(nvdec: bool = False, share: float = 1.0) -> int:
@@ -53,7 +54,8 @@ class DecoderPlan:
         self.gpu_sessions = 0 if reason else max(1, nvdec_sessions)
         self.cpu_workers = max(1, cpu_workers or default_workers(bool(self.gpu_sessions), share))
         self.jpeg = bool(self.gpu_sessions) and nvdec.gpu_jpeg_available()
-        self.gpu_first = decoder == "nvdec"   # nvdec: CPU workers only take what the GPU cannot
+        # CPU workers only take what the GPU cannot: nvdec always, auto unless --workers asks them to share videos
+        self.gpu_first = decoder == "nvdec" or (decoder == "auto" and cpu_workers is None)
         if decoder == "auto" and reason:
             log.info("decoder auto: NVDEC not used (%s); decoding on the CPU with %d worker(s)", reason,
                      self.cpu_workers)

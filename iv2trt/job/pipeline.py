@@ -9,8 +9,8 @@ reason)`. Lifecycle: `start()`, `feed(number, item)` any time, `step()` until `b
 Decoding happens in workers of two kinds (decode/workers.py): CPU processes (PyAV) that send each clip through
 a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored), and GPU sessions (NVDEC
 threads in this process) whose clips are uint8 CUDA tensors that never leave the GPU. Idle workers take the
-next input (`--decoder auto`: both kinds pull from one queue; `nvdec`: the GPU takes every input it can and
-CPU workers the rest; `cpu`). An input that fails on the GPU (or that NVDEC cannot take) is decoded again on
+next input (`nvdec`, and `auto` by default: the GPU takes every input it can and CPU workers the rest; `auto` with
+--workers: both kinds pull from one queue; `cpu`). An input that fails on the GPU (or that NVDEC cannot take) is decoded again on
 the CPU; one that fails on both is reported with both reasons.
 
 `step` copies each clip into its slot of a preallocated batch buffer of its kind (pinned host memory, or GPU
