@@ -253,6 +253,24 @@ def test_runner_on_cpu_stays_eager_and_uses_a_given_compiled_forward(tiny_model)
     runner.close()
 
 
+
+def test_serve_eager_drops_the_compile_and_the_graphs(tiny_model):
+    """What a pipeline with in-process GPU decoding asks of its runner: the eager model from now on (no further
+    compile requests reach the backend), same features."""
+    runner = TorchRunner(copy.deepcopy(tiny_model), device="cpu", precision="fp32", compile_mode="off")
+    backend = CountingBackend()
+    runner.compiled = CompiledForward(runner.model, "default", backend=backend, background=False)
+    runner.cuda_graphs = True  # as on a GPU
+    assert runner.serve_eager() is True
+    assert runner.compiled is None and runner.compile_mode is None and runner.cuda_graphs is False
+    runner.prepare([(2, 4)])
+    assert backend.graphs == 0
+    u8 = np.random.default_rng(1).integers(0, 256, (2, 4, TINY.img_size, TINY.img_size, 3), dtype=np.uint8)
+    ref = TorchRunner(copy.deepcopy(tiny_model), device="cpu", precision="fp32", compile_mode="off")
+    assert compare(ref.infer_uint8(u8), runner.infer_uint8(u8)).max_rel_error < 1e-5
+    assert runner.serve_eager() is False  # nothing left to drop
+    runner.close()
+
 def test_kernel_groups():
     assert kernel_group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64") == "attention"
     assert kernel_group("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"

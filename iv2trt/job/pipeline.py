@@ -167,15 +167,18 @@ class Pipeline:
         eager model serves), the decode workers and the inference thread. `expected`: the inputs this pipeline
         will get, when known, so it starts no more workers than they need (an empty list: none at all)."""
         if expected is None or expected:
+            self._start_workers(expected)
+            predecoded = expected is not None and all(item.kind == "npy" for item in expected)
+            if (self.pool is not None or self._gpu_converts()) and not predecoded and \
+                    hasattr(self.runner, "serve_eager") and self.runner.serve_eager():
+                # measured on an H200: beside NVDEC threads a background compile cut them to a third (its Python
+                # work holds their GIL) and graph captures were spoilt (the job died); decoding bounds the job at
+                # a few % of the eager encoder's speed, so neither gains it anything
+                log.info("the encoder runs eager (no torch.compile, no CUDA graphs): the GPU decodes in this process, "
+                         "and decoding, not the encoder, bounds the job")
             warm_up(self.runner, self.batch_size, self.o.windowing.frames, self.o.img_size, wait=False)
             if self.reference is not None:
                 warm_up(self.reference, self.batch_size, self.o.windowing.frames, self.o.img_size)
-            self._start_workers(expected)
-            if getattr(self.runner, "cuda_graphs", False) and (self.pool is not None or self._gpu_converts()):
-                # decode threads share this process's CUDA context: on an H200 a graph capture beside them was
-                # spoilt (and the encoder's calls after it failed); the job is decode-bound, graphs gain it nothing
-                self.runner.cuda_graphs = False
-                log.info("CUDA graphs off: the GPU decodes in this process too (the encoder runs without them)")
         if self.pool is not None:
             import torch
 

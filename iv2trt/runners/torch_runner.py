@@ -77,6 +77,14 @@ class TorchRunner:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._graph_pool = torch.cuda.graph_pool_handle()
 
+    def serve_eager(self) -> bool:
+        """From now on the eager model serves, without torch.compile or CUDA graphs: for a pipeline whose GPU
+        decodes in this process (the compile's Python work holds the GIL its NVDEC threads need; a graph capture
+        beside their CUDA calls fails). True if that changed anything."""
+        changed = self.compiled is not None or self.cuda_graphs
+        self.compiled, self.compile_mode, self.cuda_graphs = None, None, False
+        return changed
+
     @property
     def takes_cuda_frames(self) -> bool:
         """infer_uint8/submit_uint8 accept a uint8 CUDA tensor and read it in place."""
