@@ -42,7 +42,7 @@ CPU (2 cores, a few minutes):
   python benchmark.py --backends torch-fp32 onnxruntime-cpu --grid 1x1 8x1 1x8 8x8 --warmup 1 --iters 3
 GPU:
   python benchmark.py --pipeline
-Ray, encoder actors 1 vs one per GPU (requirements-distributed.txt):
+Ray, pipeline actors 1 vs one per GPU, encoder-bound (requirements-distributed.txt):
   python benchmark.py --skip-encoder --ray-scaling"""
 
 
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "steady-state cost per batch)")
     r = p.add_argument_group("Ray scaling (--ray-scaling; needs requirements-distributed.txt)")
     r.add_argument("--ray-scaling", action="store_true",
-                   help="the Ray job with 1 vs N encoder actors on synthetic (encoder-bound) clips")
+                   help="the Ray job with 1 vs N pipeline actors on synthetic (encoder-bound) clips")
     r.add_argument("--ray-address", help="Ray cluster (default: a local Ray on this machine)")
     r.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: all)")
     r.add_argument("--ray-object-store-gb", type=float, help="object store of the local Ray (default: Ray's)")

@@ -71,7 +71,7 @@ def encoder_alone(make_runner, batch: int, frames: int, img_size: int, seconds: 
     from ..job.stages import encode, warm_up
 
     runner = make_runner()
-    warm_up(runner, batch, frames, img_size)  # compile and capture first, as the encoder actors do
+    warm_up(runner, batch, frames, img_size)  # compile and capture first, as the pipeline actors do
     x = np.random.default_rng(1).integers(0, 256, (batch, frames, img_size, img_size, 3), dtype=np.uint8)
     for _ in range(3):
         encode(runner, x)
@@ -127,6 +127,7 @@ def _measure(session, a, batch: int, frames: int, img_size: int, tmpdir: str, ad
                 s = InferSettings(inputs=["synthetic"], output=str(out), backend="torch", variant=a.variant,
                                   checkpoint=a.checkpoint, random_init=not a.checkpoint, seed=a.seed, frames=frames,
                                   batch_size=batch, progress=False, ray=address, ray_pipelines=n,
+                                  decoder="cpu",  # the synthetic source decodes nothing: no NVDEC sessions beside
                                   ray_partition_size=max(1, 4096 // a.ray_clips_per_video))
                 summary = run_ray_job(s, synthetic_items(videos, a.ray_clips_per_video), Windowing(frames),
                                       source=synthetic_clips, make_runner=factory)

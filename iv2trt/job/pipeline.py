@@ -169,8 +169,9 @@ class Pipeline:
         if expected is None or expected:
             self._start_workers(expected)
             predecoded = expected is not None and all(item.kind == "npy" for item in expected)
-            if (self.pool is not None or self._gpu_converts()) and not predecoded and \
-                    hasattr(self.runner, "serve_eager") and self.runner.serve_eager():
+            decodes_on_gpu = self.pool is not None or self.source is not self.o.source  # NVDEC, or planes
+            if decodes_on_gpu and not predecoded and hasattr(self.runner, "serve_eager") and \
+                    self.runner.serve_eager():
                 # measured on an H200: beside NVDEC threads a background compile cut them to a third (its Python
                 # work holds their GIL) and graph captures were spoilt (the job died); decoding bounds the job at
                 # a few % of the eager encoder's speed, so neither gains it anything

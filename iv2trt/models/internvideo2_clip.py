@@ -277,7 +277,8 @@ class AttentionPoolingHead(nn.Module):
 
 
 # Batches of fewer tokens keep the blocks as written where they could defer their norms: at 2 x 2,049 rows
-# quack's products ran slower than cuBLAS and TorchInductor's norm kernels (docs/benchmarks.md).
+# quack's products ran slower than cuBLAS and TorchInductor's norm kernels (issue 11; the 2x8 and 1x8 rows of
+# docs/benchmarks.md's H100 grid run this way).
 DEFERRED_MIN_ROWS = 8192
 
 

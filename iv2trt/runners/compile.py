@@ -5,7 +5,7 @@ and LayerScale adds, the q/k normalisation with the qkv split and head layout, t
 islands). Matrix products stay cuBLAS (fc1 with its bias and GELU in the epilogue, see models' Mlp) and
 attention torch's SDPA (cuDNN's flash kernel on Hopper). `max-autotune` also tries Triton matrix products
 with fused epilogues; on an H200 it was no faster for S/14 and took 80 s instead of 13 s to compile cold
-(docs/benchmarks.md), so it is an option, not the default.
+(issue 11, in the git history of docs/benchmarks.md), so it is an option, not the default.
 
 Compilation, per input shape class:
 - one specialisation per frame count, the batch dimension dynamic from 2 (batch 1 is its own

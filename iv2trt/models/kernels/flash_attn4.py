@@ -7,9 +7,10 @@ product's rows with the q/k norms' weights folded in, and their sums of squares.
 - row_scales (the default where it serves): a Triton pass writes the normalised k and each query's rstd * scale
   (triton_kernels.key_norm_rows); FA4's kernel takes those as its softmax scale per query row
   (flash_attn4_row_scaled), at no extra arithmetic. 2.2% faster end to end at S/14's 32x8 on an H100
-  (docs/benchmarks.md, seventh pass);
+  (docs/benchmarks.md, the H100 32x8 table);
 - else a Triton pass writes the normalised q and k (triton_kernels.qk_norm_rows) for FA4's own kernel.
-  At 32x8 on an H100 that took 525 µs a layer against the Triton kernel's 562 (sixth pass).
+  At 32x8 on an H100 that took 525 µs a layer against the Triton kernel's 562 (issue 11, in the git history of
+  docs/benchmarks.md).
 
 Where each serves: fused_ops.flash_attn4_serves (fp16 on a Hopper GPU where `flash-attn-4` is installed,
 requirements-gpu.txt, and a small attention of its matches torch's; `IV2TRT_FLASH_ATTN4=off` turns FA4 off,
