@@ -307,6 +307,7 @@ def executor_targets(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     one, out = by.get(("local", "1")), []
     if one is None:
         return out
+
     def on_one_gpu(gpus: str) -> bool:
         ids = gpus.split(",")
         return len(ids) == 2 and len(set(ids)) == 1

@@ -10,8 +10,8 @@ Decoding happens in workers of two kinds (decode/workers.py): CPU processes (PyA
 a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored), and GPU sessions (NVDEC
 threads in this process) whose clips are uint8 CUDA tensors that never leave the GPU. Idle workers take the
 next input (`nvdec`, and `auto` by default: the GPU takes every input it can and CPU workers the rest; `auto` with
---workers: both kinds pull from one queue; `cpu`). An input that fails on the GPU (or that NVDEC cannot take) is decoded again on
-the CPU; one that fails on both is reported with both reasons.
+--workers: both kinds pull from one queue; `cpu`). An input that fails on the GPU (or that NVDEC cannot take) is
+decoded again on the CPU; one that fails on both is reported with both reasons.
 
 `step` copies each clip into its slot of a preallocated batch buffer of its kind (pinned host memory, or GPU
 memory for GPU clips, after the clip's CUDA event) and hands full batches to the inference thread through a
@@ -148,6 +148,7 @@ class Pipeline:
         self.cpu_queue: deque = deque()         # inputs for CPU workers only
         self.workers: list = []
         self.pool: GpuWorkerPool | None = None
+        self.planes_to_gpu = False  # CPU workers hand planes over, this GPU converts them (gpu_convert)
         self.plan: DecoderPlan | None = None
         self.inference: InferenceThread | None = None
         self.stats = {"inputs": 0, "ok": 0, "failed": 0, "clips": 0, "batches": 0, "infer_s": 0.0}
@@ -169,7 +170,7 @@ class Pipeline:
         if expected is None or expected:
             self._start_workers(expected)
             predecoded = expected is not None and all(item.kind == "npy" for item in expected)
-            decodes_on_gpu = self.pool is not None or self.source is not self.o.source  # NVDEC, or planes
+            decodes_on_gpu = self.pool is not None or self.planes_to_gpu
             if decodes_on_gpu and not predecoded and hasattr(self.runner, "serve_eager") and \
                     self.runner.serve_eager():
                 # measured on an H200: beside NVDEC threads a background compile cut them to a third (its Python
@@ -516,7 +517,8 @@ class Pipeline:
         self.paths = {"cpu": _PathStats(n_cpu), "nvdec": _PathStats(n_gpu)}
         self.ctx = worker_context()
         self.source = o.source
-        if o.source is iter_clips and self._gpu_converts():
+        self.planes_to_gpu = o.source is iter_clips and self._gpu_converts()
+        if self.planes_to_gpu:
             self.source = functools.partial(iter_clips, planes=True)
             log.info("CPU workers hand decoded frames to GPU %d, which converts and resizes them", o.gpu)
         self.workers = [CpuWorker(self.ctx, o.windowing, o.img_size, self.source) for _ in range(n_cpu)]
