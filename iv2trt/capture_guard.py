@@ -6,6 +6,11 @@ previous error during capture" in the capture), and the capture's kernels fail a
 start of a job, when the first batches are captured while the sessions open their decoders). So a capture waits
 until no NVDEC call runs and holds new ones back until it is done: `GUARD.exclusive()` around a capture,
 `GUARD.shared()` around each call into the decoder. Captures are rare (one per batch shape), decode calls short.
+
+This covers NVDEC's calls only. In a job a capture was also spoilt by the CPU workers' frames copied to the GPU
+meanwhile (fee47f8, H200), so a pipeline that decodes on the GPU serves its encoder without graphs at all
+(job.pipeline.Pipeline.start); the guard serves code that captures beside NVDEC sessions outside the job's pipeline
+(tests/test_pipelines_gpu.py, tools).
 """
 from __future__ import annotations
 
