@@ -4,77 +4,34 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_nvdec import RELEASE_HANG, FakeSession, patches
 
 from iv2trt.cli import run_main
 from iv2trt.cli.infer import main
 from iv2trt.decode import nvdec
-from iv2trt.decode.clips import DecodeError, Windowing
+from iv2trt.decode.clips import Windowing
 from iv2trt.decode.inputs import discover
 from iv2trt.decode.plan import DecoderPlan
 from iv2trt.decode.samples import pattern_frames, write_image, write_video
-from iv2trt.decode.source import iter_clips
 from iv2trt.errors import BackendUnavailable
 from iv2trt.job.local import run_job
 from iv2trt.job.pipeline import JobOptions
 from iv2trt.output.writer import FeatureWriter, load_features
 from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
 
-RELEASE_HANG = threading.Event()
-
-
-class FakeSession:
-    """Stands in for NvdecSession: decodes with the CPU path's code, in the GPU worker's thread, but refuses
-    files named *nvfail* (as NVDEC refuses a codec), fails mid-file on *nvbreak* (after one clip), and hangs
-    on *nvhang* until released. Records which inputs it decoded."""
-
-    decoded: list[str] = []
-
-    def __init__(self, gpu, windowing, img_size):
-        self.w, self.size = windowing, img_size
-        self.frames_decoded = self.frames_dropped = 0
-
-    def clips(self, kind, path):
-        from iv2trt.decode.inputs import InputItem
-
-        name = Path(path).name
-        if "nvfail" in name:
-            raise nvdec.NvdecUnsupported("fake NVDEC does not take this codec")
-        if "nvhang" in name:
-            RELEASE_HANG.wait(30)
-            raise DecodeError("released")
-        count = 0
-        for info, frames in iter_clips(InputItem(path, name, kind), self.w, self.size):
-            if "nvbreak" in name and count == 1:
-                raise DecodeError("fake NVDEC error mid-stream")
-            count += 1
-            self.frames_decoded += len(info["indices"])
-            yield info, frames, None
-        FakeSession.decoded.append(name)
-
 
 @pytest.fixture
 def fake_nvdec(monkeypatch):
-    monkeypatch.setattr(nvdec, "nvdec_unavailable", lambda gpu=0: None)
-    monkeypatch.setattr(nvdec, "gpu_jpeg_available", lambda: False)
-    monkeypatch.setattr(nvdec, "NvdecSession", FakeSession)
-    monkeypatch.setattr("iv2trt.decode.workers.torch_device_scope", lambda gpu: _null_scope())
+    for dotted, value in patches().items():
+        monkeypatch.setattr(dotted, value)
     FakeSession.decoded = []
     RELEASE_HANG.clear()
     yield FakeSession
     RELEASE_HANG.set()
-
-
-class _null_scope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.fixture(scope="module")
