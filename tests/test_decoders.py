@@ -179,3 +179,14 @@ def test_the_encoder_runs_eager_where_the_gpu_decodes_in_the_process(tmp_path, t
         assert run("auto").compiled is False
     assert "the encoder runs eager" in caplog.text
     assert run("cpu").compiled is True
+
+
+def test_a_missing_file_fails_once_not_as_an_nvdec_fallback(tmp_path, tiny_onnx, inputs, fake_nvdec):
+    """A list file naming a file that is not there: failed with 'file not found', and the GPU path never saw it."""
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"{inputs / 'v0.mp4'}\n{tmp_path / 'gone.mp4'}\n")
+    summary, feats, out = _run(tmp_path, tiny_onnx, listing, "auto", "missing", workers=None)
+    assert summary["ok"] == 1 and summary["failed"] == 1
+    failure = json.loads((out / "failures.jsonl").read_text())
+    assert failure["reason"] == "file not found" and failure["path"].endswith("gone.mp4")
+    assert summary["decoders"]["nvdec"]["fallbacks_to_cpu"] == 0 and "gone.mp4" not in fake_nvdec.decoded

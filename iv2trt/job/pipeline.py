@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -193,7 +194,8 @@ class Pipeline:
     def feed(self, number: int, item: InputItem) -> None:
         """Take an input (the executor's `number` comes back with it in the sink)."""
         self.stats["inputs"] += 1
-        on_gpu = self.pool is not None and self.plan.gpu_takes(item)
+        # (a file that is not there goes to the CPU path, which reports it, rather than counting as NVDEC's fallback)
+        on_gpu = self.pool is not None and self.plan.gpu_takes(item) and os.path.exists(item.path)
         (self.gpu_queue if on_gpu else self.cpu_queue).append((self._new_video(item, number), item))
 
     @property
