@@ -72,6 +72,9 @@ def test_auto_uses_both_paths_and_matches_cpu_only(tmp_path, tiny_onnx, inputs, 
     saved = json.loads((out / "summary.json").read_text())
     assert saved["decoders"]["nvdec"]["workers"] == 3 and saved["decoder"] == "auto"
     assert "cpu" in saved["decoders"] and "clips_per_s" in saved["decoders"]["cpu"]
+    cpu = saved["pipelines"][0]["host_cpu_s"]  # where the host time went: every thread kind did work
+    assert min(cpu["nvdec_threads"], cpu["pipeline_loop"], cpu["inference_thread"]) > 0, cpu
+    assert cpu["process"] >= cpu["nvdec_threads"] + cpu["inference_thread"], cpu
 
 
 @pytest.mark.parametrize("decoder, workers", [("nvdec", 2), ("auto", None)])

@@ -156,6 +156,7 @@ class GpuWorker:
         self.abandoned = False
         self.frames_decoded = 0   # frames out of NVDEC (written by this worker's thread only)
         self.frames_dropped = 0   # non-reference access units never sent to NVDEC
+        self.cpu_s = 0.0          # this thread's CPU time so far (updated after each input)
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -194,6 +195,7 @@ class GpuWorker:
                     message = ("failed", number, failure_reason(exc), nvdec.fallback_category(exc))
                 if session is not None:
                     self.frames_decoded, self.frames_dropped = session.frames_decoded, session.frames_dropped
+                self.cpu_s = time.thread_time()
                 if not self.pool.put(self, message):
                     return
 

@@ -83,6 +83,7 @@ class InferenceThread:
         self._stop = threading.Event()
         self._error: BaseException | None = None  # the thread's exception, once results() has met it
         self.busy_s = 0.0
+        self.cpu_s = 0.0  # this thread's CPU time so far (updated after each batch)
         self.thread = threading.Thread(target=self._loop, name="iv2trt-inference", daemon=True)
         self.thread.start()
 
@@ -151,6 +152,7 @@ class InferenceThread:
                     ref = self._infer(self.reference, frames) if self.reference is not None else None
                     if not pending:
                         self.busy_s += time.perf_counter() - busy_since
+                    self.cpu_s = time.thread_time()
                     self.outbox.put((done, raw, ref, seconds))
                     self._doorbell.ring()
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which raises it

@@ -437,6 +437,11 @@ def log_summary(summary: dict[str, Any], failures_path) -> None:
                      else "")
         log.info("%sencoder busy %.0f%% of the run; bound by %s", where, 100 * p["encoder_busy_fraction"],
                  p["bound_by"])
+        cpu = p.get("host_cpu_s")
+        if cpu:
+            log.info("%shost CPU over %.1f s: NVDEC threads %.1f s, batching loop %.1f s, inference thread %.1f s, "
+                     "the pipeline's process %.1f s", where, p["seconds"], cpu["nvdec_threads"], cpu["pipeline_loop"],
+                     cpu["inference_thread"], cpu["process"])
 
 
 def _categories(decoder: dict[str, Any]) -> str:

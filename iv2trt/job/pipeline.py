@@ -149,6 +149,9 @@ class Pipeline:
         self.cpu_queue: deque = deque()         # inputs for CPU workers only
         self.workers: list = []
         self.pool: GpuWorkerPool | None = None
+        self.loop_cpu_s = 0.0                   # CPU time of the thread running `step`
+        self._process_cpu0 = time.process_time()
+        self._host_cpu: dict[str, float] | None = None  # host_cpu_s as the pipeline closed
         self.planes_to_gpu = False  # CPU workers hand planes over, this GPU converts them (gpu_convert)
         self.plan: DecoderPlan | None = None
         self.inference: InferenceThread | None = None
@@ -227,6 +230,7 @@ class Pipeline:
         if gpu:
             self.paths["nvdec"].frames = {"decoded": sum(w.frames_decoded for w in gpu),
                                           "dropped_non_reference": sum(w.frames_dropped for w in gpu)}
+        self._host_cpu = self._host_cpu_s()
         self.workers = []
         close = getattr(self.sink, "close", None)
         if close is not None:
@@ -237,6 +241,13 @@ class Pipeline:
         """One round: idle workers take inputs, clips arriving within a short wait go into batches, full batches
         to the encoder, finished inputs to the sink, stalled workers are replaced. Returns which of `also_wait`
         (other waitables, e.g. an executor's pipe) turned ready meanwhile."""
+        started = time.thread_time()
+        try:
+            return self._step(also_wait)
+        finally:
+            self.loop_cpu_s += time.thread_time() - started
+
+    def _step(self, also_wait: Iterable) -> list:
         self._assign()
         busy = [wk for wk in self.workers if wk.task is not None]
         room = not self.ready and self._open_clips() < 2 * self.batch_size
@@ -312,9 +323,20 @@ class Pipeline:
                "clips_per_s": round(s["clips"] / max(elapsed, 1e-9), 3), "infer_seconds": round(s["infer_s"], 3),
                "batch_size": self.batch_size, "decoder": self.o.decoder, "decoders": decoders,
                "encoder_busy_fraction": round(encoder_busy, 3), "bound_by": bound_by(encoder_busy, decoders)}
+        out["host_cpu_s"] = self._host_cpu or self._host_cpu_s()
         if self.comparison is not None:
             out["compare_pytorch"] = self.comparison.as_dict()
         return out
+
+    def _host_cpu_s(self) -> dict[str, float]:
+        """CPU seconds of this pipeline's threads: its NVDEC sessions', the loop that batches (`step`), the
+        inference thread's, and this whole process's (those and the rest: compile, allocator, Python). Against
+        the run's seconds they say where the host time went; a thread busy for longer than its CPU time waited
+        (for the GIL, the GPU, a pipe)."""
+        gpu = [w for w in self.workers if w.path == "nvdec"]
+        return {"nvdec_threads": round(sum(w.cpu_s for w in gpu), 3), "pipeline_loop": round(self.loop_cpu_s, 3),
+                "inference_thread": round(self.inference.cpu_s, 3) if self.inference is not None else 0.0,
+                "process": round(time.process_time() - self._process_cpu0, 3)}
 
     # --- results -------------------------------------------------------------------------------------------
     def _new_video(self, item: InputItem, number: int) -> int:
