@@ -25,7 +25,7 @@ from iv2trt.decode.clips import Windowing
 from iv2trt.decode.inputs import InputItem
 from iv2trt.decode.nvdec import NvdecError, NvdecUnsupported, StreamFormat, format_refusal
 from iv2trt.decode.pyav import probe_video
-from iv2trt.decode.samples import pattern_frames
+from iv2trt.decode.samples import jittered_pts, pattern_frames
 from iv2trt.decode.source import iter_clips
 
 SIZE = 48
@@ -253,12 +253,6 @@ def encode(path: Path, count: int, codec: str = "libx264", time_base: Fraction =
     return path
 
 
-def jittered(count: int, step: float, jitter: float, start: float, seed: int = 0) -> np.ndarray:
-    """Timestamps from `start` with durations `step` +- `jitter` (units of the time base)."""
-    d = np.random.default_rng(seed).uniform(step - jitter, step + jitter, count)
-    return start + np.concatenate([[0], np.cumsum(d)[:-1]]).round()
-
-
 US, TB90K = Fraction(1, 1_000_000), Fraction(1, 90_000)
 X265 = {"x265-params": "log-level=0"}
 
@@ -268,13 +262,13 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("nvdec_fake")
     out = {
         # a phone's H.264 High: 1/1,000,000, durations of 32-34 ms, B-frames, frames before 0 that an edit list cuts
-        "phone_editlist": encode(root / "phone.mp4", 150, time_base=US, pts=jittered(150, 33_333, 1_000, -100_000),
+        "phone_editlist": encode(root / "phone.mp4", 150, time_base=US, pts=jittered_pts(150, 33_333, 1_000, -100_000),
                                  options={"bf": "2"}),
         # 1/90,000, B-frames reordered (pyramid), a first pts of 5 s
-        "tb90k_bframes": encode(root / "tb90k.mp4", 120, time_base=TB90K, pts=jittered(120, 3003, 300, 450_000, 1),
+        "tb90k_bframes": encode(root / "tb90k.mp4", 120, time_base=TB90K, pts=jittered_pts(120, 3003, 300, 450_000, 1),
                                 options={"bf": "3", "b_strategy": "0"}, seed=1),
         # MPEG-TS (1/90,000), no B-frames
-        "ts_no_bframes": encode(root / "v.ts", 100, time_base=TB90K, pts=jittered(100, 3000, 0, 90_000),
+        "ts_no_bframes": encode(root / "v.ts", 100, time_base=TB90K, pts=jittered_pts(100, 3000, 0, 90_000),
                                 options={"bf": "0"}, seed=2),
         # a screen recording: variable frame rate with pauses of up to 2 s, 1/1000
         "screen_vfr": encode(root / "screen.mkv", 90, pts=np.cumsum(np.random.default_rng(3).choice(

@@ -293,13 +293,14 @@ def test_real_file_timestamps_parity(tmp_path, session, kind):
     from fractions import Fraction
 
     from test_nvdec_fake import encode as encode_timed
-    from test_nvdec_fake import jittered
+
+    from iv2trt.decode.samples import jittered_pts
 
     frames = natural_frames(75, 360, 640, seed=31)
     if kind.startswith("us"):
-        pts, time_base = jittered(75, 33_333, 1_000, -100_000), Fraction(1, 1_000_000)
+        pts, time_base = jittered_pts(75, 33_333, 1_000, -100_000), Fraction(1, 1_000_000)
     else:
-        pts, time_base = jittered(75, 3003, 300, 450_000), Fraction(1, 90_000)
+        pts, time_base = jittered_pts(75, 3003, 300, 450_000), Fraction(1, 90_000)
     options = {"bf": "0"} if "no-bframes" in kind else {"bf": "3", "b_strategy": "0"}
     path = encode_timed(tmp_path / "t.mp4", 75, time_base=time_base, pts=pts, options=options, gop=15, frames=frames)
     for w in (Windowing(frames=8), Windowing(frames=4, window_seconds=0.5, stride=1.5),

@@ -37,9 +37,10 @@ PHONE_START_US = -100_000  # frames before 0: the mp4 muxer writes an edit list 
 def phone_pts(count: int, rate: Fraction, seed: int = 0) -> list[int]:
     """Timestamps as phones write them: a 1/1,000,000 time base, durations jittering by +-3% around 1/rate, and a
     first frame before 0."""
+    from iv2trt.decode.samples import jittered_pts
+
     step = 1_000_000 / float(rate)
-    durations = np.random.default_rng(seed).uniform(0.97 * step, 1.03 * step, count)
-    return [PHONE_START_US + int(round(t)) for t in np.concatenate([[0], np.cumsum(durations)[:-1]])]
+    return [int(t) for t in jittered_pts(count, step, 0.03 * step, PHONE_START_US, seed)]
 
 
 def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float, pix_fmt: str = "yuv420p",

@@ -23,6 +23,13 @@ def pattern_frames(count: int, height: int, width: int, seed: int = 0) -> np.nda
     return frames
 
 
+def jittered_pts(count: int, step: float, jitter: float, start: float, seed: int = 0) -> np.ndarray:
+    """Timestamps as phones and cameras write them: from `start`, durations of `step` +- `jitter` (uniform, units of
+    the time base), rounded to whole units."""
+    durations = np.random.default_rng(seed).uniform(step - jitter, step + jitter, count)
+    return start + np.concatenate([[0], np.cumsum(durations)[:-1]]).round()
+
+
 def write_video(path: str | Path, frames: np.ndarray, codec: str = "libx264", fps: int = 25,
                 rotation: int | None = None, pts: Sequence[int] | None = None, pix_fmt: str | None = None,
                 gop: int | None = None, options: dict[str, str] | None = None, colorspace: int | None = None,
