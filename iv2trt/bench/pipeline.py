@@ -245,20 +245,27 @@ class NullRunner:
     infer_uint8 = infer
 
 
+def as_inputs(paths: list[Path]) -> list:
+    """The job's inputs for `paths`; a video given again (`--repeat`) is another input, under an id of its own."""
+    from ..decode.inputs import InputItem
+
+    seen: Counter = Counter()
+    items = []
+    for p in paths:
+        items.append(InputItem(str(p), f"{seen[p]}/{p.name}" if seen[p] else p.name, "video"))
+        seen[p] += 1
+    return items
+
+
 def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
                decoder: str = "cpu", nvdec_sessions: int | None = None, gpu_convert: bool = True) -> dict[str, Any]:
     """The real extraction job over `paths` (fresh output folder, no progress bar); its summary."""
-    from ..decode.inputs import InputItem
     from ..decode.plan import DEFAULT_NVDEC_SESSIONS
     from ..job.local import run_job
     from ..job.pipeline import JobOptions
     from ..output.writer import FeatureWriter
 
-    seen: Counter = Counter()  # a video given again (`--repeat`) is another input: its own id
-    items = []
-    for p in paths:
-        items.append(InputItem(str(p), f"{seen[p]}/{p.name}" if seen[p] else p.name, "video"))
-        seen[p] += 1
+    items = as_inputs(paths)
     options = JobOptions(windowing, img_size, batch, workers, progress=False, decoder=decoder,
                          nvdec_sessions=nvdec_sessions or DEFAULT_NVDEC_SESSIONS, gpu_convert=gpu_convert)
     with tempfile.TemporaryDirectory(prefix="iv2trt_bench_job_") as out:
@@ -320,11 +327,10 @@ def executor_runs(paths: list[Path], a, windowing, batch: int, repeat: int = 1) 
     files): the local job for each `--gpus` of `a.executor_gpus` (e.g. 1 and 0,0: one pipeline, then two on GPU
     0), and with `a.executor_ray` the Ray executor with one pipeline actor. Clips/s over the executor's run (the
     pipelines started; Ray: first result to last too)."""
-    from ..decode.inputs import InputItem
     from ..job.local import run_local_job
     from ..job.settings import InferSettings
 
-    items = [InputItem(str(p), f"{r}/{p.name}", "video") for r in range(repeat) for p in paths]
+    items = as_inputs(list(paths) * repeat)
     base = dict(inputs=["bench"], backend="torch", variant=a.variant, checkpoint=a.checkpoint,
                 random_init=not a.checkpoint, seed=a.seed, frames=windowing.frames, batch_size=batch,
                 window_seconds=windowing.window_seconds, progress=False, decoder="auto", workers=a.job_workers,
