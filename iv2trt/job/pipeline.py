@@ -7,7 +7,8 @@ reason)`. Lifecycle: `start()`, `feed(number, item)` any time, `step()` until `b
 `summary()`, `close()`.
 
 Decoding happens in workers of two kinds (decode/workers.py): CPU processes (PyAV) that send each clip through
-a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored), and GPU sessions (NVDEC
+a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored; beside a GPU, 8-bit 4:2:0
+videos as their decoded planes, which this GPU converts and resizes: `planes_to_gpu`), and GPU sessions (NVDEC
 threads in this process) whose clips are uint8 CUDA tensors that never leave the GPU. Idle workers take the
 next input (`nvdec`, and `auto` by default: the GPU takes every input it can and CPU workers the rest; `auto` with
 --workers: both kinds pull from one queue; `cpu`). An input that fails on the GPU (or that NVDEC cannot take) is
@@ -226,7 +227,7 @@ class Pipeline:
             self.pool.close()
         for wk in self.workers:
             wk.stop(kill=interrupted)
-        gpu = [w for w in self.workers if w.path == "nvdec"]
+        gpu = self._gpu_workers()
         if gpu:
             self.paths["nvdec"].frames = {"decoded": sum(w.frames_decoded for w in gpu),
                                           "dropped_non_reference": sum(w.frames_dropped for w in gpu)}
@@ -333,10 +334,13 @@ class Pipeline:
         inference thread's, and this whole process's (those and the rest: compile, allocator, Python). Against
         the run's seconds they say where the host time went; a thread busy for longer than its CPU time waited
         (for the GIL, the GPU, a pipe)."""
-        gpu = [w for w in self.workers if w.path == "nvdec"]
-        return {"nvdec_threads": round(sum(w.cpu_s for w in gpu), 3), "pipeline_loop": round(self.loop_cpu_s, 3),
+        return {"nvdec_threads": round(sum(w.cpu_s for w in self._gpu_workers()), 3),
+                "pipeline_loop": round(self.loop_cpu_s, 3),
                 "inference_thread": round(self.inference.cpu_s, 3) if self.inference is not None else 0.0,
                 "process": round(time.process_time() - self._process_cpu0, 3)}
+
+    def _gpu_workers(self) -> list:
+        return [w for w in self.workers if w.path == "nvdec"]
 
     # --- results -------------------------------------------------------------------------------------------
     def _new_video(self, item: InputItem, number: int) -> int:
@@ -553,7 +557,7 @@ class Pipeline:
     def _assign(self) -> None:
         """Idle workers take inputs: GPU workers from the shared queue; CPU workers from their own queue (inputs
         only the CPU can decode, and retries of what failed on the GPU) first, then from the shared queue
-        unless the GPU takes it all (`--decoder nvdec`)."""
+        unless the GPU takes it all (`plan.gpu_first`: `--decoder nvdec`, and `auto` without --workers)."""
         for wk in self.workers:
             if wk.task is not None:
                 continue
