@@ -207,10 +207,6 @@ class Pipeline:
         """Inputs fed and not yet handed to the sink."""
         return bool(self.videos)
 
-    @property
-    def in_hand(self) -> int:
-        return len(self.videos)
-
     def drain(self) -> None:
         while self.busy:
             self.step()
