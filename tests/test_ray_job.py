@@ -208,8 +208,8 @@ def cluster():
     c.shutdown()
 
 
-def _driver(tiny_onnx, inputs, out, address) -> subprocess.Popen:
-    args = _args(tiny_onnx, inputs, out, "--ray", address, "--ray-partition-size", 4)
+def _driver(tiny_onnx, inputs, out, address, *extra) -> subprocess.Popen:
+    args = _args(tiny_onnx, inputs, out, "--ray", address, "--ray-partition-size", 4, *extra)
     return subprocess.Popen([sys.executable, str(ROOT / "trt_inference.py"), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -222,19 +222,28 @@ def _wait_for_shards(proc: subprocess.Popen, out: Path, count: int, timeout_s: f
     assert proc.poll() is None, f"the job ended before it could be interrupted: {proc.stderr.read()[-3000:]}"
 
 
+HOLD_S = 5  # how long the last input of the node-kill job blocks its decoder (a FIFO nobody writes to)
+
+
 @pytest.fixture(scope="module")
 def inputs_thrice(tmp_path_factory, inputs) -> Path:
-    """A list file naming the inputs three times over under other ids: a job long enough that a node killed once
-    the first shard is committed dies mid-job, however late a loaded machine notices that shard."""
-    listing = tmp_path_factory.mktemp("ray_thrice") / "inputs.csv"
-    listing.write_text("path,id\n" + "".join(f"{p},{r}/{p.name}\n" for r in range(3) for p in sorted(inputs.iterdir())))
+    """A list file naming the inputs three times over under other ids, then a FIFO that blocks its decoder until
+    --decode-timeout-s: the job cannot end sooner than HOLD_S after the first shard, so a node killed once that
+    shard is committed dies mid-job however loaded the machine is."""
+    root = tmp_path_factory.mktemp("ray_thrice")
+    fifo = root / "holds.mp4"
+    os.mkfifo(fifo)
+    listing = root / "inputs.csv"
+    listing.write_text("path,id\n" + "".join(f"{p},{r}/{p.name}\n" for r in range(3) for p in sorted(inputs.iterdir()))
+                       + f"{fifo},holds.mp4\n")
     return listing
 
 
 @pytest.fixture(scope="module")
 def reference_thrice(tmp_path_factory, tiny_onnx, inputs_thrice) -> Path:
     out = tmp_path_factory.mktemp("ray_reference_thrice") / "out"
-    assert run_main(main, _args(tiny_onnx, inputs_thrice, out, "--workers", 2)) == 6  # garbage.mp4 fails
+    args = _args(tiny_onnx, inputs_thrice, out, "--workers", 2, "--decode-timeout-s", HOLD_S)
+    assert run_main(main, args) == 6  # garbage.mp4 and the FIFO fail
     return out
 
 
@@ -244,7 +253,7 @@ def test_node_killed_mid_job_output_equals_uninterrupted_run(tmp_path, tiny_onnx
     doomed = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     out = tmp_path / "out"
-    proc = _driver(tiny_onnx, inputs, out, cluster.address)
+    proc = _driver(tiny_onnx, inputs, out, cluster.address, "--decode-timeout-s", HOLD_S)
     _wait_for_shards(proc, out, 1)
     cluster.remove_node(doomed, allow_graceful=False)  # the pipeline actor dies with it
     cluster.add_node(num_cpus=2)                         # the replacement the autoscaler would bring
