@@ -118,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="about how long each run encodes, at the encoder-alone speed (default: %(default)s)")
     r.add_argument("--ray-clips-per-video", type=int, default=16,
                    help="clips per synthetic input (default: %(default)s)")
+    t = p.add_argument_group("CPU workers' planes to the job's process (--plane-transport)")
+    t.add_argument("--plane-transport", action="store_true",
+                   help="time shared memory against the pipe for the planes CPU workers hand the GPU (no decoding)")
+    t.add_argument("--transport-sizes", nargs="+", default=["1280x720", "1920x1080"], metavar="WxH",
+                   help="frame sizes (default: %(default)s)")
+    t.add_argument("--transport-frames", type=int, default=8, help="frames per clip (default: %(default)s)")
+    t.add_argument("--transport-workers", type=int, nargs="+", default=[1, 4], help="CPU workers (default: "
+                   "%(default)s)")
+    t.add_argument("--transport-clips", type=int, default=200, help="clips per worker (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -259,6 +268,10 @@ def markdown_report(results: dict[str, Any]) -> str:
         from .ray_scaling import markdown
 
         lines += markdown(results["ray_scaling"])
+    if results.get("plane_transport"):
+        from .transport import markdown
+
+        lines += markdown(results["plane_transport"])
     targets = results.get("targets")
     if targets:
         lines += ["## Targets", ""] + [f"- {t['name']}: {t['status']} ({t['detail']})" for t in targets] + [""]
@@ -533,6 +546,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .ray_scaling import run_ray_scaling
 
             results["ray_scaling"] = run_ray_scaling(a, model.cfg.img_size, tmpdir)
+        if a.plane_transport:
+            from .transport import run_plane_transport
+
+            results["plane_transport"] = run_plane_transport(a.transport_sizes, a.transport_frames,
+                                                             a.transport_workers, a.transport_clips)
     results["targets"] = targets(results)
     out_dir = Path(a.output_dir) if a.output_dir else default_output_dir(info)
     paths = write_results(results, out_dir)

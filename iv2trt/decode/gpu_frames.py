@@ -18,7 +18,9 @@ PLANAR_FORMATS = frozenset({"yuv420p", "yuvj420p"})  # what a CPU worker hands o
 @dataclass
 class YuvClip:
     """A clip as a CPU worker hands it to a pipeline on a GPU: its frames' planes, uint8 [T, H * 3 // 2, W], and
-    what converting them takes (the stream's colour matrix, range and pixel format, the rotation)."""
+    what converting them takes (the stream's colour matrix, range and pixel format, the rotation). `borrowed`:
+    the planes lie in memory reused once `to_model_frames` returns (a worker's shared-memory slot, plane_ring.py),
+    so they are copied before it returns."""
 
     planes: np.ndarray
     colorspace: int
@@ -27,6 +29,7 @@ class YuvClip:
     height: int
     width: int
     rotation: float
+    borrowed: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:  # (frames, ...): what the pipeline's frame-count check reads
@@ -39,7 +42,7 @@ class YuvClip:
 
         from .colorspace import surface_converter
 
-        planes = torch.from_numpy(self.planes).to(device, non_blocking=True)
+        planes = torch.from_numpy(self.planes).to(device, non_blocking=not self.borrowed)
         conv = surface_converter(self.colorspace, self.color_range, self.pix_fmt)
         turns = int(round(self.rotation / 90.0)) % 4
         return model_frames(nv12_surfaces(planes, self.height, self.width), conv, self.height, self.width, turns,

@@ -6,12 +6,14 @@ A worker takes one input at a time (`assign(number, item)`) and reports, in orde
                                          a CUDA tensor from a GPU one, float32 [T, 3, S, S] for .npy inputs);
                                          ready: None, or the CUDA event after which a GPU tensor may be read
   ("done", number, clip count) | ("failed", number, reason), a GPU worker's with the fallback category
-CPU workers answer through their pipe (`conn`); GPU workers through their pool's shared outbox, which has a
+CPU workers answer through their pipe (`conn`), a clip's planes for the GPU through their ring of shared memory
+(plane_ring.py) where they have one; GPU workers through their pool's shared outbox, which has a
 `fileno()` so the job waits on pipes, the pool and the inference thread with one `wait`. A worker silent too
 long on one input is replaced: a CPU worker is killed; a GPU worker (a thread cannot be killed) is abandoned,
 its later messages ignored. How many of each run, and which inputs the GPU takes, is plan.py's choice."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -19,11 +21,14 @@ import queue
 import signal
 import threading
 import time
+from multiprocessing import reduction
 from typing import Callable
 
 from ..doorbell import Doorbell
 from .clips import Windowing, failure_reason
+from .gpu_frames import YuvClip
 from .inputs import InputItem
+from .plane_ring import InSlot, PlaneRing
 from .source import iter_clips
 
 log = logging.getLogger(__name__)
@@ -42,16 +47,26 @@ def worker_context():
     return mp.get_context("spawn")
 
 
-def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable) -> None:
-    """Worker process: receive (number, item), send ("clip", ...)..., then ("done"|"failed", ...)."""
+def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable, ring: tuple[int, int] | None = None
+                     ) -> None:
+    """Worker process: receive (number, item), send ("clip", ...)..., then ("done"|"failed", ...). With `ring`
+    (slots, slot bytes), the ring's file descriptor comes first, and clips' planes go into its free slots; the
+    job's process sends a slot's number back (an int) once it has read it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     os.nice(CPU_WORKER_NICENESS)  # the job's own process (GPU decoder threads, batching) goes first
     import torch
 
     torch.set_num_threads(1)
+    slots = None
+    if ring is not None:
+        fd = reduction.recv_handle(conn)
+        slots = _Slots(PlaneRing(fd, *ring))
     while True:
         try:
             task = conn.recv()
+            while isinstance(task, int):  # a slot given back after the worker's last clip
+                slots.free.append(task)
+                task = conn.recv()
         except (EOFError, OSError):
             return
         if task is None:
@@ -60,31 +75,75 @@ def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable) -> Non
         try:
             count = 0
             for info, array in source(item, w, img_size):
+                if slots is not None and isinstance(array, YuvClip) and slots.ring.fits(array.planes):
+                    array = dataclasses.replace(array, planes=slots.put(array.planes, conn))
                 conn.send(("clip", number, info, array, None))
                 count += 1
             conn.send(("done", number, count))
-        except (BrokenPipeError, EOFError):
+        except (BrokenPipeError, EOFError, _Stopped):
             return
         except Exception as exc:  # noqa: BLE001 - this input's failure (clips.failure_reason)
             conn.send(("failed", number, failure_reason(exc)))
 
 
+class _Stopped(Exception):
+    """The job's process stopped the worker while it waited for a free slot."""
+
+
+class _Slots:
+    """A worker's side of its ring: which slots are free."""
+
+    def __init__(self, ring: PlaneRing):
+        self.ring, self.free = ring, list(range(ring.slots))
+
+    def put(self, planes, conn) -> InSlot:
+        """Write `planes` into a free slot, first waiting for the job's process to give one back."""
+        while not self.free:
+            message = conn.recv()
+            if not isinstance(message, int):
+                raise _Stopped
+            self.free.append(message)
+        return self.ring.write(self.free.pop(), planes)
+
+
 class CpuWorker:
-    """One decoding process: PyAV through `source` (decode.source.iter_clips; benchmarks pass their own)."""
+    """One decoding process: PyAV through `source` (decode.source.iter_clips; benchmarks pass their own). With
+    `ring`, clips' planes (YuvClip) come through a ring of shared memory when one can be had here (`self.ring`)."""
 
     path = "cpu"
 
-    def __init__(self, ctx, w: Windowing, img_size: int, source: Callable = iter_clips):
+    def __init__(self, ctx, w: Windowing, img_size: int, source: Callable = iter_clips, ring: bool = False):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_cpu_worker_main, args=(child, w, img_size, source), daemon=True)
+        self.ring = PlaneRing.create(w.frames) if ring else None
+        spec = (self.ring.slots, self.ring.slot_bytes) if self.ring is not None else None
+        self.process = ctx.Process(target=_cpu_worker_main, args=(child, w, img_size, source, spec), daemon=True)
         self.process.start()
         child.close()
+        if self.ring is not None:
+            reduction.send_handle(self.conn, self.ring.fd, self.process.pid)
+            self.ring.close_fd()
         self.task: int | None = None
         self.last_heard = self.started = time.monotonic()
 
     def assign(self, number: int, item: InputItem) -> None:
         self.task, self.last_heard = number, time.monotonic()
         self.conn.send((number, item))
+
+    def receive(self) -> tuple[tuple, int | None]:
+        """The worker's next message, and the ring slot its clip's planes lie in (None: none). The planes are a
+        view of the slot until `give_back(slot)`: read them before. Raises EOFError/OSError if it died."""
+        message = self.conn.recv()
+        if message[0] == "clip" and isinstance(getattr(message[3], "planes", None), InSlot):
+            where = message[3].planes
+            clip = dataclasses.replace(message[3], planes=self.ring.view(where.slot, where.shape), borrowed=True)
+            return (*message[:3], clip, message[4]), where.slot
+        return message, None
+
+    def give_back(self, slot: int) -> None:
+        try:
+            self.conn.send(slot)
+        except OSError:  # it died: the next receive says so
+            pass
 
     def why_gone(self) -> str:
         return f"decoder process died (exit code {self.process.exitcode})"
@@ -101,6 +160,8 @@ class CpuWorker:
         if self.process.is_alive():
             self.process.kill()
         self.conn.close()
+        if self.ring is not None:
+            self.ring.close()
 
 
 # --- the GPU path ---------------------------------------------------------------------------------------------

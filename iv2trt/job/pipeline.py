@@ -82,6 +82,7 @@ class JobOptions:
     cpu_share: float = 1.0          # the fraction of the machine's cores this pipeline's default workers take
     source: Callable = iter_clips   # what CPU workers run per input (benchmarks pass a synthetic one)
     gpu_convert: bool = True        # on a GPU, CPU workers hand decoded planes over; the GPU converts and resizes
+    shared_memory: bool = True      # ... through shared memory (decode/plane_ring.py), else through their pipes
 
 
 class Sink(Protocol):
@@ -544,11 +545,21 @@ class Pipeline:
         self.planes_to_gpu = o.source is iter_clips and self._gpu_converts()
         if self.planes_to_gpu:
             self.source = functools.partial(iter_clips, planes=True)
-            log.info("CPU workers hand decoded frames to GPU %d, which converts and resizes them", o.gpu)
-        self.workers = [CpuWorker(self.ctx, o.windowing, o.img_size, self.source) for _ in range(n_cpu)]
+        self.workers = [self._cpu_worker() for _ in range(n_cpu)]
+        if self.planes_to_gpu and n_cpu:
+            rings = sum(wk.ring is not None for wk in self.workers)
+            log.info("CPU workers hand decoded frames to GPU %d, which converts and resizes them; they pass through "
+                     "%s", o.gpu, "shared memory" if rings == n_cpu else
+                     "the workers' pipes (--no-shared-memory)" if not o.shared_memory else
+                     "the workers' pipes (no shared memory to be had here)" if not rings else
+                     f"shared memory for {rings} of {n_cpu} workers, the pipe for the rest")
         if n_gpu:
             self.pool = GpuWorkerPool(o.gpu, o.windowing, o.img_size)
             self.workers += [GpuWorker(self.pool, f"iv2trt-nvdec-{i}") for i in range(n_gpu)]
+
+    def _cpu_worker(self) -> CpuWorker:
+        return CpuWorker(self.ctx, self.o.windowing, self.o.img_size, self.source,
+                         ring=self.planes_to_gpu and self.o.shared_memory)
 
     def _assign(self) -> None:
         """Idle workers take inputs: GPU workers from the shared queue; CPU workers from their own queue (inputs
@@ -572,14 +583,19 @@ class Pipeline:
 
     def _receive(self, wk: CpuWorker) -> None:
         try:
-            message = wk.conn.recv()
+            message, slot = wk.receive()
         except (EOFError, OSError):
             key = wk.task
             self._replace(wk)
             self._fail(key, wk.why_gone())
             return
         wk.last_heard = time.monotonic()
-        if self._handle(message, "cpu") is not None:
+        try:
+            finished = self._handle(message, "cpu") is not None
+        finally:
+            if slot is not None:  # the clip's planes are on the GPU (or dropped): the worker may reuse the slot
+                wk.give_back(slot)
+        if finished:
             self._release(wk)
 
     def _check_timeouts(self) -> None:
@@ -601,8 +617,7 @@ class Pipeline:
     def _replace(self, wk) -> None:
         self._release(wk)
         wk.stop(kill=True)
-        fresh = (CpuWorker(self.ctx, self.o.windowing, self.o.img_size, self.source) if wk.path == "cpu"
-                 else GpuWorker(wk.pool, wk.thread.name + "+"))
+        fresh = self._cpu_worker() if wk.path == "cpu" else GpuWorker(wk.pool, wk.thread.name + "+")
         self.workers[self.workers.index(wk)] = fresh
 
 

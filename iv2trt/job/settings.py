@@ -42,6 +42,9 @@ class InferSettings(ModelSettings):
     gpu_convert: bool = setting(True, "CPU decode workers beside a GPU hand the decoded 8-bit 4:2:0 frames over, and "
                                 "the GPU converts and resizes them as it does NVDEC's (no: the workers resize, as "
                                 "without a GPU)")
+    shared_memory: bool = setting(True, "the frames CPU workers hand to the GPU (--gpu-convert) pass through shared "
+                                  "memory (an anonymous memfd ring per worker, not /dev/shm) rather than the workers' "
+                                  "pipes (no: the pipes)")
     window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
                                            "per video)")
     window_frames: int | None = setting(None, "one clip per window of this many frames")
