@@ -43,8 +43,32 @@ def test_planes_converted_and_resized_as_the_cpu_path_does(tmp_path, case):
         assert diff.max() == 0, (diff.mean(), diff.max())  # the same arithmetic: the same pixels
 
 
+X265 = {"x265-params": "log-level=0"}
+
+
+@pytest.mark.parametrize("case", [
+    dict(pix_fmt="yuv420p10le"),                                     # HEVC Main10 (phones, HDR)
+    dict(pix_fmt="yuv420p12le"),
+    dict(pix_fmt="yuv420p10le", colorspace=1, color_range=2),        # BT.709, full range
+    dict(pix_fmt="yuv420p10le", options={"x265-params": "log-level=0:chromaloc=2"}),  # chroma sited top-left
+    dict(pix_fmt="yuv420p10le", rotation=90),
+], ids=["10bit", "12bit", "10bit-709-full", "10bit-chromaloc2", "10bit-rotated"])
+def test_high_depth_planes_converted_and_resized_as_the_cpu_path_does(tmp_path, case):
+    """10/12-bit 4:2:0 planes (16-bit words, low bits) through the P016 route NVDEC's frames take: the CPU path's
+    pixels exactly, with the chroma siting read off the stream's first frame."""
+    case = {"options": X265, **case}
+    path = write_video(tmp_path / "v.mp4", pattern_frames(20, 90, 124, seed=7), "libx265", **case)
+    cpu, planes = _pair(path)
+    assert len(cpu) == len(planes) > 1
+    for (info_cpu, frames_cpu), (info, clip) in zip(cpu, planes):
+        assert info == info_cpu and isinstance(clip, YuvClip) and clip.pix_fmt == case["pix_fmt"]
+        assert clip.planes.shape == (4, 90 * 3 // 2, 124) and clip.planes.dtype == np.uint16
+        got = clip.to_model_frames("cpu", SIZE).numpy()
+        assert np.array_equal(got, frames_cpu), np.abs(got.astype(int) - frames_cpu.astype(int)).max()
+
+
 def test_other_formats_come_resized_from_the_worker(tmp_path):
-    """4:4:4, odd sizes: the GPU conversion takes 8-bit 4:2:0 of even size only; the rest is the CPU path's."""
+    """4:4:4, odd sizes: the GPU conversion takes 4:2:0 of even size only; the rest is the CPU path's."""
     for name, kw, frames in (("full_chroma.mp4", dict(pix_fmt="yuv444p"), pattern_frames(12, 64, 64, seed=1)),
                              ("odd.mkv", dict(codec="ffv1", pix_fmt="yuv420p"), pattern_frames(12, 63, 65, seed=2))):
         path = write_video(tmp_path / name, frames, **kw)

@@ -12,15 +12,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PLANAR_FORMATS = frozenset({"yuv420p", "yuvj420p"})  # what a CPU worker hands over as planes; others as RGB
+# what a CPU worker hands over as planes (8-bit in bytes, 10/12-bit in 16-bit words, samples in the low bits);
+# other formats as RGB
+PLANAR_FORMATS = frozenset({"yuv420p", "yuvj420p", "yuv420p10le", "yuv420p12le"})
 
 
 @dataclass
 class YuvClip:
     """A clip as a CPU worker hands it to a pipeline on a GPU: its frames' planes, uint8 [T, H * 3 // 2, W], and
-    what converting them takes (the stream's colour matrix, range and pixel format, the rotation). `borrowed`:
-    the planes lie in memory reused once `to_model_frames` returns (a worker's shared-memory slot, plane_ring.py),
-    so they are copied before it returns."""
+    what converting them takes (the stream's colour matrix, range and pixel format, the rotation, and for 10/12-bit
+    the chroma siting swscale applies, colorspace.swscale_chroma_siting). 10/12-bit planes are uint16 words, the
+    samples in the low bits, as FFmpeg decodes them. `borrowed`: the planes lie in memory reused once
+    `to_model_frames` returns (a worker's shared-memory slot, plane_ring.py), so they are copied before it returns."""
 
     planes: np.ndarray
     colorspace: int
@@ -29,6 +32,7 @@ class YuvClip:
     height: int
     width: int
     rotation: float
+    siting: tuple[int, int] = (-513, -513)
     borrowed: bool = False
 
     @property
@@ -42,24 +46,38 @@ class YuvClip:
 
         from .colorspace import surface_converter
 
-        planes = torch.from_numpy(self.planes).to(device, non_blocking=not self.borrowed)
-        conv = surface_converter(self.colorspace, self.color_range, self.pix_fmt)
+        conv = surface_converter(self.colorspace, self.color_range, self.pix_fmt, self.siting)
+        if self.planes.dtype == np.uint16:  # as int16 (the same bits: samples < 2^15), then high bits as in P016
+            planes = torch.from_numpy(self.planes.view(np.int16)).to(device, non_blocking=not self.borrowed)
+            planes = planes.to(torch.int32) << (16 - conv.bit_depth)
+        else:
+            planes = torch.from_numpy(self.planes).to(device, non_blocking=not self.borrowed)
         turns = int(round(self.rotation / 90.0)) % 4
         return model_frames(nv12_surfaces(planes, self.height, self.width), conv, self.height, self.width, turns,
                             size)
 
 
-def yuv420p_planes(frame) -> np.ndarray | None:
-    """A decoded PyAV frame's Y, U and V planes as one uint8 array [H * 3 // 2, W] (Y rows, then U, then V, each
-    chroma plane H/2 x W/2 laid out row after row), or None where the frame is not 8-bit 4:2:0 of even size (the
-    worker converts those itself)."""
+def yuv420_planes(frame) -> np.ndarray | None:
+    """A decoded PyAV frame's Y, U and V planes as one array [H * 3 // 2, W] (Y rows, then U, then V, each chroma
+    plane H/2 x W/2 laid out row after row; uint8, or uint16 for 10/12-bit), or None where the frame is not 4:2:0
+    of PLANAR_FORMATS and even size (the worker converts those itself)."""
     if frame.format.name not in PLANAR_FORMATS or frame.width % 2 or frame.height % 2:
         return None
-    return frame.to_ndarray()
+    if frame.format.name in ("yuv420p", "yuvj420p"):
+        return frame.to_ndarray()
+    height, width = frame.height, frame.width  # (PyAV's to_ndarray takes 10-bit, not 12-bit)
+    out = np.empty(height * width * 3 // 2, np.uint16)
+    start = 0
+    for i, plane in enumerate(frame.planes):
+        rows, cols = (height // 2, width // 2) if i else (height, width)
+        out[start:start + rows * cols] = np.frombuffer(plane, np.uint16).reshape(-1, plane.line_size // 2)[
+            :rows, :cols].ravel()
+        start += rows * cols
+    return out.reshape(height * 3 // 2, width)
 
 
 def nv12_surfaces(planes, height: int, width: int):
-    """[..., H * 3 // 2, W] planes (yuv420p_planes' layout, any device) -> NV12 surfaces [..., H * 3 // 2, W]: the
+    """[..., H * 3 // 2, W] planes (yuv420_planes' layout, any device) -> NV12 surfaces [..., H * 3 // 2, W]: the
     luma rows, then the chroma rows with U and V interleaved, as NVDEC gives its frames."""
     import torch
 

@@ -22,7 +22,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SLOTS = 2                    # per worker: one clip being read by the job's process while the worker writes the next
-SLOT_PIXELS = 4096 * 2176    # a slot holds a clip of frames up to DCI 4K (rows rounded up to 16, as NVDEC's)
+SLOT_PIXELS = 4096 * 2176    # a slot holds a clip of 8-bit frames up to DCI 4K (rows rounded up to 16, as NVDEC's),
+                             # of 10/12-bit ones (two bytes a sample) up to about 2,900 x 1,500
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,11 @@ class InSlot:
 
     slot: int
     shape: tuple[int, ...]
+    dtype: str = "uint8"    # uint16 for 10/12-bit
 
 
 def slot_bytes_for(frames: int) -> int:
-    """A slot's size for clips of `frames` frames of 8-bit 4:2:0, in whole pages."""
+    """A slot's size for clips of `frames` frames of 8-bit 4:2:0 up to SLOT_PIXELS, in whole pages."""
     size = SLOT_PIXELS * 3 // 2 * max(1, frames)
     return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
 
@@ -70,16 +72,16 @@ class PlaneRing:
     def fits(self, planes: np.ndarray) -> bool:
         return planes.nbytes <= self.slot_bytes
 
-    def view(self, slot: int, shape: tuple[int, ...]) -> np.ndarray:
-        """Slot `slot` as a uint8 array of `shape` (no copy)."""
-        count = int(np.prod(shape))
-        if not 0 <= slot < self.slots or count > self.slot_bytes:
-            raise ValueError(f"slot {slot} of {self.slots} cannot hold {shape}")
-        return np.frombuffer(self._map, np.uint8, count, slot * self.slot_bytes).reshape(shape)
+    def view(self, slot: int, shape: tuple[int, ...], dtype: str = "uint8") -> np.ndarray:
+        """Slot `slot` as an array of `shape` and `dtype` (no copy)."""
+        count, itemsize = int(np.prod(shape)), np.dtype(dtype).itemsize
+        if not 0 <= slot < self.slots or count * itemsize > self.slot_bytes:
+            raise ValueError(f"slot {slot} of {self.slots} cannot hold {dtype} {shape}")
+        return np.frombuffer(self._map, dtype, count, slot * self.slot_bytes).reshape(shape)
 
     def write(self, slot: int, planes: np.ndarray) -> InSlot:
-        np.copyto(self.view(slot, planes.shape), planes, casting="no")
-        return InSlot(slot, tuple(planes.shape))
+        np.copyto(self.view(slot, planes.shape, planes.dtype.name), planes, casting="no")
+        return InSlot(slot, tuple(planes.shape), planes.dtype.name)
 
     def close_fd(self) -> None:
         """Close the file's descriptor (the mapping stays): once the worker has its own."""

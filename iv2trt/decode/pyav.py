@@ -168,32 +168,46 @@ def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None,
 
 class _FrameArrays:
     """What a clip holds of each decoded frame: RGB (rotated), as the CPU path hands the resize; or, with
-    `planes` and an 8-bit 4:2:0 stream of even size, its raw Y/U/V planes (gpu_frames.yuv420p_planes) for the
-    GPU to convert, rotate and resize, the clips' `extra["yuv"]` saying how."""
+    `planes` and a 4:2:0 stream of gpu_frames.PLANAR_FORMATS and even size, its raw Y/U/V planes
+    (gpu_frames.yuv420_planes) for the GPU to convert, rotate and resize, the clips' `extra["yuv"]` saying how.
+    A 10/12-bit stream's chroma siting is read off its first frame; where no conversion here reproduces
+    swscale's, the stream comes as RGB from its first frame on."""
 
     def __init__(self, stream, probe: VideoProbe, planes: bool):
-        from .colorspace import stream_yuv_to_rgb
+        from .colorspace import pix_fmt_layout, surface_converter
         from .gpu_frames import PLANAR_FORMATS
 
         self.rotation = _stream_rotation(stream)
         self.planes = planes and probe.pix_fmt in PLANAR_FORMATS and not probe.width % 2 and not probe.height % 2
         try:
-            stream_yuv_to_rgb(probe.colorspace, probe.color_range, probe.pix_fmt)
+            surface_converter(probe.colorspace, probe.color_range, probe.pix_fmt)
         except ValueError:  # a matrix the GPU conversion does not take: RGB from swscale, as ever
             self.planes = False
+        self.high_depth = (pix_fmt_layout(probe.pix_fmt) or (8,))[0] > 8
         self.yuv = {"colorspace": probe.colorspace, "color_range": probe.color_range, "pix_fmt": probe.pix_fmt,
                     "height": probe.height, "width": probe.width, "rotation": 0.0}
 
     def __call__(self, frame) -> np.ndarray:
         if self.planes:
-            from .gpu_frames import yuv420p_planes
+            from .gpu_frames import yuv420_planes
 
-            planes = yuv420p_planes(frame)
-            if planes is not None and planes.shape == (self.yuv["height"] * 3 // 2, self.yuv["width"]):
-                self.yuv["rotation"] = float(frame.rotation or self.rotation)
-                return planes
-            raise DecodeError(f"frame format {frame.format.name} {frame.width}x{frame.height} differs from the "
-                              "stream's")
+            planes = yuv420_planes(frame)
+            if planes is None or planes.shape != (self.yuv["height"] * 3 // 2, self.yuv["width"]):
+                raise DecodeError(f"frame format {frame.format.name} {frame.width}x{frame.height} differs from the "
+                                  "stream's")
+            if self.high_depth and "siting" not in self.yuv:
+                rgb = self._rgb(frame)  # (the siting probe overwrites the frame)
+                from .colorspace import swscale_chroma_siting
+
+                self.yuv["siting"] = swscale_chroma_siting(frame)
+                if self.yuv["siting"] is None:  # swscale filters this chroma in a way not reproduced here
+                    self.planes = False
+                    return rgb
+            self.yuv["rotation"] = float(frame.rotation or self.rotation)
+            return planes
+        return self._rgb(frame)
+
+    def _rgb(self, frame) -> np.ndarray:
         return _rotate(frame.to_ndarray(format="rgb24"), frame.rotation or self.rotation)
 
     def mark(self, clip: Clip) -> Clip:
@@ -203,7 +217,7 @@ class _FrameArrays:
 
 
 def read_video_clips(path: str, w: Windowing, planes: bool = False) -> Iterator[Clip]:
-    """Yield the clips of one video or image file in window order (with `planes`, 8-bit 4:2:0 video as raw
+    """Yield the clips of one video or image file in window order (with `planes`, 4:2:0 video as raw
     planes: _FrameArrays). Raises DecodeError."""
     import av
 
@@ -327,7 +341,7 @@ def read_image(path: str) -> np.ndarray:
 
 
 def read_clips(path: str, w: Windowing, planes: bool = False) -> Iterator[Clip]:
-    """Clips of a video file, an image (one clip of one frame) or a folder of frames; with `planes`, 8-bit 4:2:0
+    """Clips of a video file, an image (one clip of one frame) or a folder of frames; with `planes`, 4:2:0
     video clips hold raw planes (read_video_clips)."""
     if os.path.isdir(path):
         yield from read_folder_clips(path, w)

@@ -18,7 +18,7 @@ def iter_clips(item: InputItem, w: Windowing, img_size: int, planes: bool = Fals
                ) -> Iterator[tuple[dict[str, Any], Any]]:
     """(clip info, frames) for every clip of one input on the CPU: uint8 [T, S, S, 3] resized frames for videos,
     images and frame folders (normalised later, by the runner); float32 [T, 3, S, S] as stored for .npy
-    inputs. With `planes` (a worker of a pipeline on a GPU), 8-bit 4:2:0 videos come as `YuvClip`s: the decoded
+    inputs. With `planes` (a worker of a pipeline on a GPU), 4:2:0 videos (8/10/12-bit) come as `YuvClip`s: the
     planes, for the GPU to convert and resize (gpu_frames.py). Raises DecodeError."""
     if item.kind == "npy":
         try:

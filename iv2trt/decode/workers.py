@@ -135,7 +135,8 @@ class CpuWorker:
         message = self.conn.recv()
         if message[0] == "clip" and isinstance(getattr(message[3], "planes", None), InSlot):
             where = message[3].planes
-            clip = dataclasses.replace(message[3], planes=self.ring.view(where.slot, where.shape), borrowed=True)
+            clip = dataclasses.replace(message[3], planes=self.ring.view(where.slot, where.shape, where.dtype),
+                                       borrowed=True)
             return (*message[:3], clip, message[4]), where.slot
         return message, None
 

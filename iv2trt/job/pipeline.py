@@ -7,11 +7,11 @@ reason)`. Lifecycle: `start()`, `feed(number, item)` any time, `step()` until `b
 `summary()`, `close()`.
 
 Decoding happens in workers of two kinds (decode/workers.py): CPU processes (PyAV) that send each clip through
-a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored; beside a GPU, 8-bit 4:2:0
-videos as their decoded planes, which this GPU converts and resizes: `planes_to_gpu`), and GPU sessions (NVDEC
-threads in this process) whose clips are uint8 CUDA tensors that never leave the GPU. Idle workers take the
-next input (`nvdec`, and `auto` by default: the GPU takes every input it can and CPU workers the rest; `auto` with
---workers: both kinds pull from one queue; `cpu`). An input that fails on the GPU (or that NVDEC cannot take) is
+a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored; beside a GPU, 4:2:0
+videos as their decoded planes, through shared memory, which this GPU converts and resizes: `planes_to_gpu`), and
+GPU sessions (NVDEC threads in this process) whose clips are uint8 CUDA tensors that never leave the GPU. Idle
+workers take the next input (`nvdec`, and `auto` by default: the GPU takes every input it can and CPU workers the
+rest; `auto` with --workers: both kinds pull from one queue; `cpu`). An input that fails on the GPU (or that NVDEC cannot take) is
 decoded again on the CPU; one that fails on both is reported with both reasons.
 
 `step` copies each clip into its slot of a preallocated batch buffer of its kind (pinned host memory, or GPU

@@ -39,9 +39,9 @@ class InferSettings(ModelSettings):
                                   f"{default_workers()} here; beside NVDEC a quarter of the cores, "
                                   f"{default_workers(nvdec=True)} here, for what NVDEC cannot take; given, they "
                                   "share NVDEC's videos under --decoder auto)")
-    gpu_convert: bool = setting(True, "CPU decode workers beside a GPU hand the decoded 8-bit 4:2:0 frames over, and "
-                                "the GPU converts and resizes them as it does NVDEC's (no: the workers resize, as "
-                                "without a GPU)")
+    gpu_convert: bool = setting(True, "CPU decode workers beside a GPU hand the decoded 4:2:0 frames (8/10/12-bit) "
+                                "over, and the GPU converts and resizes them as it does NVDEC's (no: the workers "
+                                "resize, as without a GPU)")
     shared_memory: bool = setting(True, "the frames CPU workers hand to the GPU (--gpu-convert) pass through shared "
                                   "memory (an anonymous memfd ring per worker, not /dev/shm) rather than the workers' "
                                   "pipes (no: the pipes)")
