@@ -260,3 +260,16 @@ def test_16_bit_surface_exported_with_odd_strides_reads_as_packed_rows():
     assert torch.equal(dense_surface(exported), buffer[:rows * w].view(rows, w))
     dense = buffer[:rows * w].view(rows, w)
     assert dense_surface(dense) is dense
+
+
+def test_encoding_leaves_the_threads_scheduling_as_it_was(tmp_path):
+    """libsvtav1 puts the thread that opens it under SCHED_FIFO 99 where it may (as root here): processes started
+    afterwards (ONNX Runtime's spinning pool, decode workers, Ray) then starve the machine. write_video gives the
+    policy back."""
+    import os
+
+    if not _has_encoder("libsvtav1", "yuv420p"):
+        pytest.skip("no libsvtav1 in this FFmpeg build")
+    before = os.sched_getscheduler(0)
+    write_video(tmp_path / "a.mkv", pattern_frames(4, 64, 96, seed=1), "libsvtav1")
+    assert os.sched_getscheduler(0) == before

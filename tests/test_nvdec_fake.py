@@ -25,7 +25,7 @@ from iv2trt.decode.clips import Windowing
 from iv2trt.decode.inputs import InputItem
 from iv2trt.decode.nvdec import NvdecError, NvdecUnsupported, StreamFormat, format_refusal
 from iv2trt.decode.pyav import probe_video
-from iv2trt.decode.samples import jittered_pts, pattern_frames
+from iv2trt.decode.samples import jittered_pts, pattern_frames, scheduling_kept
 from iv2trt.decode.source import iter_clips
 
 SIZE = 48
@@ -238,7 +238,7 @@ def encode(path: Path, count: int, codec: str = "libx264", time_base: Fraction =
     pts = list(range(0, count * 33, 33)) if pts is None else [int(p) for p in pts]
     if frames is not None:
         h, w = frames.shape[1:3]
-    with av.open(str(path), "w") as container:
+    with scheduling_kept(), av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=30, options=options or {})
         stream.height, stream.width, stream.pix_fmt = h, w, pix_fmt
         stream.codec_context.time_base = stream.time_base = time_base

@@ -49,10 +49,12 @@ def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float, p
     `timing="phone"` stamps the frames as a phone does (phone_pts)."""
     import av
 
+    from iv2trt.decode.samples import scheduling_kept
+
     if dst.is_file():
         return dst
     tmp = dst.with_name(dst.stem + ".part" + dst.suffix)
-    with av.open(str(src)) as inp, av.open(str(tmp), "w") as out:
+    with scheduling_kept(), av.open(str(src)) as inp, av.open(str(tmp), "w") as out:
         s_in = inp.streams.video[0]
         cc = s_in.codec_context
         s_out = out.add_stream(codec, rate=s_in.average_rate or 30, options=options)

@@ -1,9 +1,11 @@
 """Small synthetic sample videos (PyAV), to try the pipeline without a dataset; also used by the tests."""
 from __future__ import annotations
 
+import contextlib
+import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -21,6 +23,21 @@ def pattern_frames(count: int, height: int, width: int, seed: int = 0) -> np.nda
         top, left = (7 * t) % max(1, height - s), (11 * t) % max(1, width - s)
         frames[t, top:top + s, left:left + s] = 255
     return frames
+
+
+@contextlib.contextmanager
+def scheduling_kept() -> Iterator[None]:
+    """Around an encode: give the calling thread back its CPU scheduling policy. SVT-AV1 (libsvtav1) puts the
+    thread that opens it under SCHED_FIFO at priority 99 where it may (as root); every process started from that
+    thread afterwards inherits it, and a real-time thread that spins (ONNX Runtime's pool, a decode worker) then
+    starves the rest of the machine."""
+    get = getattr(os, "sched_getscheduler", None)
+    before = (get(0), os.sched_getparam(0)) if get is not None else None
+    try:
+        yield
+    finally:
+        if before is not None and get(0) != before[0]:
+            os.sched_setscheduler(0, *before)
 
 
 def jittered_pts(count: int, step: float, jitter: float, start: float, seed: int = 0) -> np.ndarray:
@@ -41,7 +58,7 @@ def write_video(path: str | Path, frames: np.ndarray, codec: str = "libx264", fp
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
+    with scheduling_kept(), av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.height, stream.width = frames.shape[1], frames.shape[2]
         if colorspace is not None:
