@@ -11,8 +11,8 @@ a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stor
 videos as their decoded planes, through shared memory, which this GPU converts and resizes: `planes_to_gpu`), and
 GPU sessions (NVDEC threads in this process) whose clips are uint8 CUDA tensors that never leave the GPU. Idle
 workers take the next input (`nvdec`, and `auto` by default: the GPU takes every input it can and CPU workers the
-rest; `auto` with --workers: both kinds pull from one queue; `cpu`). An input that fails on the GPU (or that NVDEC cannot take) is
-decoded again on the CPU; one that fails on both is reported with both reasons.
+rest; `auto` with --workers: both kinds pull from one queue; `cpu`). An input that fails on the GPU (or that NVDEC
+cannot take) is decoded again on the CPU; one that fails on both is reported with both reasons.
 
 `step` copies each clip into its slot of a preallocated batch buffer of its kind (pinned host memory, or GPU
 memory for GPU clips, after the clip's CUDA event) and hands full batches to the inference thread through a
@@ -548,11 +548,15 @@ class Pipeline:
         self.workers = [self._cpu_worker() for _ in range(n_cpu)]
         if self.planes_to_gpu and n_cpu:
             rings = sum(wk.ring is not None for wk in self.workers)
+            if rings == n_cpu:
+                path = "shared memory"
+            elif rings:
+                path = f"shared memory for {rings} of {n_cpu} workers, the pipe for the rest"
+            else:
+                path = "the workers' pipes " + ("(--no-shared-memory)" if not o.shared_memory else
+                                                "(no shared memory to be had here)")
             log.info("CPU workers hand decoded frames to GPU %d, which converts and resizes them; they pass through "
-                     "%s", o.gpu, "shared memory" if rings == n_cpu else
-                     "the workers' pipes (--no-shared-memory)" if not o.shared_memory else
-                     "the workers' pipes (no shared memory to be had here)" if not rings else
-                     f"shared memory for {rings} of {n_cpu} workers, the pipe for the rest")
+                     "%s", o.gpu, path)
         if n_gpu:
             self.pool = GpuWorkerPool(o.gpu, o.windowing, o.img_size)
             self.workers += [GpuWorker(self.pool, f"iv2trt-nvdec-{i}") for i in range(n_gpu)]
