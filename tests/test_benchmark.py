@@ -115,8 +115,11 @@ def test_pipeline_benchmark_on_cpu(tmp_path, tiny_onnx):
             "crf": 23}
     paths = [write_test_video(tmp_path / f"v{i}.mp4", i, spec) for i in range(3)]
     runner = OnnxRuntimeRunner(tiny_onnx["fp32"])
-    pipe = run_pipeline(runner, "onnxruntime-cpu", 100.0, 0.02, paths, Windowing(4, 1.0), 56, 2, [1, 2], 2, 2)
+    pipe = run_pipeline(runner, "onnxruntime-cpu", 100.0, 0.02, paths, Windowing(4, 1.0), 56, 2, [1, 2], 2, 2,
+                        decode_threads=[1], pipe=True)
     runs = pipe["decoder_runs"]
+    (threads,) = runs["decode_threads"]  # the CPU row only here; --pipe-rows needs a GPU to hand planes to
+    assert threads["decode_threads"] == 1 and threads["end_to_end"]["clips"] == 6 and runs["pipe"] == []
     assert runs["decoders"] == ["cpu"] and runs["nvdec_unavailable"]
     assert runs["end_to_end"]["cpu"]["clips"] == runs["decode_ceiling"]["cpu"]["clips"] == 6  # 3 videos x 2 windows
     assert runs["end_to_end"]["cpu"]["decoders"]["cpu"]["workers"] == 2
@@ -126,7 +129,7 @@ def test_pipeline_benchmark_on_cpu(tmp_path, tiny_onnx):
     assert any(t["name"] == "GPU decode targets" and t["status"] == "not measured" for t in results["targets"])
     out = write_results(results, tmp_path / "res")
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| cpu |" in out["md"].read_text()
+    assert "| cpu |" in out["md"].read_text() and "| cpu, 2 CPU workers, --decode-threads 1 |" in out["md"].read_text()
 
 
 def test_decode_and_executor_targets():

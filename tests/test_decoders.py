@@ -193,3 +193,41 @@ def test_a_missing_file_fails_once_not_as_an_nvdec_fallback(tmp_path, tiny_onnx,
     failure = json.loads((out / "failures.jsonl").read_text())
     assert failure["reason"] == "file not found" and failure["path"].endswith("gone.mp4")
     assert summary["decoders"]["nvdec"]["fallbacks_to_cpu"] == 0 and "gone.mp4" not in fake_nvdec.decoded
+
+
+def _tail(all_fed, queue, gpu=(8, 0, 0.0), cpu=(4, 0, 0.0)):
+    """A pipeline's state as `_cpu_may_share` reads it: paths as (workers, inputs done, busy seconds)."""
+    from types import SimpleNamespace
+
+    from iv2trt.job.pipeline import _PathStats
+
+    paths = {}
+    for name, (workers, done, busy) in (("nvdec", gpu), ("cpu", cpu)):
+        paths[name] = _PathStats(workers)
+        paths[name].inputs, paths[name].busy_s = done, busy
+    return SimpleNamespace(all_fed=all_fed, gpu_queue=[None] * queue, paths=paths)
+
+
+def test_cpu_workers_leave_the_jobs_tail_to_the_gpu_when_it_finishes_sooner():
+    from iv2trt.job.pipeline import CPU_SLOWER_THAN_NVDEC, Pipeline
+
+    share = Pipeline._cpu_may_share
+    assert share(_tail(False, 0, gpu=(8, 10, 10.0), cpu=(4, 10, 30.0)))  # more to come: always
+    assert share(_tail(True, 1))                                        # nothing measured yet
+    assert share(_tail(True, 1, gpu=(0, 0, 0.0)))                       # no GPU workers: the CPU takes all
+    # 1 s per input on each of 8 NVDEC sessions, 3 s on a CPU worker: the GPU drains 24 queued inputs in 3 s
+    assert share(_tail(True, 24, gpu=(8, 10, 10.0), cpu=(4, 10, 30.0)))
+    assert not share(_tail(True, 23, gpu=(8, 10, 10.0), cpu=(4, 10, 30.0)))
+    # no CPU input done yet: a CPU worker is taken to be CPU_SLOWER_THAN_NVDEC times slower
+    n = int(8 * CPU_SLOWER_THAN_NVDEC)
+    assert share(_tail(True, n, gpu=(8, 10, 10.0))) and not share(_tail(True, n - 1, gpu=(8, 10, 10.0)))
+
+
+def test_the_executor_tells_a_pipeline_it_holds_the_jobs_tail(tmp_path, tiny_onnx, inputs, fake_nvdec, monkeypatch):
+    from iv2trt.job.pipeline import Pipeline
+
+    told = []
+    fed_all = Pipeline.fed_all
+    monkeypatch.setattr(Pipeline, "fed_all", lambda self: (told.append(len(self.videos)), fed_all(self)))
+    summary, _, _ = _run(tmp_path, tiny_onnx, inputs, "auto", "tail", workers=2)
+    assert summary["ok"] == 9 and told and told[0] == 9  # once, with every input in hand

@@ -132,6 +132,9 @@ class _FakePipeline:
         if not self.exited:
             self.pending.append(number)
 
+    def fed_all(self) -> None:
+        pass
+
     def no_more(self) -> None:
         self.told_no_more = True
 

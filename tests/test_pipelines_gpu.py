@@ -84,6 +84,33 @@ def test_two_pipelines_on_one_gpu_give_what_one_gives(tmp_path, videos, variant)
     _assert_same(_features(tmp_path / "two"), _features(tmp_path / "one"))
 
 
+def test_cpu_workers_planes_reach_the_gpu_through_shared_memory_as_through_the_pipe(tmp_path, videos, variant,
+                                                                                    caplog):
+    """--decoder cpu on a GPU, 8 and 10-bit videos: the GPU converts the workers' planes; through the ring and
+    through the pipe the features are the same, and close to the workers' own resize."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    for v in sorted(videos.glob("*.mp4"))[:4]:
+        os.link(v, root / v.name)
+    for i in range(3):
+        encode(root / f"hevc10_{i}.mp4", natural_frames(40, 144, 192, seed=50 + i), "libx265",
+               pix_fmt="yuv420p10le", options={"x265-params": "log-level=0"})
+    runs = {}
+    for name, kw in (("ring", {}), ("pipe", dict(shared_memory=False)), ("resized", dict(gpu_convert=False))):
+        with caplog.at_level(logging.INFO, logger="iv2trt.job.pipeline"):
+            caplog.clear()
+            summary = _run(_settings(root, tmp_path / name, variant, decoder="cpu", workers=3))
+        assert summary["ok"] == 7 and summary["decoders"]["cpu"]["inputs"] == 7, summary
+        runs[name] = _features(tmp_path / name)
+        served = {"ring": "pass through shared memory", "pipe": "the workers' pipes (--no-shared-memory)"}
+        if name in served:
+            assert served[name] in caplog.text
+    assert sorted(runs["ring"]) == sorted(runs["pipe"])
+    for key in runs["ring"]:
+        np.testing.assert_array_equal(runs["ring"][key], runs["pipe"][key])
+    _assert_same(runs["ring"], runs["resized"])
+
+
 def test_a_killed_gpu_pipeline_loses_nothing(tmp_path, videos, variant, caplog):
     _run(_settings(videos, tmp_path / "reference", variant))
     out = tmp_path / "killed"

@@ -200,3 +200,19 @@ def test_probe_video_refuses_through_accept_before_decoding(tmp_path, monkeypatc
     with pytest.raises(DecodeError, match="does not take h264"):
         video.probe_video(str(path), accept=refuse)
     assert decoded == []
+
+
+def test_decode_threads_are_set_and_give_the_same_frames(tmp_path, monkeypatch):
+    import iv2trt.decode.pyav as pyav
+
+    path = write_video(tmp_path / "t.mp4", pattern_frames(48, 96, 128, seed=7), gop=12)
+    w = Windowing(frames=4, window_frames=16)
+    counts = []
+    real = pyav._threads
+    monkeypatch.setattr(pyav, "_threads", lambda stream, n: (real(stream, n), counts.append(stream.thread_count)))
+    by_threads = {n: [c.frames for c in read_clips(str(path), w, threads=n)] for n in (0, 1, 3)}
+    assert counts == [0, 1, 3]  # (0: FFmpeg's choice, as PyAV reports it before opening)
+    for n in (1, 3):
+        assert len(by_threads[n]) == len(by_threads[0]) == 3
+        for a, b in zip(by_threads[n], by_threads[0]):
+            np.testing.assert_array_equal(a, b)

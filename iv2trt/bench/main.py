@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "to end): the sweep behind the default")
     g.add_argument("--cpu-resize", action="store_true",
                    help="also run --decoder cpu and auto with --no-gpu-convert (CPU workers convert and resize)")
+    g.add_argument("--decode-threads", type=int, nargs="+", metavar="T",
+                   help="also run --decoder cpu and each auto row with T FFmpeg threads per CPU worker (the job's "
+                        "default: FFmpeg's choice)")
+    g.add_argument("--pipe-rows", action="store_true",
+                   help="also run --decoder cpu and auto with --no-shared-memory (planes through the workers' pipes)")
     g.add_argument("--nvdec-sessions", type=int, help="NVDEC sessions of the jobs (default: as trt_inference)")
     g.add_argument("--repeat", type=int, default=1,
                    help="inputs of the decoder runs: the videos this many times over, under other ids (longer runs "
@@ -187,6 +192,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown_report(results: dict[str, Any]) -> str:
+    from .pipeline import variant_label
+
     m = results["machine"]
     lines = [f"# InternVideo2-CLIP benchmark ({results.get('variant', '')})", "",
              f"- date: {m['date_utc']}", f"- command: `{m['command']}`",
@@ -237,11 +244,10 @@ def markdown_report(results: dict[str, Any]) -> str:
                 lines.append(f"| {d} | {c['clips_per_s']:.1f} | {c['videos_per_s']:.2f} | {e['clips_per_s']:.1f} | "
                              f"{e['videos_per_s']:.2f} | {100 * e['encoder_busy_fraction']:.0f}% | {e['bound_by']} | "
                              f"{per_path} |")
-            for sweep in (runs.get("auto_workers") or []) + (runs.get("cpu_resize") or []):
+            for sweep in (row for kind in ("auto_workers", "cpu_resize", "decode_threads", "pipe")
+                          for row in runs.get(kind) or []):
                 c, e = sweep["ceiling"], sweep["end_to_end"]
-                label = f"{sweep['decoder']}, {sweep['workers'] or 'default'} CPU workers" + (
-                    "" if sweep["gpu_convert"] else ", --no-gpu-convert")
-                lines.append(f"| {label} | {c['clips_per_s']:.1f} | {c['videos_per_s']:.2f} | "
+                lines.append(f"| {variant_label(sweep)} | {c['clips_per_s']:.1f} | {c['videos_per_s']:.2f} | "
                              f"{e['clips_per_s']:.1f} | {e['videos_per_s']:.2f} | "
                              f"{100 * e['encoder_busy_fraction']:.0f}% | {e['bound_by']} | "
                              + ", ".join(f"{k} {v['clips_per_s']:.1f}" for k, v in e["decoders"].items()) + " |")
@@ -508,7 +514,7 @@ def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
     # p50 per batch: robust against stray slow calls (the table's clips/s uses the mean)
     result = run_pipeline(runner, backend, batch / (stats["p50_ms"] / 1e3), stats["p50_ms"] / 1e3, paths, windowing,
                           model.cfg.img_size, batch, worker_counts, a.job_workers, a.stage_batches,
-                          a.nvdec_sessions, a.auto_workers, a.cpu_resize, a.repeat)
+                          a.nvdec_sessions, a.auto_workers, a.cpu_resize, a.repeat, a.decode_threads, a.pipe_rows)
     result["encoder_only_timing"] = "device" if backend.startswith("torch") and env.cuda else "host"
     result["video_spec"] = None if a.videos else {**VIDEO_CODECS[a.video_codec],
                                                   "content": "real footage" if a.footage else "synthetic"}

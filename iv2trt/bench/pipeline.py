@@ -258,7 +258,8 @@ def as_inputs(paths: list[Path]) -> list:
 
 
 def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
-               decoder: str = "cpu", nvdec_sessions: int | None = None, gpu_convert: bool = True) -> dict[str, Any]:
+               decoder: str = "cpu", nvdec_sessions: int | None = None, gpu_convert: bool = True,
+               shared_memory: bool = True, decode_threads: int = 0) -> dict[str, Any]:
     """The real extraction job over `paths` (fresh output folder, no progress bar); its summary."""
     from ..decode.plan import DEFAULT_NVDEC_SESSIONS
     from ..job.local import run_job
@@ -267,7 +268,8 @@ def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, 
 
     items = as_inputs(paths)
     options = JobOptions(windowing, img_size, batch, workers, progress=False, decoder=decoder,
-                         nvdec_sessions=nvdec_sessions or DEFAULT_NVDEC_SESSIONS, gpu_convert=gpu_convert)
+                         nvdec_sessions=nvdec_sessions or DEFAULT_NVDEC_SESSIONS, gpu_convert=gpu_convert,
+                         shared_memory=shared_memory, decode_threads=decode_threads)
     with tempfile.TemporaryDirectory(prefix="iv2trt_bench_job_") as out:
         writer = FeatureWriter(out, "float16")
         summary = run_job(items, runner, out, writer, options)
@@ -279,15 +281,20 @@ def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("clips_per_s", "videos_per_s", "clips", "ok", "failed", "seconds", "encoder_busy_fraction", "bound_by",
             "decoders")
-    return {k: summary[k] for k in keys}
+    brief = {k: summary[k] for k in keys}
+    brief["host_cpu_s"] = [p.get("host_cpu_s") for p in summary.get("pipelines", [])]  # where the job's CPU went
+    return brief
 
 
 def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
                  nvdec_sessions: int, auto_workers: list[int] | None = None,
-                 cpu_resize: bool = False) -> dict[str, Any]:
+                 cpu_resize: bool = False, decode_threads: list[int] | None = None,
+                 pipe: bool = False) -> dict[str, Any]:
     """For each decoder that can run here: the decode ceiling (job with NullRunner) and the job end to end
     with `runner`, on the same videos; then `--decoder auto` with each of `auto_workers` CPU workers; with
-    `cpu_resize`, `cpu` and `auto` again with --no-gpu-convert (CPU workers convert and resize themselves)."""
+    `cpu_resize`, `cpu` and `auto` again with --no-gpu-convert (CPU workers convert and resize themselves); for
+    each of `decode_threads`, `cpu` and each `auto` row again with that many FFmpeg threads per worker; with
+    `pipe`, `cpu` and `auto` with --no-shared-memory."""
     from ..decode.nvdec import nvdec_unavailable
 
     reason = nvdec_unavailable()
@@ -305,19 +312,38 @@ def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int
         e2e[decoder] = _brief(end_to_end(paths, runner, windowing, img_size, batch, workers, decoder, nvdec_sessions))
         log.info("  %.2f clips/s, %.2f videos/s; encoder busy %.0f%%, bound by %s", e2e[decoder]["clips_per_s"],
                  e2e[decoder]["videos_per_s"], 100 * e2e[decoder]["encoder_busy_fraction"], e2e[decoder]["bound_by"])
-    sweep, resized_on_cpu = [], []
-    extra = [("auto", n, True) for n in ((auto_workers or []) if "auto" in decoders else [])]
-    extra += [(d, workers, False) for d in (("cpu", "auto") if cpu_resize and "auto" in decoders else ())]
-    for decoder, n, gpu_convert in extra:
-        row = {"decoder": decoder, "workers": n, "gpu_convert": gpu_convert}
+    gpu = "auto" in decoders
+    autos = (auto_workers or [None]) if gpu else []
+    rows = {"auto_workers": [_variant("auto", n) for n in ((auto_workers or []) if gpu else [])],
+            "cpu_resize": [_variant(d, workers, gpu_convert=False) for d in (("cpu", "auto") if cpu_resize and gpu
+                                                                            else ())],
+            "decode_threads": [_variant(d, n, decode_threads=t) for t in decode_threads or []
+                               for d, n in [("cpu", workers)] + [("auto", n) for n in autos]],
+            "pipe": [_variant(d, n, shared_memory=False) for d, n in ([("cpu", workers)] + [("auto", autos[0])]
+                                                                      if pipe and gpu else [])]}
+    for row in (row for kind in rows.values() for row in kind):
+        settings = {k: row[k] for k in ("gpu_convert", "shared_memory", "decode_threads")}
         for key, r in (("ceiling", NullRunner()), ("end_to_end", runner)):
-            row[key] = _brief(end_to_end(paths, r, windowing, img_size, batch, n, decoder, nvdec_sessions,
-                                         gpu_convert))
-        log.info("%s, %s CPU workers, gpu_convert %s: ceiling %.2f, end to end %.2f clips/s", decoder,
-                 n or "default", gpu_convert, row["ceiling"]["clips_per_s"], row["end_to_end"]["clips_per_s"])
-        (sweep if gpu_convert else resized_on_cpu).append(row)
+            row[key] = _brief(end_to_end(paths, r, windowing, img_size, batch, row["workers"], row["decoder"],
+                                         nvdec_sessions, **settings))
+        log.info("%s: ceiling %.2f, end to end %.2f clips/s", variant_label(row), row["ceiling"]["clips_per_s"],
+                 row["end_to_end"]["clips_per_s"])
     return {"decoders": decoders, "nvdec_unavailable": reason, "nvdec_sessions": nvdec_sessions, "workers": workers,
-            "decode_ceiling": ceilings, "end_to_end": e2e, "auto_workers": sweep, "cpu_resize": resized_on_cpu}
+            "decode_ceiling": ceilings, "end_to_end": e2e, **rows}
+
+
+def _variant(decoder: str, workers: int | None, gpu_convert: bool = True, shared_memory: bool = True,
+             decode_threads: int = 0) -> dict[str, Any]:
+    return {"decoder": decoder, "workers": workers, "gpu_convert": gpu_convert, "shared_memory": shared_memory,
+            "decode_threads": decode_threads}
+
+
+def variant_label(row: dict[str, Any]) -> str:
+    """A variant run's row name: its decoder and what differs from the defaults."""
+    return f"{row['decoder']}, {row['workers'] or 'default'} CPU workers" + (
+        "" if row.get("gpu_convert", True) else ", --no-gpu-convert") + (
+        "" if row.get("shared_memory", True) else ", --no-shared-memory") + (
+        f", --decode-threads {row['decode_threads']}" if row.get("decode_threads") else "")
 
 
 # --- the executors -----------------------------------------------------------------------------------------
@@ -411,7 +437,7 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
                  windowing, img_size: int, batch: int, worker_counts: list[int], job_workers: int,
                  stage_batches: int, nvdec_sessions: int | None = None,
                  auto_workers: list[int] | None = None, cpu_resize: bool = False,
-                 repeat: int = 1) -> dict[str, Any]:
+                 repeat: int = 1, decode_threads: list[int] | None = None, pipe: bool = False) -> dict[str, Any]:
     """All pipeline measurements with one runner; `encoder_cps`/`encoder_batch_s` come from the caller's
     encoder-only timing at (batch, windowing.frames)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -440,7 +466,7 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
     stage["steady_state_overhead_pct"] = 100.0 * (per_batch_s - encoder_batch_s) / encoder_batch_s
     stage["short_run"] = {"batches": short["batches"], "seconds": short["seconds"]}
     runs = decoder_runs(list(paths) * repeat, runner, windowing, img_size, batch, job_workers,
-                        nvdec_sessions or DEFAULT_NVDEC_SESSIONS, auto_workers, cpu_resize)
+                        nvdec_sessions or DEFAULT_NVDEC_SESSIONS, auto_workers, cpu_resize, decode_threads, pipe)
     runs["repeat"] = repeat
     e2e = runs["end_to_end"]["auto" if "auto" in runs["end_to_end"] else "cpu"]
     one = next((d for d in decode if d["workers"] == 1), decode[0])

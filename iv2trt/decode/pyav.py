@@ -216,15 +216,15 @@ class _FrameArrays:
         return clip
 
 
-def read_video_clips(path: str, w: Windowing, planes: bool = False) -> Iterator[Clip]:
+def read_video_clips(path: str, w: Windowing, planes: bool = False, threads: int = 0) -> Iterator[Clip]:
     """Yield the clips of one video or image file in window order (with `planes`, 4:2:0 video as raw
-    planes: _FrameArrays). Raises DecodeError."""
+    planes: _FrameArrays; `threads`: FFmpeg's decoding threads, 0 for its own choice). Raises DecodeError."""
     import av
 
     container = _open(path)
     try:
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        _threads(stream, threads)
         try:
             probe = probe_stream(container, stream)
         except av.FFmpegError as exc:
@@ -246,13 +246,20 @@ def read_video_clips(path: str, w: Windowing, planes: bool = False) -> Iterator[
         container.close()
         container = _open(path)
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        _threads(stream, threads)
         for clip in _clips_sequential(container, stream, probe, w, arrays):
             yield arrays.mark(clip)
     except av.FFmpegError as exc:
         raise DecodeError(f"decoding failed ({exc.__class__.__name__}: {exc})") from None
     finally:
         container.close()
+
+
+def _threads(stream, threads: int) -> None:
+    """Frame and slice threads, `threads` of them (0: FFmpeg's choice, about one per core)."""
+    stream.thread_type = "AUTO"
+    if threads > 0:
+        stream.thread_count = threads
 
 
 def _duration(times: np.ndarray, rate_fps: float | None) -> float:
@@ -340,13 +347,13 @@ def read_image(path: str) -> np.ndarray:
     return clips[0].frames[0]
 
 
-def read_clips(path: str, w: Windowing, planes: bool = False) -> Iterator[Clip]:
+def read_clips(path: str, w: Windowing, planes: bool = False, threads: int = 0) -> Iterator[Clip]:
     """Clips of a video file, an image (one clip of one frame) or a folder of frames; with `planes`, 4:2:0
-    video clips hold raw planes (read_video_clips)."""
+    video clips hold raw planes, and `threads` decode a video (read_video_clips)."""
     if os.path.isdir(path):
         yield from read_folder_clips(path, w)
     elif Path(path).suffix.lower() in IMAGE_EXTENSIONS:
         rgb = read_image(path)
         yield Clip(rgb[None], [0], 0.0, 0.0)
     else:
-        yield from read_video_clips(path, w, planes)
+        yield from read_video_clips(path, w, planes, threads)

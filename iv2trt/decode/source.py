@@ -14,12 +14,13 @@ from .pyav import read_clips
 
 
 # --- the CPU path ---------------------------------------------------------------------------------------------
-def iter_clips(item: InputItem, w: Windowing, img_size: int, planes: bool = False
+def iter_clips(item: InputItem, w: Windowing, img_size: int, planes: bool = False, threads: int = 0
                ) -> Iterator[tuple[dict[str, Any], Any]]:
     """(clip info, frames) for every clip of one input on the CPU: uint8 [T, S, S, 3] resized frames for videos,
     images and frame folders (normalised later, by the runner); float32 [T, 3, S, S] as stored for .npy
     inputs. With `planes` (a worker of a pipeline on a GPU), 4:2:0 videos (8/10/12-bit) come as `YuvClip`s: the
-    planes, for the GPU to convert and resize (gpu_frames.py). Raises DecodeError."""
+    planes, for the GPU to convert and resize (gpu_frames.py). `threads`: FFmpeg's threads per video (0: its own
+    choice). Raises DecodeError."""
     if item.kind == "npy":
         try:
             array = np.load(item.path, mmap_mode="r")
@@ -35,7 +36,7 @@ def iter_clips(item: InputItem, w: Windowing, img_size: int, planes: bool = Fals
         return
     from ..transforms import resize_frames
 
-    for clip in read_clips(item.path, w, planes):
+    for clip in read_clips(item.path, w, planes, threads):
         info = {"start_s": clip.start_s, "end_s": clip.end_s, "indices": clip.indices}
         yuv = clip.extra.get("yuv")
         yield info, YuvClip(clip.frames, **yuv) if yuv else resize_frames(clip.frames, img_size)

@@ -267,7 +267,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
                      actors, "GPU" if "num_gpus" in need else "CPU", need["num_cpus"], info["name"])
             options = JobOptions(windowing, info["img_size"], s.batch_size, s.workers, s.decode_timeout_s, False,
                                  s.decoder, s.nvdec_sessions, source=source or iter_clips, gpu_convert=s.gpu_convert,
-                                 shared_memory=s.shared_memory)
+                                 shared_memory=s.shared_memory, decode_threads=s.decode_threads)
             writer = FeatureWriter(s.output, s.dtype, shard_size=sys.maxsize, per_video_npy=s.per_video_npy)
             failures = FailureLog(s.output)
             bar = tqdm(total=len(numbers), unit="video", disable=not s.progress, mininterval=1.0, dynamic_ncols=True,

@@ -130,6 +130,10 @@ class _InProcess:
         self.assigned.add(number)
         self.pipeline.feed(number, item)
 
+    def fed_all(self) -> None:
+        if not self.pipeline.all_fed:
+            self.pipeline.fed_all()
+
     def no_more(self) -> None:
         pass
 
@@ -162,6 +166,7 @@ class _Process:
         self.result: dict[str, Any] | None = None
         self.gone: str | None = None
         self.finishing = False
+        self.told_fed_all = False
 
     def ready(self, timeout: float | None = None) -> dict[str, Any]:
         """The runner's description once the pipeline is up; raises what the process raised (a PipelineError
@@ -184,7 +189,13 @@ class _Process:
 
     def feed(self, number: int, item: InputItem) -> None:
         self.assigned.add(number)
+        self.told_fed_all = False
         self._send(("feed", number, item))
+
+    def fed_all(self) -> None:
+        if not self.told_fed_all:
+            self.told_fed_all = True
+            self._send(("fed_all",))
 
     def no_more(self) -> None:
         if not self.finishing:
@@ -268,6 +279,8 @@ def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: J
                 message = conn.recv()
                 if message[0] == "feed":
                     pipeline.feed(message[1], message[2])
+                elif message[0] == "fed_all":
+                    pipeline.fed_all()
                 elif message[0] == "done":
                     finishing = True
                 else:
@@ -345,6 +358,8 @@ def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writ
                 while queue and h.wants():
                     number = queue.popleft()
                     h.feed(number, items[number])
+                if not queue:  # what the pipelines hold is the job's tail
+                    h.fed_all()
             if len(live) > 1 or not isinstance(live[0], _InProcess):
                 wait([h.conn for h in live if isinstance(h, _Process)], timeout=0.2)
             for h in live:
@@ -472,7 +487,8 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
     specs = list(specs or pipeline_specs(s.gpus))
     factory = SettingsRunner(s)
     options = JobOptions(windowing, 224, s.batch_size, s.workers, s.decode_timeout_s, s.progress, s.decoder,
-                         s.nvdec_sessions, gpu_convert=s.gpu_convert, shared_memory=s.shared_memory)
+                         s.nvdec_sessions, gpu_convert=s.gpu_convert, shared_memory=s.shared_memory,
+                         decode_threads=s.decode_threads)
     compare = s if s.compare_pytorch else None
     if compare is not None and len(specs) > 1:
         log.info("--compare-pytorch runs one pipeline (GPU %s)", specs[0].gpu)

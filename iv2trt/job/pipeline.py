@@ -3,8 +3,8 @@
 Both executors run exactly this: the local job one pipeline per GPU (in its own process when there are several),
 the Ray executor one inside an actor per GPU. A pipeline never writes files; its sink gets each input once, as
 `finished(number, item, infos, features)` (features L2-normalised, in clip order) or `failed(number, item,
-reason)`. Lifecycle: `start()`, `feed(number, item)` any time, `step()` until `busy` is false (or `drain()`),
-`summary()`, `close()`.
+reason)`. Lifecycle: `start()`, `feed(number, item)` any time (`fed_all()` when the executor has no more for now),
+`step()` until `busy` is false (or `drain()`), `summary()`, `close()`.
 
 Decoding happens in workers of two kinds (decode/workers.py): CPU processes (PyAV) that send each clip through
 a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored; beside a GPU, 4:2:0
@@ -64,6 +64,8 @@ from .stages import (
 log = logging.getLogger(__name__)
 
 PARTIAL_BATCH_WAIT_S = 0.5  # how long clips wait for more to fill a batch while decoders are working
+CPU_SLOWER_THAN_NVDEC = 3.0  # a CPU worker's seconds per video over an NVDEC session's, until the job has measured
+                             # both (720p H.264, H200, 16 cores: about 4.5 against 10 clips/s)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class JobOptions:
     source: Callable = iter_clips   # what CPU workers run per input (benchmarks pass a synthetic one)
     gpu_convert: bool = True        # on a GPU, CPU workers hand decoded planes over; the GPU converts and resizes
     shared_memory: bool = True      # ... through shared memory (decode/plane_ring.py), else through their pipes
+    decode_threads: int = 0         # FFmpeg threads per CPU worker's video (0: FFmpeg's choice)
 
 
 class Sink(Protocol):
@@ -160,6 +163,7 @@ class Pipeline:
         self.stats = {"inputs": 0, "ok": 0, "failed": 0, "clips": 0, "batches": 0, "infer_s": 0.0}
         self.paths: dict[str, _PathStats] = {"cpu": _PathStats(0), "nvdec": _PathStats(0)}
         self._next_number = 0
+        self.all_fed = False                    # the executor said it has nothing more to feed (fed_all)
         self.started = time.perf_counter()
         self._last_received = time.monotonic()
         # GPU batches are assembled and encoded on a stream of the pipeline's own, not the legacy default stream,
@@ -198,10 +202,16 @@ class Pipeline:
 
     def feed(self, number: int, item: InputItem) -> None:
         """Take an input (the executor's `number` comes back with it in the sink)."""
+        self.all_fed = False
         self.stats["inputs"] += 1
         # (a file that is not there goes to the CPU path, which reports it, rather than counting as NVDEC's fallback)
         on_gpu = self.pool is not None and self.plan.gpu_takes(item) and os.path.exists(item.path)
         (self.gpu_queue if on_gpu else self.cpu_queue).append((self._new_video(item, number), item))
+
+    def fed_all(self) -> None:
+        """The executor has nothing more to feed for now: what is in hand is the job's tail (CPU workers then take
+        only what they finish before the GPU would: `_cpu_may_share`). A later `feed` undoes it."""
+        self.all_fed = True
 
     @property
     def busy(self) -> bool:
@@ -543,8 +553,8 @@ class Pipeline:
         self.ctx = worker_context()
         self.source = o.source
         self.planes_to_gpu = o.source is iter_clips and self._gpu_converts()
-        if self.planes_to_gpu:
-            self.source = functools.partial(iter_clips, planes=True)
+        if o.source is iter_clips and (self.planes_to_gpu or o.decode_threads):
+            self.source = functools.partial(iter_clips, planes=self.planes_to_gpu, threads=o.decode_threads)
         self.workers = [self._cpu_worker() for _ in range(n_cpu)]
         if self.planes_to_gpu and n_cpu:
             rings = sum(wk.ring is not None for wk in self.workers)
@@ -568,18 +578,33 @@ class Pipeline:
     def _assign(self) -> None:
         """Idle workers take inputs: GPU workers from the shared queue; CPU workers from their own queue (inputs
         only the CPU can decode, and retries of what failed on the GPU) first, then from the shared queue
-        unless the GPU takes it all (`plan.gpu_first`: `--decoder nvdec`, and `auto` without --workers)."""
+        unless the GPU takes it all (`plan.gpu_first`: `--decoder nvdec`, and `auto` without --workers) or would
+        finish it sooner (`_cpu_may_share`)."""
         for wk in self.workers:
             if wk.task is not None:
                 continue
             if wk.path == "nvdec":
                 source = self.gpu_queue
+            elif self.cpu_queue or self.plan.gpu_first:
+                source = self.cpu_queue
             else:
-                source = self.cpu_queue if self.cpu_queue or self.plan.gpu_first else self.gpu_queue
+                source = self.gpu_queue if self._cpu_may_share() else None
             if source:
                 key, item = source.popleft()
                 wk.assign(key, item)
                 wk.started = time.monotonic()
+
+    def _cpu_may_share(self) -> bool:
+        """Whether a CPU worker may take an input the GPU could decode. Always while the executor has more to
+        feed; at the job's tail only while the GPU workers would still be busy with the rest of the queue when the
+        CPU worker finished it (a CPU worker takes a few times longer per video than an NVDEC session: one
+        holding the last video would make the whole job wait for it)."""
+        gpu, cpu = self.paths["nvdec"], self.paths["cpu"]
+        if not self.all_fed or not gpu.workers or not gpu.inputs:
+            return True
+        gpu_s = gpu.busy_s / gpu.inputs  # one GPU worker's seconds per input so far
+        cpu_s = cpu.busy_s / cpu.inputs if cpu.inputs else CPU_SLOWER_THAN_NVDEC * gpu_s
+        return len(self.gpu_queue) * gpu_s / gpu.workers >= cpu_s
 
     def _release(self, wk) -> None:
         self.paths[wk.path].busy_s += time.monotonic() - wk.started

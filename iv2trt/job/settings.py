@@ -45,6 +45,8 @@ class InferSettings(ModelSettings):
     shared_memory: bool = setting(True, "the frames CPU workers hand to the GPU (--gpu-convert) pass through shared "
                                   "memory (an anonymous memfd ring per worker, not /dev/shm) rather than the workers' "
                                   "pipes (no: the pipes)")
+    decode_threads: int = setting(0, "FFmpeg threads each CPU decoding process decodes a video with (0: FFmpeg's "
+                                  "choice, about one per core)")
     window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
                                            "per video)")
     window_frames: int | None = setting(None, "one clip per window of this many frames")
@@ -89,6 +91,8 @@ def check_settings(s: InferSettings) -> None:
            if getattr(s, name) < 0]
     if bad:
         raise PipelineError(f"{', '.join(bad)}: must be positive (or 0: chosen from the cluster)")
+    if s.decode_threads < 0:
+        raise PipelineError(f"--decode-threads {s.decode_threads}: must be positive (or 0: FFmpeg's choice)")
     if s.stride is not None and s.window_seconds is None and s.window_frames is None:
         raise PipelineError(f"--stride {s.stride:g} needs a window to step: add --window-seconds or --window-frames "
                             "(without one, each video is one clip)")
