@@ -231,3 +231,11 @@ def test_the_executor_tells_a_pipeline_it_holds_the_jobs_tail(tmp_path, tiny_onn
     monkeypatch.setattr(Pipeline, "fed_all", lambda self: (told.append(len(self.videos)), fed_all(self)))
     summary, _, _ = _run(tmp_path, tiny_onnx, inputs, "auto", "tail", workers=2)
     assert summary["ok"] == 9 and told and told[0] == 9  # once, with every input in hand
+
+
+def test_default_decode_threads_give_each_worker_half_a_core(monkeypatch):
+    from iv2trt.decode.plan import default_decode_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert [default_decode_threads(n) for n in (1, 2, 4, 8, 16, 32)] == [8, 4, 2, 1, 1, 1]
+    assert default_decode_threads(4, share=0.5) == 1  # one of two pipelines: half the cores

@@ -99,7 +99,7 @@ def test_cpu_workers_planes_reach_the_gpu_through_shared_memory_as_through_the_p
     for name, kw in (("ring", {}), ("pipe", dict(shared_memory=False)), ("resized", dict(gpu_convert=False))):
         with caplog.at_level(logging.INFO, logger="iv2trt.job.pipeline"):
             caplog.clear()
-            summary = _run(_settings(root, tmp_path / name, variant, decoder="cpu", workers=3))
+            summary = _run(_settings(root, tmp_path / name, variant, decoder="cpu", workers=3, **kw))
         assert summary["ok"] == 7 and summary["decoders"]["cpu"]["inputs"] == 7, summary
         runs[name] = _features(tmp_path / name)
         served = {"ring": "pass through shared memory", "pipe": "the workers' pipes (--no-shared-memory)"}

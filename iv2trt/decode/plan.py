@@ -29,6 +29,14 @@ def default_workers(nvdec: bool = False, share: float = 1.0) -> int:
     return max(1, int(cores * CPU_WORKERS_PER_CORE_WITH_NVDEC) if nvdec else int(cores))
 
 
+def default_decode_threads(workers: int, share: float = 1.0) -> int:
+    """FFmpeg threads per CPU worker when none are asked for: half a core each, at least one. Measured on an H200
+    host with 16 cores (docs/benchmarks.md, 720p H.264): 16 workers decoded 75 clips/s with one thread each, 68 with
+    two and 54 with FFmpeg's own choice (a thread per core each); 4 workers beside NVDEC did best with two."""
+    cores = int((os.cpu_count() or 1) * share)
+    return max(1, cores // (2 * max(1, workers)))
+
+
 def check_decoder(decoder: str, gpu: int = 0) -> str | None:
     """Why NVDEC will not be used (None when it will); BackendUnavailable for `nvdec` when it cannot run."""
     from . import nvdec

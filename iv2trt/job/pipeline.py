@@ -46,7 +46,7 @@ from ..compare import RunningComparison, l2_normalize
 from ..decode.clips import Windowing
 from ..decode.gpu_frames import YuvClip
 from ..decode.inputs import InputItem
-from ..decode.plan import DEFAULT_NVDEC_SESSIONS, DecoderPlan
+from ..decode.plan import DEFAULT_NVDEC_SESSIONS, DecoderPlan, default_decode_threads
 from ..decode.source import iter_clips
 from ..decode.workers import CpuWorker, GpuWorker, GpuWorkerPool, worker_context
 from .batching import QUEUE_DEPTH, Batch, InferenceThread, on_stream
@@ -85,7 +85,7 @@ class JobOptions:
     source: Callable = iter_clips   # what CPU workers run per input (benchmarks pass a synthetic one)
     gpu_convert: bool = True        # on a GPU, CPU workers hand decoded planes over; the GPU converts and resizes
     shared_memory: bool = True      # ... through shared memory (decode/plane_ring.py), else through their pipes
-    decode_threads: int = 0         # FFmpeg threads per CPU worker's video (0: FFmpeg's choice)
+    decode_threads: int = 0         # FFmpeg threads per CPU worker's video (0: decode.plan.default_decode_threads)
 
 
 class Sink(Protocol):
@@ -553,8 +553,10 @@ class Pipeline:
         self.ctx = worker_context()
         self.source = o.source
         self.planes_to_gpu = o.source is iter_clips and self._gpu_converts()
-        if o.source is iter_clips and (self.planes_to_gpu or o.decode_threads):
-            self.source = functools.partial(iter_clips, planes=self.planes_to_gpu, threads=o.decode_threads)
+        if o.source is iter_clips:
+            threads = o.decode_threads or default_decode_threads(n_cpu, o.cpu_share)
+            self.source = functools.partial(iter_clips, planes=self.planes_to_gpu, threads=threads)
+            log.info("%d CPU decoding process(es), %d FFmpeg thread(s) each", n_cpu, threads)
         self.workers = [self._cpu_worker() for _ in range(n_cpu)]
         if self.planes_to_gpu and n_cpu:
             rings = sum(wk.ring is not None for wk in self.workers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..decode.plan import DECODERS, DEFAULT_NVDEC_SESSIONS, default_workers
+from ..decode.plan import DECODERS, DEFAULT_NVDEC_SESSIONS, default_decode_threads, default_workers
 from ..errors import PipelineError
 from ..model import ModelSettings
 from ..runners.choice import BACKENDS
@@ -45,8 +45,9 @@ class InferSettings(ModelSettings):
     shared_memory: bool = setting(True, "the frames CPU workers hand to the GPU (--gpu-convert) pass through shared "
                                   "memory (an anonymous memfd ring per worker, not /dev/shm) rather than the workers' "
                                   "pipes (no: the pipes)")
-    decode_threads: int = setting(0, "FFmpeg threads each CPU decoding process decodes a video with (0: FFmpeg's "
-                                  "choice, about one per core)")
+    decode_threads: int = setting(0, "FFmpeg threads each CPU decoding process decodes a video with (0: half a "
+                                  "core per process, at least one: "
+                                  f"{default_decode_threads(default_workers())} here with the default workers)")
     window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
                                            "per video)")
     window_frames: int | None = setting(None, "one clip per window of this many frames")
@@ -92,7 +93,7 @@ def check_settings(s: InferSettings) -> None:
     if bad:
         raise PipelineError(f"{', '.join(bad)}: must be positive (or 0: chosen from the cluster)")
     if s.decode_threads < 0:
-        raise PipelineError(f"--decode-threads {s.decode_threads}: must be positive (or 0: FFmpeg's choice)")
+        raise PipelineError(f"--decode-threads {s.decode_threads}: must be positive (or 0: chosen from the cores)")
     if s.stride is not None and s.window_seconds is None and s.window_frames is None:
         raise PipelineError(f"--stride {s.stride:g} needs a window to step: add --window-seconds or --window-frames "
                             "(without one, each video is one clip)")
