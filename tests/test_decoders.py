@@ -56,9 +56,11 @@ def _run(tmp_path, tiny_onnx, root, decoder, name, timeout=120.0, workers=2, ext
     return summary, {(r["id"], r["clip"]): f for f, r in zip(feats, rows)}, out
 
 
-def test_auto_uses_both_paths_and_matches_cpu_only(tmp_path, tiny_onnx, inputs, fake_nvdec):
+@pytest.mark.parametrize("workers", [2, None])
+def test_auto_uses_both_paths_and_matches_cpu_only(tmp_path, tiny_onnx, inputs, fake_nvdec, workers):
+    """--decoder auto, CPU workers given or by default (they share NVDEC's videos: measured faster)."""
     cpu_summary, cpu_feats, _ = _run(tmp_path, tiny_onnx, inputs, "cpu", "cpu")
-    summary, feats, out = _run(tmp_path, tiny_onnx, inputs, "auto", "auto")
+    summary, feats, out = _run(tmp_path, tiny_onnx, inputs, "auto", "auto", workers=workers)
     assert summary["failed"] == cpu_summary["failed"] == 0
     assert feats.keys() == cpu_feats.keys()
     for key in feats:
@@ -77,12 +79,10 @@ def test_auto_uses_both_paths_and_matches_cpu_only(tmp_path, tiny_onnx, inputs, 
     assert cpu["process"] >= cpu["nvdec_threads"] + cpu["inference_thread"], cpu
 
 
-@pytest.mark.parametrize("decoder, workers", [("nvdec", 2), ("auto", None)])
-def test_nvdec_mode_sends_only_what_the_gpu_cannot_take_to_the_cpu(tmp_path, tiny_onnx, inputs, fake_nvdec, decoder,
-                                                                  workers):
-    """--decoder nvdec, and auto with the default CPU workers (measured: sharing NVDEC's videos with them costs the
-    GPU path more than they add; docs/benchmarks.md)."""
-    summary, feats, _ = _run(tmp_path, tiny_onnx, inputs, decoder, decoder, workers=workers)
+@pytest.mark.parametrize("workers", [2, None])
+def test_nvdec_mode_sends_only_what_the_gpu_cannot_take_to_the_cpu(tmp_path, tiny_onnx, inputs, fake_nvdec, workers):
+    """--decoder nvdec, with CPU workers given or by default: they take only what the GPU cannot."""
+    summary, feats, _ = _run(tmp_path, tiny_onnx, inputs, "nvdec", "nvdec", workers=workers)
     assert summary["failed"] == 0
     d = summary["decoders"]
     # every video the fake takes was decoded there; the CPU only did the image and the two fallbacks

@@ -550,6 +550,28 @@ def test_capabilities_are_asked_once_per_gpu_model(fake_gpu):
     assert nvdec.gpu_caps(fake, 0, "NVIDIA L4")("av1", 8, "420")["supported"]  # the L4's answer, cached
 
 
+def test_sessions_asking_at_once_make_one_query(fake_gpu, monkeypatch):
+    """Eight sessions start together: one asks the driver (a query creates a CUDA context under the GIL), the others
+    wait for its answer."""
+    import threading
+    import time
+
+    fake, _ = fake_gpu()
+    ask = fake.GetDecoderCaps
+    monkeypatch.setattr(fake, "GetDecoderCaps", lambda **kw: (time.sleep(0.05), ask(**kw))[1])
+    lookup = nvdec.gpu_caps(fake, 0, "NVIDIA H100 80GB HBM3")
+    start = threading.Barrier(8)
+    answers = []
+    threads = [threading.Thread(target=lambda: (start.wait(), answers.append(lookup("h264", 8, "420"))))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 8 and all(a["supported"] for a in answers)
+    assert fake.queries == [("h264", 8, "420")]
+
+
 def test_a_query_without_chroma_format_is_asked_for_4_2_0(fake_gpu):
     """A PyNvVideoCodec whose GetDecoderCaps takes no chroma format: its answer (4:2:0's) stands for every format,
     and the decoder's own check refuses what the GPU does not decode."""

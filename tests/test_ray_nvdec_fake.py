@@ -64,7 +64,7 @@ def test_ray_actors_fall_back_from_the_gpu_path_and_lose_nothing(tmp_path, tiny_
 
     cpu = _settings(tiny_onnx, inputs, tmp_path / "cpu", decoder="cpu", workers=2)
     reference = run_local_job(cpu, discover(cpu.inputs), Windowing(4, window_frames=12))
-    s = _settings(tiny_onnx, inputs, tmp_path / "ray", decoder="auto", ray="local", ray_pipelines=1)
+    s = _settings(tiny_onnx, inputs, tmp_path / "ray", decoder="nvdec", ray="local", ray_pipelines=1)
     summary = run_ray_job(s, discover(s.inputs), Windowing(4, window_frames=12))
 
     assert summary["failed"] == reference["failed"] == 0 and summary["ok"] == reference["ok"] == 9

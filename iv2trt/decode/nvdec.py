@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -206,6 +207,8 @@ def format_refusal(fmt: StreamFormat, caps: CapsLookup) -> NvdecUnsupported | No
 
 
 _CAPS: dict[tuple[str, str, int, str], dict] = {}  # (GPU model, codec, bit depth, chroma) -> answer, per process
+_CAPS_LOCK = threading.Lock()  # one query at a time: each creates a CUDA context holding the GIL (sampled on an H200,
+                               # 8 sessions asking at a job's start held 15% of their threads' GIL time)
 
 
 def gpu_caps(nvc, gpu: int, model: str | None = None) -> CapsLookup:
@@ -223,7 +226,11 @@ def gpu_caps(nvc, gpu: int, model: str | None = None) -> CapsLookup:
 
     def lookup(codec: str, depth: int, chroma: str) -> dict:
         key = (model, codec, depth, chroma)
-        if key not in _CAPS:
+        if key in _CAPS:
+            return _CAPS[key]
+        with _CAPS_LOCK:
+            if key in _CAPS:  # another session asked meanwhile
+                return _CAPS[key]
             nv_codec = getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec])
             try:
                 with GUARD.shared():

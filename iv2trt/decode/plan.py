@@ -15,16 +15,16 @@ DECODERS = ("auto", "nvdec", "cpu")
 DEFAULT_NVDEC_SESSIONS = 8  # decoder sessions near the NVDEC engines' limit: raw 720p H.264 on an H200 gave
                             # 2,343 fps with 4 sessions, 2,832 with 8, 3,009 with 16
 
-CPU_WORKERS_PER_CORE_WITH_NVDEC = 0.25  # beside NVDEC: for what it cannot take (images, codecs, fallbacks)
-# Whether those CPU workers also take videos NVDEC could decode (`auto` pulling from one queue) is left to an explicit
-# --workers: on an H200 with 16 cores (docs/benchmarks.md, 720p H.264 real footage, 480 clips per run) NVDEC alone
-# gave 81.7 clips/s end to end, and CPU workers sharing its videos lowered that: 2 -> 72.4, 4 -> 72.7, 8 -> 67.5.
+CPU_WORKERS_PER_CORE_WITH_NVDEC = 0.5  # beside NVDEC, sharing its videos (`auto`) and taking what it cannot take
+# On an H200 with 16 cores (docs/benchmarks.md, 720p H.264 real footage, one FFmpeg thread per worker, planes through
+# shared memory, the tail left to the GPU): NVDEC alone 82.6 clips/s end to end; with 8 CPU workers sharing its
+# videos 103.4, 12 -> 99.2, 16 -> 85.3 (the CPU workers then take the cores the NVDEC threads need).
 
 
 def default_workers(nvdec: bool = False, share: float = 1.0) -> int:
-    """CPU decoding processes when none are asked for: one per core; a quarter of the cores while NVDEC sessions
-    run in the job's process (more CPU workers cost the GPU path more than they add). `share`: the fraction of
-    the machine's cores one pipeline has (one pipeline per GPU share them)."""
+    """CPU decoding processes when none are asked for: one per core; half the cores while NVDEC sessions run in
+    the job's process (more CPU workers cost the GPU path more than they add). `share`: the fraction of the
+    machine's cores one pipeline has (one pipeline per GPU share them)."""
     cores = (os.cpu_count() or 1) * share
     return max(1, int(cores * CPU_WORKERS_PER_CORE_WITH_NVDEC) if nvdec else int(cores))
 
@@ -63,8 +63,8 @@ class DecoderPlan:
         self.gpu_sessions = 0 if reason else max(1, nvdec_sessions)
         self.cpu_workers = max(1, cpu_workers or default_workers(bool(self.gpu_sessions), share))
         self.jpeg = bool(self.gpu_sessions) and nvdec.gpu_jpeg_available()
-        # CPU workers only take what the GPU cannot: nvdec always, auto unless --workers asks them to share videos
-        self.gpu_first = decoder == "nvdec" or (decoder == "auto" and cpu_workers is None)
+        # CPU workers only take what the GPU cannot under nvdec; under auto they share the GPU's videos too
+        self.gpu_first = decoder == "nvdec"
         if decoder == "auto" and reason:
             log.info("decoder auto: NVDEC not used (%s); decoding on the CPU with %d worker(s)", reason,
                      self.cpu_workers)

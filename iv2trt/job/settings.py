@@ -26,19 +26,19 @@ class InferSettings(ModelSettings):
     onnx: str = setting("build/internvideo2_clip_s14_fp16.onnx", "ONNX file (backend onnxruntime/auto)")
     frames: int = setting(8, "frames per clip (T), sampled as upstream: middle frame of T equal segments")
     batch_size: int = setting(32, "clips per inference call (capped by the engine's/graph's max batch)")
-    decoder: str = setting("auto", "where videos are decoded: auto (the GPU's NVDEC engines take every input they "
-                           "can, CPU workers the rest; with --workers N the CPU workers share the videos too; CPU "
-                           "only when NVDEC cannot run here), nvdec (as auto, but exit 4 if NVDEC cannot run), cpu "
-                           "(PyAV worker processes)",
+    decoder: str = setting("auto", "where videos are decoded: auto (the GPU's NVDEC engines and CPU workers pull from "
+                           "one queue, the CPU workers leaving the job's tail to the GPU and taking what it cannot "
+                           "decode; CPU only when NVDEC cannot run here), nvdec (the GPU takes every input it can, CPU "
+                           "workers only the rest; exit 4 if NVDEC cannot run), cpu (PyAV worker processes)",
                            choices=DECODERS)
     gpus: str = setting("all", "GPUs the job runs on, one pipeline each (its NVDEC sessions, its share of the CPU "
                         "workers, its encoder): all, none (the CPU), a number N (the first N), or indices such as "
                         "0,2 (an index twice: two pipelines on that GPU; one index alone: '1,')")
     nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) per GPU")
     workers: int | None = setting(None, f"CPU decoding processes, shared by the pipelines (default: one per core, "
-                                  f"{default_workers()} here; beside NVDEC a quarter of the cores, "
-                                  f"{default_workers(nvdec=True)} here, for what NVDEC cannot take; given, they "
-                                  "share NVDEC's videos under --decoder auto)")
+                                  f"{default_workers()} here; beside NVDEC half the cores, "
+                                  f"{default_workers(nvdec=True)} here, which share NVDEC's videos under --decoder "
+                                  "auto and take what it cannot)")
     gpu_convert: bool = setting(True, "CPU decode workers beside a GPU hand the decoded 4:2:0 frames (8/10/12-bit) "
                                 "over, and the GPU converts and resizes them as it does NVDEC's (no: the workers "
                                 "resize, as without a GPU)")
