@@ -165,15 +165,16 @@ def video_files(folder: str | Path) -> list[Path]:
 
 
 # --- decoding ----------------------------------------------------------------------------------------------
-def decode_one(path: str, windowing, img_size: int) -> dict[str, float]:
-    """Decode (+ sample) then resize one video as the job's workers do; seconds of each part."""
+def decode_one(path: str, windowing, img_size: int, threads: int = 0) -> dict[str, float]:
+    """Decode (+ sample, with `threads` FFmpeg threads) then resize one video as the job's workers do; seconds of
+    each part."""
     from ..decode.pyav import read_clips
     from ..transforms import resize_frames
 
     clips = frames = 0
     decode_s = preprocess_s = 0.0
     started = time.perf_counter()
-    for clip in read_clips(path, windowing):
+    for clip in read_clips(path, windowing, threads=threads):
         t0 = time.perf_counter()
         decode_s += t0 - started
         resize_frames(clip.frames, img_size)
@@ -200,8 +201,12 @@ def _decode_worker(args) -> dict[str, float]:
 
 
 def decode_throughput(paths: list[Path], windowing, img_size: int, workers: int) -> dict[str, Any]:
-    """Decode + resize every video with `workers` processes (1: in this process, one torch thread)."""
-    args = [(str(p), windowing, img_size) for p in paths]
+    """Decode + resize every video with `workers` processes (1: in this process, one torch thread), each with the
+    job's default FFmpeg threads for that many workers."""
+    from ..decode.plan import default_decode_threads
+
+    threads = default_decode_threads(workers)
+    args = [(str(p), windowing, img_size, threads) for p in paths]
     if workers == 1:
         started = time.perf_counter()
         import torch
@@ -223,7 +228,7 @@ def decode_throughput(paths: list[Path], windowing, img_size: int, workers: int)
     clips, frames = sum(p["clips"] for p in parts), sum(p["frames"] for p in parts)
     decode_s, pre_s = sum(p["decode_s"] for p in parts), sum(p["preprocess_s"] for p in parts)
     return {"workers": workers, "videos": len(paths), "clips": clips, "sampled_frames": frames,
-            "wall_s": wall, "videos_per_s": len(paths) / wall, "clips_per_s": clips / wall,
+            "decode_threads": threads, "wall_s": wall, "videos_per_s": len(paths) / wall, "clips_per_s": clips / wall,
             "sampled_frames_per_s": frames / wall, "videos_per_s_per_worker": len(paths) / wall / workers,
             "clips_per_s_per_worker": clips / wall / workers,
             "decode_share": decode_s / max(decode_s + pre_s, 1e-9),
