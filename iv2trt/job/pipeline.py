@@ -11,8 +11,8 @@ a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stor
 videos as their decoded planes, through shared memory, which this GPU converts and resizes: `planes_to_gpu`), and
 GPU sessions (NVDEC threads in this process) whose clips are uint8 CUDA tensors that never leave the GPU. Idle
 workers take the next input (`auto`: both kinds pull from one queue, CPU workers leaving the job's tail to the GPU;
-`nvdec`: the GPU takes every input it can and CPU workers the rest; `cpu`). An input that fails on the GPU (or that NVDEC
-cannot take) is decoded again on the CPU; one that fails on both is reported with both reasons.
+`nvdec`: the GPU takes every input it can and CPU workers the rest; `cpu`). An input that fails on the GPU (or
+that NVDEC cannot take) is decoded again on the CPU; one that fails on both is reported with both reasons.
 
 `step` copies each clip into its slot of a preallocated batch buffer of its kind (pinned host memory, or GPU
 memory for GPU clips, after the clip's CUDA event) and hands full batches to the inference thread through a
@@ -580,8 +580,8 @@ class Pipeline:
     def _assign(self) -> None:
         """Idle workers take inputs: GPU workers from the shared queue; CPU workers from their own queue (inputs
         only the CPU can decode, and retries of what failed on the GPU) first, then from the shared queue
-        unless the GPU takes it all (`plan.gpu_first`: `--decoder nvdec`) or would
-        finish it sooner (`_cpu_may_share`)."""
+        unless the GPU takes it all (`plan.gpu_first`: `--decoder nvdec`) or would finish it sooner
+        (`_cpu_may_share`)."""
         for wk in self.workers:
             if wk.task is not None:
                 continue
