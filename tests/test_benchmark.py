@@ -156,3 +156,22 @@ def test_decode_and_executor_targets():
     assert two["status"] == "MISSED" and "0.99x" in two["detail"]
     assert ray["status"] == "met" and "96%" in ray["detail"]
     assert executor_targets(rows[1:]) == []  # nothing to compare with
+
+
+def test_source_digest_names_the_code_not_the_git_history(tmp_path):
+    """A result's source_digest is the same for the same files wherever they are, and changes with any of them."""
+    from iv2trt.bench.main import source_digest
+
+    for root in (tmp_path / "a", tmp_path / "b"):
+        (root / "iv2trt" / "sub").mkdir(parents=True)
+        (root / "configs").mkdir()
+        (root / "iv2trt" / "sub" / "m.py").write_text("x = 1\n")
+        (root / "trt_inference.py").write_text("print()\n")
+        (root / "configs" / "c.yaml").write_text("a: 1\n")
+        (root / "notes.txt").write_text("not code\n")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert source_digest(a) == source_digest(b)
+    (b / "notes.txt").write_text("other\n")
+    assert source_digest(a) == source_digest(b)
+    (b / "configs" / "c.yaml").write_text("a: 2\n")
+    assert source_digest(a) != source_digest(b)

@@ -171,14 +171,35 @@ def machine_info(argv: Sequence[str]) -> dict[str, Any]:
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["cudnn"] = torch.backends.cudnn.version()
+    root = Path(__file__).resolve().parents[2]
     try:
         import subprocess
 
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).resolve().parent.parent).stdout.strip() or None
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root).stdout.strip()
+
+        info["git_commit"] = git("rev-parse", "--short", "HEAD") or None
+        # tracked files that differ from that commit: then it is not the code that ran (a copy with a stale .git)
+        info["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no")) if info["git_commit"] else None
     except OSError:
-        info["git_commit"] = None
+        info["git_commit"] = info["git_dirty"] = None
+    info["source_digest"] = source_digest(root)
     return info
+
+
+def source_digest(root: Path | None = None) -> str:
+    """A fingerprint of the code that ran, independent of .git: SHA-256 (first 12 hex digits) over the package's
+    Python files, the root scripts and the configs, by relative path. The same checkout gives the same digest, so a
+    result names its commit even where the copy's .git was stale: `python -c "from iv2trt.bench.main import
+    source_digest; print(source_digest())"` at a commit."""
+    import hashlib
+
+    root = root or Path(__file__).resolve().parents[2]
+    files = sorted([*root.glob("iv2trt/**/*.py"), *root.glob("*.py"), *root.glob("configs/*.yaml")])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def default_output_dir(info: dict[str, Any]) -> Path:
