@@ -230,7 +230,7 @@ def test_the_executor_tells_a_pipeline_it_holds_the_jobs_tail(tmp_path, tiny_onn
     fed_all = Pipeline.fed_all
     monkeypatch.setattr(Pipeline, "fed_all", lambda self: (told.append(len(self.videos)), fed_all(self)))
     summary, _, _ = _run(tmp_path, tiny_onnx, inputs, "auto", "tail", workers=2)
-    assert summary["ok"] == 9 and told and told[0] == 9  # once, with every input in hand
+    assert summary["ok"] == 9 and told and told[0] == 9  # first told with every input in hand
 
 
 def test_default_decode_threads_give_each_worker_half_a_core(monkeypatch):

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run --decoder cpu and auto with --no-gpu-convert (CPU workers convert and resize)")
     g.add_argument("--decode-threads", type=int, nargs="+", metavar="T",
                    help="also run --decoder cpu and each auto row with T FFmpeg threads per CPU worker (the job's "
-                        "default: FFmpeg's choice)")
+                        "default: half a core per worker, at least one)")
     g.add_argument("--pipe-rows", action="store_true",
                    help="also run --decoder cpu and auto with --no-shared-memory (planes through the workers' pipes)")
     g.add_argument("--nvdec-sessions", type=int, help="NVDEC sessions of the jobs (default: as trt_inference)")

@@ -131,8 +131,7 @@ class _InProcess:
         self.pipeline.feed(number, item)
 
     def fed_all(self) -> None:
-        if not self.pipeline.all_fed:
-            self.pipeline.fed_all()
+        self.pipeline.fed_all()
 
     def no_more(self) -> None:
         pass
