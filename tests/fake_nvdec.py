@@ -1,7 +1,7 @@
 """A fake NVDEC for CPU machines: the scheduler's and the executors' tests run the GPU decode path without a GPU.
 
-`FakeSession` stands in for decode.nvdec.NvdecSession: it decodes with the CPU path's code, in the GPU worker's
-thread, but refuses files named *nvfail* (as NVDEC refuses a codec), fails mid-file on *nvbreak* (after one clip),
+`FakeSession` stands in for decode.nvdec.NvdecSession: it runs the demux pass as the session does (in the
+pipeline's helper processes) and decodes with the CPU path's code, in the GPU worker's thread, but refuses files named *nvfail* (as NVDEC refuses a codec), fails mid-file on *nvbreak* (after one clip),
 and hangs on *nvhang* until released (`RELEASE_HANG`) or `hang_s` passed. `install()` puts it in place in this
 process; `ray_worker_setup` is a Ray worker's setup hook that does so there."""
 from __future__ import annotations
@@ -22,8 +22,8 @@ class FakeSession:
     decoded: list[str] = []  # the inputs it decoded, in this process
     hang_s = 30.0
 
-    def __init__(self, gpu, windowing, img_size):
-        self.w, self.size = windowing, img_size
+    def __init__(self, gpu, windowing, img_size, probes=None):
+        self.w, self.size, self.probes = windowing, img_size, probes
         self.frames_decoded = self.frames_dropped = 0
 
     def clips(self, kind, path):
@@ -32,6 +32,8 @@ class FakeSession:
         name = Path(path).name
         if "nvfail" in name:
             raise nvdec.NvdecUnsupported("fake NVDEC does not take this codec")
+        if kind == "video" and self.probes is not None:
+            self.probes.probe(path)  # the demux pass where the job runs it (the pipeline's helper processes)
         if "nvhang" in name:
             RELEASE_HANG.wait(self.hang_s)
             raise DecodeError("released")

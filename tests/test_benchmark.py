@@ -116,10 +116,11 @@ def test_pipeline_benchmark_on_cpu(tmp_path, tiny_onnx):
     paths = [write_test_video(tmp_path / f"v{i}.mp4", i, spec) for i in range(3)]
     runner = OnnxRuntimeRunner(tiny_onnx["fp32"])
     pipe = run_pipeline(runner, "onnxruntime-cpu", 100.0, 0.02, paths, Windowing(4, 1.0), 56, 2, [1, 2], 2, 2,
-                        decode_threads=[1], pipe=True)
+                        decode_threads=[1], pipe=True, probe=True, sessions=[4])
     runs = pipe["decoder_runs"]
     (threads,) = runs["decode_threads"]  # the CPU row only here; --pipe-rows needs a GPU to hand planes to
     assert threads["decode_threads"] == 1 and threads["end_to_end"]["clips"] == 6 and runs["pipe"] == []
+    assert runs["probe"] == runs["sessions"] == []  # NVDEC rows: none without NVDEC
     assert runs["decoders"] == ["cpu"] and runs["nvdec_unavailable"]
     assert runs["end_to_end"]["cpu"]["clips"] == runs["decode_ceiling"]["cpu"]["clips"] == 6  # 3 videos x 2 windows
     assert runs["end_to_end"]["cpu"]["decoders"]["cpu"]["workers"] == 2
@@ -156,6 +157,14 @@ def test_decode_and_executor_targets():
     assert two["status"] == "MISSED" and "0.99x" in two["detail"]
     assert ray["status"] == "met" and "96%" in ray["detail"]
     assert executor_targets(rows[1:]) == []  # nothing to compare with
+    # judged from the first result to the last where both runs have it; the whole call is in the detail
+    rows[0].update(steady_clips_per_s=110.0, call_clips_per_s=80.0)
+    rows[2].update(steady_clips_per_s=106.0, call_clips_per_s=40.0)
+    _, ray = executor_targets(rows)
+    assert ray["status"] == "met" and "first result to last: 106.0 vs 110.0 clips/s (96%)" in ray["detail"]
+    assert "start-up included: 40.0 vs 80.0 clips/s (50%)" in ray["detail"]
+    rows[2]["steady_clips_per_s"] = 100.0
+    assert executor_targets(rows)[1]["status"] == "MISSED"
 
 
 def test_source_digest_names_the_code_not_the_git_history(tmp_path):
@@ -175,3 +184,12 @@ def test_source_digest_names_the_code_not_the_git_history(tmp_path):
     assert source_digest(a) == source_digest(b)
     (b / "configs" / "c.yaml").write_text("a: 2\n")
     assert source_digest(a) != source_digest(b)
+
+
+def test_variant_rows_name_what_differs_from_the_defaults():
+    from iv2trt.bench.pipeline import _variant, variant_label
+
+    assert variant_label(_variant("auto", None)) == "auto, default CPU workers"
+    assert variant_label(_variant("nvdec", 8, probe_processes=0)) == "nvdec, 8 CPU workers, --nvdec-probe-processes 0"
+    assert variant_label(_variant("auto", 4, nvdec_sessions=16, decode_threads=2)) == \
+        "auto, 4 CPU workers, --decode-threads 2, --nvdec-sessions 16"

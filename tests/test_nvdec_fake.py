@@ -689,3 +689,55 @@ def test_parity_tool_reports_refused_and_failed_files_and_goes_on(files, fake_gp
     table = capsys.readouterr().out
     assert "| c_av1.mkv | libdav1d yuv420p10le" in table and "| refused (codec) | " in table
     assert "| b_breaks.mp4 |" in table and "failed (stream_error)" in table
+
+
+# --- the demux pass in helper processes (probe_pool.py) -------------------------------------------------------------
+@pytest.fixture
+def probes():
+    from iv2trt.decode.probe_pool import ProbePool
+
+    pool = ProbePool(1)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("name", ["phone_editlist", "tb90k_bframes", "hevc_10bit"])
+def test_the_demux_pass_in_a_helper_process_gives_the_cpu_paths_clips(files, fake_gpu, probes, name):
+    """With the demux pass (and the 10-bit chroma siting) in a helper process, the session still gives exactly the
+    CPU path's clips, across seeks, an edit list and B-frames."""
+    path = need(files, name)
+    _, _ = fake_gpu()
+    w = WINDOWINGS["sparse-1s"]
+    session = nvdec.NvdecSession(0, w, SIZE, probes)
+    gpu = [(info, frames.numpy()) for info, frames, _ in session.clips("video", str(path))]
+    assert_same_clips(gpu, cpu_clips(path, w))
+    assert probes._executor is not None  # it ran there, not in this thread
+
+
+def test_refusals_from_a_helper_process_keep_their_category(files, fake_gpu, probes, tmp_path):
+    """What the helper finds (no readable stream, no timestamps) and what the session decides from its answer (AV1
+    on an H100, 10-bit H.264) are refusals with their categories; no NVDEC demuxer or decoder is made for them."""
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
+    cases = [(garbage, "stream_error"), (encode(tmp_path / "raw.h264", 10), "timestamps"),
+             (need(files, "av1_10bit"), "codec")]
+    if _has_encoder("libx264", "yuv420p10le"):
+        cases.append((encode(tmp_path / "h264_10bit.mp4", 4, pix_fmt="yuv420p10le"), "bit_depth"))
+    fake, _ = fake_gpu()
+    session = nvdec.NvdecSession(0, Windowing(frames=2), SIZE, probes)
+    for path, category in cases:
+        with pytest.raises(NvdecUnsupported) as info:
+            list(session.clips("video", str(path)))
+        assert info.value.category == category, (path.name, info.value.reason)
+    assert fake.demuxers_opened == fake.decoders_created == 0
+
+
+def test_a_helper_that_dies_fails_its_file_for_the_gpu_and_the_pool_starts_anew(files, probes):
+    path = str(files["ts_no_bframes"])
+    first = probes.probe(path).probe
+    for process in list(probes._executor._processes.values()):
+        process.kill()
+    with pytest.raises(NvdecUnsupported) as info:
+        probes.probe(path)
+    assert info.value.category == "stream_error" and "died" in info.value.reason
+    assert probes.probe(path).probe.packet_pts == first.packet_pts

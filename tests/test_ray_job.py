@@ -95,6 +95,8 @@ def test_local_ray_equals_local_job_and_resumes(tmp_path, tiny_onnx, inputs, ref
     assert sum(n["clips"] for n in summary["ray"]["per_node"].values()) == summary["clips"]
     for p in summary["pipelines"]:  # where each pipeline actor's time went, as in the local job's summary
         assert p["decoders"]["cpu"]["workers"] >= 1 and 0 <= p["encoder_busy_fraction"] <= 1 and p["bound_by"]
+    for both in (summary, want):  # both executors time their first result and the rate after it alike
+        assert 0 < both["first_result_s"] <= both["seconds"] and both["steady_clips_per_s"] > 0
 
     # a rerun skips every committed partition (their files untouched) and retries the failed input only
     shards = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}

@@ -264,7 +264,8 @@ def as_inputs(paths: list[Path]) -> list:
 
 def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
                decoder: str = "cpu", nvdec_sessions: int | None = None, gpu_convert: bool = True,
-               shared_memory: bool = True, decode_threads: int = 0) -> dict[str, Any]:
+               shared_memory: bool = True, decode_threads: int = 0, probe_processes: int | None = None
+               ) -> dict[str, Any]:
     """The real extraction job over `paths` (fresh output folder, no progress bar); its summary."""
     from ..decode.plan import DEFAULT_NVDEC_SESSIONS
     from ..job.local import run_job
@@ -274,7 +275,8 @@ def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, 
     items = as_inputs(paths)
     options = JobOptions(windowing, img_size, batch, workers, progress=False, decoder=decoder,
                          nvdec_sessions=nvdec_sessions or DEFAULT_NVDEC_SESSIONS, gpu_convert=gpu_convert,
-                         shared_memory=shared_memory, decode_threads=decode_threads)
+                         shared_memory=shared_memory, decode_threads=decode_threads,
+                         probe_processes=probe_processes)
     with tempfile.TemporaryDirectory(prefix="iv2trt_bench_job_") as out:
         writer = FeatureWriter(out, "float16")
         summary = run_job(items, runner, out, writer, options)
@@ -294,12 +296,13 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
 def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
                  nvdec_sessions: int, auto_workers: list[int] | None = None,
                  cpu_resize: bool = False, decode_threads: list[int] | None = None,
-                 pipe: bool = False) -> dict[str, Any]:
+                 pipe: bool = False, probe: bool = False, sessions: list[int] | None = None) -> dict[str, Any]:
     """For each decoder that can run here: the decode ceiling (job with NullRunner) and the job end to end
     with `runner`, on the same videos; then `--decoder auto` with each of `auto_workers` CPU workers; with
     `cpu_resize`, `cpu` and `auto` again with --no-gpu-convert (CPU workers convert and resize themselves); for
     each of `decode_threads`, `cpu` and each `auto` row again with that many FFmpeg threads per worker; with
-    `pipe`, `cpu` and `auto` with --no-shared-memory."""
+    `pipe`, `cpu` and `auto` with --no-shared-memory; with `probe`, `nvdec` and `auto` with the demux passes in the
+    NVDEC sessions' threads (--nvdec-probe-processes 0); `auto` with each of `sessions` NVDEC sessions."""
     from ..decode.nvdec import nvdec_unavailable
 
     reason = nvdec_unavailable()
@@ -325,12 +328,15 @@ def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int
             "decode_threads": [_variant(d, n, decode_threads=t) for t in decode_threads or []
                                for d, n in [("cpu", workers)] + [("auto", n) for n in autos]],
             "pipe": [_variant(d, n, shared_memory=False) for d, n in ([("cpu", workers)] + [("auto", autos[0])]
-                                                                      if pipe and gpu else [])]}
+                                                                      if pipe and gpu else [])],
+            "probe": [_variant(d, n, probe_processes=0) for d, n in ([("nvdec", workers), ("auto", autos[0])]
+                                                                     if probe and gpu else [])],
+            "sessions": [_variant("auto", autos[0], nvdec_sessions=k) for k in (sessions or [] if gpu else [])]}
     for row in (row for kind in rows.values() for row in kind):
-        settings = {k: row[k] for k in ("gpu_convert", "shared_memory", "decode_threads")}
+        settings = {k: row[k] for k in ("gpu_convert", "shared_memory", "decode_threads", "probe_processes")}
         for key, r in (("ceiling", NullRunner()), ("end_to_end", runner)):
             row[key] = _brief(end_to_end(paths, r, windowing, img_size, batch, row["workers"], row["decoder"],
-                                         nvdec_sessions, **settings))
+                                         row["nvdec_sessions"] or nvdec_sessions, **settings))
         log.info("%s: ceiling %.2f, end to end %.2f clips/s", variant_label(row), row["ceiling"]["clips_per_s"],
                  row["end_to_end"]["clips_per_s"])
     return {"decoders": decoders, "nvdec_unavailable": reason, "nvdec_sessions": nvdec_sessions, "workers": workers,
@@ -338,9 +344,10 @@ def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int
 
 
 def _variant(decoder: str, workers: int | None, gpu_convert: bool = True, shared_memory: bool = True,
-             decode_threads: int = 0) -> dict[str, Any]:
+             decode_threads: int = 0, probe_processes: int | None = None, nvdec_sessions: int | None = None
+             ) -> dict[str, Any]:
     return {"decoder": decoder, "workers": workers, "gpu_convert": gpu_convert, "shared_memory": shared_memory,
-            "decode_threads": decode_threads}
+            "decode_threads": decode_threads, "probe_processes": probe_processes, "nvdec_sessions": nvdec_sessions}
 
 
 def variant_label(row: dict[str, Any]) -> str:
@@ -348,7 +355,9 @@ def variant_label(row: dict[str, Any]) -> str:
     return f"{row['decoder']}, {row['workers'] or 'default'} CPU workers" + (
         "" if row.get("gpu_convert", True) else ", --no-gpu-convert") + (
         "" if row.get("shared_memory", True) else ", --no-shared-memory") + (
-        f", --decode-threads {row['decode_threads']}" if row.get("decode_threads") else "")
+        f", --decode-threads {row['decode_threads']}" if row.get("decode_threads") else "") + (
+        f", --nvdec-probe-processes {row['probe_processes']}" if row.get("probe_processes") is not None else "") + (
+        f", --nvdec-sessions {row['nvdec_sessions']}" if row.get("nvdec_sessions") else "")
 
 
 # --- the executors -----------------------------------------------------------------------------------------
@@ -356,8 +365,9 @@ def executor_runs(paths: list[Path], a, windowing, batch: int, repeat: int = 1) 
     """The job as trt_inference.py runs it (its settings through the local and the Ray executor, runners built
     where the pipelines run) on the same videos, each `repeat` times under other ids (a longer run from the same
     files): the local job for each `--gpus` of `a.executor_gpus` (e.g. 1 and 0,0: one pipeline, then two on GPU
-    0), and with `a.executor_ray` the Ray executor with one pipeline actor. Clips/s over the executor's run (the
-    pipelines started; Ray: first result to last too)."""
+    0), and with `a.executor_ray` the Ray executor with one pipeline actor. Clips/s three ways, alike for both
+    executors: over the executor's run (local: the pipelines started; Ray: the actors starting included), from its
+    first result to its last, and over the whole call (model loading, Ray's start-up included)."""
     from ..job.local import run_local_job
     from ..job.settings import InferSettings
 
@@ -371,6 +381,7 @@ def executor_runs(paths: list[Path], a, windowing, batch: int, repeat: int = 1) 
     for executor, gpus in runs:
         with tempfile.TemporaryDirectory(prefix="iv2trt_bench_exec_") as out:
             log.info("executor %s, --gpus %s: %d inputs", executor, gpus, len(items))
+            called = time.perf_counter()
             if executor == "local":
                 summary = run_local_job(InferSettings(**base, output=out, gpus=gpus), items, windowing)
             else:
@@ -378,12 +389,16 @@ def executor_runs(paths: list[Path], a, windowing, batch: int, repeat: int = 1) 
 
                 s = InferSettings(**base, output=out, ray="local", ray_pipelines=1)
                 summary = run_ray_job(s, items, windowing)
+            wall = time.perf_counter() - called
         row = {"executor": executor, "gpus": gpus, "pipelines": len(summary["pipelines"]), "ok": summary["ok"],
                "failed": summary["failed"], "clips": summary["clips"], "seconds": summary["seconds"],
                "clips_per_s": summary["clips_per_s"], "encoder_busy_fraction": summary["encoder_busy_fraction"],
                "bound_by": summary["bound_by"], "decoders": summary["decoders"],
-               "steady_clips_per_s": summary.get("ray", {}).get("steady_clips_per_s")}
-        log.info("  %.1f clips/s (%d pipeline(s)); bound by %s", row["clips_per_s"], row["pipelines"], row["bound_by"])
+               "first_result_s": summary["first_result_s"], "steady_clips_per_s": summary["steady_clips_per_s"],
+               "call_s": round(wall, 3), "call_clips_per_s": round(summary["clips"] / wall, 3)}
+        log.info("  %.1f clips/s over the executor's run, %.1f from its first result to its last, %.1f over the whole "
+                 "call (%.1f s, start-up included); %d pipeline(s), bound by %s", row["clips_per_s"],
+                 row["steady_clips_per_s"] or 0, row["call_clips_per_s"], wall, row["pipelines"], row["bound_by"])
         rows.append(row)
     return rows
 
@@ -442,7 +457,8 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
                  windowing, img_size: int, batch: int, worker_counts: list[int], job_workers: int,
                  stage_batches: int, nvdec_sessions: int | None = None,
                  auto_workers: list[int] | None = None, cpu_resize: bool = False,
-                 repeat: int = 1, decode_threads: list[int] | None = None, pipe: bool = False) -> dict[str, Any]:
+                 repeat: int = 1, decode_threads: list[int] | None = None, pipe: bool = False,
+                 probe: bool = False, sessions: list[int] | None = None) -> dict[str, Any]:
     """All pipeline measurements with one runner; `encoder_cps`/`encoder_batch_s` come from the caller's
     encoder-only timing at (batch, windowing.frames)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -471,7 +487,8 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
     stage["steady_state_overhead_pct"] = 100.0 * (per_batch_s - encoder_batch_s) / encoder_batch_s
     stage["short_run"] = {"batches": short["batches"], "seconds": short["seconds"]}
     runs = decoder_runs(list(paths) * repeat, runner, windowing, img_size, batch, job_workers,
-                        nvdec_sessions or DEFAULT_NVDEC_SESSIONS, auto_workers, cpu_resize, decode_threads, pipe)
+                        nvdec_sessions or DEFAULT_NVDEC_SESSIONS, auto_workers, cpu_resize, decode_threads, pipe,
+                        probe, sessions)
     runs["repeat"] = repeat
     e2e = runs["end_to_end"]["auto" if "auto" in runs["end_to_end"] else "cpu"]
     one = next((d for d in decode if d["workers"] == 1), decode[0])

@@ -135,12 +135,12 @@ def _measure(session, a, batch: int, frames: int, img_size: int, tmpdir: str, ad
                 infer_s = sum(p["infer_seconds"] for p in summary["pipelines"])
                 rows.append({"backend": backend, "pipelines": n, "gpus": gpus, "clips": summary["clips"],
                              "videos": videos, "seconds": summary["seconds"], "clips_per_s": summary["clips_per_s"],
-                             "steady_clips_per_s": r["steady_clips_per_s"], "startup_s": r["startup_s"],
+                             "steady_clips_per_s": summary["steady_clips_per_s"], "startup_s": r["startup_s"],
                              "encode_clips_per_busy_s": round(summary["clips"] / infer_s, 3) if infer_s else None,
                              "pipelines_seen": len(summary["pipelines"]),
                              "encoder_alone_clips_per_s": alone["clips_per_s"], "device": alone["device"]})
                 log.info("%s x%d: %.1f clips/s steady, %.1f over the run", backend, n,
-                         r["steady_clips_per_s"] or 0, summary["clips_per_s"])
+                         summary["steady_clips_per_s"] or 0, summary["clips_per_s"])
     for r in rows:
         one = next((o for o in rows if o["backend"] == r["backend"] and o["pipelines"] == 1), None)
         r["speedup_steady"] = (round(r["steady_clips_per_s"] / one["steady_clips_per_s"], 3)

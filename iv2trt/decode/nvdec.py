@@ -2,16 +2,17 @@
 
 Videos go through the GPU's video decoders (NVDEC, driven by PyNvVideoCodec); JPEG images and frame folders
 of JPEGs through nvJPEG (torchvision.io.decode_jpeg on CUDA) when torchvision has it. A video is planned
-exactly as on the CPU path (pyav.VideoProbe: PyAV's demux pass gives the frame timestamps and each clip's
-frame indices); PyNvVideoCodec's demuxer feeds the decoder. Each packet is recognised by its byte position in
-the file (FrameMatcher) and handed to NVDEC labelled with its frame number, so decoded frames are matched to the
-plan whatever timestamps the two demuxers compute. Only needed frames are converted: NV12, P016 or YUV444 ->
-RGB with the CPU path's own arithmetic for the stream's pixel format, matrix, range and chroma siting
-(colorspace.py), rotation, resize (transforms.resize_planar), all on one CUDA stream per session. H.264
-non-reference frames no clip needs are not sent to the decoder at all, and decoding stops after the last needed
-frame.
+exactly as on the CPU path (pyav.VideoProbe: PyAV's demux pass, run in helper processes by probe_pool.py, gives
+the frame timestamps and each clip's frame indices); PyNvVideoCodec's demuxer feeds the decoder. Each packet is
+recognised by its byte position in the file (FrameMatcher) and handed to NVDEC labelled with its frame number, so
+decoded frames are matched to the plan whatever timestamps the two demuxers compute. Only needed frames are
+converted: NV12, P016 or YUV444 -> RGB with the CPU path's own arithmetic for the stream's pixel format, matrix,
+range and chroma siting (colorspace.py), rotation, resize (transforms.resize_planar), all on one CUDA stream per
+session. H.264 non-reference frames no clip needs are not sent to the decoder at all, and decoding stops after the
+last needed frame.
 
-Whether NVDEC takes a video is decided from the container's headers before any packet is read, by codec (FFmpeg's
+Whether NVDEC takes a video is decided from the container's headers (before any packet is read where the demux
+pass runs in the session's thread; after it, before any NVDEC work, where it runs in a helper), by codec (FFmpeg's
 codec, not its decoder), bit depth, chroma format and size against what this GPU's NVDEC reports
 (GetDecoderCaps, asked once per GPU model in the process; `format_refusal`). Every file the GPU path does not
 decode raises NvdecError (NvdecUnsupported when refused before decoding) with a `category`
@@ -35,7 +36,8 @@ from ..capture_guard import GUARD
 from .clips import DecodeError, Windowing
 from .colorspace import pix_fmt_layout
 from .inputs import IMAGE_EXTENSIONS
-from .pyav import list_frame_folder, probe_video
+from .probe_pool import ProbePool
+from .pyav import list_frame_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,12 @@ class NvdecUnsupported(NvdecError):
 
     def __init__(self, reason: str, category: str = "codec"):
         super().__init__(reason, category)
+
+
+def refuse_timestamps(probe) -> None:
+    """The demux pass's check, before anything is decoded: frames NVDEC gives back are matched by timestamp."""
+    if not probe.seekable:
+        raise NvdecUnsupported("frame timestamps missing or repeated", "timestamps")
 
 
 def fallback_category(exc: BaseException) -> str:
@@ -346,12 +354,13 @@ class NvdecSession:
     SEEK_MIN_FRAMES = 32  # seek only over this many frames or more (a seek drains the decoder)
     MAX_DECODERS = 4      # decoders kept per session (one per stream format)
 
-    def __init__(self, gpu: int, windowing: Windowing, img_size: int):
+    def __init__(self, gpu: int, windowing: Windowing, img_size: int, probes: ProbePool | None = None):
         import PyNvVideoCodec as nvc
         import torch
 
         self.nvc, self.torch = nvc, torch
         self.gpu, self.w, self.size = gpu, windowing, img_size
+        self.probes = probes or ProbePool(0)  # where the demux pass runs (default: this thread)
         self.device = torch.device("cuda", gpu)
         self.stream = torch.cuda.Stream(self.device)
         self.caps = gpu_caps(nvc, gpu)
@@ -362,16 +371,10 @@ class NvdecSession:
 
     # --- videos ----------------------------------------------------------------------------------------------
     def _refuse_format(self, header) -> None:
-        """probe_video's check of the container's headers, before any packet is read."""
+        """The demux pass's check of the container's headers (before any packet is read, where it runs here)."""
         refusal = format_refusal(StreamFormat.of(header), self.caps)
         if refusal is not None:
             raise refusal
-
-    @staticmethod
-    def _refuse_timestamps(probe) -> None:
-        """probe_video's check after the demux pass, before anything is decoded."""
-        if not probe.seekable:
-            raise NvdecUnsupported("frame timestamps missing or repeated", "timestamps")
 
     def _decoder(self, key: tuple):
         """This session's decoder for (codec, width, height, bit depth, chroma): one per stream format, kept for the
@@ -430,26 +433,20 @@ class NvdecSession:
 
     def video_clips(self, path: str) -> Iterator[tuple[dict, Any, Any]]:
         from .clips import ClipAssembler
-        from .colorspace import dense_surface, swscale_chroma_siting
+        from .colorspace import dense_surface
         from .gpu_frames import model_frames
 
         torch = self.torch
-        sitings: list = []
-
-        def inspect(frame) -> None:  # swscale filters 10/12-bit 4:2:0 chroma by the frame's chroma location
-            if frame is not None and pix_fmt_layout(frame.format.name) in ((10, "420"), (12, "420")):
-                sitings.append(swscale_chroma_siting(frame))
-
         # refused before anything is decoded on the GPU: format from the headers, then timestamps, then colour
         try:
-            probe, rotation = probe_video(path, header=self._refuse_format, accept=self._refuse_timestamps,
-                                          first_frame=inspect)
+            probed = self.probes.probe(path, header=self._refuse_format, accept=refuse_timestamps)
         except NvdecError:
             raise
         except DecodeError as exc:  # the demux pass's own (unreadable file, no video stream)
             raise NvdecUnsupported(exc.reason, "stream_error") from None
+        probe, rotation = probed.probe, probed.rotation
         fmt = StreamFormat.of(probe)
-        conv = self._converter(probe, sitings)
+        conv = self._converter(probe, probed.sitings)
         codec = getattr(self.nvc.cudaVideoCodec, NVDEC_CODECS[fmt.codec])
         keyframes = probe.keyframe_indices
         asm = ClipAssembler(probe.plan(self.w), stack=torch.stack)

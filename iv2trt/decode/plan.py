@@ -29,6 +29,12 @@ def default_workers(nvdec: bool = False, share: float = 1.0) -> int:
     return max(1, int(cores * CPU_WORKERS_PER_CORE_WITH_NVDEC) if nvdec else int(cores))
 
 
+def default_probe_processes(sessions: int) -> int:
+    """Helper processes for the NVDEC sessions' demux passes (probe_pool.py) when none are asked for: one per two
+    sessions (the pass took about a quarter of a session's time in its thread)."""
+    return max(1, sessions // 2)
+
+
 def default_decode_threads(workers: int, share: float = 1.0) -> int:
     """FFmpeg threads per CPU worker when none are asked for: half a core each, at least one. Measured on an H200
     host with 16 cores (docs/benchmarks.md, 720p H.264): 16 workers decoded 75 clips/s with one thread each, 68 with

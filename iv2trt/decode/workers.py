@@ -168,10 +168,14 @@ class CpuWorker:
 # --- the GPU path ---------------------------------------------------------------------------------------------
 class GpuWorkerPool:
     """The GPU workers' shared outbox: a bounded queue of (worker, message) and a socket that turns readable
-    when messages wait (for multiprocessing.connection.wait)."""
+    when messages wait (for multiprocessing.connection.wait); and the processes that run their demux passes
+    (`probe_processes`, 0: in each worker's thread)."""
 
-    def __init__(self, gpu: int, w: Windowing, img_size: int):
+    def __init__(self, gpu: int, w: Windowing, img_size: int, probe_processes: int = 0):
+        from .probe_pool import ProbePool
+
         self.gpu, self.w, self.img_size = gpu, w, img_size
+        self.probes = ProbePool(probe_processes).start()  # the sessions' demux passes
         self.outbox: queue.Queue = queue.Queue(maxsize=GPU_OUTBOX_CLIPS)
         self.stopping = threading.Event()
         self._doorbell = Doorbell()  # rung when messages wait
@@ -203,6 +207,7 @@ class GpuWorkerPool:
     def close(self) -> None:
         self.stopping.set()
         self._doorbell.close()
+        self.probes.close()
 
 
 class GpuWorker:
@@ -238,15 +243,18 @@ class GpuWorker:
         from . import nvdec
 
         session = None
+        self.pool.probes.wait_started(60)  # (an input's decode timeout counts from when this thread takes it)
         with torch_device_scope(self.pool.gpu):
             while True:
                 task = self.inbox.get()
                 if task is None or self.pool.stopping.is_set():
                     return
+                self.last_heard = time.monotonic()
                 number, item = task
                 try:
                     if session is None:
-                        session = nvdec.NvdecSession(self.pool.gpu, self.pool.w, self.pool.img_size)
+                        session = nvdec.NvdecSession(self.pool.gpu, self.pool.w, self.pool.img_size,
+                                                     self.pool.probes)
                     count = 0
                     for info, frames, ready in session.clips(item.kind, item.path):
                         if not self.pool.put(self, ("clip", number, info, frames, ready)):

@@ -192,24 +192,15 @@ class Collector:
     """Driver: feature rows -> PartitionAssembler; keeps each pipeline's latest summary and the clips per node."""
 
     def __init__(self, assembler, bar):
+        from ..job.stages import ResultClock
+
         self.assembler, self.bar = assembler, bar
         self.pipelines: dict[str, str] = {}  # "node/actor" -> the JSON of its summary so far
         self.encoded: Counter = Counter()               # clips per node
-        self.started = time.perf_counter()
-        self.first_row_s: float | None = None  # seconds from the start to the first result (actors starting up)
-        self.last_row_s = 0.0
-        self.clips_in_first_batch = 0
-
-    def steady_rate(self) -> float | None:
-        """Clips per second between the first result batch and the last (actor start-up left out)."""
-        span = self.last_row_s - (self.first_row_s or 0.0)
-        clips = sum(self.encoded.values()) - self.clips_in_first_batch
-        return round(clips / span, 3) if span > 0 and clips > 0 else None
+        self.clock = ResultClock()  # the first result batch comes after the actors' start-up
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        first = self.first_row_s is None
-        if first:
-            self.first_row_s = time.perf_counter() - self.started
+        clips = sum(self.encoded.values())
         a = self.assembler
         self.pipelines.update(zip(map(str, batch["pipeline"]), map(str, batch["stats"])))  # the latest of each
         for i in range(len(batch["number"])):
@@ -221,9 +212,8 @@ class Collector:
             self.encoded[pipeline.split("/")[0]] += 1
             a.add_clip(number, int(batch["clip"][i]), json.loads(str(batch["info"][i])),
                        np.array(batch["feature"][i]), int(batch["count"][i]))
-        if first:
-            self.clips_in_first_batch = sum(self.encoded.values())
-        elapsed = self.last_row_s = time.perf_counter() - self.started
+        self.clock.add(sum(self.encoded.values()) - clips)
+        elapsed = self.clock.last_s
         self.bar.set_postfix_str(f"{a.stats['clips'] / max(elapsed, 1e-9):.1f} clips/s, {a.stats['failed']} failed",
                                  refresh=False)
 
@@ -269,7 +259,8 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
                      actors, "GPU" if "num_gpus" in need else "CPU", need["num_cpus"], info["name"])
             options = JobOptions(windowing, info["img_size"], s.batch_size, s.workers, s.decode_timeout_s, False,
                                  s.decoder, s.nvdec_sessions, source=source or iter_clips, gpu_convert=s.gpu_convert,
-                                 shared_memory=s.shared_memory, decode_threads=s.decode_threads)
+                                 shared_memory=s.shared_memory, decode_threads=s.decode_threads,
+                                 probe_processes=s.nvdec_probe_processes)
             writer = FeatureWriter(s.output, s.dtype, shard_size=sys.maxsize, per_video_npy=s.per_video_npy)
             failures = FailureLog(s.output)
             bar = tqdm(total=len(numbers), unit="video", disable=not s.progress, mininterval=1.0, dynamic_ncols=True,
@@ -300,11 +291,10 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     pipelines = [dict(json.loads(stats), name=name, node=name.split("/")[0])
                  for name, stats in sorted(collector.pipelines.items())]
     summary = merge_summaries(pipelines, a.stats, len(numbers), elapsed, info["name"], s.decoder)
-    summary.update(skipped_already_done=len(items) - len(numbers), executor="ray")
+    summary.update(skipped_already_done=len(items) - len(numbers), executor="ray", **collector.clock.steady())
     summary["ray"] = {
         "address": s.ray, **resources, "pipelines": actors, "pipeline_resources": need,
-        "startup_s": round(collector.first_row_s, 3) if collector.first_row_s is not None else None,
-        "steady_clips_per_s": collector.steady_rate(),
+        "startup_s": collector.clock.steady()["first_result_s"],
         "partitions": {"size": s.ray_partition_size, "total": len(partitions) + committed,
                        "committed_before": committed, "written": a.stats["shards"]},
         "per_node": {node: {"clips": clips, "pipelines": sum(p["node"] == node for p in pipelines)}

@@ -35,7 +35,7 @@ from ..output.writer import FailureLog, FeatureWriter, prepare_output, write_sum
 from .factory import SettingsRunner, close_runner, describe_runner, reference_runner
 from .identity import complete_identity, finish_summary
 from .pipeline import JobOptions, Pipeline, bound_by
-from .stages import log_done, summarize
+from .stages import ResultClock, log_done, summarize
 
 log = logging.getLogger(__name__)
 
@@ -322,12 +322,14 @@ class _Writing:
     def __init__(self, items: Sequence[InputItem], writer: FeatureWriter, failures: FailureLog, bar):
         self.items, self.writer, self.failures, self.bar = items, writer, failures, bar
         self.ok = self.failed = self.clips = 0
+        self.clock = ResultClock()
 
     def finished(self, number: int, infos: list[dict[str, Any]], features: np.ndarray) -> None:
         item = self.items[number]
         self.writer.add_video(item.path, item.id, item.kind, infos, features)
         self.ok += 1
         self.clips += len(features)
+        self.clock.add(len(features))
         self.bar.update(1)
 
     def fail(self, number: int, reason: str) -> None:
@@ -472,7 +474,7 @@ def run_job(items: list[InputItem], runner, out_dir, writer: FeatureWriter, opti
     out, elapsed = execute([_InProcess(pipeline, events)], items, range(len(items)), writer, failures,
                            options.progress)
     summary = merge_summaries([pipeline.summary()], vars(out), len(items), elapsed, runner.name, options.decoder)
-    summary["skipped_already_done"] = skipped
+    summary.update(skipped_already_done=skipped, **out.clock.steady())
     write_summary(out_dir, summary)
     log_summary(summary, failures.path)
     return summary
@@ -487,7 +489,8 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
     factory = SettingsRunner(s)
     options = JobOptions(windowing, 224, s.batch_size, s.workers, s.decode_timeout_s, s.progress, s.decoder,
                          s.nvdec_sessions, gpu_convert=s.gpu_convert, shared_memory=s.shared_memory,
-                         decode_threads=s.decode_threads)
+                         decode_threads=s.decode_threads,
+                         probe_processes=s.nvdec_probe_processes)
     compare = s if s.compare_pytorch else None
     if compare is not None and len(specs) > 1:
         log.info("--compare-pytorch runs one pipeline (GPU %s)", specs[0].gpu)
@@ -533,7 +536,8 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
                 close_runner(h.pipeline.runner)
     pipelines = [h.result for h in handles if h.result is not None]
     summary = merge_summaries(pipelines, vars(out), len(todo), elapsed, infos[0]["name"], s.decoder)
-    summary.update(skipped_already_done=len(items) - len(todo), executor="local", precision=infos[0]["precision"])
+    summary.update(skipped_already_done=len(items) - len(todo), executor="local", precision=infos[0]["precision"],
+                   **out.clock.steady())
     write_summary(s.output, summary)
     log_summary(summary, failures.path)
     finish_summary(s.output, summary, identity["random_init"])

@@ -46,7 +46,7 @@ from ..compare import RunningComparison, l2_normalize
 from ..decode.clips import Windowing
 from ..decode.gpu_frames import YuvClip
 from ..decode.inputs import InputItem
-from ..decode.plan import DEFAULT_NVDEC_SESSIONS, DecoderPlan, default_decode_threads
+from ..decode.plan import DEFAULT_NVDEC_SESSIONS, DecoderPlan, default_decode_threads, default_probe_processes
 from ..decode.source import iter_clips
 from ..decode.workers import CpuWorker, GpuWorker, GpuWorkerPool, worker_context
 from .batching import QUEUE_DEPTH, Batch, InferenceThread, on_stream
@@ -86,6 +86,8 @@ class JobOptions:
     gpu_convert: bool = True        # on a GPU, CPU workers hand decoded planes over; the GPU converts and resizes
     shared_memory: bool = True      # ... through shared memory (decode/plane_ring.py), else through their pipes
     decode_threads: int = 0         # FFmpeg threads per CPU worker's video (0: decode.plan.default_decode_threads)
+    probe_processes: int | None = None  # helper processes for NVDEC's demux passes (None: plan.default_probe_processes;
+                                        # 0: in the NVDEC sessions' threads)
 
 
 class Sink(Protocol):
@@ -570,7 +572,10 @@ class Pipeline:
             log.info("CPU workers hand decoded frames to GPU %d, which converts and resizes them; they pass through "
                      "%s", o.gpu, path)
         if n_gpu:
-            self.pool = GpuWorkerPool(o.gpu, o.windowing, o.img_size)
+            probes = default_probe_processes(n_gpu) if o.probe_processes is None else o.probe_processes
+            self.pool = GpuWorkerPool(o.gpu, o.windowing, o.img_size, probes)
+            log.info("NVDEC's demux passes run in %s", f"{probes} helper process(es)" if probes else
+                     "the sessions' threads")
             self.workers += [GpuWorker(self.pool, f"iv2trt-nvdec-{i}") for i in range(n_gpu)]
 
     def _cpu_worker(self) -> CpuWorker:

@@ -48,6 +48,10 @@ class InferSettings(ModelSettings):
     decode_threads: int = setting(0, "FFmpeg threads each CPU decoding process decodes a video with (0: half a "
                                   "core per process, at least one: "
                                   f"{default_decode_threads(default_workers())} here with the default workers)")
+    nvdec_probe_processes: int | None = setting(None, "helper processes that read each video once with PyAV before "
+                                                "NVDEC decodes it (its frame timestamps and keyframes), so that pass "
+                                                "holds no lock the NVDEC sessions and the encoder share (default: one "
+                                                "per two NVDEC sessions; 0: in the sessions' threads)")
     window_seconds: float | None = setting(None, "one clip per window of this many seconds (default: one clip "
                                            "per video)")
     window_frames: int | None = setting(None, "one clip per window of this many frames")
@@ -92,6 +96,9 @@ def check_settings(s: InferSettings) -> None:
            if getattr(s, name) < 0]
     if bad:
         raise PipelineError(f"{', '.join(bad)}: must be positive (or 0: chosen from the cluster)")
+    if s.nvdec_probe_processes is not None and s.nvdec_probe_processes < 0:
+        raise PipelineError(f"--nvdec-probe-processes {s.nvdec_probe_processes}: must be positive (or 0: in the NVDEC "
+                            "sessions' threads)")
     if s.decode_threads < 0:
         raise PipelineError(f"--decode-threads {s.decode_threads}: must be positive (or 0: chosen from the cores)")
     if s.stride is not None and s.window_seconds is None and s.window_frames is None:

@@ -13,6 +13,7 @@ Nothing here knows which executor calls it.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -112,6 +113,29 @@ def summarize(stats: dict[str, Any], inputs: int, elapsed: float, backend: str, 
             "seconds": round(elapsed, 3), "videos_per_s": round((s["ok"] + s["failed"]) / max(elapsed, 1e-9), 3),
             "clips_per_s": round(s["clips"] / max(elapsed, 1e-9), 3), "infer_seconds": round(s["infer_s"], 3),
             "backend": backend, "batch_size": batch_size}
+
+
+class ResultClock:
+    """When an executor's results came in: the first (the pipelines' start-up and first inputs behind it) and the
+    latest; `steady()`: clips per second between them, the first result's clips left out."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.first_s: float | None = None
+        self.last_s = 0.0
+        self.clips = self.clips_in_first = 0
+
+    def add(self, clips: int) -> None:
+        self.last_s = time.perf_counter() - self.started
+        if self.first_s is None:
+            self.first_s, self.clips_in_first = self.last_s, clips
+        self.clips += clips
+
+    def steady(self) -> dict[str, float | None]:
+        """{first_result_s, steady_clips_per_s} for summary.json (None where there is no span to measure)."""
+        span, clips = self.last_s - (self.first_s or 0.0), self.clips - self.clips_in_first
+        return {"first_result_s": None if self.first_s is None else round(self.first_s, 3),
+                "steady_clips_per_s": round(clips / span, 3) if span > 0 and clips > 0 else None}
 
 
 def log_done(summary: dict[str, Any], failures_path) -> None:
