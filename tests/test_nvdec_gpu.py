@@ -47,9 +47,13 @@ def encode(path: Path, frames: np.ndarray, codec: str, fps: int = 30, options=No
 
 @pytest.fixture(scope="module")
 def session():
+    """Sessions as the job makes them: the demux pass in helper processes."""
     from iv2trt.decode.nvdec import NvdecSession
+    from iv2trt.decode.probe_pool import ProbePool
 
-    return lambda w: NvdecSession(0, w, SIZE)
+    probes = ProbePool(2).start()
+    yield lambda w: NvdecSession(0, w, SIZE, probes)
+    probes.close()
 
 
 def gpu_clips(session, path: Path, w: Windowing, kind: str = "video"):
