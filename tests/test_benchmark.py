@@ -150,6 +150,16 @@ def test_decode_and_executor_targets():
     assert next(t for n, t in by_name.items() if ">= 110 clips/s" in n)["status"] == "met"
     pipe["decoder_runs"]["end_to_end"]["auto"] = run(100.0)
     assert {t["status"] for t in decode_targets(pipe)} == {"MISSED"}  # 83% of the ceilings, below 110
+    # judged from each run's first result to its last where every run compared has it; the whole run in the detail
+    for kind, name, steady in (("decode_ceiling", "cpu", 45.0), ("decode_ceiling", "nvdec", 90.0),
+                               ("end_to_end", "auto", 125.0)):
+        pipe["decoder_runs"][kind][name]["steady_clips_per_s"] = steady
+    share, floor = decode_targets(pipe)
+    assert share["status"] == floor["status"] == "met"  # 125 of 135 = 93%
+    assert share["detail"] == ("first result to last: 125.0 of 90.0 + 45.0 = 135.0 clips/s (93%); whole run: 100.0 "
+                               "of 80.0 + 40.0 = 120.0 clips/s (83%)")
+    pipe["decoder_runs"]["decode_ceiling"]["cpu"]["steady_clips_per_s"] = None  # not in every run: the whole run
+    assert {t["status"] for t in decode_targets(pipe)} == {"MISSED"}
 
     rows = [{"executor": "local", "gpus": "1", "clips_per_s": 100.0}, {"executor": "local", "gpus": "0,0",
             "clips_per_s": 99.0}, {"executor": "ray", "gpus": "1", "clips_per_s": 96.0}]

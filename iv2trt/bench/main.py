@@ -261,23 +261,21 @@ def markdown_report(results: dict[str, Any]) -> str:
                       + (f"; NVDEC unavailable: {runs['nvdec_unavailable']}" if runs["nvdec_unavailable"] else "")
                       + "). Ceiling: the job with an encoder that costs nothing. End to end: the job with "
                       f"{pipe['backend']}.", "",
-                      "| --decoder | ceiling clips/s | ceiling videos/s | end-to-end clips/s | end-to-end videos/s "
-                      "| encoder busy | bound by | clips/s by path (end to end) |", "|---|---|---|---|---|---|---|---|"]
-            for d in runs["decoders"]:
-                c, e = runs["decode_ceiling"][d], runs["end_to_end"][d]
-                per_path = ", ".join(f"{k} {v['clips_per_s']:.1f} ({v['workers']} w, {100 * v['busy_fraction']:.0f}% busy)"
-                                     for k, v in e["decoders"].items())
-                lines.append(f"| {d} | {c['clips_per_s']:.1f} | {c['videos_per_s']:.2f} | {e['clips_per_s']:.1f} | "
-                             f"{e['videos_per_s']:.2f} | {100 * e['encoder_busy_fraction']:.0f}% | {e['bound_by']} | "
+                      "| --decoder | ceiling clips/s | ceiling, first result to last | ceiling videos/s | end-to-end "
+                      "clips/s | end to end, first result to last | end-to-end videos/s | encoder busy | bound by | "
+                      "clips/s by path (end to end) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            named = [(d, runs["decode_ceiling"][d], runs["end_to_end"][d], True) for d in runs["decoders"]]
+            named += [(variant_label(row), row["ceiling"], row["end_to_end"], False)
+                      for kind in ("auto_workers", "cpu_resize", "decode_threads", "pipe", "probe", "sessions")
+                      for row in runs.get(kind) or []]
+            for name, c, e, detailed in named:
+                per_path = ", ".join(f"{k} {v['clips_per_s']:.1f}" + (
+                    f" ({v['workers']} w, {100 * v['busy_fraction']:.0f}% busy)" if detailed else "")
+                    for k, v in e["decoders"].items())
+                lines.append(f"| {name} | {c['clips_per_s']:.1f} | {c.get('steady_clips_per_s') or 0:.1f} | "
+                             f"{c['videos_per_s']:.2f} | {e['clips_per_s']:.1f} | "
+                             f"{e.get('steady_clips_per_s') or 0:.1f} | {e['videos_per_s']:.2f} | {100 * e['encoder_busy_fraction']:.0f}% | {e['bound_by']} | "
                              f"{per_path} |")
-            for sweep in (row for kind in ("auto_workers", "cpu_resize", "decode_threads", "pipe", "probe",
-                                                         "sessions")
-                          for row in runs.get(kind) or []):
-                c, e = sweep["ceiling"], sweep["end_to_end"]
-                lines.append(f"| {variant_label(sweep)} | {c['clips_per_s']:.1f} | {c['videos_per_s']:.2f} | "
-                             f"{e['clips_per_s']:.1f} | {e['videos_per_s']:.2f} | "
-                             f"{100 * e['encoder_busy_fraction']:.0f}% | {e['bound_by']} | "
-                             + ", ".join(f"{k} {v['clips_per_s']:.1f}" for k, v in e["decoders"].items()) + " |")
         if pipe.get("executors"):
             lines += ["", "Executors (the job as trt_inference.py runs it, --decoder auto):", "",
                       "| executor | --gpus | pipelines | clips | seconds | clips/s | first result (s) | clips/s first "
@@ -394,17 +392,25 @@ def decode_targets(pipe: dict[str, Any]) -> list[dict[str, str]]:
         return [{"name": "GPU decode targets", "status": "not measured",
                  "detail": f"NVDEC unavailable: {runs and runs['nvdec_unavailable']}"}]
     e2e, ceilings = runs["end_to_end"]["auto"], runs["decode_ceiling"]
-    both = ceilings["nvdec"]["clips_per_s"] + ceilings["cpu"]["clips_per_s"]
     w = pipe["windowing"]
-    ratio = e2e["clips_per_s"] / max(both, 1e-9)
+    # each run's rate from its first result to its last (a long job's rate: the pipeline's start-up ramp, seconds
+    # whatever the run's length, left out) where all the runs compared have it, and over the whole run
+    measures = [("steady_clips_per_s", "first result to last"), ("clips_per_s", "whole run")]
+    measures = [m for m in measures if all((r or {}).get(m[0]) for r in (e2e, ceilings["nvdec"], ceilings["cpu"]))]
+    judged = measures[0][0]
+
+    def share(key: str) -> tuple[float, float]:
+        both = ceilings["nvdec"][key] + ceilings["cpu"][key]
+        return both, e2e[key] / max(both, 1e-9)
+
     out = [{"name": f"auto end to end >= {TARGET_E2E_OF_CEILING:.0%} of the nvdec-alone + cpu-alone ceilings",
-            "status": "met" if ratio >= TARGET_E2E_OF_CEILING else "MISSED",
-            "detail": f"{e2e['clips_per_s']:.1f} of {ceilings['nvdec']['clips_per_s']:.1f} + "
-                      f"{ceilings['cpu']['clips_per_s']:.1f} = {both:.1f} clips/s: {ratio:.0%}"}]
+            "status": "met" if share(judged)[1] >= TARGET_E2E_OF_CEILING else "MISSED",
+            "detail": "; ".join(f"{label}: {e2e[k]:.1f} of {ceilings['nvdec'][k]:.1f} + {ceilings['cpu'][k]:.1f} = "
+                                f"{share(k)[0]:.1f} clips/s ({share(k)[1]:.0%})" for k, label in measures)}]
     if w["window_seconds"] == 2.0 and pipe["frames"] == 8:
         out.append({"name": f"end to end >= {TARGET_E2E_CLIPS_PER_S:.0f} clips/s (8-frame clips, 2 s windows, auto)",
-                    "status": "met" if e2e["clips_per_s"] >= TARGET_E2E_CLIPS_PER_S else "MISSED",
-                    "detail": f"{e2e['clips_per_s']:.1f} clips/s"})
+                    "status": "met" if e2e[judged] >= TARGET_E2E_CLIPS_PER_S else "MISSED",
+                    "detail": "; ".join(f"{label}: {e2e[k]:.1f} clips/s" for k, label in measures)})
     if not w["window_seconds"] and not w["window_frames"]:
         out.append({"name": f"one clip per video: >= {TARGET_ONE_CLIP_VIDEOS_PER_S:.0f} videos/s (auto)",
                     "status": "met" if e2e["videos_per_s"] >= TARGET_ONE_CLIP_VIDEOS_PER_S else "MISSED",

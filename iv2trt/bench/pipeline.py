@@ -287,8 +287,8 @@ def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("clips_per_s", "videos_per_s", "clips", "ok", "failed", "seconds", "encoder_busy_fraction", "bound_by",
-            "decoders")
-    brief = {k: summary[k] for k in keys}
+            "decoders", "first_result_s", "steady_clips_per_s")
+    brief = {k: summary.get(k) for k in keys}
     brief["host_cpu_s"] = [p.get("host_cpu_s") for p in summary.get("pipelines", [])]  # where the job's CPU went
     return brief
 
