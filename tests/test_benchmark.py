@@ -116,11 +116,11 @@ def test_pipeline_benchmark_on_cpu(tmp_path, tiny_onnx):
     paths = [write_test_video(tmp_path / f"v{i}.mp4", i, spec) for i in range(3)]
     runner = OnnxRuntimeRunner(tiny_onnx["fp32"])
     pipe = run_pipeline(runner, "onnxruntime-cpu", 100.0, 0.02, paths, Windowing(4, 1.0), 56, 2, [1, 2], 2, 2,
-                        decode_threads=[1], pipe=True, probe=True, sessions=[4])
+                        decode_threads=[1], pipe=True, probe=True, sessions=[4], graphs=True)
     runs = pipe["decoder_runs"]
     (threads,) = runs["decode_threads"]  # the CPU row only here; --pipe-rows needs a GPU to hand planes to
     assert threads["decode_threads"] == 1 and threads["end_to_end"]["clips"] == 6 and runs["pipe"] == []
-    assert runs["probe"] == runs["sessions"] == []  # NVDEC rows: none without NVDEC
+    assert runs["probe"] == runs["sessions"] == runs["graphs"] == []  # NVDEC rows: none without NVDEC
     assert runs["decoders"] == ["cpu"] and runs["nvdec_unavailable"]
     assert runs["end_to_end"]["cpu"]["clips"] == runs["decode_ceiling"]["cpu"]["clips"] == 6  # 3 videos x 2 windows
     assert runs["end_to_end"]["cpu"]["decoders"]["cpu"]["workers"] == 2
@@ -203,3 +203,4 @@ def test_variant_rows_name_what_differs_from_the_defaults():
     assert variant_label(_variant("nvdec", 8, probe_processes=0)) == "nvdec, 8 CPU workers, --nvdec-probe-processes 0"
     assert variant_label(_variant("auto", 4, nvdec_sessions=16, decode_threads=2)) == \
         "auto, 4 CPU workers, --decode-threads 2, --nvdec-sessions 16"
+    assert variant_label(_variant("auto", None, encoder_graphs=False)) == "auto, default CPU workers, --no-encoder-graphs"

@@ -165,7 +165,8 @@ def test_the_encoder_runs_eager_where_the_gpu_decodes_in_the_process(tmp_path, t
     class CompilingRunner(OnnxRuntimeRunner):
         compiled = True
 
-        def serve_eager(self):
+        def serve_eager(self, graph_for=None):
+            assert graph_for == (4, 4)  # (batch, frames): the full batch's graph, captured before decoding
             changed, self.compiled = self.compiled, False
             return changed
 

@@ -271,6 +271,45 @@ def test_serve_eager_drops_the_compile_and_the_graphs(tiny_model):
     assert runner.serve_eager() is False  # nothing left to drop
     runner.close()
 
+def test_serve_eager_with_a_graph_captures_it_now_and_never_later(tiny_model):
+    """serve_eager((batch, frames)): the compile dropped, that shape's graph of the eager model captured at once;
+    later batches replay it (smaller ones too) or, larger, run eager: no capture once decoding may run."""
+    runner = TorchRunner(copy.deepcopy(tiny_model), device="cpu", precision="fp32", compile_mode="off")
+    backend = CountingBackend()
+    runner.compiled = CompiledForward(runner.model, "default", backend=backend, background=False)
+    runner.cuda_graphs = True  # as on a GPU; the capture stood in for (no CUDA here)
+    captured, replays = [], []
+
+    class Graph:
+        def __init__(self, forward, static_in, static_out):
+            self.forward, self.static_in, self.static_out = forward, static_in, static_out
+
+        def replay(self):
+            replays.append(tuple(self.static_in.shape))
+            self.static_out.copy_(self.forward(self.static_in))
+
+    def capture(forward, x):
+        captured.append(tuple(x.shape))
+        static_in = x.clone()
+        static_out = forward(static_in).clone()
+        return Graph(forward, static_in, static_out), static_in, static_out, forward
+
+    runner._capture = capture
+    assert runner.serve_eager((2, 4)) is True
+    assert runner.compiled is None and runner.cuda_graphs and runner.captures_closed
+    assert captured == [(2, 4, 3, TINY.img_size, TINY.img_size)]
+    ref = TorchRunner(copy.deepcopy(tiny_model), device="cpu", precision="fp32", compile_mode="off")
+    rng = np.random.default_rng(2)
+    for batch, replayed in ((2, True), (1, True), (3, False)):
+        u8 = rng.integers(0, 256, (batch, 4, TINY.img_size, TINY.img_size, 3), dtype=np.uint8)
+        before = len(replays)
+        assert compare(ref.infer_uint8(u8), runner.infer_uint8(u8)).max_rel_error < 1e-5
+        assert (len(replays) > before) == replayed
+    assert len(captured) == 1 and backend.graphs == 0  # nothing captured or compiled after
+    assert runner.serve_eager((2, 4)) is False  # already so
+    runner.close()
+
+
 def test_kernel_groups():
     assert kernel_group("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64") == "attention"
     assert kernel_group("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>") == "attention"

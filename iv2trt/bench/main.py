@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--probe-rows", action="store_true",
                    help="also run --decoder nvdec and auto with --nvdec-probe-processes 0 (NVDEC's demux passes in "
                         "its sessions' threads, not in helper processes)")
+    g.add_argument("--graph-rows", action="store_true",
+                   help="also run --decoder nvdec and auto with --no-encoder-graphs (the eager encoder launching "
+                        "every kernel beside GPU decoding)")
     g.add_argument("--session-rows", type=int, nargs="+", metavar="N",
                    help="also run --decoder auto with N NVDEC sessions (the sweep behind the default)")
     g.add_argument("--nvdec-sessions", type=int, help="NVDEC sessions of the jobs (default: as trt_inference)")
@@ -266,7 +269,8 @@ def markdown_report(results: dict[str, Any]) -> str:
                       "clips/s by path (end to end) |", "|---|---|---|---|---|---|---|---|---|---|"]
             named = [(d, runs["decode_ceiling"][d], runs["end_to_end"][d], True) for d in runs["decoders"]]
             named += [(variant_label(row), row["ceiling"], row["end_to_end"], False)
-                      for kind in ("auto_workers", "cpu_resize", "decode_threads", "pipe", "probe", "sessions")
+                      for kind in ("auto_workers", "cpu_resize", "decode_threads", "pipe", "probe", "sessions",
+                                   "graphs")
                       for row in runs.get(kind) or []]
             for name, c, e, detailed in named:
                 per_path = ", ".join(f"{k} {v['clips_per_s']:.1f}" + (
@@ -561,7 +565,7 @@ def _pipeline(a, model, info, tmpdir: str) -> dict[str, Any]:
     result = run_pipeline(runner, backend, batch / (stats["p50_ms"] / 1e3), stats["p50_ms"] / 1e3, paths, windowing,
                           model.cfg.img_size, batch, worker_counts, a.job_workers, a.stage_batches,
                           a.nvdec_sessions, a.auto_workers, a.cpu_resize, a.repeat, a.decode_threads, a.pipe_rows,
-                          a.probe_rows, a.session_rows)
+                          a.probe_rows, a.session_rows, a.graph_rows)
     result["encoder_only_timing"] = "device" if backend.startswith("torch") and env.cuda else "host"
     result["video_spec"] = None if a.videos else {**VIDEO_CODECS[a.video_codec],
                                                   "content": "real footage" if a.footage else "synthetic"}

@@ -264,8 +264,8 @@ def as_inputs(paths: list[Path]) -> list:
 
 def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
                decoder: str = "cpu", nvdec_sessions: int | None = None, gpu_convert: bool = True,
-               shared_memory: bool = True, decode_threads: int = 0, probe_processes: int | None = None
-               ) -> dict[str, Any]:
+               shared_memory: bool = True, decode_threads: int = 0, probe_processes: int | None = None,
+               encoder_graphs: bool = True) -> dict[str, Any]:
     """The real extraction job over `paths` (fresh output folder, no progress bar); its summary."""
     from ..decode.plan import DEFAULT_NVDEC_SESSIONS
     from ..job.local import run_job
@@ -276,7 +276,7 @@ def end_to_end(paths: list[Path], runner, windowing, img_size: int, batch: int, 
     options = JobOptions(windowing, img_size, batch, workers, progress=False, decoder=decoder,
                          nvdec_sessions=nvdec_sessions or DEFAULT_NVDEC_SESSIONS, gpu_convert=gpu_convert,
                          shared_memory=shared_memory, decode_threads=decode_threads,
-                         probe_processes=probe_processes)
+                         probe_processes=probe_processes, encoder_graphs=encoder_graphs)
     with tempfile.TemporaryDirectory(prefix="iv2trt_bench_job_") as out:
         writer = FeatureWriter(out, "float16")
         summary = run_job(items, runner, out, writer, options)
@@ -296,13 +296,15 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
 def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int, workers: int,
                  nvdec_sessions: int, auto_workers: list[int] | None = None,
                  cpu_resize: bool = False, decode_threads: list[int] | None = None,
-                 pipe: bool = False, probe: bool = False, sessions: list[int] | None = None) -> dict[str, Any]:
+                 pipe: bool = False, probe: bool = False, sessions: list[int] | None = None,
+                 graphs: bool = False) -> dict[str, Any]:
     """For each decoder that can run here: the decode ceiling (job with NullRunner) and the job end to end
     with `runner`, on the same videos; then `--decoder auto` with each of `auto_workers` CPU workers; with
     `cpu_resize`, `cpu` and `auto` again with --no-gpu-convert (CPU workers convert and resize themselves); for
     each of `decode_threads`, `cpu` and each `auto` row again with that many FFmpeg threads per worker; with
     `pipe`, `cpu` and `auto` with --no-shared-memory; with `probe`, `nvdec` and `auto` with the demux passes in the
-    NVDEC sessions' threads (--nvdec-probe-processes 0); `auto` with each of `sessions` NVDEC sessions."""
+    NVDEC sessions' threads (--nvdec-probe-processes 0); `auto` with each of `sessions` NVDEC sessions; with
+    `graphs`, `nvdec` and `auto` with the eager encoder launching every kernel (--no-encoder-graphs)."""
     from ..decode.nvdec import nvdec_unavailable
 
     reason = nvdec_unavailable()
@@ -331,9 +333,12 @@ def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int
                                                                       if pipe and gpu else [])],
             "probe": [_variant(d, n, probe_processes=0) for d, n in ([("nvdec", workers), ("auto", autos[0])]
                                                                      if probe and gpu else [])],
-            "sessions": [_variant("auto", autos[0], nvdec_sessions=k) for k in (sessions or [] if gpu else [])]}
+            "sessions": [_variant("auto", autos[0], nvdec_sessions=k) for k in (sessions or [] if gpu else [])],
+            "graphs": [_variant(d, n, encoder_graphs=False) for d, n in ([("nvdec", workers), ("auto", autos[0])]
+                                                                         if graphs and gpu else [])]}
     for row in (row for kind in rows.values() for row in kind):
-        settings = {k: row[k] for k in ("gpu_convert", "shared_memory", "decode_threads", "probe_processes")}
+        settings = {k: row[k] for k in ("gpu_convert", "shared_memory", "decode_threads", "probe_processes",
+                                        "encoder_graphs")}
         for key, r in (("ceiling", NullRunner()), ("end_to_end", runner)):
             row[key] = _brief(end_to_end(paths, r, windowing, img_size, batch, row["workers"], row["decoder"],
                                          row["nvdec_sessions"] or nvdec_sessions, **settings))
@@ -344,10 +349,11 @@ def decoder_runs(paths: list[Path], runner, windowing, img_size: int, batch: int
 
 
 def _variant(decoder: str, workers: int | None, gpu_convert: bool = True, shared_memory: bool = True,
-             decode_threads: int = 0, probe_processes: int | None = None, nvdec_sessions: int | None = None
-             ) -> dict[str, Any]:
+             decode_threads: int = 0, probe_processes: int | None = None, nvdec_sessions: int | None = None,
+             encoder_graphs: bool = True) -> dict[str, Any]:
     return {"decoder": decoder, "workers": workers, "gpu_convert": gpu_convert, "shared_memory": shared_memory,
-            "decode_threads": decode_threads, "probe_processes": probe_processes, "nvdec_sessions": nvdec_sessions}
+            "decode_threads": decode_threads, "probe_processes": probe_processes, "nvdec_sessions": nvdec_sessions,
+            "encoder_graphs": encoder_graphs}
 
 
 def variant_label(row: dict[str, Any]) -> str:
@@ -357,7 +363,8 @@ def variant_label(row: dict[str, Any]) -> str:
         "" if row.get("shared_memory", True) else ", --no-shared-memory") + (
         f", --decode-threads {row['decode_threads']}" if row.get("decode_threads") else "") + (
         f", --nvdec-probe-processes {row['probe_processes']}" if row.get("probe_processes") is not None else "") + (
-        f", --nvdec-sessions {row['nvdec_sessions']}" if row.get("nvdec_sessions") else "")
+        f", --nvdec-sessions {row['nvdec_sessions']}" if row.get("nvdec_sessions") else "") + (
+        "" if row.get("encoder_graphs", True) else ", --no-encoder-graphs")
 
 
 # --- the executors -----------------------------------------------------------------------------------------
@@ -458,7 +465,7 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
                  stage_batches: int, nvdec_sessions: int | None = None,
                  auto_workers: list[int] | None = None, cpu_resize: bool = False,
                  repeat: int = 1, decode_threads: list[int] | None = None, pipe: bool = False,
-                 probe: bool = False, sessions: list[int] | None = None) -> dict[str, Any]:
+                 probe: bool = False, sessions: list[int] | None = None, graphs: bool = False) -> dict[str, Any]:
     """All pipeline measurements with one runner; `encoder_cps`/`encoder_batch_s` come from the caller's
     encoder-only timing at (batch, windowing.frames)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -488,7 +495,7 @@ def run_pipeline(runner, backend: str, encoder_cps: float, encoder_batch_s: floa
     stage["short_run"] = {"batches": short["batches"], "seconds": short["seconds"]}
     runs = decoder_runs(list(paths) * repeat, runner, windowing, img_size, batch, job_workers,
                         nvdec_sessions or DEFAULT_NVDEC_SESSIONS, auto_workers, cpu_resize, decode_threads, pipe,
-                        probe, sessions)
+                        probe, sessions, graphs)
     runs["repeat"] = repeat
     e2e = runs["end_to_end"]["auto" if "auto" in runs["end_to_end"] else "cpu"]
     one = next((d for d in decode if d["workers"] == 1), decode[0])

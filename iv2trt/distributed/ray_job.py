@@ -260,7 +260,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
             options = JobOptions(windowing, info["img_size"], s.batch_size, s.workers, s.decode_timeout_s, False,
                                  s.decoder, s.nvdec_sessions, source=source or iter_clips, gpu_convert=s.gpu_convert,
                                  shared_memory=s.shared_memory, decode_threads=s.decode_threads,
-                                 probe_processes=s.nvdec_probe_processes)
+                                 probe_processes=s.nvdec_probe_processes, encoder_graphs=s.encoder_graphs)
             writer = FeatureWriter(s.output, s.dtype, shard_size=sys.maxsize, per_video_npy=s.per_video_npy)
             failures = FailureLog(s.output)
             bar = tqdm(total=len(numbers), unit="video", disable=not s.progress, mininterval=1.0, dynamic_ncols=True,

@@ -490,7 +490,7 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
     options = JobOptions(windowing, 224, s.batch_size, s.workers, s.decode_timeout_s, s.progress, s.decoder,
                          s.nvdec_sessions, gpu_convert=s.gpu_convert, shared_memory=s.shared_memory,
                          decode_threads=s.decode_threads,
-                         probe_processes=s.nvdec_probe_processes)
+                         probe_processes=s.nvdec_probe_processes, encoder_graphs=s.encoder_graphs)
     compare = s if s.compare_pytorch else None
     if compare is not None and len(specs) > 1:
         log.info("--compare-pytorch runs one pipeline (GPU %s)", specs[0].gpu)

@@ -86,6 +86,7 @@ class JobOptions:
     gpu_convert: bool = True        # on a GPU, CPU workers hand decoded planes over; the GPU converts and resizes
     shared_memory: bool = True      # ... through shared memory (decode/plane_ring.py), else through their pipes
     decode_threads: int = 0         # FFmpeg threads per CPU worker's video (0: decode.plan.default_decode_threads)
+    encoder_graphs: bool = True     # beside GPU decoding, the eager encoder replays a graph captured at the start
     probe_processes: int | None = None  # helper processes for NVDEC's demux passes (None: plan.default_probe_processes;
                                         # 0: in the NVDEC sessions' threads)
 
@@ -184,12 +185,15 @@ class Pipeline:
             predecoded = expected is not None and all(item.kind == "npy" for item in expected)
             decodes_on_gpu = self.pool is not None or self.planes_to_gpu
             if decodes_on_gpu and not predecoded and hasattr(self.runner, "serve_eager") and \
-                    self.runner.serve_eager():
+                    self.runner.serve_eager((self.batch_size, self.o.windowing.frames) if self.o.encoder_graphs
+                                            else None):
                 # measured on an H200: beside NVDEC threads a background compile cut them to a third (its Python
-                # work holds their GIL) and graph captures were spoilt (the job died); decoding bounds the job at
-                # a few % of the eager encoder's speed, so neither gains it anything
-                log.info("the encoder runs eager (no torch.compile, no CUDA graphs): the GPU decodes in this process, "
-                         "and decoding, not the encoder, bounds the job")
+                # work holds their GIL) and graph captures during the job were spoilt (the job died); so the eager
+                # model serves, its graph captured here, before anything is decoded, and only replayed after
+                graphs = getattr(self.runner, "cuda_graphs", False)
+                log.info("the encoder runs eager (no torch.compile%s): the GPU decodes in this process, and decoding, "
+                         "not the encoder, bounds the job", ", one CUDA graph captured before decoding starts" if
+                         graphs else ", no CUDA graphs")
             warm_up(self.runner, self.batch_size, self.o.windowing.frames, self.o.img_size, wait=False)
             if self.reference is not None:
                 warm_up(self.reference, self.batch_size, self.o.windowing.frames, self.o.img_size)

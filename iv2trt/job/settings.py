@@ -48,6 +48,9 @@ class InferSettings(ModelSettings):
     decode_threads: int = setting(0, "FFmpeg threads each CPU decoding process decodes a video with (0: half a "
                                   "core per process, at least one: "
                                   f"{default_decode_threads(default_workers())} here with the default workers)")
+    encoder_graphs: bool = setting(True, "where the GPU decodes in the job's process (no torch.compile there), the "
+                                   "PyTorch encoder replays a CUDA graph of the full batch captured before decoding "
+                                   "starts (no: the eager model launches every kernel)")
     nvdec_probe_processes: int | None = setting(None, "helper processes that read each video once with PyAV before "
                                                 "NVDEC decodes it (its frame timestamps and keyframes), so that pass "
                                                 "holds no lock the NVDEC sessions and the encoder share (default: one "

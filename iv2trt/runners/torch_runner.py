@@ -64,6 +64,7 @@ class TorchRunner:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._part_streams: list = []
         self.replay_larger_graphs = True  # False: every batch size gets its own graph (benchmarks)
+        self.captures_closed = False  # True: the graphs captured so far are all there will be (serve_eager)
         self.compile_mode = resolve_mode(compile_mode, self.device.type, self.dtype)
         self.compiled = CompiledForward(self.model, self.compile_mode, background=compile_in_background) \
             if self.compile_mode else None
@@ -77,12 +78,24 @@ class TorchRunner:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._graph_pool = torch.cuda.graph_pool_handle()
 
-    def serve_eager(self) -> bool:
-        """From now on the eager model serves, without torch.compile or CUDA graphs: for a pipeline whose GPU
-        decodes in this process (the compile's Python work holds the GIL its NVDEC threads need; a graph capture
-        beside their CUDA calls fails). True if that changed anything."""
-        changed = self.compiled is not None or self.cuda_graphs
-        self.compiled, self.compile_mode, self.cuda_graphs = None, None, False
+    def serve_eager(self, graph_for: tuple[int, int] | None = None) -> bool:
+        """From now on the eager model serves, without torch.compile: for a pipeline whose GPU decodes in this
+        process (the compile's Python work holds the GIL its NVDEC threads need). With `graph_for` (batch,
+        frames), that shape's CUDA graph of the eager model is captured now, before the pipeline decodes anything,
+        and replayed from then on (smaller batches replay it too); no capture happens later (one beside NVDEC's
+        and the CPU workers' CUDA calls was spoilt). Without it, or where that capture fails, no CUDA graphs.
+        True if the runner changed (a compile dropped, graphs dropped or captured)."""
+        changed = self.compiled is not None
+        self.compiled, self.compile_mode = None, None
+        self._graphs = {k: e for k, e in self._graphs.items() if e[3] is self.model}  # the eager model's only
+        if graph_for is not None and self.cuda_graphs:
+            if tuple(graph_for) not in {k[:2] for k in self._graphs}:
+                self.prepare([graph_for])  # captured here, with nothing else on the GPU yet
+                changed = True
+            self.captures_closed = True
+            self.cuda_graphs = bool(self._graphs)
+        elif self.cuda_graphs:
+            self.cuda_graphs, changed = False, True
         return changed
 
     @property
@@ -115,7 +128,7 @@ class TorchRunner:
                 return forward(x)
             entry = self._graphs.get(key)
             if entry is None or entry[3] is not forward:
-                capturable = self.compiled is None or not self.compiled.busy  # no capture while compiling
+                capturable = not self.captures_closed and (self.compiled is None or not self.compiled.busy)
                 capturable = capturable and self._capture_failures.get(key, 0) < self.MAX_CAPTURE_FAILURES
                 if capturable and (entry is not None or len(self._graphs) < self.MAX_GRAPHS):
                     self._graphs.pop(key, None)  # an eager graph gives way to the compiled one
