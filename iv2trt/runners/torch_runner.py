@@ -87,7 +87,12 @@ class TorchRunner:
         True if the runner changed (a compile dropped, graphs dropped or captured)."""
         changed = self.compiled is not None
         self.compiled, self.compile_mode = None, None
-        self._graphs = {k: e for k, e in self._graphs.items() if e[3] is self.model}  # the eager model's only
+        if any(e[3] is not self.model for e in self._graphs.values()):
+            # the compiled model's graphs go, and with them the memory pool every graph shared (on an H200 a capture
+            # into the pool of graphs dropped failed an allocator assertion): a fresh pool, no graphs
+            self._graphs = {}
+            if self.device.type == "cuda":
+                self._graph_pool = self.torch.cuda.graph_pool_handle()
         if graph_for is not None and self.cuda_graphs:
             if tuple(graph_for) not in {k[:2] for k in self._graphs}:
                 self.prepare([graph_for])  # captured here, with nothing else on the GPU yet
@@ -219,7 +224,8 @@ class TorchRunner:
         """Get ready for inputs of these (batch, frames): request their compiles (torch.compile on) and, with
         `wait`, block until those are done and capture each shape's CUDA graph."""
         torch, size = self.torch, self.model.cfg.img_size
-        inputs = [torch.randn(b, t, 3, size, size, device=self.device).to(self.dtype) for b, t in batch_frames]
+        # (drawn on the CPU: the GPU's generator is left as it is, also after a failed capture)
+        inputs = [torch.randn(b, t, 3, size, size).to(self.device, self.dtype) for b, t in batch_frames]
         if self.compiled is not None:
             for x in inputs:
                 self.compiled.request(x)
