@@ -9,6 +9,7 @@ as before."""
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import threading
 from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .clips import DecodeError
+from .fallbacks import NvdecError, NvdecUnsupported, refuse_timestamps
 from .pyav import VideoProbe, probe_video
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,6 @@ def probe_for_nvdec(path: str, header: Callable[[VideoProbe], Any] | None = None
 def _in_process(path: str) -> Probed | tuple[str, str]:
     """A helper process's work: the Probed, or (category, reason) where the file cannot be probed (exceptions with
     their own constructors do not all survive pickling)."""
-    from .nvdec import NvdecError, refuse_timestamps
-
     try:
         return probe_for_nvdec(path, accept=refuse_timestamps)
     except NvdecError as exc:
@@ -71,11 +71,13 @@ def _started() -> None:
 
 class ProbePool:
     """`processes` helper processes for the demux pass, started on first use and shared by a pipeline's NVDEC
-    sessions (threads); 0: in the calling thread. A process that dies on a file (a crash in FFmpeg) fails that
-    file for the GPU path (stream_error: the CPU path takes it) and the pool starts anew."""
+    sessions (threads); 0: in the calling thread. `context`: how the processes start (default spawn; the job
+    passes its workers' forkserver). A process that dies on a file (a crash in FFmpeg) fails that file for the GPU
+    path (stream_error: the CPU path takes it) and the pool starts anew."""
 
-    def __init__(self, processes: int):
+    def __init__(self, processes: int, context=None):
         self.processes = max(0, processes)
+        self.context = context or mp.get_context("spawn")
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -86,9 +88,7 @@ class ProbePool:
             if self._closed:
                 raise RuntimeError("the probe pool is closed")
             if self._executor is None:
-                from .workers import worker_context
-
-                self._executor = ProcessPoolExecutor(self.processes, mp_context=worker_context(), initializer=_started)
+                self._executor = ProcessPoolExecutor(self.processes, mp_context=self.context, initializer=_started)
             return self._executor
 
     def start(self) -> ProbePool:
@@ -113,11 +113,9 @@ class ProbePool:
               accept: Callable[[VideoProbe], Any] | None = None) -> Probed:
         """The demux pass over `path`. In the calling thread, `header` runs before it and `accept` after it; in a
         helper process both run after it (here), the probe's own timestamp check before (there). Raises
-        DecodeError (nvdec.NvdecUnsupported with its category from a helper: nothing was decoded on the GPU)."""
+        DecodeError (NvdecUnsupported with its category from a helper: nothing was decoded on the GPU)."""
         if not self.processes:
             return probe_for_nvdec(path, header, accept)
-        from .nvdec import NvdecUnsupported
-
         executor = self._get()
         try:
             outcome = executor.submit(_in_process, path).result()

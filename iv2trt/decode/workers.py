@@ -175,7 +175,7 @@ class GpuWorkerPool:
         from .probe_pool import ProbePool
 
         self.gpu, self.w, self.img_size = gpu, w, img_size
-        self.probes = ProbePool(probe_processes).start()  # the sessions' demux passes
+        self.probes = ProbePool(probe_processes, worker_context()).start()  # the sessions' demux passes
         self.outbox: queue.Queue = queue.Queue(maxsize=GPU_OUTBOX_CLIPS)
         self.stopping = threading.Event()
         self._doorbell = Doorbell()  # rung when messages wait
