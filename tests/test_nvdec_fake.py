@@ -20,7 +20,7 @@ import torch
 from test_colorspace import _has_encoder, decoder_surface, frame_planes  # the tests' own helpers
 
 from iv2trt.capture_guard import GUARD
-from iv2trt.decode import nvdec
+from iv2trt.decode import fallbacks, nvdec
 from iv2trt.decode.clips import Windowing
 from iv2trt.decode.inputs import InputItem
 from iv2trt.decode.nvdec import NvdecError, NvdecUnsupported, StreamFormat, format_refusal
@@ -590,10 +590,10 @@ def test_a_query_without_chroma_format_is_asked_for_4_2_0(fake_gpu):
 def test_fallbacks_are_counted_by_category():
     causes = [NvdecUnsupported("AV1"), NvdecUnsupported("10-bit H.264", "bit_depth"), NvdecError("broken"),
               NvdecError("short", "frames_missing"), RuntimeError("CUDA"), "timestamps"]
-    counts = nvdec.count_fallbacks(causes)
+    counts = fallbacks.count_fallbacks(causes)
     assert counts == {"codec": 1, "bit_depth": 1, "chroma": 0, "size": 0, "timestamps": 1, "stream_error": 2,
                       "frames_missing": 1}
-    assert list(counts) == list(nvdec.FALLBACK_CATEGORIES)
+    assert list(counts) == list(fallbacks.FALLBACK_CATEGORIES)
     assert NvdecUnsupported("x").reason == "x" and isinstance(NvdecUnsupported("x"), nvdec.DecodeError)
     with pytest.raises(ValueError, match="unknown fallback category"):
         NvdecError("x", "colour")
@@ -684,8 +684,8 @@ def test_parity_tool_reports_refused_and_failed_files_and_goes_on(files, fake_gp
     if bit_depth:
         assert (rows["d_h264_10bit.mp4"]["status"], rows["d_h264_10bit.mp4"]["category"]) == ("refused", "bit_depth")
     assert report["decoded_by_nvdec"] == 1 and report["videos"] == 4 + bit_depth
-    assert report["fallbacks"] == {**dict.fromkeys(nvdec.FALLBACK_CATEGORIES, 0), "codec": 1, "bit_depth": bit_depth,
-                                   "stream_error": 2}
+    assert report["fallbacks"] == {**dict.fromkeys(fallbacks.FALLBACK_CATEGORIES, 0), "codec": 1,
+                                   "bit_depth": bit_depth, "stream_error": 2}
     table = capsys.readouterr().out
     assert "| c_av1.mkv | libdav1d yuv420p10le" in table and "| refused (codec) | " in table
     assert "| b_breaks.mp4 |" in table and "failed (stream_error)" in table

@@ -117,7 +117,7 @@ def parity_rows(videos: list[Path], session, runner, w, img_size: int) -> list[d
     does not take it), "failed" (NVDEC broke on it) or "cpu_failed", with the fallback category and the reason.
     A file that does not go through NVDEC is reported and the next one taken."""
     from iv2trt.decode.clips import DecodeError
-    from iv2trt.decode.nvdec import NvdecError, NvdecUnsupported, fallback_category
+    from iv2trt.decode.fallbacks import NvdecError, NvdecUnsupported, fallback_category
 
     print("| file | format | status | clips | mean abs diff | max | identical | min cosine |", flush=True)
     rows = []
@@ -145,7 +145,7 @@ def parity_rows(videos: list[Path], session, runner, w, img_size: int) -> list[d
 
 
 def summarize(rows: list[dict]) -> dict:
-    from iv2trt.decode.nvdec import count_fallbacks
+    from iv2trt.decode.fallbacks import count_fallbacks
 
     ok = [r for r in rows if r["status"] == "ok"]
     return {"videos": len(rows), "decoded_by_nvdec": len(ok),

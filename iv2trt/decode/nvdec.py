@@ -16,8 +16,8 @@ pass runs in the session's thread; after it, before any NVDEC work, where it run
 codec, not its decoder), bit depth, chroma format and size against what this GPU's NVDEC reports
 (GetDecoderCaps, asked once per GPU model in the process; `format_refusal`). Every file the GPU path does not
 decode raises NvdecError (NvdecUnsupported when refused before decoding) with a `category`
-(FALLBACK_CATEGORIES); the job sends it to the CPU path (workers.py), and can count fallbacks by category
-(count_fallbacks).
+(fallbacks.py); the job sends it to the CPU path (workers.py), and can count fallbacks by category
+(fallbacks.count_fallbacks).
 """
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ from typing import Any, Callable, Iterable, Iterator
 from ..capture_guard import GUARD
 from .clips import DecodeError, Windowing
 from .colorspace import pix_fmt_layout
-from .fallbacks import (FALLBACK_CATEGORIES, NvdecError, NvdecUnsupported, count_fallbacks,  # noqa: F401 (their home)
-                        fallback_category, refuse_timestamps)
+from .fallbacks import NvdecError, NvdecUnsupported, refuse_timestamps
 from .inputs import IMAGE_EXTENSIONS
 from .probe_pool import ProbePool
 from .pyav import list_frame_folder

@@ -26,6 +26,7 @@ from typing import Callable
 
 from ..doorbell import Doorbell
 from .clips import Windowing, failure_reason
+from .fallbacks import fallback_category
 from .gpu_frames import YuvClip
 from .inputs import InputItem
 from .plane_ring import InSlot, PlaneRing
@@ -262,7 +263,7 @@ class GpuWorker:
                         count += 1
                     message = ("done", number, count)
                 except Exception as exc:  # noqa: BLE001 - this input's failure on the GPU path
-                    message = ("failed", number, failure_reason(exc), nvdec.fallback_category(exc))
+                    message = ("failed", number, failure_reason(exc), fallback_category(exc))
                 if session is not None:
                     self.frames_decoded, self.frames_dropped = session.frames_decoded, session.frames_dropped
                 self.cpu_s = time.thread_time()
