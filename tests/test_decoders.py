@@ -240,3 +240,36 @@ def test_default_decode_threads_give_each_worker_half_a_core(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert [default_decode_threads(n) for n in (1, 2, 4, 8, 16, 32)] == [8, 4, 2, 1, 1, 1]
     assert default_decode_threads(4, share=0.5) == 1  # one of two pipelines: half the cores
+
+
+def test_a_cpu_workers_start_does_not_count_against_the_decode_timeout():
+    """On a loaded machine a worker's process takes seconds to come up (imports); a task given to it meanwhile
+    times out only WORKER_START_S later, and once it is up its clock starts again."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from iv2trt.decode.workers import WORKER_START_S, CpuWorker, worker_context
+
+    wk = object.__new__(CpuWorker)  # the timeout rule alone, on a worker without a process
+    wk._up, wk._seen_up, wk.conn = threading.Event(), False, SimpleNamespace(poll=lambda: False)
+    wk.task, wk.last_heard = 7, 100.0
+    assert not wk.silent_too_long(100.0 + 3.0, 2.0)  # not up yet: its start is allowed for
+    assert wk.silent_too_long(100.0 + 2.0 + WORKER_START_S + 0.1, 2.0)  # it never came up
+    wk._up.set()
+    seen = time.monotonic()
+    assert not wk.silent_too_long(seen + 1.0, 2.0)  # up now: the clock started again when it was seen up
+    assert wk.silent_too_long(wk.last_heard + 2.1, 2.0)
+    wk.conn = SimpleNamespace(poll=lambda: True)
+    assert not wk.silent_too_long(wk.last_heard + 2.1, 2.0)  # a message waits: that is progress
+    wk.task = None
+    assert not wk.silent_too_long(wk.last_heard + 1e6, 2.0)  # idle workers never time out
+
+    real = CpuWorker(worker_context(), Windowing(frames=4), 56)  # a real process says it is up
+    try:
+        deadline = time.monotonic() + 60
+        while not real.up() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert real.up()
+    finally:
+        real.stop()

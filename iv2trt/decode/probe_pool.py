@@ -60,7 +60,10 @@ def _in_process(path: str) -> Probed | tuple[str, str]:
 
 
 def _started() -> None:
-    """A helper process's start: one torch thread (the siting check's few small tensors)."""
+    """A helper process's start: PyAV imported (not in the first file's time) and one torch thread (the siting
+    check's few small tensors)."""
+    import av  # noqa: F401
+
     try:
         import torch
 

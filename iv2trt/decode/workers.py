@@ -35,6 +35,7 @@ from .source import iter_clips
 log = logging.getLogger(__name__)
 
 CPU_WORKER_NICENESS = 10    # CPU workers run at lower priority: they take the cores the job's process leaves
+WORKER_START_S = 120.0      # a CPU worker's process may take this long to come up before a task's timeout runs
 
 GPU_OUTBOX_CLIPS = 64       # clips decoded on the GPU and not yet taken by the job (bounds GPU memory)
 
@@ -48,11 +49,12 @@ def worker_context():
     return mp.get_context("spawn")
 
 
-def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable, ring: tuple[int, int] | None = None
-                     ) -> None:
-    """Worker process: receive (number, item), send ("clip", ...)..., then ("done"|"failed", ...). With `ring`
-    (slots, slot bytes), the ring's file descriptor comes first, and clips' planes go into its free slots; the
-    job's process sends a slot's number back (an int) once it has read it."""
+def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable, ring: tuple[int, int] | None = None,
+                     up=None) -> None:
+    """Worker process: set `up` (an Event) once started, then receive (number, item), send ("clip", ...)...,
+    then ("done"|"failed", ...). With `ring` (slots, slot bytes), the ring's file descriptor comes first, and
+    clips' planes go into its free slots; the job's process sends a slot's number back (an int) once it has
+    read it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     os.nice(CPU_WORKER_NICENESS)  # the job's own process (GPU decoder threads, batching) goes first
     import torch
@@ -62,6 +64,8 @@ def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable, ring: 
     if ring is not None:
         fd = reduction.recv_handle(conn)
         slots = _Slots(PlaneRing(fd, *ring))
+    if up is not None:
+        up.set()
     while True:
         try:
             task = conn.recv()
@@ -117,7 +121,9 @@ class CpuWorker:
         self.conn, child = ctx.Pipe(duplex=True)
         self.ring = PlaneRing.create(w.frames) if ring else None
         spec = (self.ring.slots, self.ring.slot_bytes) if self.ring is not None else None
-        self.process = ctx.Process(target=_cpu_worker_main, args=(child, w, img_size, source, spec), daemon=True)
+        self._up, self._seen_up = ctx.Event(), False
+        self.process = ctx.Process(target=_cpu_worker_main, args=(child, w, img_size, source, spec, self._up),
+                                   daemon=True)
         self.process.start()
         child.close()
         if self.ring is not None:
@@ -127,8 +133,24 @@ class CpuWorker:
         self.last_heard = self.started = time.monotonic()
 
     def assign(self, number: int, item: InputItem) -> None:
+        self.up()
         self.task, self.last_heard = number, time.monotonic()
         self.conn.send((number, item))
+
+    def up(self) -> bool:
+        """Whether the process has started (its imports done: seconds on a loaded machine). When it is first seen
+        up, its task's clock starts again."""
+        if not self._seen_up and self._up.is_set():
+            self._seen_up, self.last_heard = True, time.monotonic()
+        return self._seen_up
+
+    def silent_too_long(self, now: float, timeout_s: float) -> bool:
+        """Busy, and silent for over `timeout_s` since it took its task or last sent something (its process's
+        start, up to WORKER_START_S more, not counted)."""
+        if self.task is None:
+            return False
+        limit = timeout_s if self.up() else timeout_s + WORKER_START_S
+        return now - self.last_heard > limit and not self.conn.poll()
 
     def receive(self) -> tuple[tuple, int | None]:
         """The worker's next message, and the ring slot its clip's planes lie in (None: none). The planes are a
@@ -231,6 +253,10 @@ class GpuWorker:
     def assign(self, number: int, item: InputItem) -> None:
         self.task, self.last_heard = number, time.monotonic()
         self.inbox.put((number, item))
+
+    def silent_too_long(self, now: float, timeout_s: float) -> bool:
+        """Busy, and silent for over `timeout_s` since it took its task or last sent something."""
+        return self.task is not None and now - self.last_heard > timeout_s
 
     def why_gone(self) -> str:
         return "GPU decoder thread stopped"

@@ -641,9 +641,7 @@ class Pipeline:
     def _check_timeouts(self) -> None:
         now = time.monotonic()
         for wk in list(self.workers):
-            if wk.task is None or now - wk.last_heard <= self.o.decode_timeout_s:
-                continue
-            if wk.path == "cpu" and wk.conn.poll():
+            if not wk.silent_too_long(now, self.o.decode_timeout_s):
                 continue
             key = wk.task
             self._replace(wk)
