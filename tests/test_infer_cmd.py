@@ -53,6 +53,8 @@ def _argv(onnx_path, inputs, out, *extra):
     (["--workers", "0"], "--workers 0: must be positive"),
     (["--batch-size", "-2", "--decode-timeout-s", "0"], "--batch-size -2, --decode-timeout-s 0.0: must be positive"),
     (["--stride", "2"], "--stride 2 needs a window to step: add --window-seconds or --window-frames"),
+    (["--window-seconds", "0"], "--window-seconds 0.0: must be positive (without a window each video is one clip)"),
+    (["--window-frames", "4", "--stride", "0"], "--stride 0.0: must be positive"),
 ])
 def test_settings_are_refused_by_name(tmp_path, clips, tiny_onnx, extra, message, capfd):
     out = tmp_path / "out"

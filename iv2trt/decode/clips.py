@@ -41,8 +41,7 @@ class Windowing:
             raise ValueError("frames must be >= 1")
         if self.window_seconds is not None and self.window_frames is not None:
             raise ValueError("set window_seconds or window_frames, not both")
-        size = self.window_seconds or self.window_frames
-        if size is not None and size <= 0 or self.stride is not None and self.stride <= 0:
+        if any(v is not None and not v > 0 for v in (self.window_seconds, self.window_frames, self.stride)):
             raise ValueError("window size and stride must be positive")
 
 

@@ -95,6 +95,10 @@ def check_settings(s: InferSettings) -> None:
            if getattr(s, name) is not None and not getattr(s, name) > 0]
     if bad:
         raise PipelineError(f"{', '.join(bad)}: must be positive")
+    bad = [f"--{name.replace('_', '-')} {getattr(s, name)!r}" for name in ("window_seconds", "window_frames", "stride")
+           if getattr(s, name) is not None and not getattr(s, name) > 0]
+    if bad:
+        raise PipelineError(f"{', '.join(bad)}: must be positive (without a window each video is one clip)")
     bad = [f"--{name.replace('_', '-')} {getattr(s, name)!r}" for name in ("ray_pipelines", "ray_pipeline_cpus")
            if getattr(s, name) < 0]
     if bad:
