@@ -57,9 +57,13 @@ def test_codecs_and_sizes_match_full_decode(tmp_path, codec, ext, pix_fmt, size)
     assert clips[0].frames.dtype == np.uint8 and clips[0].frames.shape[1:] == (*size, 3)
 
 
-def test_windows_with_seeking_match_full_decode(tmp_path):
-    """Long GOP-structured H.264 with B-frames: every windowed clip equals the full decode's frames."""
-    path = write_video(tmp_path / "long.mp4", pattern_frames(250, 48, 64), gop=12, fps=25)
+@pytest.mark.parametrize("name, codec", [("long.mp4", "libx264"), ("long.mkv", "libx264"), ("long.ts", "libx264"),
+                                         ("long_hevc.ts", "libx265")])
+def test_windows_with_seeking_match_full_decode(tmp_path, name, codec):
+    """Long GOP-structured video with B-frames: every windowed clip equals the full decode's frames. In MPEG-TS
+    FFmpeg's seek lands on the keyframe after the one asked for; the reader steps back."""
+    options = {"x265-params": "log-level=0"} if codec == "libx265" else None
+    path = write_video(tmp_path / name, pattern_frames(250, 48, 64), codec, gop=12, fps=25, options=options)
     reference = full_decode(path)
     for w in (Windowing(frames=4, window_seconds=2.0, stride=3.0), Windowing(frames=8, window_frames=50),
               Windowing(frames=3, window_frames=16, stride=40)):
@@ -182,12 +186,12 @@ def test_probe_video_refuses_through_accept_before_decoding(tmp_path, monkeypatc
     decoded = []
     real_open = video._open
 
-    def counting_open(p):
+    def counting_open(p):  # decoding the first frame starts with a seek back from the demux pass's end
         container = real_open(p)
-        real_decode = container.decode
-        container_decode = lambda *a, **k: (decoded.append(1), real_decode(*a, **k))[1]  # noqa: E731
+        real_seek = container.seek
+        container_seek = lambda *a, **k: (decoded.append(1), real_seek(*a, **k))[1]  # noqa: E731
         return type("Counting", (), {"__getattr__": lambda self, name: getattr(container, name),
-                                     "decode": staticmethod(container_decode)})()
+                                     "seek": staticmethod(container_seek)})()
 
     monkeypatch.setattr(video, "_open", counting_open)
     probe, rotation = video.probe_video(str(path))
@@ -216,3 +220,11 @@ def test_decode_threads_are_set_and_give_the_same_frames(tmp_path, monkeypatch):
         assert len(by_threads[n]) == len(by_threads[0]) == 3
         for a, b in zip(by_threads[n], by_threads[0]):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [{"window_seconds": 0}, {"window_seconds": -2.0}, {"window_frames": 0},
+                                    {"window_frames": 4, "stride": 0}])
+def test_windows_of_no_length_are_refused(kwargs):
+    """A zero-length window (once a division by zero in every video's plan) is refused where it is made."""
+    with pytest.raises(ValueError, match="must be positive"):
+        Windowing(8, **kwargs)

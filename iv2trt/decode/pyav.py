@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,11 @@ class VideoProbe:
         return {p: i for i, p in enumerate(self.pts)}
 
     @functools.cached_property
+    def discarded_pts(self) -> set[int]:
+        """Timestamps of the packets an edit list discards: decoded, never output."""
+        return {p for p, d in zip(self.packet_pts, self.packet_discard) if d}
+
+    @functools.cached_property
     def keyframe_indices(self) -> list[int]:
         """Frame indices of the keyframes, sorted: where a seek can land."""
         return sorted(self.index_of[k] for k in self.keyframes if k in self.index_of)
@@ -154,8 +160,12 @@ def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None,
                 raise DecodeError("no video frames")
             if accept is not None:
                 accept(probe)
-            container.seek(min(probe.keyframes or [0]), stream=stream, backward=True)
-            first = next(container.decode(stream), None)
+            if probe.seekable:
+                k = 0 if probe.keyframe_indices else -1
+                first = next(_decode_from_keyframe(container, stream, probe, k, set(), False), None)
+            else:
+                container.seek(0, stream=stream, backward=True)
+                first = next(container.decode(stream), None)
         except av.FFmpegError as exc:
             raise DecodeError(f"unreadable stream ({exc})") from None
         rotation = (first.rotation if first is not None else 0) or _stream_rotation(stream)
@@ -279,6 +289,33 @@ def _decode_needed(container, stream, needed_pts: set[int], skip_unneeded: bool)
         yield from cc.decode(packet)
 
 
+def _before_start(probe: VideoProbe) -> int:
+    """A timestamp before the stream's first frame: a seek there lands at its start."""
+    return min(0, min(probe.pts) - 1)
+
+
+def _decode_from_keyframe(container, stream, probe: VideoProbe, k: int, needed_pts: set[int], skip_unneeded: bool):
+    """Frames decoded from the k-th keyframe (k < 0: the stream's start) on. A seek may land after the keyframe
+    asked for (MPEG-TS: FFmpeg's seek by timestamp finds the next keyframe): then it seeks to the keyframe
+    before, and so on to the stream's start. The first frame with a known timestamp is peeked at to know;
+    frames an edit list discards (never output) in between do not count as missed."""
+    pts, index_of, key_index = probe.pts, probe.index_of, probe.keyframe_indices
+    want = key_index[k] if k >= 0 else 0
+    for j in range(k, -2, -1):
+        container.seek(pts[key_index[j]] if j >= 0 else _before_start(probe), stream=stream, backward=True)
+        frames = _decode_needed(container, stream, needed_pts, skip_unneeded)
+        head = []
+        for frame in frames:
+            head.append(frame)
+            if frame.pts in index_of:
+                break
+        landed = index_of.get(head[-1].pts) if head else None
+        missed = landed is not None and any(pts[i] not in probe.discarded_pts for i in range(want, landed))
+        if head and not missed or j < 0:  # (from the stream's start, what comes is all there is)
+            return itertools.chain(head, frames)
+    raise AssertionError("unreachable")
+
+
 def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, arrays, skip_unneeded: bool = True):
     pts, index_of, key_index = probe.pts, probe.index_of, probe.keyframe_indices
     asm = ClipAssembler(probe.plan(w))
@@ -290,8 +327,8 @@ def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, arrays, sk
             k = bisect.bisect_right(key_index, target) - 1
             keyframe = key_index[k] if k >= 0 else 0
             if frames_iter is None or keyframe > cur_i:  # a keyframe lies ahead: seeking skips decoding work
-                container.seek(pts[keyframe], stream=stream, backward=True)
-                frames_iter, cur_i, cur_frame = _decode_needed(container, stream, needed_pts, skip_unneeded), -1, None
+                frames_iter = _decode_from_keyframe(container, stream, probe, k, needed_pts, skip_unneeded)
+                cur_i, cur_frame = -1, None
             while cur_i < target:
                 frame = next(frames_iter, None)
                 if frame is None:
