@@ -228,3 +228,27 @@ def test_windows_of_no_length_are_refused(kwargs):
     """A zero-length window (once a division by zero in every video's plan) is refused where it is made."""
     with pytest.raises(ValueError, match="must be positive"):
         Windowing(8, **kwargs)
+
+
+def test_the_video_stream_is_ffmpegs_choice_not_the_first(tmp_path):
+    """A file whose first video stream is a one-frame picture (cover art) before the real video: clips come from
+    the video, the stream NVDEC's demuxer also takes."""
+    import av
+
+    path, frames = tmp_path / "cover_first.mkv", pattern_frames(40, 48, 64, seed=3)
+    with av.open(str(path), "w") as container:
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 32, 32, "yuvj420p"
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        for stream, images in ((cover, [np.zeros((32, 32, 3), np.uint8)]), (video, frames)):
+            for rgb in images:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].codec_context.name == "mjpeg"
+        reference = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[1])]
+    clips = list(read_clips(str(path), Windowing(frames=4, window_frames=20)))
+    assert len(clips) == 2 and clips[1].indices[-1] >= 20
+    for clip in clips:
+        np.testing.assert_array_equal(clip.frames, np.stack([reference[i] for i in clip.indices]))

@@ -55,7 +55,7 @@ def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float, p
         return dst
     tmp = dst.with_name(dst.stem + ".part" + dst.suffix)
     with scheduling_kept(), av.open(str(src)) as inp, av.open(str(tmp), "w") as out:
-        s_in = inp.streams.video[0]
+        s_in = inp.streams.best("video")
         cc = s_in.codec_context
         s_out = out.add_stream(codec, rate=s_in.average_rate or 30, options=options)
         rate = s_in.average_rate or 30
@@ -84,7 +84,7 @@ def stream_format(path: Path) -> str:
 
     try:
         with av.open(str(path)) as c:
-            cc = c.streams.video[0].codec_context
+            cc = c.streams.best("video").codec_context
             return f"{cc.name} {cc.pix_fmt} {cc.width}x{cc.height} cs{cc.colorspace} range{cc.color_range}"
     except Exception as exc:  # noqa: BLE001 - the row says the file is not readable
         return f"unreadable ({type(exc).__name__})"

@@ -52,6 +52,12 @@ def _open(path: str):
     return container
 
 
+def _video_stream(container):
+    """The stream FFmpeg judges the file's video (av_find_best_stream: not a cover picture; the one NVDEC's
+    demuxer takes too), which need not be the first."""
+    return container.streams.best("video") or container.streams.video[0]
+
+
 @dataclass
 class VideoProbe:
     """What a demux-only pass (nothing decoded) learns of a video stream: enough to plan its reads on either
@@ -151,7 +157,7 @@ def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None,
 
     container = _open(path)
     try:
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         try:
             if header is not None:
                 header(stream_header(container, stream))
@@ -233,7 +239,7 @@ def read_video_clips(path: str, w: Windowing, planes: bool = False, threads: int
 
     container = _open(path)
     try:
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         _threads(stream, threads)
         try:
             probe = probe_stream(container, stream)
@@ -255,7 +261,7 @@ def read_video_clips(path: str, w: Windowing, planes: bool = False, threads: int
             # seeking failed before any clip came out: decode the file from its start instead
         container.close()
         container = _open(path)
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         _threads(stream, threads)
         for clip in _clips_sequential(container, stream, probe, w, arrays):
             yield arrays.mark(clip)
