@@ -58,7 +58,7 @@ def test_codecs_and_sizes_match_full_decode(tmp_path, codec, ext, pix_fmt, size)
 
 
 @pytest.mark.parametrize("name, codec", [("long.mp4", "libx264"), ("long.mkv", "libx264"), ("long.ts", "libx264"),
-                                         ("long_hevc.ts", "libx265")])
+                                         ("long_hevc.ts", "libx265"), ("long_hevc.mp4", "libx265")])
 def test_windows_with_seeking_match_full_decode(tmp_path, name, codec):
     """Long GOP-structured video with B-frames: every windowed clip equals the full decode's frames. In MPEG-TS
     FFmpeg's seek lands on the keyframe after the one asked for; the reader steps back."""
