@@ -32,6 +32,17 @@ def test_directory_is_scanned_recursively_with_relative_ids(tree):
     assert [i.id for i in discover([str(tree)], frame_folders=False)].count("frames/0002.png") == 1
 
 
+def test_frame_folders_are_said_once_with_the_flag_that_takes_images_one_by_one(tree, caplog):
+    with caplog.at_level("INFO", logger="iv2trt.decode.inputs"):
+        discover([str(tree)])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "1 folder(s) holding only images" in said[0] and "--no-frame-folders" in said[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="iv2trt.decode.inputs"):
+        discover([str(tree)], frame_folders=False)
+    assert not caplog.records
+
+
 def test_glob_ids_are_relative_to_its_fixed_prefix(tree):
     items = discover([str(tree / "sub" / "**" / "*.*")])
     assert [i.id for i in items] == ["b.MKV", "deeper/c.webm"]

@@ -8,11 +8,14 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
@@ -136,4 +139,8 @@ def discover(inputs: list[str], frame_folders: bool = True) -> list[InputItem]:
             raise PipelineError(f"two inputs share the id {item.id!r}: {by_id[item.id].path} and {item.path}; "
                                 "give them ids with a .csv/.jsonl list file (columns path,id)")
         by_id[item.id] = item
+    folders = [i for i in by_id.values() if i.kind == "frames"]
+    if folders:
+        log.info("%d folder(s) holding only images, e.g. %s, are each one video of frames (in name order); "
+                 "--no-frame-folders takes each image as an input of its own", len(folders), folders[0].path)
     return [by_id[k] for k in sorted(by_id)]
