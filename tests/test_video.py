@@ -252,3 +252,19 @@ def test_the_video_stream_is_ffmpegs_choice_not_the_first(tmp_path):
     assert len(clips) == 2 and clips[1].indices[-1] >= 20
     for clip in clips:
         np.testing.assert_array_equal(clip.frames, np.stack([reference[i] for i in clip.indices]))
+
+
+def test_avi_with_b_frames_is_read_in_output_order(tmp_path):
+    """AVI keeps no presentation times: its timestamps number packets in decode order, which B-frames reorder. Such
+    a file is read in the decoder's output order (frame i = the i-th frame out), not by its timestamps."""
+    import av
+
+    path = write_video(tmp_path / "b.avi", pattern_frames(60, 48, 64, seed=9), gop=30)
+    with av.open(str(path)) as container:
+        out = [(f.pts, f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    assert [p for p, _ in out] != sorted(p for p, _ in out)  # the timestamps do not follow the frames' order
+    w = Windowing(frames=4, window_frames=20)
+    clips = list(read_clips(str(path), w))
+    assert len(clips) == 3
+    for clip in clips:
+        np.testing.assert_array_equal(clip.frames, np.stack([out[i][1] for i in clip.indices]))

@@ -76,13 +76,16 @@ class VideoProbe:
     keyframes: list[int]             # pts of keyframe packets, sorted
     packet_pos: list[int] = field(default_factory=list)         # byte position of each packet (-1: unknown)
     packet_discard: list[bool] = field(default_factory=list)    # packets an edit list cuts: decoders drop their frames
+    # the container's timestamps number the packets in decode order (AVI keeps no presentation times) while the
+    # codec reorders frames (B-frames): they do not give the frames' order
+    decode_order_pts: bool = False
 
     @property
     def seekable(self) -> bool:
         """Timestamps identify every frame: frames can be found by pts after a seek."""
         pts = self.packet_pts
         return (bool(self.time_base) and len(pts) > 1 and all(p is not None for p in pts)
-                and len(set(pts)) == len(pts))
+                and len(set(pts)) == len(pts) and not self.decode_order_pts)
 
     @functools.cached_property
     def pts(self) -> list[int]:
@@ -125,7 +128,8 @@ def stream_header(container, stream) -> VideoProbe:
     return VideoProbe(codec=codec, container=container.format.name, pix_fmt=cc.pix_fmt, width=cc.width,
                       height=cc.height, colorspace=int(cc.colorspace or 2), color_range=int(cc.color_range or 0),
                       time_base=float(stream.time_base) if stream.time_base else None,
-                      rate=float(rate) if rate else None, packet_pts=[], keyframes=[])
+                      rate=float(rate) if rate else None, packet_pts=[], keyframes=[],
+                      decode_order_pts=container.format.name == "avi" and bool(cc.has_b_frames))
 
 
 def probe_stream(container, stream) -> VideoProbe:
