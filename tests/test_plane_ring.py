@@ -139,6 +139,9 @@ def test_the_job_gives_the_cpu_paths_features_through_either_transport(tmp_path,
         write_video(root / f"v{i}.mp4", pattern_frames(30 + 5 * i, 48, 64, seed=i), gop=6)
     write_video(root / "v10.mp4", pattern_frames(24, 48, 64, seed=9), "libx265", pix_fmt="yuv420p10le",
                 options={"x265-params": "log-level=0:chromaloc=2"})
+    parts = [write_video(tmp_path / f"part{i}.ts", pattern_frames(20, h, w, seed=20 + i), "mpeg2video")
+             for i, (h, w) in enumerate([(48, 64), (32, 48)])]  # a resolution switch mid-stream: planes, then RGB
+    (root / "switch.ts").write_bytes(b"".join(p.read_bytes() for p in parts))
     runner = OnnxRuntimeRunner(tiny_onnx["fp32"])
 
     def run(name, **kw):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from iv2trt.decode.clips import DecodeError, Windowing, sample_indices, window_ranges
+from iv2trt.decode.inputs import InputItem
 from iv2trt.decode.pyav import read_clips
 from iv2trt.decode.samples import pattern_frames, write_image, write_video
 
@@ -268,3 +269,35 @@ def test_avi_with_b_frames_is_read_in_output_order(tmp_path):
     assert len(clips) == 3
     for clip in clips:
         np.testing.assert_array_equal(clip.frames, np.stack([out[i][1] for i in clip.indices]))
+
+
+def test_a_resolution_switch_mid_stream_goes_on_as_rgb_where_planes_were_asked_for(tmp_path):
+    """Two MPEG-TS segments of different sizes back to back (a recorded live stream switching quality): frames of
+    the second size are scaled to the stream's (so a clip across the switch stacks); a worker beside a GPU hands
+    planes until the switch, then RGB clips, the same as the CPU path's from there on."""
+    import av
+
+    from iv2trt.decode.gpu_frames import YuvClip
+    from iv2trt.decode.source import iter_clips
+
+    parts = [write_video(tmp_path / f"part{i}.ts", pattern_frames(30, h, w, seed=i), "mpeg2video")
+             for i, (h, w) in enumerate([(48, 64), (32, 48)])]  # the switch at frame 30, inside the second window
+    path = tmp_path / "switch.ts"
+    path.write_bytes(b"".join(p.read_bytes() for p in parts))
+    item = InputItem(str(path), path.name, "video")
+    w = Windowing(frames=4, window_seconds=1.0)
+    rgb = list(iter_clips(item, w, 32))
+    mixed = list(iter_clips(item, w, 32, planes=True))
+    assert [info for info, _ in mixed] == [info for info, _ in rgb] and len(rgb) == 3
+    clips = list(read_clips(str(path), w))
+    assert {c.frames.shape for c in clips} == {(4, 48, 64, 3)}
+    with av.open(str(path)) as container:
+        frames = list(container.decode(video=0))
+    assert (frames[-1].height, frames[-1].width) == (32, 48)
+    last = frames[clips[-1].indices[-1]].reformat(64, 48, format="rgb24", interpolation="BICUBIC").to_ndarray()
+    np.testing.assert_array_equal(clips[-1].frames[-1], last)
+    kinds = [isinstance(clip, YuvClip) for _, clip in mixed]
+    assert kinds[0] and not kinds[-1] and kinds == sorted(kinds, reverse=True)
+    for (_, got), (_, want) in zip(mixed, rgb):
+        if not isinstance(got, YuvClip):
+            np.testing.assert_array_equal(got, want)

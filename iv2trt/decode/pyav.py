@@ -186,12 +186,19 @@ def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None,
         container.close()
 
 
+class _FormatChanged(DecodeError):
+    """A frame whose size or pixel format differs from the stream's (a resolution switch mid-stream): its planes do
+    not stack with the others'."""
+
+
 class _FrameArrays:
     """What a clip holds of each decoded frame: RGB (rotated), as the CPU path hands the resize; or, with
     `planes` and a 4:2:0 stream of gpu_frames.PLANAR_FORMATS and even size, its raw Y/U/V planes
     (gpu_frames.yuv420_planes) for the GPU to convert, rotate and resize, the clips' `extra["yuv"]` saying how.
     A 10/12-bit stream's chroma siting is read off its first frame; where no conversion here reproduces
-    swscale's, the stream comes as RGB from its first frame on."""
+    swscale's, the stream comes as RGB from its first frame on. A frame of another size than the stream's (a
+    resolution switch mid-stream) is scaled to the stream's size in RGB (swscale, bicubic), so that a clip's
+    frames stack; its planes raise _FormatChanged."""
 
     def __init__(self, stream, probe: VideoProbe, planes: bool):
         from .colorspace import pix_fmt_layout, surface_converter
@@ -203,6 +210,7 @@ class _FrameArrays:
             surface_converter(probe.colorspace, probe.color_range, probe.pix_fmt)
         except ValueError:  # a matrix the GPU conversion does not take: RGB from swscale, as ever
             self.planes = False
+        self.size = (probe.width, probe.height) if probe.width and probe.height else None
         self.high_depth = (pix_fmt_layout(probe.pix_fmt) or (8,))[0] > 8
         self.yuv = {"colorspace": probe.colorspace, "color_range": probe.color_range, "pix_fmt": probe.pix_fmt,
                     "height": probe.height, "width": probe.width, "rotation": 0.0}
@@ -213,8 +221,8 @@ class _FrameArrays:
 
             planes = yuv420_planes(frame)
             if planes is None or planes.shape != (self.yuv["height"] * 3 // 2, self.yuv["width"]):
-                raise DecodeError(f"frame format {frame.format.name} {frame.width}x{frame.height} differs from the "
-                                  "stream's")
+                raise _FormatChanged(f"frame format {frame.format.name} {frame.width}x{frame.height} differs from the "
+                                     "stream's")
             if self.high_depth and "siting" not in self.yuv:
                 rgb = self._rgb(frame)  # (the siting probe overwrites the frame)
                 from .colorspace import swscale_chroma_siting
@@ -228,7 +236,12 @@ class _FrameArrays:
         return self._rgb(frame)
 
     def _rgb(self, frame) -> np.ndarray:
-        return _rotate(frame.to_ndarray(format="rgb24"), frame.rotation or self.rotation)
+        self.size = self.size or (frame.width, frame.height)
+        if (frame.width, frame.height) == self.size:
+            rgb = frame.to_ndarray(format="rgb24")
+        else:
+            rgb = frame.reformat(*self.size, format="rgb24", interpolation="BICUBIC").to_ndarray()
+        return _rotate(rgb, frame.rotation or self.rotation)
 
     def mark(self, clip: Clip) -> Clip:
         if self.planes:
@@ -259,6 +272,8 @@ def read_video_clips(path: str, w: Windowing, planes: bool = False, threads: int
                     yielded += 1
                     yield arrays.mark(clip)
                 return
+            except _FormatChanged:
+                raise
             except DecodeError:
                 if yielded:
                     raise
@@ -402,5 +417,13 @@ def read_clips(path: str, w: Windowing, planes: bool = False, threads: int = 0) 
     elif Path(path).suffix.lower() in IMAGE_EXTENSIONS:
         rgb = read_image(path)
         yield Clip(rgb[None], [0], 0.0, 0.0)
+    elif planes:
+        yielded = 0
+        try:
+            for clip in read_video_clips(path, w, True, threads):
+                yielded += 1
+                yield clip
+        except _FormatChanged:  # the frames' size changed mid-stream: the clips from there on as RGB
+            yield from itertools.islice(read_video_clips(path, w, False, threads), yielded, None)
     else:
-        yield from read_video_clips(path, w, planes, threads)
+        yield from read_video_clips(path, w, False, threads)
