@@ -196,9 +196,9 @@ class _FrameArrays:
     `planes` and a 4:2:0 stream of gpu_frames.PLANAR_FORMATS and even size, its raw Y/U/V planes
     (gpu_frames.yuv420_planes) for the GPU to convert, rotate and resize, the clips' `extra["yuv"]` saying how.
     A 10/12-bit stream's chroma siting is read off its first frame; where no conversion here reproduces
-    swscale's, the stream comes as RGB from its first frame on. A frame of another size than the stream's (a
-    resolution switch mid-stream) is scaled to the stream's size in RGB (swscale, bicubic), so that a clip's
-    frames stack; its planes raise _FormatChanged."""
+    swscale's, the stream comes as RGB from its first frame on. A frame of another size than the first (a
+    resolution switch mid-stream) is scaled to the first's size in RGB (swscale, bicubic), so that a clip's
+    frames stack; as planes it raises _FormatChanged."""
 
     def __init__(self, stream, probe: VideoProbe, planes: bool):
         from .colorspace import pix_fmt_layout, surface_converter
@@ -210,7 +210,7 @@ class _FrameArrays:
             surface_converter(probe.colorspace, probe.color_range, probe.pix_fmt)
         except ValueError:  # a matrix the GPU conversion does not take: RGB from swscale, as ever
             self.planes = False
-        self.size = (probe.width, probe.height) if probe.width and probe.height else None
+        self.size = None  # the first RGB frame's (width, height): later ones of another size are scaled to it
         self.high_depth = (pix_fmt_layout(probe.pix_fmt) or (8,))[0] > 8
         self.yuv = {"colorspace": probe.colorspace, "color_range": probe.color_range, "pix_fmt": probe.pix_fmt,
                     "height": probe.height, "width": probe.width, "rotation": 0.0}
