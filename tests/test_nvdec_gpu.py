@@ -334,7 +334,7 @@ def test_av1_refused_by_codec_or_decoded_with_parity(tmp_path, session, pix_fmt)
             list(s.clips("video", str(path)))
         assert info.value.category in ("codec", "bit_depth"), info.value.reason
         assert s.frames_decoded == 0
-    else:  # against the frames the plan names: the CPU path's libdav1d may give a neighbour (see reference_clips)
+    else:  # against the frames the plan names (reference_clips: a full decode)
         from test_nvdec_fake import reference_clips
 
         gpu, _ = decoded_by_nvdec(session, path, w)

@@ -268,7 +268,7 @@ def read_video_clips(path: str, w: Windowing, planes: bool = False, threads: int
         if probe.seekable:
             yielded = 0
             try:
-                for clip in _clips_by_pts(container, stream, probe, w, arrays):
+                for clip in _clips_by_pts(container, stream, probe, w, arrays, _skips_per_packet(stream)):
                     yielded += 1
                     yield arrays.mark(clip)
                 return
@@ -288,6 +288,13 @@ def read_video_clips(path: str, w: Windowing, planes: bool = False, threads: int
         raise DecodeError(f"decoding failed ({exc.__class__.__name__}: {exc})") from None
     finally:
         container.close()
+
+
+def _skips_per_packet(stream) -> bool:
+    """Whether unneeded non-reference frames may be skipped: FFmpeg's own decoders apply skip_frame to the packet it
+    is set for. External libraries are not asked to (PyAV's libdav1d applies it to frames decoded later, and a
+    needed frame came out as its neighbour)."""
+    return not stream.codec_context.name.startswith("lib")
 
 
 def _threads(stream, threads: int) -> None:
