@@ -89,6 +89,30 @@ def test_failure_log(tmp_path):
     log.add("/in/y.mp4", "y.mp4", "no video stream")
     lines = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert [e["reason"] for e in lines] == ["empty file", "no video stream"]
+    assert FailureLog(tmp_path).count == 0 and not (tmp_path / "failures.jsonl").exists()  # a new run starts anew
+
+
+def test_many_failures_cost_time_in_proportion_and_the_log_counts_them_by_reason(tmp_path, caplog):
+    """Once rewritten on every failure (20,000 failures: 406 s), failures.jsonl is appended to; the log names the
+    first FAILURES_SAID failures, then counts the rest by reason when the job ends."""
+    import logging
+
+    from iv2trt.job.stages import FAILURES_SAID, FailureLines
+
+    log, said = FailureLog(tmp_path), FailureLines(logging.getLogger("iv2trt.test"))
+    reasons = ["empty file (0 bytes)", "not a readable video or image (InvalidDataError: x)", "truncated: frame 3"]
+    with caplog.at_level(logging.WARNING, "iv2trt.test"):
+        for i in range(3 * FAILURES_SAID):
+            log.add(f"/in/{i}.mp4", f"{i}.mp4", reasons[i % 3])
+            said.add(f"/in/{i}.mp4", reasons[i % 3])
+        said.close()
+    lines = (tmp_path / "failures.jsonl").read_text().splitlines()
+    assert len(lines) == log.count == 3 * FAILURES_SAID
+    assert [json.loads(line)["id"] for line in lines] == [f"{i}.mp4" for i in range(3 * FAILURES_SAID)]
+    said_lines = [r.getMessage() for r in caplog.records]
+    assert len(said_lines) == FAILURES_SAID + 2 and said_lines[0] == "failed /in/0.mp4: empty file (0 bytes)"
+    assert said_lines[-1] == (f"{3 * FAILURES_SAID} inputs failed; by reason: {FAILURES_SAID} empty file; "
+                              f"{FAILURES_SAID} not a readable video or image; {FAILURES_SAID} truncated")
 
 
 def test_another_backends_output_names_the_backend_to_go_on_with(tmp_path):

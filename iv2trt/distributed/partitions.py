@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..decode.inputs import InputItem
-from ..job.stages import InputClips
+from ..job.stages import FailureLines, InputClips
 from ..output.results import shard_name
 from ..output.writer import FailureLog, FeatureWriter
 
@@ -68,6 +68,7 @@ class PartitionAssembler:
         self.videos: dict[int, InputClips] = {}
         self.done: set[int] = set()
         self.stats = {"ok": 0, "failed": 0, "clips": 0, "shards": 0}
+        self.said = FailureLines(log)
 
     @property
     def complete(self) -> bool:
@@ -90,7 +91,7 @@ class PartitionAssembler:
         self.videos.pop(number, None)
         item = self.items[number]
         self.failures.add(item.path, item.id, reason)
-        log.warning("failed %s: %s", item.path, reason)
+        self.said.add(item.path, reason)
         self._finish(number, None)
 
     def _finish(self, number: int, result: tuple[list[dict[str, Any]], np.ndarray] | None) -> None:

@@ -299,6 +299,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
                        "committed_before": committed, "written": a.stats["shards"]},
         "per_node": {node: {"clips": clips, "pipelines": sum(p["node"] == node for p in pipelines)}
                      for node, clips in sorted(collector.encoded.items())}}
+    a.said.close()
     log_done(summary, failures.path)
     finish_summary(s.output, summary, identity["random_init"])
     for p in pipelines:

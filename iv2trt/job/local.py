@@ -35,7 +35,7 @@ from ..output.writer import FailureLog, FeatureWriter, prepare_output, write_sum
 from .factory import SettingsRunner, close_runner, describe_runner, reference_runner
 from .identity import complete_identity, finish_summary
 from .pipeline import JobOptions, Pipeline, bound_by
-from .stages import ResultClock, log_done, summarize
+from .stages import FailureLines, ResultClock, log_done, summarize
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,7 @@ class _Writing:
         self.items, self.writer, self.failures, self.bar = items, writer, failures, bar
         self.ok = self.failed = self.clips = 0
         self.clock = ResultClock()
+        self.said = FailureLines(log)
 
     def finished(self, number: int, infos: list[dict[str, Any]], features: np.ndarray) -> None:
         item = self.items[number]
@@ -336,7 +337,7 @@ class _Writing:
         item = self.items[number]
         self.failures.add(item.path, item.id, reason)
         self.failed += 1
-        log.warning("failed %s: %s", item.path, reason)
+        self.said.add(item.path, reason)
         self.bar.update(1)
 
 
@@ -400,6 +401,7 @@ def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writ
             h.close(interrupted)
         bar.close()
         writer.flush()  # finished videos are kept even when the job stops early
+        out.said.close()
     return out, time.perf_counter() - started
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -136,6 +137,31 @@ class ResultClock:
         span, clips = self.last_s - (self.first_s or 0.0), self.clips - self.clips_in_first
         return {"first_result_s": None if self.first_s is None else round(self.first_s, 3),
                 "steady_clips_per_s": round(clips / span, 3) if span > 0 and clips > 0 else None}
+
+
+FAILURES_SAID = 50  # failed inputs the log names one by one; after these, a count by reason when the job ends
+
+
+class FailureLines:
+    """What the log says of failed inputs (failures.jsonl lists them all): each of the first FAILURES_SAID, then that
+    the rest go unnamed, and at the end how many failed for each reason (its words before any detail)."""
+
+    def __init__(self, logger: logging.Logger = log):
+        self.log, self.count, self.by_reason = logger, 0, Counter()
+
+    def add(self, path: str, reason: str) -> None:
+        self.count += 1
+        self.by_reason[reason.split(" (")[0].split(":")[0]] += 1
+        if self.count <= FAILURES_SAID:
+            self.log.warning("failed %s: %s", path, reason)
+        elif self.count == FAILURES_SAID + 1:
+            self.log.warning("more than %d inputs failed: the others are only listed in failures.jsonl, and counted "
+                             "by reason when the job ends", FAILURES_SAID)
+
+    def close(self) -> None:
+        if self.count > FAILURES_SAID:
+            self.log.warning("%d inputs failed; by reason: %s", self.count,
+                             "; ".join(f"{n} {reason}" for reason, n in self.by_reason.most_common(10)))
 
 
 def log_done(summary: dict[str, Any], failures_path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -169,16 +170,23 @@ class FeatureWriter:
 
 
 class FailureLog:
-    """failures.jsonl of this run, rewritten atomically on every failure."""
+    """failures.jsonl of this run: one line per failed input, appended by a single write (a killed job leaves whole
+    lines; rewriting the file per failure cost time quadratic in the failures: 406 s for 20,000)."""
 
     def __init__(self, out_dir: str | Path):
         self.path = Path(out_dir) / FAILURES_FILE
-        self.entries: list[dict[str, str]] = []
+        self.count = 0
         self.path.unlink(missing_ok=True)
 
     def add(self, path: str, video_id: str, reason: str) -> None:
-        self.entries.append({"path": path, "id": video_id, "reason": reason})
-        write_text_atomic(self.path, "".join(json.dumps(e) + "\n" for e in self.entries))
+        line = (json.dumps({"path": path, "id": video_id, "reason": reason}) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            while line:
+                line = line[os.write(fd, line):]
+        finally:
+            os.close(fd)
+        self.count += 1
 
 
 def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> None:
