@@ -323,7 +323,7 @@ def _decode_needed(container, stream, needed_pts: set[int], skip_unneeded: bool)
 
 def _before_start(probe: VideoProbe) -> int:
     """A timestamp before the stream's first frame: a seek there lands at its start."""
-    return min(0, min(probe.pts) - 1)
+    return min(0, probe.pts[0] - 1)  # (pts is sorted)
 
 
 def _decode_from_keyframe(container, stream, probe: VideoProbe, k: int, needed_pts: set[int], skip_unneeded: bool):
