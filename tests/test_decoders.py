@@ -196,8 +196,9 @@ def test_a_missing_file_fails_once_not_as_an_nvdec_fallback(tmp_path, tiny_onnx,
     assert summary["decoders"]["nvdec"]["fallbacks_to_cpu"] == 0 and "gone.mp4" not in fake_nvdec.decoded
 
 
-def _tail(all_fed, queue, gpu=(8, 0, 0.0), cpu=(4, 0, 0.0)):
-    """A pipeline's state as `_cpu_may_share` reads it: paths as (workers, inputs done, busy seconds)."""
+def _tail(backlog, queue, gpu=(8, 0, 0.0), cpu=(4, 0, 0.0)):
+    """A pipeline's state as `_cpu_may_share` reads it: the executor's backlog for it (None: not said; True: 0),
+    the inputs in hand, paths as (workers, inputs done, busy seconds)."""
     from types import SimpleNamespace
 
     from iv2trt.job.pipeline import _PathStats
@@ -206,7 +207,8 @@ def _tail(all_fed, queue, gpu=(8, 0, 0.0), cpu=(4, 0, 0.0)):
     for name, (workers, done, busy) in (("nvdec", gpu), ("cpu", cpu)):
         paths[name] = _PathStats(workers)
         paths[name].inputs, paths[name].busy_s = done, busy
-    return SimpleNamespace(all_fed=all_fed, gpu_queue=[None] * queue, paths=paths)
+    backlog = {True: 0, False: None}.get(backlog, backlog)
+    return SimpleNamespace(backlog=backlog, gpu_queue=[None] * queue, paths=paths)
 
 
 def test_cpu_workers_leave_the_jobs_tail_to_the_gpu_when_it_finishes_sooner():
@@ -222,6 +224,9 @@ def test_cpu_workers_leave_the_jobs_tail_to_the_gpu_when_it_finishes_sooner():
     # no CPU input done yet: a CPU worker is taken to be CPU_SLOWER_THAN_NVDEC times slower
     n = int(8 * CPU_SLOWER_THAN_NVDEC)
     assert share(_tail(True, n, gpu=(8, 10, 10.0))) and not share(_tail(True, n - 1, gpu=(8, 10, 10.0)))
+    # inputs the executor still holds for this pipeline count as queue: 10 in hand + 14 to come = 24
+    assert share(_tail(14, 10, gpu=(8, 10, 10.0), cpu=(4, 10, 30.0)))
+    assert not share(_tail(13, 10, gpu=(8, 10, 10.0), cpu=(4, 10, 30.0)))
 
 
 def test_the_executor_tells_a_pipeline_it_holds_the_jobs_tail(tmp_path, tiny_onnx, inputs, fake_nvdec, monkeypatch):
@@ -229,9 +234,10 @@ def test_the_executor_tells_a_pipeline_it_holds_the_jobs_tail(tmp_path, tiny_onn
 
     told = []
     fed_all = Pipeline.fed_all
-    monkeypatch.setattr(Pipeline, "fed_all", lambda self: (told.append(len(self.videos)), fed_all(self)))
+    monkeypatch.setattr(Pipeline, "fed_all",
+                        lambda self, backlog=0: (told.append((len(self.videos), backlog)), fed_all(self, backlog)))
     summary, _, _ = _run(tmp_path, tiny_onnx, inputs, "auto", "tail", workers=2)
-    assert summary["ok"] == 9 and told and told[0] == 9  # first told with every input in hand
+    assert summary["ok"] == 9 and told and told[0] == (9, 0)  # first told with every input in hand, none to come
 
 
 def test_default_decode_threads_give_each_worker_half_a_core(monkeypatch):

@@ -55,6 +55,7 @@ def _argv(onnx_path, inputs, out, *extra):
     (["--stride", "2"], "--stride 2 needs a window to step: add --window-seconds or --window-frames"),
     (["--window-seconds", "0"], "--window-seconds 0.0: must be positive (without a window each video is one clip)"),
     (["--window-frames", "4", "--stride", "0"], "--stride 0.0: must be positive"),
+    (["--pipelines-per-gpu", "-1"], "--pipelines-per-gpu -1: must be positive (or 0: 2 where the GPU decodes"),
 ])
 def test_settings_are_refused_by_name(tmp_path, clips, tiny_onnx, extra, message, capfd):
     out = tmp_path / "out"

@@ -66,6 +66,53 @@ def test_gpus_setting():
         assert "0: NVIDIA H200, 1: NVIDIA H200" in str(info.value) and info.value.exit_code == 2
 
 
+def test_pipelines_per_gpu():
+    from iv2trt.job.local import pipeline_specs
+
+    names = ["NVIDIA H200", "NVIDIA H200"]
+    specs = pipeline_specs("all", 2, 2, names)
+    assert [(p.gpu, p.slot, p.name) for p in specs] == [(0, 0, "gpu0"), (0, 1, "gpu0.1"), (1, 0, "gpu1"),
+                                                         (1, 1, "gpu1.1")]
+    assert all(p.share == 0.25 for p in specs)
+    # an index given twice: that many there, whatever the per-GPU count; once: the per-GPU count
+    assert [p.name for p in pipeline_specs("0,0,1", 3, 2, names)] == ["gpu0", "gpu0.1", "gpu1", "gpu1.1", "gpu1.2"]
+    assert [p.name for p in pipeline_specs("1,", 1, 2, names)] == ["gpu1"]
+    assert pipeline_specs("none", 2, 2, names) == [PipelineSpec(None)]
+    assert pipeline_specs("all", 2, 0) == [PipelineSpec(None)]
+
+
+def test_default_pipelines_per_gpu_follow_nvdec(monkeypatch):
+    import importlib.util
+
+    from iv2trt.decode.plan import NVDEC_PIPELINES_PER_GPU, pipelines_per_gpu
+
+    real = importlib.util.find_spec
+    for installed in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, there=installed: (
+            (object() if there else None) if name == "PyNvVideoCodec" else real(name, *a)))
+        for decoder in ("auto", "nvdec", "cpu"):
+            want = NVDEC_PIPELINES_PER_GPU if installed and decoder != "cpu" else 1
+            assert pipelines_per_gpu(0, decoder) == want, (installed, decoder)
+            assert pipelines_per_gpu(3, decoder) == 3  # as asked
+
+
+def test_a_pipeline_process_is_fed_only_a_few_inputs_ahead_of_its_decoders():
+    """The executor's count of what a pipeline process has not started: its last report, plus feeds sent after
+    the feeds that report had seen (reports arrive late: feeds are in flight meanwhile)."""
+    from iv2trt.job.local import QueuedAhead
+
+    q = QueuedAhead(most=2)
+    q.fed(), q.fed()
+    assert q.count == 2 and not q.wants()
+    q.report(0, 1)  # it had seen one feed and started it; the second is on its way
+    assert q.count == 1 and q.wants()
+    q.fed()
+    q.report(1, 2)  # the second waits in its queue; the third not seen yet
+    assert q.count == 2 and not q.wants()
+    q.report(0, 3)
+    assert q.count == 0 and q.wants()
+
+
 def test_two_pipeline_processes_give_what_one_gives(tmp_path, tiny_onnx, inputs):
     one = _run(_settings(tiny_onnx, inputs, tmp_path / "one"))
     two = _run(_settings(tiny_onnx, inputs, tmp_path / "two"), TWO_CPU_PIPELINES)
@@ -132,7 +179,7 @@ class _FakePipeline:
         if not self.exited:
             self.pending.append(number)
 
-    def fed_all(self) -> None:
+    def fed_all(self, backlog: int = 0) -> None:
         pass
 
     def no_more(self) -> None:
@@ -172,3 +219,24 @@ def test_inputs_of_a_pipeline_that_dies_late_go_to_one_that_has_run_dry():
     assert not failed, failed
     assert sorted(written) == sorted(i.path for i in items) and out.ok == 6
     assert quick.told_no_more and quick.gone is None  # told to finish only at the end
+
+
+def test_ray_plans_the_local_jobs_pipelines_per_gpu():
+    from types import SimpleNamespace
+
+    from iv2trt.distributed.ray_job import pipeline_plan
+
+    def plan(gpus, cpus_per_gpu=16.0, nodes=1, **settings):
+        s = SimpleNamespace(**{"pipelines_per_gpu": 0, "decoder": "auto", "ray_pipelines": 0,
+                               "ray_pipeline_cpus": 0.0, **settings})
+        resources = {"gpus": float(gpus), "cpu_nodes": nodes, "cpus": cpus_per_gpu * max(gpus, nodes),
+                     "cpus_per_pipeline": cpus_per_gpu}
+        return pipeline_plan(s, resources)
+
+    assert plan(2) == (4, {"num_gpus": 0.5, "num_cpus": 8.0})        # two per GPU where NVDEC may decode
+    assert plan(2, decoder="cpu") == (2, {"num_gpus": 1, "num_cpus": 16.0})
+    assert plan(2, pipelines_per_gpu=1) == (2, {"num_gpus": 1, "num_cpus": 16.0})
+    assert plan(1, ray_pipelines=1) == (1, {"num_gpus": 1, "num_cpus": 16.0})  # one actor: the whole GPU
+    assert plan(0, cpus_per_gpu=8.0, nodes=3) == (3, {"num_cpus": 8.0})  # no GPUs: one per node
+    with pytest.raises(PipelineError, match="2 GPU\\(s\\), 2 pipeline\\(s\\) each"):
+        plan(2, ray_pipelines=5)

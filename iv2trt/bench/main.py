@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--executor-gpus", nargs="+", metavar="GPUS",
                    help="also run the job as trt_inference.py does, once per --gpus value given (e.g. 1 0,0: one "
                         "pipeline, then two on GPU 0)")
-    g.add_argument("--executor-ray", action="store_true", help="... and on a local Ray with one pipeline actor")
+    g.add_argument("--executor-per-gpu", type=int, nargs="+", default=[0], metavar="P",
+                   help="... each with these --pipelines-per-gpu (0: the job's default; e.g. 1 0)")
+    g.add_argument("--executor-ray", action="store_true",
+                   help="... and on a local Ray (pipeline actors: --executor-per-gpu on the GPU)")
     g.add_argument("--executor-repeat", type=int, default=4,
                    help="inputs of the executor runs: the videos this many times over (default: %(default)s)")
     g.add_argument("--stage-batches", type=int, default=64,
@@ -282,11 +285,11 @@ def markdown_report(results: dict[str, Any]) -> str:
                              f"{per_path} |")
         if pipe.get("executors"):
             lines += ["", "Executors (the job as trt_inference.py runs it, --decoder auto):", "",
-                      "| executor | --gpus | pipelines | clips | seconds | clips/s | first result (s) | clips/s first "
+                      "| executor | --gpus | --pipelines-per-gpu | pipelines | clips | seconds | clips/s | first result (s) | clips/s first "
                       "result to last | whole call (s) | clips/s whole call | encoder busy | bound by |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in pipe["executors"]:
-                lines.append(f"| {r['executor']} | {r['gpus']} | {r['pipelines']} | {r['clips']} | {r['seconds']} | "
+                lines.append(f"| {r['executor']} | {r['gpus']} | {r.get('per_gpu', 1) or 'default'} | {r['pipelines']} | {r['clips']} | {r['seconds']} | "
                              f"{r['clips_per_s']:.1f} | {r.get('first_result_s') or 0:.1f} | "
                              f"{r.get('steady_clips_per_s') or 0:.1f} | {r.get('call_s', 0):.1f} | "
                              f"{r.get('call_clips_per_s', 0):.1f} | {100 * r['encoder_busy_fraction']:.0f}% | "

@@ -372,7 +372,8 @@ def executor_runs(paths: list[Path], a, windowing, batch: int, repeat: int = 1) 
     """The job as trt_inference.py runs it (its settings through the local and the Ray executor, runners built
     where the pipelines run) on the same videos, each `repeat` times under other ids (a longer run from the same
     files): the local job for each `--gpus` of `a.executor_gpus` (e.g. 1 and 0,0: one pipeline, then two on GPU
-    0), and with `a.executor_ray` the Ray executor with one pipeline actor. Clips/s three ways, alike for both
+    0), each with every `a.executor_per_gpu` (--pipelines-per-gpu; 0: the job's default), and with
+    `a.executor_ray` the Ray executor with that many pipeline actors on the GPU. Clips/s three ways, alike for both
     executors: over the executor's run (local: the pipelines started; Ray: the actors starting included), from its
     first result to its last, and over the whole call (model loading, Ray's start-up included)."""
     from ..job.local import run_local_job
@@ -384,20 +385,24 @@ def executor_runs(paths: list[Path], a, windowing, batch: int, repeat: int = 1) 
                 window_seconds=windowing.window_seconds, progress=False, decoder="auto", workers=a.job_workers,
                 nvdec_sessions=a.nvdec_sessions or 8)
     rows = []
-    runs = [("local", gpus) for gpus in a.executor_gpus or []] + ([("ray", "1")] if a.executor_ray else [])
-    for executor, gpus in runs:
+    per_gpu = getattr(a, "executor_per_gpu", None) or [0]
+    runs = [("local", gpus, per) for gpus in a.executor_gpus or [] for per in per_gpu]
+    runs += [("ray", "1", per) for per in per_gpu] if a.executor_ray else []
+    for executor, gpus, per in runs:
         with tempfile.TemporaryDirectory(prefix="iv2trt_bench_exec_") as out:
-            log.info("executor %s, --gpus %s: %d inputs", executor, gpus, len(items))
+            log.info("executor %s, --gpus %s, --pipelines-per-gpu %s: %d inputs", executor, gpus, per or "default",
+                     len(items))
             called = time.perf_counter()
             if executor == "local":
-                summary = run_local_job(InferSettings(**base, output=out, gpus=gpus), items, windowing)
+                summary = run_local_job(InferSettings(**base, output=out, gpus=gpus, pipelines_per_gpu=per), items,
+                                        windowing)
             else:
                 from ..distributed.ray_job import run_ray_job
 
-                s = InferSettings(**base, output=out, ray="local", ray_pipelines=1)
+                s = InferSettings(**base, output=out, ray="local", pipelines_per_gpu=per)
                 summary = run_ray_job(s, items, windowing)
             wall = time.perf_counter() - called
-        row = {"executor": executor, "gpus": gpus, "pipelines": len(summary["pipelines"]), "ok": summary["ok"],
+        row = {"executor": executor, "gpus": gpus, "per_gpu": per, "pipelines": len(summary["pipelines"]), "ok": summary["ok"],
                "failed": summary["failed"], "clips": summary["clips"], "seconds": summary["seconds"],
                "clips_per_s": summary["clips_per_s"], "encoder_busy_fraction": summary["encoder_busy_fraction"],
                "bound_by": summary["bound_by"], "decoders": summary["decoders"],

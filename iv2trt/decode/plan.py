@@ -15,6 +15,10 @@ DECODERS = ("auto", "nvdec", "cpu")
 DEFAULT_NVDEC_SESSIONS = 8  # decoder sessions near the NVDEC engines' limit: raw 720p H.264 on an H200 gave
                             # 2,343 fps with 4 sessions, 2,832 with 8, 3,009 with 16
 
+NVDEC_PIPELINES_PER_GPU = 2  # pipeline processes per GPU that decodes with NVDEC: the sessions of one process kept an
+                             # H200's decoders 65-83% busy (nvidia-smi), of two 96-98%; 720p H.264 auto, 2,400 clips:
+                             # 1 process 121.0 clips/s, 2 x 8 sessions 152.9, 3 x 4 154.1 (14309fa42e4c)
+
 CPU_WORKERS_PER_CORE_WITH_NVDEC = 0.5  # beside NVDEC, sharing its videos (`auto`) and taking what it cannot take
 # On an H200 with 16 cores (docs/benchmarks.md, 720p H.264 real footage, one FFmpeg thread per worker, planes through
 # shared memory, the tail left to the GPU): NVDEC alone 82.6 clips/s end to end; with 8 CPU workers sharing its
@@ -41,6 +45,16 @@ def default_decode_threads(workers: int, share: float = 1.0) -> int:
     two and 54 with FFmpeg's own choice (a thread per core each); 4 workers beside NVDEC did best with two."""
     cores = int((os.cpu_count() or 1) * share)
     return max(1, cores // (2 * max(1, workers)))
+
+
+def pipelines_per_gpu(setting: int, decoder: str) -> int:
+    """Pipelines per GPU for `--pipelines-per-gpu` (0: NVDEC_PIPELINES_PER_GPU where NVDEC will decode, as far as
+    can be told without starting CUDA here: not --decoder cpu, PyNvVideoCodec installed; else 1)."""
+    import importlib.util
+
+    if setting:
+        return setting
+    return NVDEC_PIPELINES_PER_GPU if decoder != "cpu" and importlib.util.find_spec("PyNvVideoCodec") else 1
 
 
 def check_decoder(decoder: str, gpu: int = 0) -> str | None:

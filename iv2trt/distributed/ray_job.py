@@ -136,19 +136,26 @@ def cluster_resources(ray) -> dict[str, Any]:
 
 
 def pipeline_plan(s, resources: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """(number of pipeline actors, Ray resources of each): one per GPU, or one per node on a cluster without
-    GPUs, each with the node's CPUs per GPU (`--ray-pipeline-cpus` to choose)."""
+    """(number of pipeline actors, Ray resources of each): --pipelines-per-gpu per GPU (each a fraction of its GPU;
+    by default two where the GPUs decode with NVDEC, as locally), or one per node on a cluster without GPUs, each
+    with its share of the node's CPUs per GPU (`--ray-pipeline-cpus` to choose)."""
+    from ..decode.plan import NVDEC_PIPELINES_PER_GPU
+
     gpus, nodes = int(resources["gpus"]), resources["cpu_nodes"]
-    most = gpus or nodes
+    # (the driver cannot see the workers' PyNvVideoCodec: the decoder setting decides)
+    per_gpu = s.pipelines_per_gpu or (NVDEC_PIPELINES_PER_GPU if s.decoder != "cpu" else 1)
+    most = gpus * per_gpu or nodes
     count = s.ray_pipelines or most
     # (more pipelines than nodes on a cluster without GPUs share the nodes' CPUs)
-    cpus = s.ray_pipeline_cpus or max(1.0, float(int(resources["cpus_per_pipeline"] * most / max(count, most))))
-    if gpus and count > gpus:
-        raise PipelineError(f"--ray-pipelines {count}: the cluster has {gpus} GPU(s), one per pipeline")
+    cpus = s.ray_pipeline_cpus or max(1.0, float(int(resources["cpus_per_pipeline"] * (gpus or nodes)
+                                                     / max(count, gpus or nodes))))
+    if gpus and count > most:
+        raise PipelineError(f"--ray-pipelines {count}: the cluster has {gpus} GPU(s), {per_gpu} pipeline(s) each "
+                            "(--pipelines-per-gpu)")
     if count * cpus > resources["cpus"]:
         raise PipelineError(f"{count} pipeline(s) x {cpus:g} CPUs do not fit the cluster's {resources['cpus']:g} "
                             "CPUs: lower --ray-pipelines / --ray-pipeline-cpus, or add nodes")
-    need = {"num_gpus": 1, "num_cpus": cpus} if gpus else {"num_cpus": cpus}
+    need = {"num_gpus": 1 / per_gpu if count > gpus else 1, "num_cpus": cpus} if gpus else {"num_cpus": cpus}
     return count, need
 
 

@@ -1,14 +1,15 @@
-"""The local executor: pipelines on this machine (job/pipeline.py), one per GPU, fed from one queue; this process
-is the only writer.
+"""The local executor: pipelines on this machine (job/pipeline.py), `--pipelines-per-gpu` per GPU, fed from one
+queue; this process is the only writer.
 
-One pipeline runs in this process where the job has the CPU or GPU 0 alone. With several GPUs (`--gpus`), each
-pipeline runs in a process of its own (spawned, its GPU made the process's only one through
-CUDA_VISIBLE_DEVICES) with that GPU's NVDEC sessions, its share of the CPU decode workers and its runner: NVDEC
-threads of several GPUs in one process would share one GIL. This process hands each pipeline a few more inputs
-than it has decode workers, writes what comes back (shards, failures.jsonl) and commits exactly as before, so
-resume, shards and exactly-once do not depend on how many pipelines ran. A pipeline process that dies loses
-nothing: its unfinished inputs go back to the queue for the others (an input that two dying pipelines held is
-failed), and the job goes on with the rest and says so.
+One pipeline runs in this process where the job has the CPU or GPU 0 alone with one pipeline. Otherwise each
+pipeline runs in a process of its own (spawned, its GPU made the process's only one through CUDA_VISIBLE_DEVICES)
+with its NVDEC sessions, its share of the CPU decode workers and its runner: NVDEC threads of several GPUs in one
+process would share one GIL, and one process's NVDEC sessions left an H200's decoders idle a quarter of the time
+(two processes per GPU by default where NVDEC decodes). This process keeps each pipeline a few inputs ahead of what
+its decoders have started (QueuedAhead) and tells it its share of what is left (its tail rule), writes what comes
+back (shards, failures.jsonl) and commits exactly as before, so resume, shards and exactly-once do not depend on
+how many pipelines ran. A pipeline process that dies loses nothing: its unfinished inputs go back to the queue for
+the others (an input that two dying pipelines held is failed), and the job goes on with the rest and says so.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..compare import RunningComparison
 from ..decode.inputs import InputItem
-from ..decode.plan import check_decoder
+from ..decode.plan import check_decoder, pipelines_per_gpu
 from ..errors import PipelineError
 from ..output.writer import FailureLog, FeatureWriter, prepare_output, write_summary
 from .factory import SettingsRunner, close_runner, describe_runner, reference_runner
@@ -45,14 +46,17 @@ DIED_TWICE = "the pipeline processes decoding it died twice"
 # --- where pipelines run --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PipelineSpec:
-    """One pipeline: its GPU (this process's index; None: the CPU) and its share of the machine's cores."""
+    """One pipeline: its GPU (this process's index; None: the CPU), its share of the machine's cores, and which of
+    its GPU's pipelines it is (0, 1, ...)."""
 
     gpu: int | None
     share: float = 1.0
+    slot: int = 0
 
     @property
     def name(self) -> str:
-        return "cpu" if self.gpu is None else f"gpu{self.gpu}"
+        base = "cpu" if self.gpu is None else f"gpu{self.gpu}"
+        return base if not self.slot else f"{base}.{self.slot}"
 
 
 def select_gpus(gpus: str, count: int, names: Sequence[str] = ()) -> list[int]:
@@ -83,17 +87,24 @@ def select_gpus(gpus: str, count: int, names: Sequence[str] = ()) -> list[int]:
     return chosen
 
 
-def pipeline_specs(gpus: str) -> list[PipelineSpec]:
-    """The pipelines of a local job: one per GPU `--gpus` selects, sharing the CPU decode workers; one CPU pipeline
-    without GPUs."""
-    from ..engine.cuda_env import gpu_count, gpu_info
+def pipeline_specs(gpus: str, per_gpu: int = 1, count: int | None = None,
+                   names: Sequence[str] = ()) -> list[PipelineSpec]:
+    """The pipelines of a local job, sharing the CPU decode workers: `per_gpu` on each GPU `--gpus` selects (an
+    index given k > 1 times: k there); one CPU pipeline without GPUs. `count`/`names`: this machine's GPUs (by
+    default asked of the driver)."""
+    if count is None:
+        from ..engine.cuda_env import gpu_count, gpu_info
 
-    count = gpu_count()
-    names = [(gpu_info(i) or {}).get("name", "?") for i in range(count)]
+        count = gpu_count()
+        names = [(gpu_info(i) or {}).get("name", "?") for i in range(count)]
     chosen = select_gpus(gpus, count, names)
     if not chosen:
         return [PipelineSpec(None)]
-    return [PipelineSpec(g, 1.0 / len(chosen)) for g in chosen]
+    times = Counter(chosen)
+    gpus_in_order = list(dict.fromkeys(chosen))
+    total = sum(k if k > 1 else per_gpu for k in times.values())
+    return [PipelineSpec(g, 1.0 / total, slot) for g in gpus_in_order
+            for slot in range(times[g] if times[g] > 1 else per_gpu)]
 
 
 # --- pipelines as the executor sees them ----------------------------------------------------------------------
@@ -130,8 +141,8 @@ class _InProcess:
         self.assigned.add(number)
         self.pipeline.feed(number, item)
 
-    def fed_all(self) -> None:
-        self.pipeline.fed_all()
+    def fed_all(self, backlog: int = 0) -> None:
+        self.pipeline.fed_all(backlog)
 
     def no_more(self) -> None:
         pass
@@ -147,8 +158,34 @@ class _InProcess:
             self.result = self.pipeline.summary()
 
 
+QUEUED_AHEAD = 2  # inputs a pipeline process holds beyond what its decoders have started (at least; workers // 4)
+
+
+class QueuedAhead:
+    """How many inputs fed to a pipeline process its decoders have not started yet, as far as the executor can
+    tell: what the process last said it had queued, plus what was fed after the feeds it had seen then."""
+
+    def __init__(self, most: int = QUEUED_AHEAD):
+        self.most, self.sent, self.queued, self.seen = most, 0, 0, 0
+
+    def fed(self) -> None:
+        self.sent += 1
+
+    def report(self, queued: int, seen: int) -> None:
+        self.queued, self.seen = queued, seen
+
+    @property
+    def count(self) -> int:
+        return self.queued + self.sent - self.seen
+
+    def wants(self) -> bool:
+        return self.count < self.most
+
+
 class _Process:
-    """A pipeline in a process of its own (`_pipeline_main`), fed through a pipe a few inputs ahead."""
+    """A pipeline in a process of its own (`_pipeline_main`), fed through a pipe: a few inputs ahead of what its
+    decoders have started (QUEUED_AHEAD), so that at the job's end no pipeline sits on a queue another one could
+    have taken (with a fixed number of inputs in hand, one GPU's two pipelines ended 2-3 s apart)."""
 
     def __init__(self, ctx, spec: PipelineSpec, factory: SettingsRunner, options: JobOptions, compare: Any,
                  verbose: bool):
@@ -161,11 +198,12 @@ class _Process:
         child.close()
         self.assigned: set[int] = set()
         self.capacity = 4
+        self.queued = QueuedAhead()
         self.info: dict[str, Any] | None = None
         self.result: dict[str, Any] | None = None
         self.gone: str | None = None
-        self.finishing = False
-        self.told_fed_all = False
+        self.finishing = self.stopping = False
+        self.told_backlog: int | None = None
 
     def ready(self, timeout: float | None = None) -> dict[str, Any]:
         """The runner's description once the pipeline is up; raises what the process raised (a PipelineError
@@ -180,21 +218,23 @@ class _Process:
         if message[0] == "error":
             raise message[1]
         _, self.info, workers = message
-        self.capacity = max(4, 2 * workers)
+        self.capacity = 4 * workers + 8  # (a bound only: its decoders' inputs, those in batches, QUEUED_AHEAD)
+        self.queued.most = max(2, workers // 4)
         return self.info
 
     def wants(self) -> bool:
-        return self.gone is None and len(self.assigned) < self.capacity
+        return self.gone is None and len(self.assigned) < self.capacity and self.queued.wants()
 
     def feed(self, number: int, item: InputItem) -> None:
         self.assigned.add(number)
-        self.told_fed_all = False
+        self.queued.fed()
+        self.told_backlog = None
         self._send(("feed", number, item))
 
-    def fed_all(self) -> None:
-        if not self.told_fed_all:
-            self.told_fed_all = True
-            self._send(("fed_all",))
+    def fed_all(self, backlog: int = 0) -> None:
+        if self.told_backlog != backlog:
+            self.told_backlog = backlog
+            self._send(("fed_all", backlog))
 
     def no_more(self) -> None:
         if not self.finishing:
@@ -214,6 +254,8 @@ class _Process:
                 message = self.conn.recv()
                 if message[0] == "summary":
                     self.result = message[1]
+                elif message[0] == "queued":
+                    self.queued.report(message[1], message[2])
                 elif message[0] == "error":
                     if isinstance(message[1], PipelineError):
                         raise message[1]
@@ -231,9 +273,15 @@ class _Process:
             code = self.process.exitcode
             self.gone = f"exit code {code}" if code is not None else "stopped answering"
 
-    def close(self, interrupted: bool) -> None:
-        if self.gone is None and not interrupted:
+    def stop(self, interrupted: bool) -> None:
+        """Tell the process to stop (it exits by itself once it has sent its summary); `close` waits for it."""
+        if self.gone is None and not interrupted and not self.stopping and self.process.is_alive():
+            self.stopping = True
             self._send(("stop",))
+
+    def close(self, interrupted: bool) -> None:
+        self.stop(interrupted)
+        if self.gone is None and not interrupted:
             self.process.join(30)
         if self.process.is_alive():
             self.process.kill()
@@ -273,13 +321,15 @@ def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: J
         pipeline = Pipeline(runner, options, events, reference, spec.name).start()
         conn.send(("ready", info, len(pipeline.workers)))
         finishing = False
+        seen, said = 0, (0, 0)  # feeds received; the (queued, seen) last told (QueuedAhead)
         while True:
             while conn.poll():
                 message = conn.recv()
                 if message[0] == "feed":
                     pipeline.feed(message[1], message[2])
+                    seen += 1
                 elif message[0] == "fed_all":
-                    pipeline.fed_all()
+                    pipeline.fed_all(message[1])
                 elif message[0] == "done":
                     finishing = True
                 else:
@@ -292,6 +342,9 @@ def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: J
                 wait([conn], timeout=1.0)
             for event in events.take():
                 conn.send(event)
+            if (pipeline.queued, seen) != said:
+                said = (pipeline.queued, seen)
+                conn.send(("queued", *said))
         pipeline.close()
         conn.send(("summary", pipeline.summary()))
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -360,8 +413,8 @@ def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writ
                 while queue and h.wants():
                     number = queue.popleft()
                     h.feed(number, items[number])
-                if not queue:  # what the pipelines hold is the job's tail
-                    h.fed_all()
+            for h in live:  # each pipeline's share of what is left here (0: what they hold is the job's tail)
+                h.fed_all(len(queue) // len(live))
             if len(live) > 1 or not isinstance(live[0], _InProcess):
                 wait([h.conn for h in live if isinstance(h, _Process)], timeout=0.2)
             for h in live:
@@ -387,16 +440,23 @@ def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writ
         if queue or any(h.assigned for h in handles):
             raise RuntimeError(f"every pipeline stopped ({', '.join(f'{h.name}: {h.gone}' for h in handles)}); "
                                "committed results are kept: rerun to finish the rest")
-        for h in live:  # their summaries
+        for h in live:  # their summaries, asked of all at once (each process closes its pipeline first)
             h.no_more()
-            deadline = time.monotonic() + 60
-            while isinstance(h, _Process) and h.result is None and h.gone is None and time.monotonic() < deadline:
-                h.conn.poll(0.5)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            waiting = [h for h in live if isinstance(h, _Process) and h.result is None and h.gone is None]
+            if not waiting:
+                break
+            wait([h.conn for h in waiting], timeout=0.5)
+            for h in waiting:
                 h.poll()
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
+        for h in handles:  # all told first: their processes exit side by side
+            if isinstance(h, _Process):
+                h.stop(interrupted)
         for h in handles:
             h.close(interrupted)
         bar.close()
@@ -487,7 +547,13 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
     """Run the job described by settings `s` (job.settings.InferSettings) over `items` on this machine: one
     pipeline per selected GPU (`specs`, by default from --gpus), in this process when it is the only one and on
     GPU 0 or the CPU; returns the summary (written to summary.json)."""
-    specs = list(specs or pipeline_specs(s.gpus))
+    if not specs:
+        per_gpu = pipelines_per_gpu(s.pipelines_per_gpu, s.decoder)
+        specs = pipeline_specs(s.gpus, per_gpu)
+        if per_gpu > 1 and specs[0].gpu is not None and not s.pipelines_per_gpu:
+            log.info("%d pipeline processes per GPU, each with its own NVDEC sessions (one process's sessions leave "
+                     "the GPU's decoders idle part of the time; --pipelines-per-gpu 1 for one)", per_gpu)
+    specs = list(specs)
     factory = SettingsRunner(s)
     options = JobOptions(windowing, 224, s.batch_size, s.workers, s.decode_timeout_s, s.progress, s.decoder,
                          s.nvdec_sessions, gpu_convert=s.gpu_convert, shared_memory=s.shared_memory,

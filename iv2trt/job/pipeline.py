@@ -1,10 +1,11 @@
 """One device's pipeline: decode workers -> batcher -> runner -> finished inputs, handed to a sink.
 
-Both executors run exactly this: the local job one pipeline per GPU (in its own process when there are several),
-the Ray executor one inside an actor per GPU. A pipeline never writes files; its sink gets each input once, as
-`finished(number, item, infos, features)` (features L2-normalised, in clip order) or `failed(number, item,
-reason)`. Lifecycle: `start()`, `feed(number, item)` any time (`fed_all()` when the executor has no more for now),
-`step()` until `busy` is false (or `drain()`), `summary()`, `close()`.
+Both executors run exactly this: the local job `--pipelines-per-gpu` per GPU (each in its own process when there
+are several), the Ray executor one inside each of as many actors. A pipeline never writes files; its sink gets
+each input once, as `finished(number, item, infos, features)` (features L2-normalised, in clip order) or
+`failed(number, item, reason)`. Lifecycle: `start()`, `feed(number, item)` any time (`fed_all(backlog)` when the
+executor has fed what it will for now, holding `backlog` more for this pipeline), `step()` until `busy` is false
+(or `drain()`), `summary()`, `close()`.
 
 Decoding happens in workers of two kinds (decode/workers.py): CPU processes (PyAV) that send each clip through
 a pipe as resized uint8 frames [T, S, S, 3] (.npy inputs: float32 frames as stored; beside a GPU, 4:2:0
@@ -166,7 +167,8 @@ class Pipeline:
         self.stats = {"inputs": 0, "ok": 0, "failed": 0, "clips": 0, "batches": 0, "infer_s": 0.0}
         self.paths: dict[str, _PathStats] = {"cpu": _PathStats(0), "nvdec": _PathStats(0)}
         self._next_number = 0
-        self.all_fed = False                    # the executor said it has nothing more to feed (fed_all)
+        self.backlog: int | None = None         # inputs the executor still holds for this pipeline (fed_all; None:
+                                                # not said since the last feed)
         self.started = time.perf_counter()
         self._last_received = time.monotonic()
         # GPU batches are assembled and encoded on a stream of the pipeline's own, not the legacy default stream,
@@ -208,16 +210,22 @@ class Pipeline:
 
     def feed(self, number: int, item: InputItem) -> None:
         """Take an input (the executor's `number` comes back with it in the sink)."""
-        self.all_fed = False
+        self.backlog = None
         self.stats["inputs"] += 1
         # (a file that is not there goes to the CPU path, which reports it, rather than counting as NVDEC's fallback)
         on_gpu = self.pool is not None and self.plan.gpu_takes(item) and os.path.exists(item.path)
         (self.gpu_queue if on_gpu else self.cpu_queue).append((self._new_video(item, number), item))
 
-    def fed_all(self) -> None:
-        """The executor has nothing more to feed for now: what is in hand is the job's tail (CPU workers then take
-        only what they finish before the GPU would: `_cpu_may_share`). A later `feed` undoes it."""
-        self.all_fed = True
+    def fed_all(self, backlog: int = 0) -> None:
+        """The executor has fed what it will for now, and holds `backlog` more inputs for this pipeline (its share;
+        0: what is in hand is the job's tail). CPU workers then take an input the GPU could decode only if they
+        finish it before the GPU would have (`_cpu_may_share`). A later `feed` undoes it until told again."""
+        self.backlog = backlog
+
+    @property
+    def queued(self) -> int:
+        """Inputs in hand that no worker has started."""
+        return len(self.gpu_queue) + len(self.cpu_queue)
 
     @property
     def busy(self) -> bool:
@@ -606,16 +614,16 @@ class Pipeline:
                 wk.started = time.monotonic()
 
     def _cpu_may_share(self) -> bool:
-        """Whether a CPU worker may take an input the GPU could decode. Always while the executor has more to
-        feed; at the job's tail only while the GPU workers would still be busy with the rest of the queue when the
-        CPU worker finished it (a CPU worker takes a few times longer per video than an NVDEC session: one
-        holding the last video would make the whole job wait for it)."""
+        """Whether a CPU worker may take an input the GPU could decode: only while the GPU workers would still be
+        busy with the rest of the queue (in hand and the executor's `backlog` for this pipeline) when the CPU worker
+        finished it (a CPU worker takes a few times longer per video than an NVDEC session: one holding the last
+        video would make the whole job wait for it). Always while the executor has not said what it holds."""
         gpu, cpu = self.paths["nvdec"], self.paths["cpu"]
-        if not self.all_fed or not gpu.workers or not gpu.inputs:
+        if self.backlog is None or not gpu.workers or not gpu.inputs:
             return True
         gpu_s = gpu.busy_s / gpu.inputs  # one GPU worker's seconds per input so far
         cpu_s = cpu.busy_s / cpu.inputs if cpu.inputs else CPU_SLOWER_THAN_NVDEC * gpu_s
-        return len(self.gpu_queue) * gpu_s / gpu.workers >= cpu_s
+        return (len(self.gpu_queue) + self.backlog) * gpu_s / gpu.workers >= cpu_s
 
     def _release(self, wk) -> None:
         self.paths[wk.path].busy_s += time.monotonic() - wk.started

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..decode.plan import DECODERS, DEFAULT_NVDEC_SESSIONS, default_decode_threads, default_workers
+from ..decode.plan import (
+    DECODERS,
+    DEFAULT_NVDEC_SESSIONS,
+    NVDEC_PIPELINES_PER_GPU,
+    default_decode_threads,
+    default_workers,
+)
 from ..errors import PipelineError
 from ..model import ModelSettings
 from ..runners.choice import BACKENDS
@@ -31,10 +37,16 @@ class InferSettings(ModelSettings):
                            "decode; CPU only when NVDEC cannot run here), nvdec (the GPU takes every input it can, CPU "
                            "workers only the rest; exit 4 if NVDEC cannot run), cpu (PyAV worker processes)",
                            choices=DECODERS)
-    gpus: str = setting("all", "GPUs the job runs on, one pipeline each (its NVDEC sessions, its share of the CPU "
-                        "workers, its encoder): all, none (the CPU), a number N (the first N), or indices such as "
-                        "0,2 (an index twice: two pipelines on that GPU; one index alone: '1,')")
-    nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) per GPU")
+    gpus: str = setting("all", "GPUs the job runs on, --pipelines-per-gpu pipelines each (a pipeline: its NVDEC "
+                        "sessions, its share of the CPU workers, its encoder): all, none (the CPU), a number N (the "
+                        "first N), or indices such as 0,2 (an index twice: two pipelines on that GPU, whatever "
+                        "--pipelines-per-gpu says; one index alone: '1,')")
+    pipelines_per_gpu: int = setting(0, "pipelines (processes) per GPU, each with its own NVDEC sessions and CUDA "
+                                     "context (one process's sessions kept an H200's video decoders about three "
+                                     "quarters busy, two processes' nearly always) (0: "
+                                     f"{NVDEC_PIPELINES_PER_GPU} where the GPU decodes with NVDEC, i.e. --decoder "
+                                     "auto or nvdec with PyNvVideoCodec installed; else 1)")
+    nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) per pipeline")
     workers: int | None = setting(None, f"CPU decoding processes, shared by the pipelines (default: one per core, "
                                   f"{default_workers()} here; beside NVDEC half the cores, "
                                   f"{default_workers(nvdec=True)} here, which share NVDEC's videos under --decoder "
@@ -103,6 +115,9 @@ def check_settings(s: InferSettings) -> None:
            if getattr(s, name) < 0]
     if bad:
         raise PipelineError(f"{', '.join(bad)}: must be positive (or 0: chosen from the cluster)")
+    if s.pipelines_per_gpu < 0:
+        raise PipelineError(f"--pipelines-per-gpu {s.pipelines_per_gpu}: must be positive (or 0: "
+                            f"{NVDEC_PIPELINES_PER_GPU} where the GPU decodes with NVDEC, else 1)")
     if s.nvdec_probe_processes is not None and s.nvdec_probe_processes < 0:
         raise PipelineError(f"--nvdec-probe-processes {s.nvdec_probe_processes}: must be positive (or 0: in the NVDEC "
                             "sessions' threads)")
