@@ -184,8 +184,8 @@ class QueuedAhead:
 
 class _Process:
     """A pipeline in a process of its own (`_pipeline_main`), fed through a pipe: a few inputs ahead of what its
-    decoders have started (QUEUED_AHEAD), so that at the job's end no pipeline sits on a queue another one could
-    have taken (with a fixed number of inputs in hand, one GPU's two pipelines ended 2-3 s apart)."""
+    decoders have started (QUEUED_AHEAD), so that at the job's end no pipeline sits on inputs another one could
+    take (before, each held up to twice its workers' count)."""
 
     def __init__(self, ctx, spec: PipelineSpec, factory: SettingsRunner, options: JobOptions, compare: Any,
                  verbose: bool):
@@ -274,10 +274,14 @@ class _Process:
             self.gone = f"exit code {code}" if code is not None else "stopped answering"
 
     def stop(self, interrupted: bool) -> None:
-        """Tell the process to stop (it exits by itself once it has sent its summary); `close` waits for it."""
-        if self.gone is None and not interrupted and not self.stopping and self.process.is_alive():
+        """Tell the process to stop, unless it sent its summary (then it exits by itself); `close` waits for it.
+        (No wait here: the executor tells every process before waiting for any.)"""
+        if self.gone is None and not interrupted and not self.stopping and self.result is None:
             self.stopping = True
-            self._send(("stop",))
+            try:
+                self.conn.send(("stop",))
+            except OSError:  # gone already: `close` finds out
+                pass
 
     def close(self, interrupted: bool) -> None:
         self.stop(interrupted)
