@@ -202,6 +202,39 @@ class _FakePipeline:
         pass
 
 
+def test_a_pipeline_that_dies_while_starting_leaves_the_job_to_the_others(tmp_path, tiny_onnx, inputs, caplog):
+    """(e.g. the second pipeline of a GPU out of memory): the job goes on with the one that started, and says so."""
+    out = tmp_path / "out"
+    s = _settings(tiny_onnx, inputs, out, workers=2)
+    specs = [PipelineSpec(None, 0.5), PipelineSpec(None, 0.5, 1)]
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=_run(s, specs)))
+    with caplog.at_level(logging.WARNING, logger="iv2trt.job.local"):
+        job.start()
+        deadline, victim = time.monotonic() + 60, None
+        while victim is None and time.monotonic() < deadline:
+            victim = next((p for p in mp.active_children() if p.name == "iv2trt-cpu.1"), None)
+        os.kill(victim.pid, signal.SIGKILL)  # well before it has imported torch and built its runner
+        job.join(180)
+    assert not job.is_alive() and "summary" in result, result
+    summary = result["summary"]
+    assert summary["ok"] == 24 and summary["failed"] == 1  # the broken input only
+    assert "pipeline cpu.1 died while starting (exit code -9); the job goes on without it" in caplog.text
+    assert [p["name"] for p in summary["pipelines"]] == ["cpu"]
+
+
+def test_a_model_file_onnx_runtime_cannot_load_is_refused_by_name(tmp_path, inputs):
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(b"\x08\x07\x12\x04half")
+    for specs in (None, TWO_CPU_PIPELINES):  # in this process, and in pipeline processes
+        s = InferSettings(inputs=[str(inputs)], output=str(tmp_path / "out"), backend="onnxruntime", onnx=str(bad),
+                          frames=4, workers=1, progress=False, decoder="cpu")
+        with pytest.raises(PipelineError, match="ONNX Runtime cannot load .*truncated.onnx.*Export it again") as info:
+            _run(s, specs)
+        assert info.value.exit_code == 2
+    assert not (tmp_path / "out" / "shards").exists()
+
+
 def test_inputs_of_a_pipeline_that_dies_late_go_to_one_that_has_run_dry():
     """All inputs handed out; one pipeline finishes its share and idles, then the other dies: its inputs must
     reach the idle one, which has not been told to finish yet (before: told early, it had exited, and they failed

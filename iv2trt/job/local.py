@@ -215,8 +215,10 @@ class _Process:
         except (EOFError, OSError):
             self.process.join(5)
             raise RuntimeError(f"pipeline {self.name} died while starting (exit code {self.process.exitcode})")
-        if message[0] == "error":
-            raise message[1]
+        if message[0] == "error":  # a PipelineError as raised there; anything else as its text and traceback
+            if isinstance(message[1], BaseException):
+                raise message[1]
+            raise RuntimeError(f"pipeline {self.name} failed while starting: {message[1]}")
         _, self.info, workers = message
         self.capacity = 4 * workers + 8  # (a bound only: its decoders' inputs, those in batches, QUEUED_AHEAD)
         self.queued.most = max(2, workers // 4)
@@ -284,6 +286,8 @@ class _Process:
                 pass
 
     def close(self, interrupted: bool) -> None:
+        if self.conn.closed:
+            return
         self.stop(interrupted)
         if self.gone is None and not interrupted:
             self.process.join(30)
@@ -546,6 +550,28 @@ def run_job(items: list[InputItem], runner, out_dir, writer: FeatureWriter, opti
     return summary
 
 
+def _started(handles: list[_Process]) -> tuple[list[_Process], list[dict[str, Any]]]:
+    """The pipelines that came up, and their runners' descriptions. One that died or failed while starting (e.g. out
+    of GPU memory) is left out and the job goes on with the others, saying so; a PipelineError (the user's settings,
+    the same in every pipeline) stops the job, as does no pipeline starting."""
+    up, infos = [], []
+    for h in handles:
+        try:
+            infos.append(h.ready(timeout=600))
+            up.append(h)
+        except PipelineError:
+            for other in handles:
+                other.close(interrupted=True)
+            raise
+        except RuntimeError as exc:
+            h.close(interrupted=True)
+            if h is handles[-1] and not up:
+                raise
+            log.warning("%s; the job goes on without it (--pipelines-per-gpu 1 for one pipeline per GPU)",
+                        str(exc).splitlines()[0])
+    return up, infos
+
+
 def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[PipelineSpec] | None = None
                   ) -> dict[str, Any]:
     """Run the job described by settings `s` (job.settings.InferSettings) over `items` on this machine: one
@@ -585,7 +611,7 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
                 share = dataclasses.replace(options, workers=max(1, int(s.workers * spec.share)) if s.workers else None,
                                             cpu_share=spec.share)
                 handles.append(_Process(ctx, spec, factory, share, compare, verbose))
-            infos = [h.ready(timeout=600) for h in handles]
+            handles, infos = _started(handles)
             if len({(i["name"], i["img_size"], i["feature_dim"]) for i in infos}) > 1:
                 raise PipelineError("the GPUs' pipelines disagree on the model: "
                                     + "; ".join(f"{h.name}: {i['name']} {i['img_size']}px" for h, i in zip(handles,

@@ -14,6 +14,14 @@ from .base import HostNormalize
 log = logging.getLogger(__name__)
 
 
+def _load_errors(ort) -> tuple[type[BaseException], ...]:
+    """ONNX Runtime's errors for a model file it cannot take (its pybind module's exception types)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NoModel", "NotImplemented", "Fail")
+    return tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
+
+
 class OnnxRuntimeRunner(HostNormalize):
     """An exported ONNX graph in ONNX Runtime (CUDA provider when present and asked for, else CPU)."""
 
@@ -32,7 +40,12 @@ class OnnxRuntimeRunner(HostNormalize):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        except _load_errors(ort) as exc:  # not an ONNX model (a truncated copy, another file), or not one it takes
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+            raise PipelineError(f"ONNX Runtime cannot load {shown_path(onnx_path)}: {reason}. Export it again "
+                                "(python export_onnx.py), or pass the --onnx PATH it wrote") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if "float16" in inp.type else np.float32
