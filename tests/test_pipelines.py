@@ -223,6 +223,19 @@ def test_a_pipeline_that_dies_while_starting_leaves_the_job_to_the_others(tmp_pa
     assert [p["name"] for p in summary["pipelines"]] == ["cpu"]
 
 
+def test_the_summary_takes_each_devices_pipelines_together(tmp_path, tiny_onnx, inputs, caplog):
+    s = _settings(tiny_onnx, inputs, tmp_path / "out", workers=2)
+    with caplog.at_level(logging.INFO, logger="iv2trt.job.local"):
+        summary = _run(s, [PipelineSpec(None, 0.5), PipelineSpec(None, 0.5, 1)])
+    device = summary["per_gpu"]["cpu"]
+    assert device["pipelines"] == ["cpu", "cpu.1"]
+    by_pipeline = [p["decoders"]["cpu"]["clips"] for p in summary["pipelines"]]
+    assert device["clips"] == sum(by_pipeline) == summary["clips"] and all(by_pipeline)
+    assert device["decoders"]["cpu"]["workers"] == 2 and device["bound_by"] == summary["bound_by"]
+    assert device["encoder_busy_fraction"] == summary["encoder_busy_fraction"]
+    assert "cpu, 2 pipelines together: cpu " in caplog.text
+
+
 def test_a_model_file_onnx_runtime_cannot_load_is_refused_by_name(tmp_path, inputs):
     bad = tmp_path / "truncated.onnx"
     bad.write_bytes(b"\x08\x07\x12\x04half")

@@ -473,14 +473,9 @@ def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writ
     return out, time.perf_counter() - started
 
 
-def merge_summaries(pipelines: list[dict[str, Any]], counts: dict[str, int], inputs: int, elapsed: float, backend: str,
-                    decoder: str) -> dict[str, Any]:
-    """summary.json for a run of either executor: its counts (ok, failed, clips: what was written), and where
-    each pipeline's time went, with the totals over them."""
-    stats = {"ok": counts["ok"], "failed": counts["failed"], "clips": counts["clips"],
-             "batches": sum(p["batches"] for p in pipelines),
-             "infer_s": sum(p["infer_seconds"] for p in pipelines)}
-    summary = summarize(stats, inputs, elapsed, backend, max((p["batch_size"] for p in pipelines), default=0))
+def _where_time_went(pipelines: list[dict[str, Any]], elapsed: float) -> tuple[dict[str, dict[str, Any]], float]:
+    """Decode paths summed over `pipelines` (workers, inputs, clips, clips/s, busy fraction, fallbacks) and their
+    encoders' mean busy fraction, over `elapsed` seconds."""
     decoders: dict[str, dict[str, Any]] = {}
     for p in pipelines:
         for path, d in p["decoders"].items():
@@ -500,7 +495,34 @@ def merge_summaries(pipelines: list[dict[str, Any]], counts: dict[str, int], inp
         d["busy_fraction"] = round(busy / max(elapsed * d["workers"], 1e-9), 3) if d["workers"] else 0.0
     encoder_busy = (sum(p["encoder_busy_fraction"] * p["seconds"] for p in pipelines) /
                     max(elapsed * len(pipelines), 1e-9)) if pipelines else 0.0
-    summary.update(decoder=decoder, decoders=decoders, encoder_busy_fraction=round(encoder_busy, 3),
+    return decoders, round(encoder_busy, 3)
+
+
+def device_summaries(pipelines: list[dict[str, Any]], elapsed: float) -> dict[str, dict[str, Any]]:
+    """summary.json's `per_gpu` of a local run: each device's pipelines (gpu0, gpu0.1, ...: gpu0) taken together:
+    clips per decode path, the encoders' busy fraction, what bounded it."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in pipelines:
+        groups.setdefault(p["name"].split(".")[0], []).append(p)
+    out = {}
+    for device, ps in groups.items():
+        decoders, encoder_busy = _where_time_went(ps, elapsed)
+        out[device] = {"pipelines": [p["name"] for p in ps], "clips": sum(d["clips"] for d in decoders.values()),
+                       "decoders": decoders, "encoder_busy_fraction": encoder_busy,
+                       "bound_by": bound_by(encoder_busy, decoders)}
+    return out
+
+
+def merge_summaries(pipelines: list[dict[str, Any]], counts: dict[str, int], inputs: int, elapsed: float, backend: str,
+                    decoder: str) -> dict[str, Any]:
+    """summary.json for a run of either executor: its counts (ok, failed, clips: what was written), and where
+    each pipeline's time went, with the totals over them."""
+    stats = {"ok": counts["ok"], "failed": counts["failed"], "clips": counts["clips"],
+             "batches": sum(p["batches"] for p in pipelines),
+             "infer_s": sum(p["infer_seconds"] for p in pipelines)}
+    summary = summarize(stats, inputs, elapsed, backend, max((p["batch_size"] for p in pipelines), default=0))
+    decoders, encoder_busy = _where_time_went(pipelines, elapsed)
+    summary.update(decoder=decoder, decoders=decoders, encoder_busy_fraction=encoder_busy,
                    bound_by=bound_by(encoder_busy, decoders), pipelines=pipelines)
     compared = [RunningComparison.from_dict(p["compare_pytorch"]) for p in pipelines if "compare_pytorch" in p]
     if compared:
@@ -528,6 +550,11 @@ def log_summary(summary: dict[str, Any], failures_path) -> None:
             log.info("%shost CPU over %.1f s: NVDEC threads %.1f s, batching loop %.1f s, inference thread %.1f s, "
                      "the pipeline's process %.1f s", where, p["seconds"], cpu["nvdec_threads"], cpu["pipeline_loop"],
                      cpu["inference_thread"], cpu["process"])
+    for device, g in summary.get("per_gpu", {}).items() if summary["inputs"] else []:
+        if len(g["pipelines"]) > 1:
+            log.info("%s, %d pipelines together: %s; encoder busy %.0f%%; bound by %s", device, len(g["pipelines"]),
+                     ", ".join(f"{name} {d['clips_per_s']:.1f} clips/s" for name, d in g["decoders"].items()
+                               if d["clips"]), 100 * g["encoder_busy_fraction"], g["bound_by"])
 
 
 def _categories(decoder: dict[str, Any]) -> str:
@@ -635,7 +662,7 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
     pipelines = [h.result for h in handles if h.result is not None]
     summary = merge_summaries(pipelines, vars(out), len(todo), elapsed, infos[0]["name"], s.decoder)
     summary.update(skipped_already_done=len(items) - len(todo), executor="local", precision=infos[0]["precision"],
-                   **out.clock.steady())
+                   per_gpu=device_summaries(pipelines, elapsed), **out.clock.steady())
     write_summary(s.output, summary)
     log_summary(summary, failures.path)
     finish_summary(s.output, summary, identity["random_init"])
