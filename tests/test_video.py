@@ -301,3 +301,41 @@ def test_a_resolution_switch_mid_stream_goes_on_as_rgb_where_planes_were_asked_f
     for (_, got), (_, want) in zip(mixed, rgb):
         if not isinstance(got, YuvClip):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not _has_encoder("libx265"), reason="this FFmpeg build has no libx265")
+@pytest.mark.parametrize("container", ["mp4", "mpegts"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_hevc_skips_non_reference_pictures_only_with_one_temporal_sub_layer(tmp_path, container, layers):
+    """FFmpeg's skip_frame=NONREF drops HEVC's sub-layer non-reference (_N) pictures, which a higher sub-layer may
+    refer to: with several sub-layers the reader decodes every picture. The count comes from the hvcC box (MP4) or
+    the SPS (MPEG-TS's Annex B headers); windowed clips equal a full decode either way."""
+    from iv2trt.decode.pyav import _skips_per_packet, hevc_temporal_layers
+
+    path = tmp_path / f"v.{'ts' if container == 'mpegts' else 'mp4'}"
+    frames = pattern_frames(90, 64, 96, seed=4)
+    with av.open(str(path), "w", format=container) as out:
+        stream = out.add_stream("libx265", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.options = {"x265-params": f"log-level=0:keyint=30:bframes=4:temporal-layers={layers}"}
+        for image in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        assert hevc_temporal_layers(bytes(stream.codec_context.extradata)) == layers
+        assert _skips_per_packet(stream) == (layers == 1)
+    reference = full_decode(path)
+    w = Windowing(frames=3, window_frames=15, stride=20)
+    clips = list(read_clips(str(path), w))
+    assert len(clips) == 5
+    for clip in clips:
+        np.testing.assert_array_equal(clip.frames, np.stack([reference[i] for i in clip.indices]))
+
+
+def test_hevc_temporal_layers_read_from_headers_that_do_not_say():
+    from iv2trt.decode.pyav import hevc_temporal_layers
+
+    assert hevc_temporal_layers(b"") is None and hevc_temporal_layers(b"\x00\x00\x01") is None
+    assert hevc_temporal_layers(bytes([1] + [0] * 22)) is None  # hvcC with numTemporalLayers 0: unknown
+    assert hevc_temporal_layers(b"\x00\x00\x00\x01\x40\x01\x0c") is None  # a VPS and no SPS

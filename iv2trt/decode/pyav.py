@@ -293,8 +293,31 @@ def read_video_clips(path: str, w: Windowing, planes: bool = False, threads: int
 def _skips_per_packet(stream) -> bool:
     """Whether unneeded non-reference frames may be skipped: FFmpeg's own decoders apply skip_frame to the packet it
     is set for. External libraries are not asked to (PyAV's libdav1d applies it to frames decoded later, and a
-    needed frame came out as its neighbour)."""
-    return not stream.codec_context.name.startswith("lib")
+    needed frame came out as its neighbour). HEVC only with one temporal sub-layer: FFmpeg's NONREF drops every
+    sub-layer non-reference (`_N`) picture, which pictures of a higher sub-layer may still refer to (H.265 3.132);
+    with several sub-layers (phones' high-frame-rate recordings have them), or where the headers do not say, every
+    picture is decoded."""
+    cc = stream.codec_context
+    if cc.name.startswith("lib"):
+        return False
+    if cc.name == "hevc":
+        return hevc_temporal_layers(bytes(cc.extradata or b"")) == 1
+    return True
+
+
+def hevc_temporal_layers(extradata: bytes) -> int | None:
+    """Temporal sub-layers of an HEVC stream from its extradata: an hvcC box's numTemporalLayers (MP4, MKV), or
+    sps_max_sub_layers_minus1 + 1 of the first SPS in Annex B parameter sets (MPEG-TS); None when it does not say."""
+    if len(extradata) >= 23 and extradata[0] == 1:  # HEVCDecoderConfigurationRecord
+        return (extradata[21] >> 3) & 0x7 or None
+    at = 0
+    while True:  # Annex B: start codes 00 00 01, each NAL unit's 2-byte header, SPS = type 33
+        at = extradata.find(b"\x00\x00\x01", at)
+        if at < 0 or at + 5 >= len(extradata):
+            return None
+        if (extradata[at + 3] >> 1) & 0x3F == 33:
+            return ((extradata[at + 5] >> 1) & 0x7) + 1
+        at += 3
 
 
 def _threads(stream, threads: int) -> None:
