@@ -204,3 +204,17 @@ def test_variant_rows_name_what_differs_from_the_defaults():
     assert variant_label(_variant("auto", 4, nvdec_sessions=16, decode_threads=2)) == \
         "auto, 4 CPU workers, --decode-threads 2, --nvdec-sessions 16"
     assert variant_label(_variant("auto", None, encoder_graphs=False)) == "auto, default CPU workers, --no-encoder-graphs"
+
+
+def test_executor_targets_compare_like_with_like():
+    """Rows of several decoders and pipelines per GPU: only --decoder auto counts; Ray with two actors on the GPU is
+    held against the local job with two pipelines there."""
+    from iv2trt.bench.main import executor_targets
+
+    rows = [{"executor": "local", "decoder": "cpu", "gpus": "1", "pipelines": 1, "clips_per_s": 50.0},
+            {"executor": "local", "decoder": "auto", "gpus": "1", "pipelines": 1, "clips_per_s": 100.0},
+            {"executor": "local", "decoder": "auto", "gpus": "1", "pipelines": 2, "clips_per_s": 150.0},
+            {"executor": "ray", "decoder": "auto", "gpus": "1", "pipelines": 2, "clips_per_s": 145.0}]
+    two, ray = executor_targets(rows)
+    assert two["status"] == "met" and "150.0 vs 100.0" in two["detail"]
+    assert ray["status"] == "met" and "145.0 vs 150.0" in ray["detail"]

@@ -17,6 +17,8 @@ and the job's own overhead, all on the same videos in one run.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import os
@@ -386,23 +388,24 @@ def executor_runs(paths: list[Path], a, windowing, batch: int, repeat: int = 1) 
                 nvdec_sessions=a.nvdec_sessions or 8)
     rows = []
     per_gpu = getattr(a, "executor_per_gpu", None) or [0]
-    runs = [("local", gpus, per) for gpus in a.executor_gpus or [] for per in per_gpu]
-    runs += [("ray", "1", per) for per in per_gpu] if a.executor_ray else []
-    for executor, gpus, per in runs:
+    decoders = getattr(a, "executor_decoders", None) or ["auto"]
+    runs = [("local", d, gpus, per) for d in decoders for gpus in a.executor_gpus or [] for per in per_gpu]
+    runs += [("ray", d, "1", per) for d in decoders for per in per_gpu] if a.executor_ray else []
+    for executor, decoder, gpus, per in runs:
         with tempfile.TemporaryDirectory(prefix="iv2trt_bench_exec_") as out:
-            log.info("executor %s, --gpus %s, --pipelines-per-gpu %s: %d inputs", executor, gpus, per or "default",
-                     len(items))
+            log.info("executor %s, --decoder %s, --gpus %s, --pipelines-per-gpu %s: %d inputs", executor, decoder,
+                     gpus, per or "default", len(items))
             called = time.perf_counter()
+            settings = InferSettings(**{**base, "decoder": decoder}, output=out, pipelines_per_gpu=per)
             if executor == "local":
-                summary = run_local_job(InferSettings(**base, output=out, gpus=gpus, pipelines_per_gpu=per), items,
-                                        windowing)
+                summary = run_local_job(dataclasses.replace(settings, gpus=gpus), items, windowing)
             else:
                 from ..distributed.ray_job import run_ray_job
 
-                s = InferSettings(**base, output=out, ray="local", pipelines_per_gpu=per)
-                summary = run_ray_job(s, items, windowing)
+                summary = run_ray_job(dataclasses.replace(settings, ray="local"), items, windowing)
             wall = time.perf_counter() - called
-        row = {"executor": executor, "gpus": gpus, "per_gpu": per, "pipelines": len(summary["pipelines"]), "ok": summary["ok"],
+        row = {"executor": executor, "decoder": decoder, "gpus": gpus, "per_gpu": per,
+               "pipelines": len(summary["pipelines"]), "ok": summary["ok"],
                "failed": summary["failed"], "clips": summary["clips"], "seconds": summary["seconds"],
                "clips_per_s": summary["clips_per_s"], "encoder_busy_fraction": summary["encoder_busy_fraction"],
                "bound_by": summary["bound_by"], "decoders": summary["decoders"],
