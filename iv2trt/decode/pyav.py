@@ -332,16 +332,31 @@ def _duration(times: np.ndarray, rate_fps: float | None) -> float:
     return float(times[-1] + step)
 
 
-def _decode_needed(container, stream, needed_pts: set[int], skip_unneeded: bool):
+def _decode_needed(container, stream, needed_pts: set[int], skip_unneeded: bool, key_pts: int | None = None):
     """Frames from the current position on. With `skip_unneeded`, non-reference frames no clip needs are not
     decoded at all (FFmpeg's skip_frame=NONREF, set per packet): nothing refers to them, so every other frame
-    decodes the same."""
+    decodes the same. With `key_pts`, packets before that keyframe's are not decoded (`from_keyframe`)."""
     cc = stream.codec_context
     cc.skip_frame = "DEFAULT"
-    for packet in container.demux(stream):
+    packets = container.demux(stream)
+    for packet in packets if key_pts is None else from_keyframe(packets, key_pts):
         if skip_unneeded and packet.pts is not None:
             cc.skip_frame = "DEFAULT" if packet.pts in needed_pts else "NONREF"
         yield from cc.decode(packet)
+
+
+def from_keyframe(packets, key_pts: int):
+    """`packets` from the keyframe whose timestamp is `key_pts` on; none if a later keyframe comes first (the seek
+    landed past it). What a seek lands on before that keyframe (MPEG-TS lands a little after the keyframe before,
+    so a GOP's packets less one) cannot be decoded without what came before it: it is read, not decoded."""
+    packets = iter(packets)
+    for packet in packets:
+        if packet.is_keyframe and packet.pts is not None and packet.pts >= key_pts:
+            if packet.pts > key_pts:
+                return
+            yield packet
+            yield from packets
+            return
 
 
 def _before_start(probe: VideoProbe) -> int:
@@ -349,16 +364,20 @@ def _before_start(probe: VideoProbe) -> int:
     return min(0, probe.pts[0] - 1)  # (pts is sorted)
 
 
-def _decode_from_keyframe(container, stream, probe: VideoProbe, k: int, needed_pts: set[int], skip_unneeded: bool):
-    """Frames decoded from the k-th keyframe (k < 0: the stream's start) on. A seek may land after the keyframe
-    asked for (MPEG-TS: FFmpeg's seek by timestamp finds the next keyframe): then it seeks to the keyframe
-    before, and so on to the stream's start. The first frame with a known timestamp is peeked at to know;
-    frames an edit list discards (never output) in between do not count as missed."""
+def _decode_from_keyframe(container, stream, probe: VideoProbe, k: int, needed_pts: set[int], skip_unneeded: bool,
+                          seeks: dict | None = None):
+    """Frames decoded from the k-th keyframe (k < 0: the stream's start) on, packets before it read but not decoded.
+    A seek may land after the keyframe asked for (MPEG-TS: FFmpeg's seek by timestamp finds the next keyframe):
+    then it seeks to the keyframe before, and so on to the stream's start. The first frame with a known timestamp is
+    peeked at to know; frames an edit list discards (never output) in between do not count as missed. `seeks`: what
+    this read has learnt (where seeks land late, the next seek aims a keyframe earlier at once)."""
     pts, index_of, key_index = probe.pts, probe.index_of, probe.keyframe_indices
     want = key_index[k] if k >= 0 else 0
-    for j in range(k, -2, -1):
+    early = 1 if seeks is not None and seeks.get("late") else 0
+    for j in range(k - early if k > 0 else k, -2, -1):
         container.seek(pts[key_index[j]] if j >= 0 else _before_start(probe), stream=stream, backward=True)
-        frames = _decode_needed(container, stream, needed_pts, skip_unneeded)
+        # (from the stream's start every packet is decoded, whatever its flags say)
+        frames = _decode_needed(container, stream, needed_pts, skip_unneeded, pts[want] if j >= 0 else None)
         head = []
         for frame in frames:
             head.append(frame)
@@ -368,6 +387,8 @@ def _decode_from_keyframe(container, stream, probe: VideoProbe, k: int, needed_p
         missed = landed is not None and any(pts[i] not in probe.discarded_pts for i in range(want, landed))
         if head and not missed or j < 0:  # (from the stream's start, what comes is all there is)
             return itertools.chain(head, frames)
+        if seeks is not None and j == k:
+            seeks["late"] = True
     raise AssertionError("unreachable")
 
 
@@ -377,12 +398,13 @@ def _clips_by_pts(container, stream, probe: VideoProbe, w: Windowing, arrays, sk
     needed = asm.needed()
     needed_pts = {pts[i] for i in needed}
     frames_iter, cur_i, cur_frame = None, -1, None
+    seeks: dict = {}
     for target in needed:
         while True:
             k = bisect.bisect_right(key_index, target) - 1
             keyframe = key_index[k] if k >= 0 else 0
             if frames_iter is None or keyframe > cur_i:  # a keyframe lies ahead: seeking skips decoding work
-                frames_iter = _decode_from_keyframe(container, stream, probe, k, needed_pts, skip_unneeded)
+                frames_iter = _decode_from_keyframe(container, stream, probe, k, needed_pts, skip_unneeded, seeks)
                 cur_i, cur_frame = -1, None
             while cur_i < target:
                 frame = next(frames_iter, None)
