@@ -16,7 +16,7 @@ DEFAULT_NVDEC_SESSIONS = 8  # decoder sessions near the NVDEC engines' limit: ra
                             # 2,343 fps with 4 sessions, 2,832 with 8, 3,009 with 16
 
 NVDEC_PIPELINES_PER_GPU = 2  # pipeline processes per GPU that decodes with NVDEC: the sessions of one process kept an
-                             # H200's decoders 52-89% busy (nvidia-smi dmon, --decoder nvdec, three machines), of two
+                             # H200's decoders 52-89% busy (nvidia-smi dmon, --decoder nvdec, two machines), of two
                              # 96-99%; 720p H.264 auto, 2,400 clips: 1 process 121.0 clips/s, 2 x 8 sessions 152.9,
                              # 3 x 4 154.1 (14309fa42e4c)
 
