@@ -10,6 +10,7 @@ import glob
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,12 @@ from ..errors import PipelineError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
-                              ".ts", ".mts", ".3gp", ".ogv", ".gif", ".y4m"})
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".m4v", ".mov", ".qt", ".mkv", ".webm", ".avi", ".divx", ".wmv", ".asf", ".flv", ".f4v", ".3gp", ".3g2",
+    ".ogv", ".gif", ".y4m", ".dv", ".mxf", ".rm", ".rmvb",
+    ".mpg", ".mpeg", ".mpe", ".vob", ".m2v", ".mod", ".tod",   # MPEG-PS / elementary MPEG-2, DVD, camcorders
+    ".ts", ".mts", ".m2ts", ".m2t",                            # MPEG-TS: broadcast, HLS segments, AVCHD / Blu-ray
+    ".h264", ".264", ".h265", ".265", ".hevc", ".ivf", ".mjpeg", ".mjpg"})  # elementary streams
 LIST_EXTENSIONS = frozenset({".txt", ".csv", ".jsonl"})
 NPY_EXTENSION = ".npy"
 
@@ -51,7 +56,8 @@ def _relative_id(path: str, root: str) -> str:
 def scan_directory(root: str, frame_folders: bool = True) -> list[InputItem]:
     """Videos, images and .npy files below `root`; with `frame_folders`, a folder holding only images
     (and no sub-folders) is one video of frames."""
-    items = []
+    items: list[InputItem] = []
+    left: Counter = Counter()
     wanted = VIDEO_EXTENSIONS | IMAGE_EXTENSIONS | {NPY_EXTENSION}
     for folder, dirs, files in os.walk(root):
         dirs.sort()
@@ -60,9 +66,16 @@ def scan_directory(root: str, frame_folders: bool = True) -> list[InputItem]:
             items.append(InputItem(folder, _relative_id(folder, root) if folder != root else Path(root).name, "frames"))
             continue
         for name in sorted(visible):
-            if Path(name).suffix.lower() in wanted:
+            suffix = Path(name).suffix.lower()
+            if suffix in wanted:
                 path = os.path.join(folder, name)
                 items.append(InputItem(path, _relative_id(path, root), kind_of(path)))
+            else:
+                left[suffix or "(no extension)"] += 1
+    if left:  # (a video under another extension is named in a list file, or given as a file of its own)
+        log.info("%s: left out %d file(s) that are not inputs by their extension (%s); to take a video with another "
+                 "extension, name it in a .txt/.csv list file", root, sum(left.values()),
+                 ", ".join(f"{n} {ext}" for ext, n in left.most_common(8)))
     return items
 
 
