@@ -168,7 +168,7 @@ def _broken_inputs(tmp_path):
         for p in list(s.encode(frame)) + list(s.encode()):
             c.mux(p)
     return {"truncated.mp4": "", "garbage.mp4": "", "empty.mp4": "empty", "notes.txt": "",
-            "audio.m4a": "no video stream", "missing.mp4": "not found"}
+            "audio.m4a": "no video stream (has: audio)", "missing.mp4": "not found"}
 
 
 def test_broken_files_raise_decode_error(tmp_path):

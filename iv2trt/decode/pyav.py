@@ -46,8 +46,8 @@ def _open(path: str):
     except av.FFmpegError as exc:
         raise DecodeError(f"not a readable video or image ({exc.__class__.__name__}: {exc})") from None
     if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["no streams"]  # (read before close empties them)
         container.close()
-        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
         raise DecodeError(f"no video stream (has: {', '.join(kinds)})")
     return container
 
