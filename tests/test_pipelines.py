@@ -223,10 +223,12 @@ def test_a_pipeline_that_dies_while_starting_leaves_the_job_to_the_others(tmp_pa
     assert [p["name"] for p in summary["pipelines"]] == ["cpu"]
 
 
-def test_the_summary_takes_each_devices_pipelines_together(tmp_path, tiny_onnx, inputs, caplog):
+def test_the_summary_takes_each_devices_pipelines_together(tmp_path, tiny_onnx, inputs, caplog, capfd):
     s = _settings(tiny_onnx, inputs, tmp_path / "out", workers=2)
     with caplog.at_level(logging.INFO, logger="iv2trt.job.local"):
         summary = _run(s, [PipelineSpec(None, 0.5), PipelineSpec(None, 0.5, 1)])
+    err = capfd.readouterr().err  # the pipeline processes' lines: a device's second one does not repeat its start
+    assert "[cpu] iv2trt.job.pipeline: 1 CPU decoding process" in err and "[cpu.1] iv2trt.job.pipeline" not in err
     device = summary["per_gpu"]["cpu"]
     assert device["pipelines"] == ["cpu", "cpu.1"]
     by_pipeline = [p["decoders"]["cpu"]["clips"] for p in summary["pipelines"]]

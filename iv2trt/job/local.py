@@ -319,6 +319,9 @@ def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: J
     from ..settings import setup_logging
 
     setup_logging(verbose, tag=f"[{spec.name}]")
+    quiet_start = spec.slot > 0 and not verbose  # its start-up lines are its GPU's first pipeline's (-v: all of them)
+    if quiet_start:
+        logging.getLogger().setLevel(logging.WARNING)
     pipeline = runner = reference = None
     events = _Events()
     try:
@@ -327,6 +330,8 @@ def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: J
         reference = reference_runner(compare, info["identity"]) if compare is not None else None
         options = dataclasses.replace(options, img_size=info["img_size"], gpu=0)
         pipeline = Pipeline(runner, options, events, reference, spec.name).start()
+        if quiet_start:
+            logging.getLogger().setLevel(logging.INFO)
         conn.send(("ready", info, len(pipeline.workers)))
         finishing = False
         seen, said = 0, (0, 0)  # feeds received; the (queued, seen) last told (QueuedAhead)
