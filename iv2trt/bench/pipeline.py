@@ -18,7 +18,6 @@ and the job's own overhead, all on the same videos in one run.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import math
 import os
