@@ -29,7 +29,7 @@ CPU_WORKERS_PER_CORE_WITH_NVDEC = 0.5  # beside NVDEC, sharing its videos (`auto
 def default_workers(nvdec: bool = False, share: float = 1.0) -> int:
     """CPU decoding processes when none are asked for: one per core; half the cores while NVDEC sessions run in
     the job's process (more CPU workers cost the GPU path more than they add). `share`: the fraction of the
-    machine's cores one pipeline has (one pipeline per GPU share them)."""
+    machine's cores one pipeline has (a job's pipelines share them)."""
     cores = (os.cpu_count() or 1) * share
     return max(1, int(cores * CPU_WORKERS_PER_CORE_WITH_NVDEC) if nvdec else int(cores))
 

@@ -2,7 +2,8 @@
 
     driver (this process)                        cluster (ray_stages.py)
     discover inputs, cut them into partitions
-    ray.data.from_items(inputs)  ------------->  pipeline actors: one per GPU (one per node without GPUs),
+    ray.data.from_items(inputs)  ------------->  pipeline actors: --pipelines-per-gpu per GPU (one per node
+                                                 without GPUs),
                                                  each the local job's pipeline: its GPU's NVDEC sessions,
                                                  CPU decode workers, TensorRT / PyTorch / ONNX Runtime
     iter_batches(feature rows)  <--------------

@@ -94,7 +94,8 @@ class InferSettings(ModelSettings):
     ray_partition_size: int = setting(512, "--ray: inputs per partition, the unit of resume: one shard each, "
                                       "committed once all its inputs finished (replaces --shard-size)")
     ray_pipelines: int = setting(0, "--ray: pipeline actors, each the local job's pipeline (decoders, batcher, "
-                                 "encoder) on one GPU (0: one per GPU in the cluster; one per node without GPUs)")
+                                 "encoder) on a GPU (0: --pipelines-per-gpu per GPU in the cluster; one per node "
+                                 "without GPUs)")
     ray_pipeline_cpus: float = setting(0.0, "--ray: CPUs reserved per pipeline actor, its decode workers among them "
                                        "(0: the fewest CPUs a node has per GPU, or per node without GPUs)")
 
