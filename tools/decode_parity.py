@@ -49,13 +49,14 @@ def transcode(src: Path, dst: Path, codec: str, options: dict, seconds: float, p
     `timing="phone"` stamps the frames as a phone does (phone_pts)."""
     import av
 
+    from iv2trt.decode.pyav import video_stream
     from iv2trt.decode.samples import scheduling_kept
 
     if dst.is_file():
         return dst
     tmp = dst.with_name(dst.stem + ".part" + dst.suffix)
     with scheduling_kept(), av.open(str(src)) as inp, av.open(str(tmp), "w") as out:
-        s_in = inp.streams.best("video")
+        s_in = video_stream(inp)
         cc = s_in.codec_context
         s_out = out.add_stream(codec, rate=s_in.average_rate or 30, options=options)
         rate = s_in.average_rate or 30
@@ -82,9 +83,11 @@ def stream_format(path: Path) -> str:
     """codec, pixel format, size and colour tags of a file's video stream, for the table."""
     import av
 
+    from iv2trt.decode.pyav import video_stream
+
     try:
         with av.open(str(path)) as c:
-            cc = c.streams.best("video").codec_context
+            cc = video_stream(c).codec_context
             return f"{cc.name} {cc.pix_fmt} {cc.width}x{cc.height} cs{cc.colorspace} range{cc.color_range}"
     except Exception as exc:  # noqa: BLE001 - the row says the file is not readable
         return f"unreadable ({type(exc).__name__})"

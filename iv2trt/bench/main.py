@@ -287,12 +287,14 @@ def markdown_report(results: dict[str, Any]) -> str:
                              f"{e.get('steady_clips_per_s') or 0:.1f} | {e['videos_per_s']:.2f} | {100 * e['encoder_busy_fraction']:.0f}% | {e['bound_by']} | "
                              f"{per_path} |")
         if pipe.get("executors"):
-            lines += ["", "Executors (the job as trt_inference.py runs it, --decoder auto):", "",
-                      "| executor | --decoder | --gpus | --pipelines-per-gpu | pipelines | clips | seconds | clips/s | first result (s) | clips/s first "
-                      "result to last | whole call (s) | clips/s whole call | encoder busy | bound by |",
+            lines += ["", "Executors (the job as trt_inference.py runs it):", "",
+                      "| executor | --decoder | --gpus | --pipelines-per-gpu | pipelines | clips | seconds | clips/s | "
+                      "first result (s) | clips/s first result to last | whole call (s) | clips/s whole call | "
+                      "encoder busy | bound by |",
                       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in pipe["executors"]:
-                lines.append(f"| {r['executor']} | {r.get('decoder', 'auto')} | {r['gpus']} | {r.get('per_gpu', 1) or 'default'} | {r['pipelines']} | {r['clips']} | {r['seconds']} | "
+                lines.append(f"| {r['executor']} | {r.get('decoder', 'auto')} | {r['gpus']} | "
+                             f"{r.get('per_gpu', 1) or 'default'} | {r['pipelines']} | {r['clips']} | {r['seconds']} | "
                              f"{r['clips_per_s']:.1f} | {r.get('first_result_s') or 0:.1f} | "
                              f"{r.get('steady_clips_per_s') or 0:.1f} | {r.get('call_s', 0):.1f} | "
                              f"{r.get('call_clips_per_s', 0):.1f} | {100 * r['encoder_busy_fraction']:.0f}% | "

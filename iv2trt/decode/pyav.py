@@ -52,7 +52,7 @@ def _open(path: str):
     return container
 
 
-def _video_stream(container):
+def video_stream(container):
     """The stream FFmpeg judges the file's video (av_find_best_stream: not a cover picture; the one NVDEC's
     demuxer takes too), which need not be the first."""
     return container.streams.best("video") or container.streams.video[0]
@@ -161,7 +161,7 @@ def probe_video(path: str, accept: Callable[[VideoProbe], Any] | None = None,
 
     container = _open(path)
     try:
-        stream = _video_stream(container)
+        stream = video_stream(container)
         try:
             if header is not None:
                 header(stream_header(container, stream))
@@ -256,7 +256,7 @@ def read_video_clips(path: str, w: Windowing, planes: bool = False, threads: int
 
     container = _open(path)
     try:
-        stream = _video_stream(container)
+        stream = video_stream(container)
         _threads(stream, threads)
         try:
             probe = probe_stream(container, stream)
@@ -280,7 +280,7 @@ def read_video_clips(path: str, w: Windowing, planes: bool = False, threads: int
             # seeking failed before any clip came out: decode the file from its start instead
         container.close()
         container = _open(path)
-        stream = _video_stream(container)
+        stream = video_stream(container)
         _threads(stream, threads)
         for clip in _clips_sequential(container, stream, probe, w, arrays):
             yield arrays.mark(clip)

@@ -140,11 +140,11 @@ def pipeline_plan(s, resources: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """(number of pipeline actors, Ray resources of each): --pipelines-per-gpu per GPU (each a fraction of its GPU;
     by default two where the GPUs decode with NVDEC, as locally), or one per node on a cluster without GPUs, each
     with its share of the node's CPUs per GPU (`--ray-pipeline-cpus` to choose)."""
-    from ..decode.plan import NVDEC_PIPELINES_PER_GPU
+    from ..decode.plan import pipelines_per_gpu
 
     gpus, nodes = int(resources["gpus"]), resources["cpu_nodes"]
     # (the driver cannot see the workers' PyNvVideoCodec: the decoder setting decides)
-    per_gpu = s.pipelines_per_gpu or (NVDEC_PIPELINES_PER_GPU if s.decoder != "cpu" else 1)
+    per_gpu = pipelines_per_gpu(s.pipelines_per_gpu, s.decoder, nvdec_installed=True)
     most = gpus * per_gpu or nodes
     count = s.ray_pipelines or most
     # (more pipelines than nodes on a cluster without GPUs share the nodes' CPUs)

@@ -221,7 +221,7 @@ class _Process:
             raise RuntimeError(f"pipeline {self.name} failed while starting: {message[1]}")
         _, self.info, workers = message
         self.capacity = 4 * workers + 8  # (a bound only: its decoders' inputs, those in batches, QUEUED_AHEAD)
-        self.queued.most = max(2, workers // 4)
+        self.queued.most = max(QUEUED_AHEAD, workers // 4)
         return self.info
 
     def wants(self) -> bool:

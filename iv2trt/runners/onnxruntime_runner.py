@@ -14,7 +14,7 @@ from .base import HostNormalize
 log = logging.getLogger(__name__)
 
 
-def _load_errors(ort) -> tuple[type[BaseException], ...]:
+def _load_errors() -> tuple[type[BaseException], ...]:
     """ONNX Runtime's errors for a model file it cannot take (its pybind module's exception types)."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
@@ -42,7 +42,7 @@ class OnnxRuntimeRunner(HostNormalize):
             options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
-        except _load_errors(ort) as exc:  # not an ONNX model (a truncated copy, another file), or not one it takes
+        except _load_errors() as exc:  # not an ONNX model (a truncated copy, another file), or not one it takes
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
             raise PipelineError(f"ONNX Runtime cannot load {shown_path(onnx_path)}: {reason}. Export it again "
                                 "(python export_onnx.py), or pass the --onnx PATH it wrote") from None
