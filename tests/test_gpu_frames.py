@@ -82,6 +82,22 @@ def test_high_depth_planes_converted_and_resized_as_the_cpu_path_does(tmp_path, 
         _check(clip.to_model_frames(device, SIZE).cpu().numpy(), frames_cpu, device)
 
 
+VP9_HIGH_DEPTH = Path(__file__).resolve().parent / "data"  # made by data/make_vp9_high_depth.py (PyAV writes 8-bit only)
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p10le", "yuv420p12le"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_vp9_high_depth_planes_converted_and_resized_as_the_cpu_path_does(pix_fmt, device):
+    """VP9 profile 2 (10 and 12-bit 4:2:0, BT.709, in WebM) through the same P016 route: the CPU path's pixels."""
+    path = VP9_HIGH_DEPTH / f"vp9_{pix_fmt}.webm"
+    cpu, planes = _pair(path)
+    assert len(cpu) == len(planes) > 1
+    for (info_cpu, frames_cpu), (info, clip) in zip(cpu, planes):
+        assert info == info_cpu and isinstance(clip, YuvClip) and clip.pix_fmt == pix_fmt
+        assert clip.planes.shape == (4, 180 * 3 // 2, 320) and clip.planes.dtype == np.uint16
+        _check(clip.to_model_frames(device, SIZE).cpu().numpy(), frames_cpu, device)
+
+
 def test_other_formats_come_resized_from_the_worker(tmp_path):
     """4:4:4, odd sizes: the GPU conversion takes 4:2:0 of even size only; the rest is the CPU path's."""
     for name, kw, frames in (("full_chroma.mp4", dict(pix_fmt="yuv444p"), pattern_frames(12, 64, 64, seed=1)),

@@ -172,14 +172,23 @@ class CpuWorker:
     def why_gone(self) -> str:
         return f"decoder process died (exit code {self.process.exitcode})"
 
-    def stop(self, kill: bool = False) -> None:
+    def stop(self, kill: bool = False, wait: bool = True) -> None:
+        """Tell the process to exit (kill it when `kill` or busy); `wait`: also `join` it (a pipeline tells all
+        its workers first, then joins them: their exits overlap)."""
         if kill or self.task is not None:
             self.process.kill()
-        else:
+        elif not self.conn.closed:
             try:
                 self.conn.send(None)
             except OSError:
                 pass
+        if wait:
+            self.join()
+
+    def join(self) -> None:
+        """Wait for the process (killed after 5 s), then free its pipe and ring; again: nothing."""
+        if self.conn.closed:
+            return
         self.process.join(5)
         if self.process.is_alive():
             self.process.kill()
@@ -261,10 +270,13 @@ class GpuWorker:
     def why_gone(self) -> str:
         return "GPU decoder thread stopped"
 
-    def stop(self, kill: bool = False) -> None:
+    def stop(self, kill: bool = False, wait: bool = True) -> None:
         if kill or self.task is not None:
             self.abandoned = True
         self.inbox.put(None)
+
+    def join(self) -> None:
+        """Nothing to wait for: the thread ends on its own (a daemon)."""
 
     def _run(self) -> None:
         from . import nvdec

@@ -246,13 +246,19 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
 
     if s.compare_pytorch:
         raise PipelineError("--compare-pytorch runs in the local job only: drop --ray for that check")
+    called = time.perf_counter()
     with ray_session(s.ray) as ray:
         try:
+            startup = {"ray_s": round(time.perf_counter() - called, 3)}
             resources = cluster_resources(ray)
             actors, need = pipeline_plan(s, resources)
             make_runner = make_runner or settings_runner(s)
             probe = ray.remote(max_calls=1, **need)(probe_runner)
+            probing = time.perf_counter()
             info = ray.get(probe.remote(make_runner, s.frames, node_settings(s)))
+            startup["runner_probe_s"] = round(time.perf_counter() - probing, 3)
+            log.info("Ray up in %.1f s; the runner probed on a node in %.1f s", startup["ray_s"],
+                     startup["runner_probe_s"])
             if isinstance(make_runner, SettingsRunner):  # every pipeline runs the backend the probe chose
                 s = dataclasses.replace(s, backend=info["name"])
                 make_runner = make_runner.with_backend(info["name"])
@@ -303,6 +309,8 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     summary["ray"] = {
         "address": s.ray, **resources, "pipelines": actors, "pipeline_resources": need,
         "startup_s": collector.clock.steady()["first_result_s"],
+        "startup": {**startup, "first_result_s": collector.clock.steady()["first_result_s"],
+                    "actors_s": max((p.get("actor_start_s", 0.0) for p in pipelines), default=None)},
         "partitions": {"size": s.ray_partition_size, "total": len(partitions) + committed,
                        "committed_before": committed, "written": a.stats["shards"]},
         "per_node": {node: {"clips": clips, "pipelines": sum(p["node"] == node for p in pipelines)}
@@ -311,6 +319,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     log_done(summary, failures.path)
     finish_summary(s.output, summary, identity["random_init"])
     for p in pipelines:
-        log.info("ray pipeline %s (%s): %d inputs, %.1f clips/s, encoder busy %.0f%%, bound by %s", p["name"],
-                 p["device"], p["inputs"], p["clips_per_s"], 100 * p["encoder_busy_fraction"], p["bound_by"])
+        log.info("ray pipeline %s (%s): %d inputs, %.1f clips/s, encoder busy %.0f%%, bound by %s; started in %.1f s",
+                 p["name"], p["device"], p["inputs"], p["clips_per_s"], 100 * p["encoder_busy_fraction"],
+                 p["bound_by"], p.get("actor_start_s", 0.0))
     return summary

@@ -76,9 +76,11 @@ class PipelineActor:
 
     def __init__(self, make_runner: Callable[[], Any], options: JobOptions, feature_dim: int, cpus: float):
         import os
+        import time
 
         import ray
 
+        started = time.perf_counter()
         self.feature_dim, self.broken = feature_dim, None
         self.name = f"{_node()}/{ray.get_runtime_context().get_actor_id()[:12]}"
         self.results = _Results()
@@ -90,6 +92,7 @@ class PipelineActor:
             self.pipeline = Pipeline(runner, options, self.results, name=self.name).start()
         except PipelineError as exc:
             self.broken = exc
+        self.start_s = round(time.perf_counter() - started, 3)  # runner built, decoders started
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         if self.broken is not None:
@@ -102,7 +105,7 @@ class PipelineActor:
             with self.lock:
                 if all(n in self.results.done for n in numbers):
                     outcomes = [self.results.done.pop(n) for n in numbers]
-                    stats = json.dumps(self.pipeline.summary())
+                    stats = json.dumps({**self.pipeline.summary(), "actor_start_s": self.start_s})
                     break
                 self.pipeline.step()
         return feature_rows(numbers, outcomes, self.feature_dim, self.name, stats)

@@ -145,7 +145,8 @@ class _InProcess:
         self.pipeline.fed_all(backlog)
 
     def no_more(self) -> None:
-        pass
+        """Close the pipeline and take its summary, as a pipeline process does when told it is done."""
+        self.close(interrupted=False)
 
     def poll(self) -> list[tuple]:
         if self.pipeline.busy:
@@ -420,6 +421,7 @@ def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writ
     live = list(handles)
     started = time.perf_counter()
     interrupted = False
+    ended = None
     try:
         while live and (queue or any(h.assigned for h in live)):
             for h in live:  # `no_more` only after the loop: a pipeline that dies hands its inputs back to the others
@@ -453,6 +455,7 @@ def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writ
         if queue or any(h.assigned for h in handles):
             raise RuntimeError(f"every pipeline stopped ({', '.join(f'{h.name}: {h.gone}' for h in handles)}); "
                                "committed results are kept: rerun to finish the rest")
+        asked = time.perf_counter()
         for h in live:  # their summaries, asked of all at once (each process closes its pipeline first)
             h.no_more()
         deadline = time.monotonic() + 60
@@ -463,19 +466,26 @@ def execute(handles: list, items: Sequence[InputItem], todo: Sequence[int], writ
             wait([h.conn for h in waiting], timeout=0.5)
             for h in waiting:
                 h.poll()
+        log.debug("summaries of %d pipeline(s) in %.2f s after the last result", len(live),
+                  time.perf_counter() - asked)
+        writer.flush()
+        ended = time.perf_counter()  # every result written: the processes' exits (CUDA, interpreter) come after,
+        # as the job's own exit does after a pipeline in this process
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
+        closing = time.perf_counter()
         for h in handles:  # all told first: their processes exit side by side
             if isinstance(h, _Process):
                 h.stop(interrupted)
         for h in handles:
             h.close(interrupted)
+        log.debug("pipelines closed in %.2f s", time.perf_counter() - closing)
         bar.close()
         writer.flush()  # finished videos are kept even when the job stops early
         out.said.close()
-    return out, time.perf_counter() - started
+    return out, (ended or time.perf_counter()) - started
 
 
 def _where_time_went(pipelines: list[dict[str, Any]], elapsed: float) -> tuple[dict[str, dict[str, Any]], float]:

@@ -242,17 +242,22 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
+        started = time.perf_counter()
         if self.inference is not None:
             self.inference.close(timeout=5 if interrupted else 60)
         if self.pool is not None:
             self.pool.close()
+        for wk in self.workers:  # all told, then all waited for: their exits overlap
+            wk.stop(kill=interrupted, wait=False)
         for wk in self.workers:
-            wk.stop(kill=interrupted)
+            wk.join()
         gpu = self._gpu_workers()
         if gpu:
             self.paths["nvdec"].frames = {"decoded": sum(w.frames_decoded for w in gpu),
                                           "dropped_non_reference": sum(w.frames_dropped for w in gpu)}
         self._host_cpu = self._host_cpu_s()
+        log.debug("pipeline %s: inference thread and %d decoder(s) stopped in %.2f s", self.name, len(self.workers),
+                  time.perf_counter() - started)
         self.workers = []
         close = getattr(self.sink, "close", None)
         if close is not None:
