@@ -9,7 +9,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent.parent)]
 
-from test_nvdec_gpu import natural_frames  # noqa: E402
+from test_nvdec_gpu import natural_frames
 
 frames = natural_frames(60, 180, 320, seed=30)
 for pix_fmt in ("yuv420p10le", "yuv420p12le"):
