@@ -94,6 +94,29 @@ def test_default_pipelines_per_gpu_follow_nvdec(monkeypatch):
             want = NVDEC_PIPELINES_PER_GPU if installed and decoder != "cpu" else 1
             assert pipelines_per_gpu(0, decoder) == want, (installed, decoder)
             assert pipelines_per_gpu(3, decoder) == 3  # as asked
+            # an encoder on the CPU (ONNX Runtime without a GPU provider) takes every core in each process: one
+            assert pipelines_per_gpu(0, decoder, encoder_on_cpu=True) == 1
+            assert pipelines_per_gpu(2, decoder, encoder_on_cpu=True) == 2
+
+
+def test_encoder_on_cpu_is_onnxruntime_without_a_gpu_provider(monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    from iv2trt.runners import choice
+    from iv2trt.runners.choice import encoder_on_cpu
+
+    def settings(**kw):
+        return InferSettings(**{"inputs": ["x"], "output": str(tmp_path), **kw})
+
+    monkeypatch.setattr(choice, "tensorrt_missing", lambda engine: "not here")
+    monkeypatch.setattr(choice, "torch_gpu_missing", lambda: None)  # a GPU for PyTorch
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert encoder_on_cpu(settings(backend="onnxruntime"))
+    assert encoder_on_cpu(settings(backend="auto"))  # no weights for PyTorch: ONNX Runtime
+    assert not encoder_on_cpu(settings(backend="auto", random_init=True))  # PyTorch on the GPU
+    assert not encoder_on_cpu(settings(backend="torch", random_init=True))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert not encoder_on_cpu(settings(backend="onnxruntime"))
 
 
 def test_a_pipeline_process_is_fed_only_a_few_inputs_ahead_of_its_decoders():

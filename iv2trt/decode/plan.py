@@ -48,14 +48,18 @@ def default_decode_threads(workers: int, share: float = 1.0) -> int:
     return max(1, cores // (2 * max(1, workers)))
 
 
-def pipelines_per_gpu(setting: int, decoder: str, nvdec_installed: bool | None = None) -> int:
+def pipelines_per_gpu(setting: int, decoder: str, nvdec_installed: bool | None = None,
+                      encoder_on_cpu: bool = False) -> int:
     """Pipelines per GPU for `--pipelines-per-gpu` (0: NVDEC_PIPELINES_PER_GPU where NVDEC will decode, as far as
-    can be told without starting CUDA here: not --decoder cpu, PyNvVideoCodec installed; else 1).
+    can be told without starting CUDA here: not --decoder cpu, PyNvVideoCodec installed, the encoder not on the CPU
+    (`encoder_on_cpu`: ONNX Runtime without a GPU provider, whose sessions each take every core); else 1).
     `nvdec_installed`: whether PyNvVideoCodec is there (None: look in this process)."""
     import importlib.util
 
     if setting:
         return setting
+    if encoder_on_cpu:
+        return 1
     if nvdec_installed is None:
         nvdec_installed = importlib.util.find_spec("PyNvVideoCodec") is not None
     return NVDEC_PIPELINES_PER_GPU if decoder != "cpu" and nvdec_installed else 1

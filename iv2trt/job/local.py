@@ -33,6 +33,7 @@ from ..decode.inputs import InputItem
 from ..decode.plan import check_decoder, pipelines_per_gpu
 from ..errors import PipelineError
 from ..output.writer import FailureLog, FeatureWriter, prepare_output, write_summary
+from ..runners.choice import encoder_on_cpu
 from .factory import SettingsRunner, close_runner, describe_runner, reference_runner
 from .identity import complete_identity, finish_summary
 from .pipeline import JobOptions, Pipeline, bound_by
@@ -620,7 +621,8 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
     pipeline per selected GPU (`specs`, by default from --gpus), in this process when it is the only one and on
     GPU 0 or the CPU; returns the summary (written to summary.json)."""
     if not specs:
-        per_gpu = pipelines_per_gpu(s.pipelines_per_gpu, s.decoder)
+        per_gpu = pipelines_per_gpu(s.pipelines_per_gpu, s.decoder,
+                                    encoder_on_cpu=not s.pipelines_per_gpu and encoder_on_cpu(s))
         specs = pipeline_specs(s.gpus, per_gpu)
         if per_gpu > 1 and specs[0].gpu is not None and not s.pipelines_per_gpu:
             log.info("%d pipeline processes per GPU, each with its own NVDEC sessions (one process's sessions leave "

@@ -45,7 +45,8 @@ class InferSettings(ModelSettings):
                                      "context (one process's sessions kept an H200's video decoders about three "
                                      "quarters busy, two processes' nearly always) (0: "
                                      f"{NVDEC_PIPELINES_PER_GPU} where the GPU decodes with NVDEC, i.e. --decoder "
-                                     "auto or nvdec with PyNvVideoCodec installed; else 1)")
+                                     "auto or nvdec with PyNvVideoCodec installed, unless the encoder runs on the CPU "
+                                     "(ONNX Runtime without a GPU provider); else 1)")
     nvdec_sessions: int = setting(DEFAULT_NVDEC_SESSIONS, "NVDEC decoder sessions (threads) per pipeline")
     workers: int | None = setting(None, f"CPU decoding processes, shared by the pipelines (default: one per core, "
                                   f"{default_workers()} here; beside NVDEC half the cores, "

@@ -67,6 +67,18 @@ def resolve_backend(s) -> tuple[str, str]:
     return fallback_backend(s, f"TensorRT unavailable ({reason})")
 
 
+def encoder_on_cpu(s) -> bool:
+    """Whether the runner settings `s` name would encode on the CPU on this machine, GPUs or not: ONNX Runtime
+    (asked for, or what `auto` comes to) without a GPU provider installed. Decided without building the runner."""
+    if resolve_backend(s)[0] != "onnxruntime":
+        return False
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False  # the runner's own error says what to install
+    return "CUDAExecutionProvider" not in ort.get_available_providers()
+
+
 def create_runner(s) -> object:
     """The runner named by settings `s` (fields backend, engine, onnx and the model settings). With backend auto,
     a TensorRT that is installed but cannot start here (driver, GPU) falls back as `fallback_backend` says, and
