@@ -6,6 +6,7 @@ import copy
 import logging
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,28 @@ def test_cache_dir_is_persistent_and_overridable(monkeypatch, tmp_path):
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # torch's /tmp default, set by torch
     assert cache_dir() == tmp_path / "iv2trt" / "torchinductor"
+
+
+def test_torchdynamo_is_imported_by_the_first_compile_not_by_the_runner(tmp_path):
+    """A runner that never compiles (the eager encoder beside NVDEC) does not pay TorchDynamo's import (11 s of a
+    pipeline's start on an H200 machine without bytecode caches); the twin and its cache dir come with the first
+    compile. A fresh interpreter: this one has imported TorchDynamo already."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, torch
+from iv2trt.runners.compile import CompiledForward
+compiled = CompiledForward(torch.nn.Linear(4, 4), "default")
+assert "torch._dynamo" not in sys.modules and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+twin = compiled._twin()
+assert "torch._dynamo" in sys.modules and compiled._twin() is twin
+assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith(os.path.join("iv2trt", "torchinductor"))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_models_compile_variants_are_classes_of_their_own(tiny_model):

@@ -170,12 +170,9 @@ class CompiledForward:
         self.mode = mode
         self.dynamic_batch = dynamic_batch
         self.name = type(model).__name__
-        if backend == "inductor":
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
-            options = dict(MODES[mode])
-            self._compiled = torch.compile(model, backend="inductor", options=options or None)
-        else:
-            self._compiled = torch.compile(model, backend=backend)
+        self._backend, self._options = backend, (dict(MODES[mode]) or None) if backend == "inductor" else None
+        self._compiled = None  # the twin, made by the first compile: torch.compile imports TorchDynamo (seconds),
+        self._twin_lock = threading.Lock()  # which a runner that never compiles (beside NVDEC) does without
         self.background = background
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -231,7 +228,7 @@ class CompiledForward:
             if self.background:
                 log.info("torch.compile (%s) of %s for input %s queued in the background; until it is ready "
                          "this shape runs the eager model (cache: %s)", self.mode, self.name,
-                         _describe(key), os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default"))
+                         _describe(key), os.environ.get("TORCHINDUCTOR_CACHE_DIR") or user_cache_dir("torchinductor"))
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._work, name="torch-compile", daemon=True)
                     self._thread.start()
@@ -310,7 +307,7 @@ class CompiledForward:
             x = torch.randn(shape, device=device).to(dtype)
             if self.dynamic_batch and shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(x, 0)
-            self._compiled(x)
+            self._twin()(x)
             if device.type == "cuda":
                 stream.synchronize()
 
@@ -335,11 +332,21 @@ class CompiledForward:
             self.request(x)
         return self.run_compiled if self.ready(x.shape) else self.model
 
+    def _twin(self):
+        """The model's torch.compile'd twin, made on first use."""
+        with self._twin_lock:
+            if self._compiled is None:
+                if self._backend == "inductor":
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
+                self._compiled = self.torch.compile(self.model, backend=self._backend, options=self._options) \
+                    if self._backend == "inductor" else self.torch.compile(self.model, backend=self._backend)
+            return self._compiled
+
     def _run_compiled(self, x):
         """The compiled twin on x, as an inference tensor: compiled for one, the twin would compile again for
         an ordinary tensor (torch guards on the dispatch keys), so those are copied into one first."""
         with self.torch.inference_mode():
-            return self._compiled(x if x.is_inference() else x.clone())
+            return self._twin()(x if x.is_inference() else x.clone())
 
     def __call__(self, x):
         return self.select(x)(x)
