@@ -305,11 +305,12 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     pipelines = [dict(json.loads(stats), name=name, node=name.split("/")[0])
                  for name, stats in sorted(collector.pipelines.items())]
     summary = merge_summaries(pipelines, a.stats, len(numbers), elapsed, info["name"], s.decoder)
-    summary.update(skipped_already_done=len(items) - len(numbers), executor="ray", **collector.clock.steady())
+    steady = collector.clock.steady()
+    summary.update(skipped_already_done=len(items) - len(numbers), executor="ray", **steady)
     summary["ray"] = {
         "address": s.ray, **resources, "pipelines": actors, "pipeline_resources": need,
-        "startup_s": collector.clock.steady()["first_result_s"],
-        "startup": {**startup, "first_result_s": collector.clock.steady()["first_result_s"],
+        "startup_s": steady["first_result_s"],
+        "startup": {**startup, "first_result_s": steady["first_result_s"],
                     "actors_s": max((p.get("actor_start_s", 0.0) for p in pipelines), default=None)},
         "partitions": {"size": s.ray_partition_size, "total": len(partitions) + committed,
                        "committed_before": committed, "written": a.stats["shards"]},

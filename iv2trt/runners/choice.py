@@ -73,10 +73,11 @@ def encoder_on_cpu(s) -> bool:
     if resolve_backend(s)[0] != "onnxruntime":
         return False
     try:
-        import onnxruntime as ort
+        from .onnxruntime_runner import default_providers
+
+        return default_providers()[:1] == ["CPUExecutionProvider"]
     except ImportError:
         return False  # the runner's own error says what to install
-    return "CUDAExecutionProvider" not in ort.get_available_providers()
 
 
 def create_runner(s) -> object:

@@ -170,7 +170,8 @@ class CompiledForward:
         self.mode = mode
         self.dynamic_batch = dynamic_batch
         self.name = type(model).__name__
-        self._backend, self._options = backend, (dict(MODES[mode]) or None) if backend == "inductor" else None
+        self._compile_options = ({"backend": "inductor", "options": dict(MODES[mode]) or None}
+                                 if backend == "inductor" else {"backend": backend})
         self._compiled = None  # the twin, made by the first compile: torch.compile imports TorchDynamo (seconds),
         self._twin_lock = threading.Lock()  # which a runner that never compiles (beside NVDEC) does without
         self.background = background
@@ -336,10 +337,9 @@ class CompiledForward:
         """The model's torch.compile'd twin, made on first use."""
         with self._twin_lock:
             if self._compiled is None:
-                if self._backend == "inductor":
+                if self._compile_options["backend"] == "inductor":
                     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir())
-                self._compiled = self.torch.compile(self.model, backend=self._backend, options=self._options) \
-                    if self._backend == "inductor" else self.torch.compile(self.model, backend=self._backend)
+                self._compiled = self.torch.compile(self.model, **self._compile_options)
             return self._compiled
 
     def _run_compiled(self, x):

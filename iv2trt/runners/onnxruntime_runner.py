@@ -22,6 +22,17 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(state, n) for n in names if isinstance(getattr(state, n, None), type))
 
 
+PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # in order of preference, those installed
+
+
+def default_providers() -> list[str]:
+    """The providers a runner takes when none are asked for: of PROVIDERS, those this onnxruntime has."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in PROVIDERS if p in available]
+
+
 class OnnxRuntimeRunner(HostNormalize):
     """An exported ONNX graph in ONNX Runtime (CUDA provider when present and asked for, else CPU)."""
 
@@ -35,8 +46,7 @@ class OnnxRuntimeRunner(HostNormalize):
         if not Path(onnx_path).is_file():
             raise PipelineError(f"ONNX file {shown_path(onnx_path)} not found: run export_onnx.py first, or pass "
                                 "--onnx PATH")
-        available = ort.get_available_providers()
-        providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        providers = providers or default_providers()
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
