@@ -142,15 +142,25 @@ def test_ctrl_c_exits_130_and_keeps_committed_work(tmp_path, tiny_onnx):
            and time.monotonic() < deadline):
         time.sleep(0.005)
     assert proc.poll() is None, "the job finished before it could be interrupted"
+    signals = _signal_state(proc.pid)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 130, f"{signals}\n{err[-6000:]}"
     assert "terminate called" not in err and "Traceback" not in err
     _, rows = load_features(tmp_path / "out")
     assert 0 < len({r["id"] for r in rows}) < 16
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
     _, rows = load_features(tmp_path / "out")
     assert sorted(r["id"] for r in rows) == [f"v{i:02d}.mp4" for i in range(16)]
+
+
+def _signal_state(pid: int) -> str:
+    """A process's signal mask and dispositions (Linux), for the message of a test that sends it one."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError as exc:
+        return f"no /proc status: {exc}"
+    return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def _auto_settings(**kw):
