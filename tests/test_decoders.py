@@ -279,3 +279,38 @@ def test_a_cpu_workers_start_does_not_count_against_the_decode_timeout():
         assert real.up()
     finally:
         real.stop()
+
+
+def test_the_workers_server_comes_up_in_the_background_before_any_worker():
+    """Before: the CPU workers' forkserver (its torch import, 3.4 s on an H200 host) started with the first worker,
+    after the runner's build. start_worker_server() starts it at once in a thread; in a fresh interpreter no
+    forkserver runs before it, and one runs after it (the jobs in the other tests start their workers through it)."""
+    import subprocess
+    import sys
+
+    code = r"""
+import os, sys
+from pathlib import Path
+
+def servers():
+    me = str(os.getpid())
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me and \
+                    b"forkserver" in (stat.parent / "cmdline").read_bytes():
+                found.append(stat.parent.name)
+        except (OSError, IndexError):
+            pass
+    return found
+
+if __name__ == "__main__":
+    from iv2trt.decode.workers import start_worker_server
+    before = servers()
+    thread = start_worker_server()
+    thread.join(120)
+    print(len(before), len(servers()), thread.is_alive())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["0", "1", "False"], out.stdout + out.stderr

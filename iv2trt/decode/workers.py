@@ -49,6 +49,35 @@ def worker_context():
     return mp.get_context("spawn")
 
 
+def start_worker_server() -> threading.Thread | None:
+    """Bring up the CPU workers' forkserver (its import of torch: seconds) in a background thread, so that it
+    overlaps whatever this process does next (its runner's build, CUDA's start); the first CpuWorker then waits
+    only for what is left of it. None where workers start otherwise (spawn)."""
+    ctx = worker_context()
+    if ctx.get_start_method() != "forkserver":
+        return None
+    thread = threading.Thread(target=_start_server, args=(ctx,), name="iv2trt-worker-server", daemon=True)
+    thread.start()
+    return thread
+
+
+def _start_server(ctx) -> None:
+    """The first process started through the forkserver starts the server (multiprocessing's public way)."""
+    started = time.perf_counter()
+    try:
+        process = ctx.Process(target=_server_up, daemon=True)
+        process.start()
+        process.join()
+    except Exception as exc:  # noqa: BLE001 - the first CpuWorker starts the server then, and says why not
+        log.debug("the CPU workers' server did not start early (%s)", exc)
+        return
+    log.debug("the CPU workers' server is up in %.2f s", time.perf_counter() - started)
+
+
+def _server_up() -> None:
+    """A process that does nothing: started, it shows that the forkserver serves."""
+
+
 def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable, ring: tuple[int, int] | None = None,
                      up=None) -> None:
     """Worker process: set `up` (an Event) once started, then receive (number, item), send ("clip", ...)...,

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..decode.inputs import InputItem
+from ..decode.workers import start_worker_server
 from ..errors import PipelineError
 from ..job.factory import close_runner, describe_runner
 from ..job.pipeline import JobOptions, Pipeline
@@ -87,6 +88,7 @@ class PipelineActor:
         self.lock = threading.Lock()
         self.pipeline = None
         try:
+            start_worker_server()  # comes up while the runner is built
             runner = make_runner()
             options = dataclasses.replace(options, cpu_share=min(1.0, cpus / (os.cpu_count() or 1)))
             self.pipeline = Pipeline(runner, options, self.results, name=self.name).start()

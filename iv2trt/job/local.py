@@ -31,6 +31,7 @@ import numpy as np
 from ..compare import RunningComparison
 from ..decode.inputs import InputItem
 from ..decode.plan import check_decoder, pipelines_per_gpu
+from ..decode.workers import start_worker_server
 from ..errors import PipelineError
 from ..output.writer import FailureLog, FeatureWriter, prepare_output, write_summary
 from ..runners.choice import encoder_on_cpu
@@ -327,6 +328,7 @@ def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: J
     pipeline = runner = reference = None
     events = _Events()
     try:
+        start_worker_server()  # comes up while the runner is built
         runner = factory()
         info = describe_runner(runner, factory.settings, options.windowing.frames)
         reference = reference_runner(compare, info["identity"]) if compare is not None else None
@@ -641,6 +643,7 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
     try:
         if len(specs) == 1 and specs[0].gpu in (None, 0):
             check_decoder(s.decoder)  # (before the model loads: --decoder nvdec without NVDEC is exit 4)
+            start_worker_server()  # comes up while the runner is built
             runner = factory()
             info = describe_runner(runner, s, s.frames)
             reference = reference_runner(s, info["identity"]) if compare is not None else None
