@@ -19,8 +19,9 @@ from iv2trt.decode.samples import pattern_frames, write_image, write_video
 from iv2trt.job.settings import InferSettings
 from iv2trt.output.writer import load_features
 
-HANG_S = 6.0  # the fake hangs this long on *nvhang*; the job gives a decode up to DECODE_TIMEOUT_S
-DECODE_TIMEOUT_S = 2.0
+HANG_S = 10.0  # the fake hangs this long on *nvhang*; the job gives a decode up to DECODE_TIMEOUT_S (with 2 s,
+# the fallback test counted 4 timeouts instead of 1 in 3 of about 8 runs on a 2-core machine)
+DECODE_TIMEOUT_S = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +77,31 @@ def test_ray_actors_fall_back_from_the_gpu_path_and_lose_nothing(tmp_path, tiny_
     assert nvdec["fallbacks_by_category"] == {"codec": 1, "stream_error": 1, "timeout": 1}, nvdec
     assert nvdec["inputs"] == 5 and summary["decoders"]["cpu"]["inputs"] == 4  # the image and the three fallbacks
     assert summary["executor"] == "ray" and len(summary["pipelines"]) == 1
+
+
+def test_an_actor_let_go_by_ray_data_closes_its_pipeline(tmp_path, tiny_onnx, monkeypatch):
+    """Before: a pipeline actor never closed its pipeline: its CPU workers and their semaphores were left to the
+    process's exit, and in each --ray run on an H200 an actor's exit printed multiprocessing's "resource_tracker:
+    process died unexpectedly" and a KeyError traceback per semaphore. Ray Data calls the UDF's __del__ on an
+    actor's graceful end: the pipeline closes there, its workers stopped and waited for."""
+    from types import SimpleNamespace
+
+    from iv2trt.distributed import ray_stages
+    from iv2trt.job.pipeline import JobOptions
+    from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+    context = SimpleNamespace(get_actor_id=lambda: "a" * 32, get_node_id=lambda: "n" * 32)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    write_video(tmp_path / "v.mp4", pattern_frames(12, 48, 64, seed=1))
+    options = JobOptions(Windowing(frames=4), 56, 2, workers=2, progress=False)
+    actor = ray_stages.PipelineActor(lambda: OnnxRuntimeRunner(str(tiny_onnx["fp32"])), options, 512, cpus=1)
+    rows = actor({"number": np.array([0]), "path": np.array([str(tmp_path / "v.mp4")]), "id": np.array(["v"]),
+                  "kind": np.array(["video"])})
+    assert rows["error"].tolist() == [""] and rows["feature"].shape[0] == 1
+    pipeline = actor.pipeline
+    processes = [wk.process for wk in pipeline.workers]
+    assert len(processes) == 2 and all(p.is_alive() for p in processes)
+    actor.__del__()
+    assert actor.pipeline is None and pipeline._closed
+    assert not any(p.is_alive() for p in processes)
+    actor.__del__()  # again (Python may call it once more as the object goes): nothing

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 from typing import Any, Callable
 
@@ -27,6 +28,8 @@ from ..decode.workers import start_worker_server
 from ..errors import PipelineError
 from ..job.factory import close_runner, describe_runner
 from ..job.pipeline import JobOptions, Pipeline
+
+log = logging.getLogger(__name__)
 
 
 def worker_setup() -> None:
@@ -111,6 +114,23 @@ class PipelineActor:
                     break
                 self.pipeline.step()
         return feature_rows(numbers, outcomes, self.feature_dim, self.name, stats)
+
+    def __del__(self):
+        """Ray Data's graceful end of an actor (its last call done, before the process exits): close the pipeline,
+        its NVDEC sessions, inference thread and CPU workers stopped and waited for, and let go of it, so that the
+        workers' semaphores are freed now rather than at the interpreter's exit (there, on an H200, multiprocessing's
+        resource tracker was found gone: "process died unexpectedly", then a KeyError traceback per semaphore)."""
+        pipeline, self.pipeline = getattr(self, "pipeline", None), None
+        if pipeline is None:
+            return
+        try:
+            pipeline.close()
+        except Exception as exc:  # noqa: BLE001 - the actor is going; the job's results are already back
+            log.warning("pipeline %s did not close cleanly: %s", self.name, exc)
+        finally:
+            runner = pipeline.runner
+            del pipeline
+            close_runner(runner)
 
 
 def feature_rows(numbers: list[int], outcomes: list[tuple], feature_dim: int, pipeline: str, stats: str
