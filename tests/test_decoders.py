@@ -251,18 +251,17 @@ def test_default_decode_threads_give_each_worker_half_a_core(monkeypatch):
 def test_a_cpu_workers_start_does_not_count_against_the_decode_timeout():
     """On a loaded machine a worker's process takes seconds to come up (imports); a task given to it meanwhile
     times out only WORKER_START_S later, and once it is up its clock starts again."""
-    import threading
     import time
     from types import SimpleNamespace
 
     from iv2trt.decode.workers import WORKER_START_S, CpuWorker, worker_context
 
     wk = object.__new__(CpuWorker)  # the timeout rule alone, on a worker without a process
-    wk._up, wk._seen_up, wk.conn = threading.Event(), False, SimpleNamespace(poll=lambda: False)
+    wk._up, wk._seen_up, wk.conn = SimpleNamespace(value=0), False, SimpleNamespace(poll=lambda: False)
     wk.task, wk.last_heard = 7, 100.0
     assert not wk.silent_too_long(100.0 + 3.0, 2.0)  # not up yet: its start is allowed for
     assert wk.silent_too_long(100.0 + 2.0 + WORKER_START_S + 0.1, 2.0)  # it never came up
-    wk._up.set()
+    wk._up.value = 1
     seen = time.monotonic()
     assert not wk.silent_too_long(seen + 1.0, 2.0)  # up now: the clock started again when it was seen up
     assert wk.silent_too_long(wk.last_heard + 2.1, 2.0)
@@ -314,3 +313,46 @@ if __name__ == "__main__":
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.split() == ["0", "1", "False"], out.stdout + out.stderr
+
+
+def test_a_cpu_worker_leaves_multiprocessing_s_resource_tracker_alone():
+    """Before: each CPU worker's start signal was an Event, five named semaphores registered with multiprocessing's
+    resource tracker. In a Ray pipeline actor on an H200 the tracker was killed as the actor ended (SIGKILL, its
+    exit status said: Ray kills an exiting worker's child processes), and each semaphore's release then printed
+    "resource_tracker: process died unexpectedly" and a KeyError traceback (25 for one actor). A worker now starts,
+    decodes and stops without registering any."""
+    import subprocess
+    import sys
+
+    code = r"""
+import sys
+from multiprocessing import resource_tracker
+registered = []
+real = resource_tracker.register
+resource_tracker.register = lambda name, rtype: (registered.append(rtype), real(name, rtype))
+
+if __name__ == "__main__":
+    from iv2trt.decode.clips import Windowing
+    from iv2trt.decode.inputs import InputItem
+    from iv2trt.decode.samples import pattern_frames, write_video
+    from iv2trt.decode.workers import CpuWorker, worker_context
+    write_video(sys.argv[1], pattern_frames(8, 40, 48, seed=3))
+    wk = CpuWorker(worker_context(), Windowing(frames=4), 56, ring=True)
+    wk.assign(0, InputItem(sys.argv[1], "v", "video"))
+    kinds = []
+    while True:
+        message, slot = wk.receive()
+        kinds.append(message[0])
+        if slot is not None:
+            wk.give_back(slot)
+        if message[0] in ("done", "failed"):
+            break
+    wk.stop()
+    print(kinds[-1], registered)
+"""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", code, f"{tmp}/v.mp4"], capture_output=True, text=True,
+                             timeout=180, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["done", "[]"], out.stdout + out.stderr

@@ -80,10 +80,9 @@ def test_ray_actors_fall_back_from_the_gpu_path_and_lose_nothing(tmp_path, tiny_
 
 
 def test_an_actor_let_go_by_ray_data_closes_its_pipeline(tmp_path, tiny_onnx, monkeypatch):
-    """Before: a pipeline actor never closed its pipeline: its CPU workers and their semaphores were left to the
-    process's exit, and in each --ray run on an H200 an actor's exit printed multiprocessing's "resource_tracker:
-    process died unexpectedly" and a KeyError traceback per semaphore. Ray Data calls the UDF's __del__ on an
-    actor's graceful end: the pipeline closes there, its workers stopped and waited for."""
+    """Before: a pipeline actor never closed its pipeline: its NVDEC sessions, inference thread and CPU workers
+    were left to the process's exit. Ray Data calls the UDF's __del__ on an actor's graceful end: the pipeline
+    closes there, its workers stopped and waited for."""
     from types import SimpleNamespace
 
     from iv2trt.distributed import ray_stages

@@ -80,7 +80,7 @@ def _server_up() -> None:
 
 def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable, ring: tuple[int, int] | None = None,
                      up=None) -> None:
-    """Worker process: set `up` (an Event) once started, then receive (number, item), send ("clip", ...)...,
+    """Worker process: set `up` (a shared byte, multiprocessing.RawValue) to 1 once started, then receive (number, item), send ("clip", ...)...,
     then ("done"|"failed", ...). With `ring` (slots, slot bytes), the ring's file descriptor comes first, and
     clips' planes go into its free slots; the job's process sends a slot's number back (an int) once it has
     read it."""
@@ -94,7 +94,7 @@ def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable, ring: 
         fd = reduction.recv_handle(conn)
         slots = _Slots(PlaneRing(fd, *ring))
     if up is not None:
-        up.set()
+        up.value = 1
     while True:
         try:
             task = conn.recv()
@@ -150,7 +150,10 @@ class CpuWorker:
         self.conn, child = ctx.Pipe(duplex=True)
         self.ring = PlaneRing.create(w.frames) if ring else None
         spec = (self.ring.slots, self.ring.slot_bytes) if self.ring is not None else None
-        self._up, self._seen_up = ctx.Event(), False
+        # (a shared byte, not an Event: an Event is five named semaphores, which multiprocessing's resource tracker
+        # follows; Ray kills an exiting actor's child processes, the tracker among them, and each semaphore's
+        # release then printed a KeyError traceback)
+        self._up, self._seen_up = ctx.RawValue("b", 0), False
         self.process = ctx.Process(target=_cpu_worker_main, args=(child, w, img_size, source, spec, self._up),
                                    daemon=True)
         self.process.start()
@@ -169,7 +172,7 @@ class CpuWorker:
     def up(self) -> bool:
         """Whether the process has started (its imports done: seconds on a loaded machine). When it is first seen
         up, its task's clock starts again."""
-        if not self._seen_up and self._up.is_set():
+        if not self._seen_up and self._up.value:
             self._seen_up, self.last_heard = True, time.monotonic()
         return self._seen_up
 

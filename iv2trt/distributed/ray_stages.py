@@ -117,9 +117,8 @@ class PipelineActor:
 
     def __del__(self):
         """Ray Data's graceful end of an actor (its last call done, before the process exits): close the pipeline,
-        its NVDEC sessions, inference thread and CPU workers stopped and waited for, and let go of it, so that the
-        workers' semaphores are freed now rather than at the interpreter's exit (there, on an H200, multiprocessing's
-        resource tracker was found gone: "process died unexpectedly", then a KeyError traceback per semaphore)."""
+        its NVDEC sessions, inference thread and CPU workers stopped and waited for, and its runner. (Ray also kills
+        an exiting worker's child processes; workers found dead here are simply joined.)"""
         pipeline, self.pipeline = getattr(self, "pipeline", None), None
         if pipeline is None:
             return
