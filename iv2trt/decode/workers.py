@@ -80,10 +80,10 @@ def _server_up() -> None:
 
 def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable, ring: tuple[int, int] | None = None,
                      up=None) -> None:
-    """Worker process: set `up` (a shared byte, multiprocessing.RawValue) to 1 once started, then receive (number, item), send ("clip", ...)...,
-    then ("done"|"failed", ...). With `ring` (slots, slot bytes), the ring's file descriptor comes first, and
-    clips' planes go into its free slots; the job's process sends a slot's number back (an int) once it has
-    read it."""
+    """Worker process: set `up` (a shared byte, multiprocessing.RawValue) to 1 once started, then receive
+    (number, item), send ("clip", ...)..., then ("done"|"failed", ...). With `ring` (slots, slot bytes), the
+    ring's file descriptor comes first, and clips' planes go into its free slots; the job's process sends a slot's
+    number back (an int) once it has read it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     os.nice(CPU_WORKER_NICENESS)  # the job's own process (GPU decoder threads, batching) goes first
     import torch
