@@ -82,7 +82,7 @@ def test_high_depth_planes_converted_and_resized_as_the_cpu_path_does(tmp_path, 
         _check(clip.to_model_frames(device, SIZE).cpu().numpy(), frames_cpu, device)
 
 
-VP9_HIGH_DEPTH = Path(__file__).resolve().parent / "data"  # made by data/make_vp9_high_depth.py (PyAV writes 8-bit only)
+VP9_HIGH_DEPTH = Path(__file__).resolve().parent / "data"  # data/make_vp9_high_depth.py (PyAV writes 8-bit only)
 
 
 @pytest.mark.parametrize("pix_fmt", ["yuv420p10le", "yuv420p12le"])

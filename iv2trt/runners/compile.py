@@ -334,7 +334,9 @@ class CompiledForward:
         return self.run_compiled if self.ready(x.shape) else self.model
 
     def _twin(self):
-        """The model's torch.compile'd twin, made on first use."""
+        """The model's torch.compile'd twin, made on first use (after that, no lock on the compiled call's path)."""
+        if self._compiled is not None:
+            return self._compiled
         with self._twin_lock:
             if self._compiled is None:
                 if self._compile_options["backend"] == "inductor":
