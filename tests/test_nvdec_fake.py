@@ -736,3 +736,44 @@ def test_a_helper_that_dies_fails_its_file_for_the_gpu_and_the_pool_starts_anew(
         probes.probe(path)
     assert info.value.category == "stream_error" and "died" in info.value.reason
     assert probes.probe(path).probe.packet_pts == first.packet_pts
+
+
+def test_closing_the_pool_releases_its_semaphores_before_it_returns(files, monkeypatch):
+    """Before: close() let the pool go in the background, its queues' five named semaphores released later (at
+    exit in a Ray actor, after Ray had killed multiprocessing's resource tracker: a KeyError traceback each, five
+    per actor on an H200). They are now released, and unregistered, before close() returns."""
+    from multiprocessing import resource_tracker
+
+    from iv2trt.decode.probe_pool import ProbePool
+
+    held: set[str] = set()
+    monkeypatch.setattr(resource_tracker, "register", lambda name, rtype: held.add(name))
+    monkeypatch.setattr(resource_tracker, "unregister", lambda name, rtype: held.discard(name))
+    pool = ProbePool(2)
+    pool.probe(str(files["ts_no_bframes"]))
+    assert held  # the queues' semaphores, registered with the tracker
+    pool.close()
+    assert held == set()
+
+
+def test_closing_the_pool_waits_only_so_long_for_a_helper_that_hangs(files, caplog):
+    """A helper stuck on a file (a hung network read) does not hold the pipeline's close: close() waits its
+    timeout, says so, and returns."""
+    import time
+
+    from iv2trt.decode.probe_pool import ProbePool
+
+    pool = ProbePool(1)
+    pool.probe(str(files["ts_no_bframes"]))
+    executor = pool._executor
+    executor.submit(time.sleep, 60)
+    time.sleep(0.5)  # the helper is inside the sleep
+    started = time.perf_counter()
+    try:
+        with caplog.at_level("WARNING", "iv2trt.decode.probe_pool"):
+            pool.close(timeout=1.0)
+        assert time.perf_counter() - started < 5
+        assert "did not stop within 1 s" in caplog.text
+    finally:
+        for process in list(executor._processes.values()):
+            process.kill()

@@ -132,9 +132,20 @@ class ProbePool:
                 check(outcome.probe)
         return outcome
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the processes: files not begun are cancelled, one being probed is waited for (at most `timeout`
+        seconds, then left to end on its own). Waiting lets the pool's queues go here, their five named semaphores
+        unregistered from multiprocessing's resource tracker while it runs: a Ray actor's end kills the tracker
+        before the interpreter exits, and each semaphore released after that printed a KeyError traceback."""
         with self._lock:
             self._closed = True
             executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        if executor is None:
+            return
+        closer = threading.Thread(target=executor.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                                  name="probe-pool-close", daemon=True)
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            log.warning("the demux pass's helper processes did not stop within %.0f s; left to end on their own",
+                        timeout)
