@@ -697,16 +697,16 @@ def probes():
 
 
 @pytest.mark.parametrize("name", ["phone_editlist", "tb90k_bframes", "hevc_10bit"])
-def test_the_demux_pass_in_a_helper_process_gives_the_cpu_paths_clips(files, fake_gpu, probes, name):
+def test_the_demux_pass_in_a_helper_process_gives_the_cpu_paths_clips(files, fake_gpu, probes, name, monkeypatch):
     """With the demux pass (and the 10-bit chroma siting) in a helper process, the session still gives exactly the
     CPU path's clips, across seeks, an edit list and B-frames."""
     path = need(files, name)
     _, _ = fake_gpu()
     w = WINDOWINGS["sparse-1s"]
     session = nvdec.NvdecSession(0, w, SIZE, probes)
+    monkeypatch.setattr("iv2trt.decode.probe_pool.probe_for_nvdec", None)  # not in this thread: in the helper
     gpu = [(info, frames.numpy()) for info, frames, _ in session.clips("video", str(path))]
     assert_same_clips(gpu, cpu_clips(path, w))
-    assert probes._executor is not None  # it ran there, not in this thread
 
 
 def test_refusals_from_a_helper_process_keep_their_category(files, fake_gpu, probes, tmp_path):
@@ -730,50 +730,84 @@ def test_refusals_from_a_helper_process_keep_their_category(files, fake_gpu, pro
 def test_a_helper_that_dies_fails_its_file_for_the_gpu_and_the_pool_starts_anew(files, probes):
     path = str(files["ts_no_bframes"])
     first = probes.probe(path).probe
-    for process in list(probes._executor._processes.values()):
-        process.kill()
+    for helper in list(probes._helpers):
+        helper.process.kill()
     with pytest.raises(NvdecUnsupported) as info:
         probes.probe(path)
     assert info.value.category == "stream_error" and "died" in info.value.reason
     assert probes.probe(path).probe.packet_pts == first.packet_pts
 
 
-def test_closing_the_pool_releases_its_semaphores_before_it_returns(files, monkeypatch):
-    """Before: close() let the pool go in the background, its queues' five named semaphores released later (at
-    exit in a Ray actor, after Ray had killed multiprocessing's resource tracker: a KeyError traceback each, five
-    per actor on an H200). They are now released, and unregistered, before close() returns."""
+def test_the_pool_registers_nothing_with_multiprocessing_s_resource_tracker(files, monkeypatch):
+    """Before: a ProcessPoolExecutor, its queues' five named semaphores registered with the resource tracker. A Ray
+    actor's end kills the tracker while the actor closes (seen on CPU with Ray 2.60: alive as the actor's __del__
+    began, gone 10 ms later), so each semaphore released after that printed a KeyError traceback, five per actor.
+    The helpers now talk through pipes: nothing is registered."""
     from multiprocessing import resource_tracker
 
     from iv2trt.decode.probe_pool import ProbePool
 
-    held: set[str] = set()
-    monkeypatch.setattr(resource_tracker, "register", lambda name, rtype: held.add(name))
-    monkeypatch.setattr(resource_tracker, "unregister", lambda name, rtype: held.discard(name))
+    registered: list[str] = []
+    monkeypatch.setattr(resource_tracker, "register", lambda name, rtype: registered.append(rtype))
     pool = ProbePool(2)
-    pool.probe(str(files["ts_no_bframes"]))
-    assert held  # the queues' semaphores, registered with the tracker
-    pool.close()
-    assert held == set()
+    try:
+        assert pool.probe(str(files["ts_no_bframes"])).probe.packet_pts
+    finally:
+        pool.close()
+    assert registered == []
 
 
-def test_closing_the_pool_waits_only_so_long_for_a_helper_that_hangs(files, caplog):
-    """A helper stuck on a file (a hung network read) does not hold the pipeline's close: close() waits its
-    timeout, says so, and returns."""
+def test_a_helper_that_hangs_on_a_file_is_killed_at_close(files, tmp_path, caplog):
+    """A helper stuck on a file (here a FIFO nobody writes: a read that never returns) does not hold the pipeline's
+    close: close() waits its timeout, kills it and says so; the session waiting on it gets a stream_error."""
+    import os
+    import threading
     import time
 
     from iv2trt.decode.probe_pool import ProbePool
 
-    pool = ProbePool(1)
-    pool.probe(str(files["ts_no_bframes"]))
-    executor = pool._executor
-    executor.submit(time.sleep, 60)
-    time.sleep(0.5)  # the helper is inside the sleep
+    fifo = tmp_path / "hangs.mp4"
+    os.mkfifo(fifo)
+    pool = ProbePool(1).start()
+    pool.wait_started(60)
+    outcome: list = []
+
+    def probe() -> None:
+        try:
+            pool.probe(str(fifo))
+        except NvdecUnsupported as exc:
+            outcome.append(exc.category)
+
+    waiting = threading.Thread(target=probe)
+    waiting.start()
+    time.sleep(1.0)  # the helper is inside the open
     started = time.perf_counter()
-    try:
-        with caplog.at_level("WARNING", "iv2trt.decode.probe_pool"):
-            pool.close(timeout=1.0)
-        assert time.perf_counter() - started < 5
-        assert "did not stop within 1 s" in caplog.text
-    finally:
-        for process in list(executor._processes.values()):
-            process.kill()
+    with caplog.at_level("WARNING", "iv2trt.decode.probe_pool"):
+        pool.close(timeout=1.0)
+    assert time.perf_counter() - started < 5
+    assert "did not stop within 1 s; killed" in caplog.text
+    waiting.join(10)
+    assert outcome == ["stream_error"] and not waiting.is_alive()
+
+
+def test_a_pool_whose_helpers_cannot_start_probes_in_the_calling_thread(files, caplog):
+    """Helpers that die as they start (a broken environment) leave the demux pass to the sessions' threads, as with
+    no helper processes, instead of a wait that never ends."""
+    import multiprocessing as mp
+
+    from iv2trt.decode.probe_pool import ProbePool
+
+    class Dying:  # a context whose processes exit at once
+        Pipe = staticmethod(mp.get_context("spawn").Pipe)
+
+        @staticmethod
+        def Process(target, args, name, daemon):
+            return mp.get_context("spawn").Process(target=os._exit, args=(3,), name=name, daemon=daemon)
+
+    import os
+
+    pool = ProbePool(2, Dying())
+    with caplog.at_level("WARNING", "iv2trt.decode.probe_pool"):
+        probed = pool.probe(str(files["ts_no_bframes"]))
+        pool.close()
+    assert probed.probe.packet_pts and "died as it started (exit code 3)" in caplog.text

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import queue
 import threading
-from concurrent.futures import ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -72,45 +72,117 @@ def _started() -> None:
         pass
 
 
+def _serve(conn) -> None:
+    """A helper process: says it is up, then answers each path with `_in_process`'s outcome until None or EOF."""
+    _started()
+    conn.send("up")
+    while True:
+        try:
+            path = conn.recv()
+        except (EOFError, OSError):
+            return
+        if path is None:
+            return
+        conn.send(_in_process(path))
+
+
+class _Helper:
+    """One helper process and the parent's end of its pipe."""
+
+    def __init__(self, context):
+        parent, child = context.Pipe()
+        self.conn = parent
+        self.process = context.Process(target=_serve, args=(child,), name="iv2trt-demux", daemon=True)
+        self.process.start()
+        child.close()
+
+    def up(self) -> bool:
+        """Wait for its start message; False: it died first."""
+        try:
+            return self.conn.recv() == "up"
+        except (EOFError, OSError):
+            return False
+
+    def ask(self, path: str):
+        self.conn.send(path)
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+
+    def end(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the process to exit, then kill it; False: it had to be killed."""
+        self.process.join(timeout)
+        stopped = not self.process.is_alive()
+        if not stopped:
+            self.process.kill()
+            self.process.join(1)
+        self.conn.close()
+        return stopped
+
+
 class ProbePool:
-    """`processes` helper processes for the demux pass, started on first use and shared by a pipeline's NVDEC
-    sessions (threads); 0: in the calling thread. `context`: how the processes start (default spawn; the job
-    passes its workers' forkserver). A process that dies on a file (a crash in FFmpeg) fails that file for the GPU
-    path (stream_error: the CPU path takes it) and the pool starts anew."""
+    """`processes` helper processes for the demux pass, shared by a pipeline's NVDEC sessions (threads); 0: in the
+    calling thread. `context`: how the processes start (default spawn; the job passes its workers' forkserver). A
+    process that dies on a file (a crash in FFmpeg) fails that file for the GPU path (stream_error: the CPU path
+    takes it) and another takes its place.
+
+    Each helper talks through a pipe of its own: no multiprocessing queue, so no named semaphores registered with
+    multiprocessing's resource tracker. (A Ray actor's end kills the tracker while the actor is closing; each
+    semaphore released after that printed a KeyError traceback, five per actor with a process pool.)"""
 
     def __init__(self, processes: int, context=None):
         self.processes = max(0, processes)
         self.context = context or mp.get_context("spawn")
-        self._executor: ProcessPoolExecutor | None = None
+        self._idle: queue.Queue[_Helper] = queue.Queue()  # helpers up and free
+        self._helpers: list[_Helper] = []                 # all of them, for close()
         self._lock = threading.Lock()
         self._closed = False
-        self._starting: list = []
-
-    def _get(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the probe pool is closed")
-            if self._executor is None:
-                self._executor = ProcessPoolExecutor(self.processes, mp_context=self.context, initializer=_started)
-            return self._executor
+        self._all_up = threading.Event()
+        self._starter: threading.Thread | None = None
 
     def start(self) -> ProbePool:
         """Start the processes now, in the background (a process's start imports PyAV and PyTorch: seconds that
         would otherwise delay the first videos)."""
-        if self.processes:
-            executor = self._get()
-            self._starting = [executor.submit(_started) for _ in range(self.processes)]
+        with self._lock:
+            if self._starter is None and self.processes:
+                self._starter = threading.Thread(target=self._start_all, name="iv2trt-demux-start", daemon=True)
+                self._starter.start()
+        if not self.processes:
+            self._all_up.set()
         return self
+
+    def _start_all(self) -> None:
+        try:
+            self._add(self.processes)
+        finally:
+            self._all_up.set()
+
+    def _add(self, count: int = 1) -> None:
+        """Start `count` helpers at once; each in the idle queue once it is up."""
+        with self._lock:
+            if self._closed:
+                return
+            helpers = [_Helper(self.context) for _ in range(count)]
+            self._helpers.extend(helpers)
+        for helper in helpers:
+            if helper.up():
+                self._idle.put(helper)
+                continue
+            helper.end(5)  # (its pipe closed: it is exiting)
+            with self._lock:
+                if helper in self._helpers:
+                    self._helpers.remove(helper)
+                closed = self._closed
+            if not closed:
+                log.warning("a demux helper process died as it started (exit code %s)", helper.process.exitcode)
 
     def wait_started(self, timeout: float | None = None) -> None:
         """Wait (at most `timeout` seconds) until the processes `start` began are up."""
-        wait(self._starting, timeout)
-
-    def _broken(self, executor: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._executor is executor:
-                self._executor = None
-        executor.shutdown(wait=False, cancel_futures=True)
+        self._all_up.wait(timeout)
 
     def probe(self, path: str, header: Callable[[VideoProbe], Any] | None = None,
               accept: Callable[[VideoProbe], Any] | None = None) -> Probed:
@@ -119,12 +191,22 @@ class ProbePool:
         DecodeError (NvdecUnsupported with its category from a helper: nothing was decoded on the GPU)."""
         if not self.processes:
             return probe_for_nvdec(path, header, accept)
-        executor = self._get()
+        self.start()
+        while True:
+            if self._closed:
+                raise RuntimeError("the probe pool is closed")
+            try:
+                helper = self._idle.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if self._all_up.is_set() and not self._helpers:  # none could start: this thread does it
+                    return probe_for_nvdec(path, header, accept)
         try:
-            outcome = executor.submit(_in_process, path).result()
-        except BrokenProcessPool:
-            self._broken(executor)
+            outcome = helper.ask(path)
+        except (EOFError, OSError):
+            self._replace(helper)
             raise NvdecUnsupported("the demux pass's process died on this file", "stream_error") from None
+        self._idle.put(helper)
         if isinstance(outcome, tuple):
             raise NvdecUnsupported(outcome[1], outcome[0])
         for check in (header, accept):
@@ -132,20 +214,21 @@ class ProbePool:
                 check(outcome.probe)
         return outcome
 
+    def _replace(self, helper: _Helper) -> None:
+        helper.end(0)
+        with self._lock:
+            if helper in self._helpers:
+                self._helpers.remove(helper)
+        threading.Thread(target=self._add, name="iv2trt-demux-start", daemon=True).start()
+
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the processes: files not begun are cancelled, one being probed is waited for (at most `timeout`
-        seconds, then left to end on its own). Waiting lets the pool's queues go here, their five named semaphores
-        unregistered from multiprocessing's resource tracker while it runs: a Ray actor's end kills the tracker
-        before the interpreter exits, and each semaphore released after that printed a KeyError traceback."""
+        """Stop the processes: one probing a file finishes it (at most `timeout` seconds, then it is killed)."""
         with self._lock:
             self._closed = True
-            executor, self._executor = self._executor, None
-        if executor is None:
-            return
-        closer = threading.Thread(target=executor.shutdown, kwargs={"wait": True, "cancel_futures": True},
-                                  name="probe-pool-close", daemon=True)
-        closer.start()
-        closer.join(timeout)
-        if closer.is_alive():
-            log.warning("the demux pass's helper processes did not stop within %.0f s; left to end on their own",
-                        timeout)
+            helpers, self._helpers = self._helpers, []
+        for helper in helpers:
+            helper.stop()
+        deadline = time.monotonic() + timeout
+        late = [h for h in helpers if not h.end(max(0.0, deadline - time.monotonic()))]
+        if late:
+            log.warning("%d demux helper process(es) did not stop within %.0f s; killed", len(late), timeout)
