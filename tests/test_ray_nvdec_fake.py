@@ -104,3 +104,34 @@ def test_an_actor_let_go_by_ray_data_closes_its_pipeline(tmp_path, tiny_onnx, mo
     assert actor.pipeline is None and pipeline._closed
     assert not any(p.is_alive() for p in processes)
     actor.__del__()  # again (Python may call it once more as the object goes): nothing
+
+
+def test_the_driver_keeps_each_actor_s_last_summary_whatever_order_its_calls_arrive_in(tmp_path, tiny_onnx,
+                                                                                        monkeypatch):
+    """Before: the driver kept the summary of the call that reached it last. An actor's two concurrent calls can
+    end close together and arrive in either order: on an H200 the summary kept was two inputs short (the Ray NVDEC
+    test counted 14 of 16 inputs). Each call's summary is numbered; the driver keeps the one numbered last."""
+    from types import SimpleNamespace
+
+    from iv2trt.distributed import ray_stages
+    from iv2trt.distributed.ray_job import Collector
+    from iv2trt.job.pipeline import JobOptions
+    from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+    context = SimpleNamespace(get_actor_id=lambda: "a" * 32, get_node_id=lambda: "n" * 32)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    write_video(tmp_path / "v.mp4", pattern_frames(12, 48, 64, seed=1))
+    options = JobOptions(Windowing(frames=4), 56, 2, workers=1, progress=False)
+    actor = ray_stages.PipelineActor(lambda: OnnxRuntimeRunner(str(tiny_onnx["fp32"])), options, 512, cpus=1)
+    try:
+        calls = [actor({"number": np.array([n]), "path": np.array([str(tmp_path / "v.mp4")]),
+                        "id": np.array([f"v{n}"]), "kind": np.array(["video"])}) for n in range(2)]
+    finally:
+        actor.__del__()
+    assembler = SimpleNamespace(items=None, stats={"clips": 0, "failed": 0}, add_clip=lambda *a: None,
+                                add_failure=lambda *a: None)
+    collector = Collector(assembler, SimpleNamespace(set_postfix_str=lambda *a, **k: None))
+    for rows in reversed(calls):  # the second call's rows reach the driver first
+        collector.add(rows)
+    (kept,) = collector.pipelines.values()
+    assert kept["inputs"] == 2 and kept["snapshot"] == 2

@@ -203,14 +203,22 @@ class Collector:
         from ..job.stages import ResultClock
 
         self.assembler, self.bar = assembler, bar
-        self.pipelines: dict[str, str] = {}  # "node/actor" -> the JSON of its summary so far
+        self.pipelines: dict[str, dict] = {}  # "node/actor" -> its summary so far (the one taken last)
         self.encoded: Counter = Counter()               # clips per node
         self.clock = ResultClock()  # the first result batch comes after the actors' start-up
+
+    def _keep_newest(self, name: str, stats: dict) -> None:
+        """An actor's two calls can end close together and reach the driver in either order (on an H200 a summary
+        two inputs short was kept): the summary numbered last wins."""
+        kept = self.pipelines.get(name)
+        if kept is None or stats["snapshot"] > kept["snapshot"]:
+            self.pipelines[name] = stats
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         clips = sum(self.encoded.values())
         a = self.assembler
-        self.pipelines.update(zip(map(str, batch["pipeline"]), map(str, batch["stats"])))  # the latest of each
+        for name, stats in dict(zip(map(str, batch["pipeline"]), map(str, batch["stats"]))).items():
+            self._keep_newest(name, json.loads(stats))
         for i in range(len(batch["number"])):
             number, error, pipeline = int(batch["number"][i]), str(batch["error"][i]), str(batch["pipeline"][i])
             if error:  # the actor saw the absolute path: name the input as it was given, like the local job
@@ -302,7 +310,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
         missing = sorted(n for p in a.open.values() for n in p.left)
         raise RuntimeError(f"the pipeline ended without results for {len(missing)} inputs, e.g. "
                            f"{[items[n].path for n in missing[:3]]}; rerun to redo them")
-    pipelines = [dict(json.loads(stats), name=name, node=name.split("/")[0])
+    pipelines = [dict({k: v for k, v in stats.items() if k != "snapshot"}, name=name, node=name.split("/")[0])
                  for name, stats in sorted(collector.pipelines.items())]
     summary = merge_summaries(pipelines, a.stats, len(numbers), elapsed, info["name"], s.decoder)
     steady = collector.clock.steady()

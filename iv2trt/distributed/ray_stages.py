@@ -90,6 +90,7 @@ class PipelineActor:
         self.results = _Results()
         self.lock = threading.Lock()
         self.pipeline = None
+        self.snapshots = 0
         try:
             start_worker_server()  # comes up while the runner is built
             runner = make_runner()
@@ -110,7 +111,9 @@ class PipelineActor:
             with self.lock:
                 if all(n in self.results.done for n in numbers):
                     outcomes = [self.results.done.pop(n) for n in numbers]
-                    stats = json.dumps({**self.pipeline.summary(), "actor_start_s": self.start_s})
+                    self.snapshots += 1  # (the driver keeps the summary numbered last)
+                    stats = json.dumps({**self.pipeline.summary(), "actor_start_s": self.start_s,
+                                        "snapshot": self.snapshots})
                     break
                 self.pipeline.step()
         return feature_rows(numbers, outcomes, self.feature_dim, self.name, stats)
