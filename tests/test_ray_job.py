@@ -97,6 +97,8 @@ def test_local_ray_equals_local_job_and_resumes(tmp_path, tiny_onnx, inputs, ref
         assert p["decoders"]["cpu"]["workers"] >= 1 and 0 <= p["encoder_busy_fraction"] <= 1 and p["bound_by"]
     for both in (summary, want):  # both executors time their first result and the rate after it alike
         assert 0 < both["first_result_s"] <= both["seconds"] and both["steady_clips_per_s"] > 0
+        # and their whole run: start-up (runners built; Ray up, the runner probed), then the run
+        assert 0 < both["start_s"] and both["start_s"] + both["seconds"] <= both["wall_s"] + 0.002
 
     # a rerun skips every committed partition (their files untouched) and retries the failed input only
     shards = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}

@@ -247,7 +247,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     from ..job.identity import complete_identity, finish_summary
     from ..job.local import merge_summaries
     from ..job.pipeline import JobOptions
-    from ..job.stages import log_done
+    from ..job.stages import log_done, whole_run
     from ..output.writer import FailureLog, FeatureWriter, prepare_output
     from .partitions import PartitionAssembler, plan_partitions
     from .ray_stages import probe_runner
@@ -314,7 +314,8 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
                  for name, stats in sorted(collector.pipelines.items())]
     summary = merge_summaries(pipelines, a.stats, len(numbers), elapsed, info["name"], s.decoder)
     steady = collector.clock.steady()
-    summary.update(skipped_already_done=len(items) - len(numbers), executor="ray", **steady)
+    summary.update(skipped_already_done=len(items) - len(numbers), executor="ray", **steady,
+                   **whole_run(started - called, time.perf_counter() - called))
     summary["ray"] = {
         "address": s.ray, **resources, "pipelines": actors, "pipeline_resources": need,
         "startup_s": steady["first_result_s"],

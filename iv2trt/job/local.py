@@ -38,7 +38,7 @@ from ..runners.choice import encoder_on_cpu
 from .factory import SettingsRunner, close_runner, describe_runner, reference_runner
 from .identity import complete_identity, finish_summary
 from .pipeline import JobOptions, Pipeline, bound_by
-from .stages import FailureLines, ResultClock, log_done, summarize
+from .stages import FailureLines, ResultClock, log_done, summarize, whole_run
 
 log = logging.getLogger(__name__)
 
@@ -622,6 +622,7 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
     """Run the job described by settings `s` (job.settings.InferSettings) over `items` on this machine: one
     pipeline per selected GPU (`specs`, by default from --gpus), in this process when it is the only one and on
     GPU 0 or the CPU; returns the summary (written to summary.json)."""
+    called = time.perf_counter()
     if not specs:
         per_gpu = pipelines_per_gpu(s.pipelines_per_gpu, s.decoder,
                                     encoder_on_cpu=not s.pipelines_per_gpu and encoder_on_cpu(s))
@@ -673,6 +674,7 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
             handles[0].pipeline.start([items[n] for n in todo])
         writer = FeatureWriter(s.output, s.dtype, s.shard_size, s.per_video_npy, s.commit_seconds)
         failures = FailureLog(s.output)
+        start_s = time.perf_counter() - called
         out, elapsed = execute(handles, items, todo, writer, failures, s.progress)
     finally:
         for h in handles:
@@ -682,7 +684,8 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
     pipelines = [h.result for h in handles if h.result is not None]
     summary = merge_summaries(pipelines, vars(out), len(todo), elapsed, infos[0]["name"], s.decoder)
     summary.update(skipped_already_done=len(items) - len(todo), executor="local", precision=infos[0]["precision"],
-                   per_gpu=device_summaries(pipelines, elapsed), **out.clock.steady())
+                   per_gpu=device_summaries(pipelines, elapsed), **out.clock.steady(),
+                   **whole_run(start_s, time.perf_counter() - called))
     write_summary(s.output, summary)
     log_summary(summary, failures.path)
     finish_summary(s.output, summary, identity["random_init"])

@@ -164,9 +164,18 @@ class FailureLines:
                              "; ".join(f"{n} {reason}" for reason, n in self.by_reason.most_common(10)))
 
 
+def whole_run(start_s: float, wall_s: float) -> dict[str, float]:
+    """An executor's own start-up (from its call to its first input fed: runners built, pipelines or Ray actors'
+    work begun) and its whole run, the same way for both executors: `seconds` is timed from the first input fed,
+    so the local job's start-up is outside it and Ray's actors' start inside it."""
+    return {"start_s": round(start_s, 3), "wall_s": round(wall_s, 3)}
+
+
 def log_done(summary: dict[str, Any], failures_path) -> None:
     """The closing line of a job."""
-    log.info("done: %d ok, %d failed, %d skipped (already done); %d clips in %.1fs (%.2f videos/s, %.1f clips/s)%s",
+    whole = (f"; {summary['wall_s']:.1f}s with the executor's start-up ({summary['start_s']:.1f}s)"
+             if "wall_s" in summary else "")
+    log.info("done: %d ok, %d failed, %d skipped (already done); %d clips in %.1fs (%.2f videos/s, %.1f clips/s)%s%s",
              summary["ok"], summary["failed"], summary.get("skipped_already_done", 0), summary["clips"],
-             summary["seconds"], summary["videos_per_s"], summary["clips_per_s"],
+             summary["seconds"], summary["videos_per_s"], summary["clips_per_s"], whole,
              f"; failures listed in {failures_path}" if summary["failed"] else "")
