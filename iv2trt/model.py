@@ -18,8 +18,10 @@ class ModelSettings:
     """The `model:` section: which variant and which weights."""
 
     variant: str = setting("internvideo2_clip_s14", "model variant: a name under configs/models/ or a YAML path")
-    checkpoint: str | None = setting(None, "weights: full CLIP state dict or distilled backbone (.pth/.pt/.safetensors)")
-    align_checkpoint: str | None = setting(None, "second file with the vision_align head, for backbone-only checkpoints")
+    checkpoint: str | None = setting(None, "weights: full CLIP state dict or distilled backbone "
+                                           "(.pth/.pt/.safetensors)")
+    align_checkpoint: str | None = setting(None, "second file with the vision_align head, for backbone-only "
+                                                 "checkpoints")
     random_init: bool = setting(False, "use random weights (no checkpoint); outputs are labelled RANDOM")
     seed: int = setting(0, "seed for --random-init weights")
     given: frozenset[str] = given_settings()  # the settings the user gave (flags, or their --config file)

@@ -99,7 +99,8 @@ def test_a_file_failing_on_both_paths_is_listed_with_both_reasons(tmp_path, tiny
     (broken / "garbage2.mp4").write_bytes(np.random.default_rng(1).integers(0, 256, 4000, np.uint8).tobytes())
     summary, _, out = _run(tmp_path, tiny_onnx, inputs, "nvdec", "both", extra=[str(broken)])
     assert summary["failed"] == 2
-    failures = {json.loads(line)["id"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").read_text().splitlines()}
+    lines = (out / "failures.jsonl").read_text().splitlines()
+    failures = {json.loads(line)["id"]: json.loads(line)["reason"] for line in lines}
     assert failures["garbage_nvfail.mp4"].startswith("NVDEC: fake NVDEC does not take this codec; CPU: ")
     assert failures["garbage2.mp4"].startswith("NVDEC: ") and "; CPU: " in failures["garbage2.mp4"]
 

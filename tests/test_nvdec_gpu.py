@@ -272,7 +272,8 @@ HIGH_DEPTH = [("libx265", "mp4", "yuv420p10le", {"x265-params": "log-level=0"}),
 
 
 @pytest.mark.parametrize("codec,ext,pix_fmt,options", HIGH_DEPTH,
-                         ids=[f"{c}-{p}" + ("-chromaloc2" if "chromaloc" in str(o) else "") for c, _, p, o in HIGH_DEPTH])
+                         ids=[f"{c}-{p}" + ("-chromaloc2" if "chromaloc" in str(o) else "")
+                              for c, _, p, o in HIGH_DEPTH])
 def test_high_bit_depth_and_444_parity(tmp_path, session, codec, ext, pix_fmt, options):
     """HEVC 10/12-bit 4:2:0 (P016 surfaces) and 8/10-bit 4:4:4 (YUV444 surfaces), VP9 10/12-bit where PyAV's
     libvpx writes them, else the files of tests/data (PyPI's wheels: 8-bit only), 2 s of 640x360: decoded by NVDEC

@@ -139,7 +139,8 @@ def main() -> int:
         for name, out in rows:
             c = compare(ref, out)
             worst = max(worst, c.max_rel_error)
-            print(f"{frames:>3} {name + ': ' + path:<34} {c.max_abs_error:12.3e} {c.max_rel_error:9.2e} {c.min_cosine:10.7f}")
+            print(f"{frames:>3} {name + ': ' + path:<34} {c.max_abs_error:12.3e} {c.max_rel_error:9.2e} "
+                  f"{c.min_cosine:10.7f}")
     ok = worst <= 1e-4
     print(f"worst relative error {worst:.2e}: {'agrees to fp32 rounding' if ok else 'DISAGREES'}")
     return 0 if ok else 1

@@ -265,8 +265,8 @@ def markdown_report(results: dict[str, Any]) -> str:
                          f"{100 * d['decode_share']:.0f}% |")
         runs = pipe.get("decoder_runs")
         if runs:
-            lines += ["", f"Decoders ({runs['workers'] or 'default'} CPU workers, {runs['nvdec_sessions']} NVDEC sessions, "
-                      f"the videos {runs.get('repeat', 1)} time(s) over"
+            lines += ["", f"Decoders ({runs['workers'] or 'default'} CPU workers, "
+                      f"{runs['nvdec_sessions']} NVDEC sessions, the videos {runs.get('repeat', 1)} time(s) over"
                       + (f"; NVDEC unavailable: {runs['nvdec_unavailable']}" if runs["nvdec_unavailable"] else "")
                       + "). Ceiling: the job with an encoder that costs nothing. End to end: the job with "
                       f"{pipe['backend']}.", "",
@@ -284,8 +284,8 @@ def markdown_report(results: dict[str, Any]) -> str:
                     for k, v in e["decoders"].items())
                 lines.append(f"| {name} | {c['clips_per_s']:.1f} | {c.get('steady_clips_per_s') or 0:.1f} | "
                              f"{c['videos_per_s']:.2f} | {e['clips_per_s']:.1f} | "
-                             f"{e.get('steady_clips_per_s') or 0:.1f} | {e['videos_per_s']:.2f} | {100 * e['encoder_busy_fraction']:.0f}% | {e['bound_by']} | "
-                             f"{per_path} |")
+                             f"{e.get('steady_clips_per_s') or 0:.1f} | {e['videos_per_s']:.2f} | "
+                             f"{100 * e['encoder_busy_fraction']:.0f}% | {e['bound_by']} | {per_path} |")
         if pipe.get("executors"):
             lines += ["", "Executors (the job as trt_inference.py runs it):", "",
                       "| executor | --decoder | --gpus | --pipelines-per-gpu | pipelines | clips | seconds | clips/s | "

@@ -224,7 +224,8 @@ def markdown(results: dict[str, Any]) -> str:
         idle = r.get("replay_idle") or {}
         if idle.get("idle_us") is not None:
             lines += ["", f"Graph replay, {r['compile']}: {idle['kernels']} kernels a call, idle between them "
-                      f"{idle['idle_us']:.0f} µs, kernels overlapping {idle['overlap_us']:.0f} µs. Idle by transition:",
+                      f"{idle['idle_us']:.0f} µs, kernels overlapping {idle['overlap_us']:.0f} µs. "
+                      "Idle by transition:",
                       "", "| µs a call | kernel before | kernel after |", "|---|---|---|"]
             lines += [f"| {t['idle_us']:.1f} | `{t['before']}` | `{t['after']}` |" for t in idle["transitions"][:10]]
         lines += ["", f"Top kernels, {r['compile']} ({r['batch']}x{r['frames']}):", "",

@@ -45,7 +45,8 @@ tensorrt-cu13: r580+); TensorRT-RTX builds without a GPU, for RTX-class GPUs (co
 
 Exit codes: 0 ok, 2 bad input/config or failed build, 4 TensorRT not installed or unable to start here."""
 
-EPILOG = "example: python build_engine.py --onnx build/x_fp16.onnx --output build/x.engine --min 1x1 --opt 4x8 --max 16x16"
+EPILOG = ("example: python build_engine.py --onnx build/x_fp16.onnx --output build/x.engine "
+          "--min 1x1 --opt 4x8 --max 16x16")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

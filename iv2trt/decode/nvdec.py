@@ -71,7 +71,8 @@ def nvdec_unavailable(gpu: int = 0) -> str | None:
     try:
         caps = nvc.GetDecoderCaps(gpuid=gpu, codec=nvc.cudaVideoCodec.H264, bitdepth=8)
     except Exception as exc:
-        return f"NVDEC cannot be queried ({type(exc).__name__}: {exc}); is libnvcuvid (the driver's video library) there?"
+        return (f"NVDEC cannot be queried ({type(exc).__name__}: {exc}); "
+                "is libnvcuvid (the driver's video library) there?")
     if not caps.get("supported", 1):
         return "this GPU's NVDEC does not decode H.264"
     return None
