@@ -77,6 +77,8 @@ def test_auto_uses_both_paths_and_matches_cpu_only(tmp_path, tiny_onnx, inputs, 
     cpu = saved["pipelines"][0]["host_cpu_s"]  # where the host time went: every thread kind did work
     assert min(cpu["nvdec_threads"], cpu["pipeline_loop"], cpu["inference_thread"]) > 0, cpu
     assert cpu["process"] >= cpu["nvdec_threads"] + cpu["inference_thread"], cpu
+    machine = saved["pipelines"][0]["machine_cpu"]  # the whole machine's CPUs over the run (Linux)
+    assert abs(sum(machine.values()) - 1) <= 0.005 and machine["busy"] > 0, machine
 
 
 @pytest.mark.parametrize("workers", [2, None])

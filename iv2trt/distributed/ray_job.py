@@ -247,6 +247,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     from ..job.identity import complete_identity, finish_summary
     from ..job.local import merge_summaries
     from ..job.pipeline import JobOptions
+    from ..job.host import describe, warn_if_stolen
     from ..job.stages import log_done, whole_run
     from ..output.writer import FailureLog, FeatureWriter, prepare_output
     from .partitions import PartitionAssembler, plan_partitions
@@ -329,7 +330,8 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     log_done(summary, failures.path)
     finish_summary(s.output, summary, identity["random_init"])
     for p in pipelines:
-        log.info("ray pipeline %s (%s): %d inputs, %.1f clips/s, encoder busy %.0f%%, bound by %s; started in %.1f s",
+        log.info("ray pipeline %s (%s): %d inputs, %.1f clips/s, encoder busy %.0f%%, bound by %s; started in %.1f s%s",
                  p["name"], p["device"], p["inputs"], p["clips_per_s"], 100 * p["encoder_busy_fraction"],
-                 p["bound_by"], p.get("actor_start_s", 0.0))
+                 p["bound_by"], p.get("actor_start_s", 0.0), describe(p.get("machine_cpu")))
+    warn_if_stolen(pipelines)
     return summary

@@ -38,6 +38,7 @@ from ..runners.choice import encoder_on_cpu
 from .factory import SettingsRunner, close_runner, describe_runner, reference_runner
 from .identity import complete_identity, finish_summary
 from .pipeline import JobOptions, Pipeline, bound_by
+from .host import describe, warn_if_stolen
 from .stages import FailureLines, ResultClock, log_done, summarize, whole_run
 
 log = logging.getLogger(__name__)
@@ -566,8 +567,9 @@ def log_summary(summary: dict[str, Any], failures_path) -> None:
         cpu = p.get("host_cpu_s")
         if cpu:
             log.info("%shost CPU over %.1f s: NVDEC threads %.1f s, batching loop %.1f s, inference thread %.1f s, "
-                     "the pipeline's process %.1f s", where, p["seconds"], cpu["nvdec_threads"], cpu["pipeline_loop"],
-                     cpu["inference_thread"], cpu["process"])
+                     "the pipeline's process %.1f s%s", where, p["seconds"], cpu["nvdec_threads"],
+                     cpu["pipeline_loop"], cpu["inference_thread"], cpu["process"], describe(p.get("machine_cpu")))
+    warn_if_stolen(summary["pipelines"] if summary["inputs"] else [])
     for device, g in summary.get("per_gpu", {}).items() if summary["inputs"] else []:
         if len(g["pipelines"]) > 1:
             log.info("%s, %d pipelines together: %s; encoder busy %.0f%%; bound by %s", device, len(g["pipelines"]),

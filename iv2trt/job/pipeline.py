@@ -51,6 +51,7 @@ from ..decode.plan import DEFAULT_NVDEC_SESSIONS, DecoderPlan, default_decode_th
 from ..decode.source import iter_clips
 from ..decode.workers import CpuWorker, GpuWorker, GpuWorkerPool, worker_context
 from .batching import QUEUE_DEPTH, Batch, InferenceThread, on_stream
+from .host import cpu_shares, cpu_times
 from .stages import (
     InputClips,
     batch_size_for,
@@ -161,6 +162,8 @@ class Pipeline:
         self.loop_cpu_s = 0.0                   # CPU time of the thread running `step`
         self._process_cpu0 = time.process_time()
         self._host_cpu: dict[str, float] | None = None  # host_cpu_s as the pipeline closed
+        self._machine_cpu0 = cpu_times()                 # the machine's CPU time when the run began
+        self._machine_cpu: dict[str, float] | None = None  # its shares over the run, as the pipeline closed
         self.planes_to_gpu = False  # CPU workers hand planes over, this GPU converts them (gpu_convert)
         self.plan: DecoderPlan | None = None
         self.inference: InferenceThread | None = None
@@ -206,6 +209,7 @@ class Pipeline:
                 self.cuda_stream = torch.cuda.Stream(torch.device("cuda", self.o.gpu))
         self.inference = InferenceThread(self.runner, self.reference, cuda_stream=self.cuda_stream)
         self.started = time.perf_counter()
+        self._machine_cpu0 = cpu_times()
         return self
 
     def feed(self, number: int, item: InputItem) -> None:
@@ -256,6 +260,7 @@ class Pipeline:
             self.paths["nvdec"].frames = {"decoded": sum(w.frames_decoded for w in gpu),
                                           "dropped_non_reference": sum(w.frames_dropped for w in gpu)}
         self._host_cpu = self._host_cpu_s()
+        self._machine_cpu = cpu_shares(self._machine_cpu0, cpu_times())
         log.debug("pipeline %s: inference thread and %d decoder(s) stopped in %.2f s", self.name, len(self.workers),
                   time.perf_counter() - started)
         self.workers = []
@@ -351,6 +356,9 @@ class Pipeline:
                "batch_size": self.batch_size, "decoder": self.o.decoder, "decoders": decoders,
                "encoder_busy_fraction": round(encoder_busy, 3), "bound_by": bound_by(encoder_busy, decoders)}
         out["host_cpu_s"] = self._host_cpu or self._host_cpu_s()
+        machine = self._machine_cpu or cpu_shares(self._machine_cpu0, cpu_times())
+        if machine is not None:  # (Linux) the whole machine's CPUs over the run: busy, idle, stolen by a hypervisor
+            out["machine_cpu"] = machine
         if self.comparison is not None:
             out["compare_pytorch"] = self.comparison.as_dict()
         return out
