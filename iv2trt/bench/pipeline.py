@@ -291,6 +291,7 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
             "decoders", "first_result_s", "steady_clips_per_s")
     brief = {k: summary.get(k) for k in keys}
     brief["host_cpu_s"] = [p.get("host_cpu_s") for p in summary.get("pipelines", [])]  # where the job's CPU went
+    brief["machine_cpu"] = [p.get("machine_cpu") for p in summary.get("pipelines", [])]  # a hypervisor's steal
     return brief
 
 
@@ -409,7 +410,8 @@ def executor_runs(paths: list[Path], a, windowing, batch: int, repeat: int = 1) 
                "clips_per_s": summary["clips_per_s"], "encoder_busy_fraction": summary["encoder_busy_fraction"],
                "bound_by": summary["bound_by"], "decoders": summary["decoders"],
                "first_result_s": summary["first_result_s"], "steady_clips_per_s": summary["steady_clips_per_s"],
-               "call_s": round(wall, 3), "call_clips_per_s": round(summary["clips"] / wall, 3)}
+               "call_s": round(wall, 3), "call_clips_per_s": round(summary["clips"] / wall, 3),
+               "machine_cpu": [p.get("machine_cpu") for p in summary["pipelines"]]}
         log.info("  %.1f clips/s over the executor's run, %.1f from its first result to its last, %.1f over the whole "
                  "call (%.1f s, start-up included); %d pipeline(s), bound by %s", row["clips_per_s"],
                  row["steady_clips_per_s"] or 0, row["call_clips_per_s"], wall, row["pipelines"], row["bound_by"])
