@@ -110,7 +110,8 @@ def test_the_driver_keeps_each_actor_s_last_summary_whatever_order_its_calls_arr
                                                                                         monkeypatch):
     """Before: the driver kept the summary of the call that reached it last. An actor's two concurrent calls can
     end close together and arrive in either order: on an H200 the summary kept was two inputs short (the Ray NVDEC
-    test counted 14 of 16 inputs). Each call's summary is numbered; the driver keeps the one numbered last."""
+    test counted 14 of 16 inputs). Each call's summary is numbered; the driver keeps the one numbered last, and a
+    restarted actor's (Ray keeps its id) over those of the incarnation that died."""
     from types import SimpleNamespace
 
     from iv2trt.distributed import ray_stages
@@ -122,16 +123,25 @@ def test_the_driver_keeps_each_actor_s_last_summary_whatever_order_its_calls_arr
     monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
     write_video(tmp_path / "v.mp4", pattern_frames(12, 48, 64, seed=1))
     options = JobOptions(Windowing(frames=4), 56, 2, workers=1, progress=False)
-    actor = ray_stages.PipelineActor(lambda: OnnxRuntimeRunner(str(tiny_onnx["fp32"])), options, 512, cpus=1)
-    try:
-        calls = [actor({"number": np.array([n]), "path": np.array([str(tmp_path / "v.mp4")]),
-                        "id": np.array([f"v{n}"]), "kind": np.array(["video"])}) for n in range(2)]
-    finally:
-        actor.__del__()
+
+    def calls(count: int) -> list[dict]:
+        """`count` calls of one input each to a new actor (named by its node and actor id, as Ray restarts it)."""
+        actor = ray_stages.PipelineActor(lambda: OnnxRuntimeRunner(str(tiny_onnx["fp32"])), options, 512, cpus=1)
+        try:
+            return [actor({"number": np.array([n]), "path": np.array([str(tmp_path / "v.mp4")]),
+                           "id": np.array([f"v{n}"]), "kind": np.array(["video"])}) for n in range(count)]
+        finally:
+            actor.__del__()
+
     assembler = SimpleNamespace(items=None, stats={"clips": 0, "failed": 0}, add_clip=lambda *a: None,
                                 add_failure=lambda *a: None)
     collector = Collector(assembler, SimpleNamespace(set_postfix_str=lambda *a, **k: None))
-    for rows in reversed(calls):  # the second call's rows reach the driver first
+    first = calls(3)
+    for rows in reversed(first):  # the last call's rows reach the driver first
         collector.add(rows)
     (kept,) = collector.pipelines.values()
-    assert kept["inputs"] == 2 and kept["snapshot"] == 2
+    assert kept["inputs"] == 3 and kept["snapshot"][1] == 3
+    # the actor dies and Ray restarts it under the same id: its first summary replaces the dead one's third
+    collector.add(calls(1)[0])
+    (kept,) = collector.pipelines.values()
+    assert kept["inputs"] == 1 and kept["snapshot"][1] == 1

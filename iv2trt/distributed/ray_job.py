@@ -209,7 +209,8 @@ class Collector:
 
     def _keep_newest(self, name: str, stats: dict) -> None:
         """An actor's two calls can end close together and reach the driver in either order (on an H200 a summary
-        two inputs short was kept): the summary numbered last wins."""
+        two inputs short was kept): the summary numbered last wins, a restarted actor's over its dead
+        incarnation's (snapshot: [incarnation's start time, number])."""
         kept = self.pipelines.get(name)
         if kept is None or stats["snapshot"] > kept["snapshot"]:
             self.pipelines[name] = stats
@@ -244,10 +245,10 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
 
     from ..decode.source import iter_clips
     from ..job.factory import SettingsRunner
+    from ..job.host import describe, warn_if_stolen
     from ..job.identity import complete_identity, finish_summary
     from ..job.local import merge_summaries
     from ..job.pipeline import JobOptions
-    from ..job.host import describe, warn_if_stolen
     from ..job.stages import log_done, whole_run
     from ..output.writer import FailureLog, FeatureWriter, prepare_output
     from .partitions import PartitionAssembler, plan_partitions

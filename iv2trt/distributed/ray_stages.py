@@ -90,7 +90,8 @@ class PipelineActor:
         self.results = _Results()
         self.lock = threading.Lock()
         self.pipeline = None
-        self.snapshots = 0
+        self.snapshots = 0  # summaries sent, numbered after this incarnation's start (Ray restarts an actor that
+        self.incarnation = time.time()  # died under the same name; its new summaries must win over the old ones)
         try:
             start_worker_server()  # comes up while the runner is built
             runner = make_runner()
@@ -113,7 +114,7 @@ class PipelineActor:
                     outcomes = [self.results.done.pop(n) for n in numbers]
                     self.snapshots += 1  # (the driver keeps the summary numbered last)
                     stats = json.dumps({**self.pipeline.summary(), "actor_start_s": self.start_s,
-                                        "snapshot": self.snapshots})
+                                        "snapshot": [self.incarnation, self.snapshots]})
                     break
                 self.pipeline.step()
         return feature_rows(numbers, outcomes, self.feature_dim, self.name, stats)
