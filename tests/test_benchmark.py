@@ -176,6 +176,17 @@ def test_decode_and_executor_targets():
     rows[2]["steady_clips_per_s"] = 100.0
     assert executor_targets(rows)[1]["status"] == "MISSED"
 
+    # with --executor-decoders cpu nvdec auto: the combined-decoding target from the job as the CLI runs it
+    side = [{"executor": "local", "gpus": "1", "decoder": d, "clips_per_s": c, "steady_clips_per_s": st}
+            for d, c, st in (("cpu", 100.0, 102.0), ("nvdec", 160.0, 168.0), ("auto", 199.5, 211.0))]
+    (combined,) = executor_targets(side)
+    assert combined["status"] == "MISSED" and combined["detail"] == (
+        "first result to last: 211.0 of 168.0 + 102.0 = 270.0 clips/s (78%); "
+        "over the executor's run: 199.5 of 160.0 + 100.0 = 260.0 clips/s (77%)")
+    side[2].update(clips_per_s=240.0, steady_clips_per_s=250.0)
+    assert executor_targets(side)[0]["status"] == "met"
+    assert executor_targets(side[1:]) == []  # no cpu-alone run: nothing to judge
+
 
 def test_source_digest_names_the_code_not_the_git_history(tmp_path):
     """A result's source_digest is the same for the same files wherever they are, and changes with any of them."""
