@@ -90,8 +90,9 @@ class PipelineActor:
         self.results = _Results()
         self.lock = threading.Lock()
         self.pipeline = None
-        self.snapshots = 0  # summaries sent, numbered after this incarnation's start (Ray restarts an actor that
-        self.incarnation = time.time()  # died under the same name; its new summaries must win over the old ones)
+        # summaries sent, numbered within this incarnation: Ray restarts an actor that died under the same name, and
+        # the driver keeps the summary with the highest [incarnation, snapshots]
+        self.snapshots, self.incarnation = 0, time.time()
         try:
             start_worker_server()  # comes up while the runner is built
             runner = make_runner()
