@@ -86,11 +86,6 @@ def _cpu_worker_main(conn, w: Windowing, img_size: int, source: Callable, ring: 
     number back (an int) once it has read it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     os.nice(CPU_WORKER_NICENESS)  # the job's own process (GPU decoder threads, batching) goes first
-    if os.environ.get("IV2TRT_WORKER_SCHED") == "idle":  # EXPERIMENT
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    if os.environ.get("IV2TRT_WORKER_CPUS"):  # EXPERIMENT: "first-last"
-        first, last = map(int, os.environ["IV2TRT_WORKER_CPUS"].split("-"))
-        os.sched_setaffinity(0, range(first, last + 1))
     import torch
 
     torch.set_num_threads(1)

@@ -111,26 +111,3 @@ def driver_problem(flavour: str) -> str | None:
     return (f"the NVIDIA driver supports CUDA up to {driver[0]}.{driver[1]}, but {package} is built for CUDA "
             f"{cuda_major} (driver {MIN_DRIVER.get(cuda_major, 'newer')} or newer): {fix} (see "
             "requirements-gpu.txt), or update the driver")
-
-
-# CUctx_flags: how a host thread waits for the GPU (cudaStreamSynchronize, an event, a copy back)
-SYNC_FLAGS = {"auto": 0x00, "spin": 0x01, "yield": 0x02, "block": 0x04}
-
-
-def set_sync_mode(mode: str) -> bool:
-    """Make every visible GPU's primary context (the one PyTorch and PyNvVideoCodec share) wait for the GPU by
-    `mode`: "block" sleeps the waiting thread until the GPU signals, "spin" busy-waits, "yield" busy-waits giving
-    the core up between polls, "auto" (CUDA's default) spins while there are fewer active contexts than cores.
-    Takes effect on contexts made from now on and on active ones (cuDevicePrimaryCtxSetFlags_v2). False where
-    there is no driver or it refused."""
-    lib = _libcuda()
-    count = ctypes.c_int(0)
-    if lib is None or lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return False
-    setter = getattr(lib, "cuDevicePrimaryCtxSetFlags_v2", None) or lib.cuDevicePrimaryCtxSetFlags
-    ok = True
-    for index in range(count.value):
-        device = ctypes.c_int(0)
-        ok = ok and lib.cuDeviceGet(ctypes.byref(device), index) == 0 and \
-            setter(device, ctypes.c_uint(SYNC_FLAGS[mode])) == 0
-    return ok

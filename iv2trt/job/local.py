@@ -311,14 +311,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def _sync_mode_from_env() -> None:  # EXPERIMENT
-    mode = os.environ.get("IV2TRT_CUDA_SYNC")
-    if mode:
-        from ..engine.cuda_env import set_sync_mode
-
-        log.info("CUDA sync mode %s: %s", mode, set_sync_mode(mode))
-
-
 def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: JobOptions, compare: Any,
                    verbose: bool) -> None:
     """A pipeline process: build the runner on this GPU, report it, then take inputs and hand back results until
@@ -338,7 +330,6 @@ def _pipeline_main(conn, spec: PipelineSpec, factory: SettingsRunner, options: J
     events = _Events()
     try:
         start_worker_server()  # comes up while the runner is built
-        _sync_mode_from_env()
         runner = factory()
         info = describe_runner(runner, factory.settings, options.windowing.frames)
         reference = reference_runner(compare, info["identity"]) if compare is not None else None
@@ -656,7 +647,6 @@ def run_local_job(s, items: Sequence[InputItem], windowing, specs: Sequence[Pipe
         if len(specs) == 1 and specs[0].gpu in (None, 0):
             check_decoder(s.decoder)  # (before the model loads: --decoder nvdec without NVDEC is exit 4)
             start_worker_server()  # comes up while the runner is built
-            _sync_mode_from_env()
             runner = factory()
             info = describe_runner(runner, s, s.frames)
             reference = reference_runner(s, info["identity"]) if compare is not None else None
