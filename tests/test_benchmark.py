@@ -139,7 +139,7 @@ def test_decode_and_executor_targets():
     from iv2trt.bench.main import decode_targets, executor_targets
 
     def run(cps):
-        return {"clips_per_s": cps, "videos_per_s": cps / 5}
+        return {"clips_per_s": cps, "videos_per_s": cps / 5, "seconds": 6.0, "clips": 720}
 
     pipe = {"windowing": {"window_seconds": 2.0, "window_frames": None}, "frames": 8,
             "decoder_runs": {"decode_ceiling": {"cpu": run(40.0), "nvdec": run(80.0), "auto": run(100.0)},
@@ -188,6 +188,43 @@ def test_decode_and_executor_targets():
     assert executor_targets(side[1:]) == []  # no cpu-alone run: nothing to judge
 
 
+def test_targets_are_not_judged_on_runs_too_short_and_the_floor_on_the_job_as_the_cli_runs_it():
+    """Decoder runs of a few batches (the videos once over: 80 clips in 1.6 s on an H200) are start-up, not
+    decoding: their targets say "not judged" and why, the figures kept; with the executors' cpu/nvdec/auto rows
+    the clips/s floor is judged on the job's `auto` run."""
+    from iv2trt.bench.main import MIN_JUDGED_SECONDS, decode_targets, executor_targets
+
+    def run(cps, seconds):
+        return {"clips_per_s": cps, "steady_clips_per_s": cps * 2, "videos_per_s": cps / 5, "seconds": seconds,
+                "clips": round(cps * seconds)}
+
+    short = MIN_JUDGED_SECONDS - 3.4
+    pipe = {"windowing": {"window_seconds": 2.0, "window_frames": None}, "frames": 8,
+            "decoder_runs": {"decode_ceiling": {"cpu": run(51.6, 8.0), "nvdec": run(45.0, short)},
+                             "end_to_end": {"auto": run(43.1, short)}}}
+    share, floor = decode_targets(pipe)
+    assert share["status"] == floor["status"] == "not judged"
+    assert share["detail"].startswith("runs of 1.6 s (69 clips) are start-up more than decoding")
+    assert "measured: first result to last: 86.2 of 90.0 + 103.2" in share["detail"]  # the figures stay
+    assert "--executor-repeat" in floor["detail"]
+    for r in (pipe["decoder_runs"]["decode_ceiling"]["nvdec"], pipe["decoder_runs"]["end_to_end"]["auto"]):
+        r["seconds"] = MIN_JUDGED_SECONDS
+    assert [t["status"] for t in decode_targets(pipe)] == ["MISSED", "MISSED"]  # 86.2 of 193.2; 86.2 < 110
+
+    rows = [{"executor": "local", "gpus": "1", "decoder": d, "clips_per_s": c, "steady_clips_per_s": c + 10,
+             "seconds": 40.0, "clips": 7200} for d, c in (("cpu", 95.9), ("nvdec", 160.5), ("auto", 206.5))]
+    rows.append({**rows[2], "per_gpu": 1, "clips_per_s": 100.0, "steady_clips_per_s": 105.0})  # not the default
+    pipe["executors"] = rows
+    floor = decode_targets(pipe)[1]
+    assert floor["status"] == "met" and floor["name"].endswith("the job as trt_inference.py runs it")
+    assert floor["detail"] == ("first result to last: 216.5 clips/s; over the executor's run: 206.5 clips/s "
+                               "(7200 clips)")
+    (combined, *_) = executor_targets(rows)
+    assert combined["status"] == "MISSED" and "216.5 of 170.5 + 105.9" in combined["detail"]
+    rows[0]["seconds"] = 2.0
+    assert executor_targets(rows)[0]["status"] == "not judged"
+
+
 def test_source_digest_names_the_code_not_the_git_history(tmp_path):
     """A result's source_digest is the same for the same files wherever they are, and changes with any of them."""
     from iv2trt.bench.main import source_digest
@@ -214,7 +251,8 @@ def test_variant_rows_name_what_differs_from_the_defaults():
     assert variant_label(_variant("nvdec", 8, probe_processes=0)) == "nvdec, 8 CPU workers, --nvdec-probe-processes 0"
     assert variant_label(_variant("auto", 4, nvdec_sessions=16, decode_threads=2)) == \
         "auto, 4 CPU workers, --decode-threads 2, --nvdec-sessions 16"
-    assert variant_label(_variant("auto", None, encoder_graphs=False)) == "auto, default CPU workers, --no-encoder-graphs"
+    assert variant_label(_variant("auto", None, encoder_graphs=False)) == \
+        "auto, default CPU workers, --no-encoder-graphs"
 
 
 def test_executor_targets_compare_like_with_like():
