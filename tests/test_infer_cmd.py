@@ -98,6 +98,31 @@ def test_cpu_runs_an_fp16_graph_as_fp32(tmp_path, clips, random_onnx, capfd):
     assert float(np.min(np.sum(a[order_a] * b[order_b], axis=1))) >= 0.999  # unit vectors: cosine
 
 
+def test_onnxruntime_runner_names_where_it_encodes(tiny_onnx, monkeypatch):
+    """The job's logs and summary say where the encoder runs: the CPU, or the CUDA provider's GPU."""
+    import onnxruntime as ort
+
+    from iv2trt.job.pipeline import _device_name
+    from iv2trt.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+    assert _device_name(OnnxRuntimeRunner(tiny_onnx["fp32"], providers=["CPUExecutionProvider"])) == "cpu"
+    real = ort.InferenceSession
+
+    class OnCuda:  # the real session, as onnxruntime-gpu reports a CUDA one
+        def __init__(self, *args, **kwargs):
+            self.real = real(*args, **{**kwargs, "providers": ["CPUExecutionProvider"]})
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(ort, "InferenceSession", OnCuda)
+    runner = OnnxRuntimeRunner(tiny_onnx["fp32"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert _device_name(runner) == "cuda:0"
+
+
 def test_cpu_conversion_matches_the_fp16_graph_and_keeps_its_thresholds(tiny_onnx):
     from iv2trt.compare import compare
     from iv2trt.runners.choice import cpu_fp32_runner, runner_precision

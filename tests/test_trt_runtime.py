@@ -237,6 +237,15 @@ def test_fake_runner_computes_through_pinned_buffers(fake_gpu):
     runner.close()
 
 
+def test_the_runner_names_its_gpu_for_the_job_s_logs_and_summary(fake_gpu):
+    from iv2trt.job.pipeline import _device_name
+
+    cuda, module, engine = fake_gpu
+    runner = TensorRTRunner(engine)
+    assert _device_name(runner) == "cuda:0"  # not "cpu", as it was before the runner named it
+    runner.close()
+
+
 def test_plugins_are_registered_before_deserialising(fake_gpu):
     cuda, module, engine = fake_gpu
     TensorRTRunner(engine).close()

@@ -63,6 +63,8 @@ class OnnxRuntimeRunner(HostNormalize):
         self.max_batch = int(meta["max_batch"]) if "max_batch" in meta else None
         self.frame_range = (int(meta.get("min_frames", 1)), int(meta["max_frames"]) if "max_frames" in meta else None)
         self.providers = self.session.get_providers()
+        # where it encodes, for the job's logs and summary (the CUDA provider's default device: 0)
+        self.device = "cuda:0" if self.providers[:1] == ["CUDAExecutionProvider"] else "cpu"
         log.debug("onnxruntime providers: %s", self.providers)
 
     def infer(self, frames: np.ndarray) -> np.ndarray:

@@ -205,6 +205,7 @@ class TensorRTRunner:
 
         self._lock = threading.Lock()  # one inference call or close() at a time
         self.context_cuda = None
+        self.device = f"cuda:{device}"  # (the job's logs and summary name it)
         self.engine_path = Path(engine_path)
         self.metadata = load_engine_metadata(self.engine_path)
         try:
