@@ -297,17 +297,22 @@ def test_ray_plans_the_local_jobs_pipelines_per_gpu():
 
     from iv2trt.distributed.ray_job import pipeline_plan
 
-    def plan(gpus, cpus_per_gpu=16.0, nodes=1, **settings):
+    def plan(gpus, cpus_per_gpu=16.0, nodes=1, encoder_on_cpu=False, **settings):
         s = SimpleNamespace(**{"pipelines_per_gpu": 0, "decoder": "auto", "ray_pipelines": 0,
                                "ray_pipeline_cpus": 0.0, **settings})
         resources = {"gpus": float(gpus), "cpu_nodes": nodes, "cpus": cpus_per_gpu * max(gpus, nodes),
                      "cpus_per_pipeline": cpus_per_gpu}
-        return pipeline_plan(s, resources)
+        return pipeline_plan(s, resources, encoder_on_cpu)
 
     assert plan(2) == (4, {"num_gpus": 0.5, "num_cpus": 8.0})        # two per GPU where NVDEC may decode
     assert plan(2, decoder="cpu") == (2, {"num_gpus": 1, "num_cpus": 16.0})
     assert plan(2, pipelines_per_gpu=1) == (2, {"num_gpus": 1, "num_cpus": 16.0})
     assert plan(1, ray_pipelines=1) == (1, {"num_gpus": 1, "num_cpus": 16.0})  # one actor: the whole GPU
     assert plan(0, cpus_per_gpu=8.0, nodes=3) == (3, {"num_cpus": 8.0})  # no GPUs: one per node
+    # the runner probed on a node encodes on the CPU (ONNX Runtime without a GPU provider): one per GPU, as locally,
+    # unless asked for
+    assert plan(2, encoder_on_cpu=True) == (2, {"num_gpus": 1, "num_cpus": 16.0})
+    assert plan(2, encoder_on_cpu=True, pipelines_per_gpu=2) == (4, {"num_gpus": 0.5, "num_cpus": 8.0})
+    assert plan(2, encoder_on_cpu=True, ray_pipelines=3) == (3, {"num_gpus": 0.5, "num_cpus": 10.0})
     with pytest.raises(PipelineError, match="2 GPU\\(s\\), 2 pipeline\\(s\\) each"):
         plan(2, ray_pipelines=5)

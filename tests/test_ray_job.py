@@ -290,3 +290,23 @@ def test_driver_killed_then_rerun_has_no_duplicates_and_no_gaps(tmp_path, tiny_o
         assert (out / "shards" / name).read_bytes() == data
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_already_done"] == len(done) and summary["inputs"] == 43 - len(done)
+
+
+def test_a_gpu_node_whose_runner_encodes_on_the_cpu_runs_one_pipeline_per_gpu(tmp_path, tiny_onnx, inputs, reference,
+                                                                              cluster):
+    """As the local job does: ONNX Runtime without a GPU provider takes every core in each session, so where the
+    runner probed on a node encodes on the CPU, a GPU (here a node that declares one to Ray) gets one pipeline,
+    not the two of NVDEC decoding."""
+    for node in list(cluster.worker_nodes):
+        cluster.remove_node(node)
+    cluster.add_node(num_cpus=2, num_gpus=1)
+    cluster.wait_for_nodes()
+    out = tmp_path / "out"
+    proc = _driver(tiny_onnx, inputs, out, cluster.address)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 6, stderr[-3000:]
+    assert_same_output(out, reference)
+    ray_summary = json.loads((out / "summary.json").read_text())["ray"]
+    assert ray_summary["gpus"] == 1 and ray_summary["pipelines"] == 1
+    assert ray_summary["pipeline_resources"] == {"num_gpus": 1, "num_cpus": 2.0}
+    assert "the runner encodes on the CPU on the nodes (onnxruntime): 1 pipeline(s), not 2" in stderr

@@ -136,15 +136,17 @@ def cluster_resources(ray) -> dict[str, Any]:
             "gpus": float(sum(n.get("GPU", 0) for n in nodes)), "cpus_per_pipeline": float(min(per, default=0))}
 
 
-def pipeline_plan(s, resources: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+def pipeline_plan(s, resources: dict[str, Any], encoder_on_cpu: bool = False) -> tuple[int, dict[str, Any]]:
     """(number of pipeline actors, Ray resources of each): --pipelines-per-gpu per GPU (each a fraction of its GPU;
-    by default two where the GPUs decode with NVDEC, as locally), or one per node on a cluster without GPUs, each
-    with its share of the node's CPUs per GPU (`--ray-pipeline-cpus` to choose)."""
+    by default two where the GPUs decode with NVDEC, as locally, and one where the runner probed on a node
+    encodes on the CPU: `encoder_on_cpu`), or one per node on a cluster without GPUs, each with its share of the
+    node's CPUs per GPU (`--ray-pipeline-cpus` to choose)."""
     from ..decode.plan import pipelines_per_gpu
 
     gpus, nodes = int(resources["gpus"]), resources["cpu_nodes"]
     # (the driver cannot see the workers' PyNvVideoCodec: the decoder setting decides)
-    per_gpu = pipelines_per_gpu(s.pipelines_per_gpu, s.decoder, nvdec_installed=True)
+    per_gpu = pipelines_per_gpu(s.pipelines_per_gpu, s.decoder, nvdec_installed=True,
+                                encoder_on_cpu=encoder_on_cpu and not s.ray_pipelines)
     most = gpus * per_gpu or nodes
     count = s.ray_pipelines or most
     # (more pipelines than nodes on a cluster without GPUs share the nodes' CPUs)
@@ -272,6 +274,12 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
             if isinstance(make_runner, SettingsRunner):  # every pipeline runs the backend the probe chose
                 s = dataclasses.replace(s, backend=info["name"])
                 make_runner = make_runner.with_backend(info["name"])
+            if info["device"] == "cpu" and resources["gpus"]:  # as locally: its sessions each take every core
+                plan = pipeline_plan(s, resources, encoder_on_cpu=True)
+                if plan[0] != actors:
+                    log.info("the runner encodes on the CPU on the nodes (%s): %d pipeline(s), not %d",
+                             info["name"], plan[0], actors)
+                    actors, need = plan
             identity = complete_identity(info["identity"], s)
             done = prepare_output(s.output, identity, s.overwrite)
             partitions, committed = plan_partitions(items, s.ray_partition_size, done)
