@@ -161,7 +161,10 @@ def test_ctrl_c_exits_130_and_keeps_committed_work(tmp_path, tiny_onnx):
         write_video(inputs / f"v{i:02d}.mp4", pattern_frames(6 + i % 4, 24, 32, seed=i))
     command = [sys.executable, str(ROOT / "trt_inference.py"),
                *_argv(tiny_onnx["fp32"], [inputs], tmp_path / "out", "--batch-size", 2, "--shard-size", 2)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # as a shell starts a foreground command: SIGINT not ignored even where pytest was started with it ignored (from
+    # a non-interactive shell's `&`, or nohup's wrappers), which Python would keep, and the job would finish
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while (len(list((tmp_path / "out" / "shards").glob("*.parquet"))) < 2 and proc.poll() is None
            and time.monotonic() < deadline):
