@@ -790,6 +790,78 @@ def test_a_helper_that_hangs_on_a_file_is_killed_at_close(files, tmp_path, caplo
     assert outcome == ["stream_error"] and not waiting.is_alive()
 
 
+def test_a_helper_s_pipe_is_closed_once_and_never_under_a_reading_thread():
+    """close() kills a hung helper while a session's thread waits in ask(): the pipe stays open until that read
+    returns and is closed by that thread, once; the session's own clean-up (end again) closes nothing twice.
+    (Before, both threads closed it: the second close raised EBADF out of the session's thread.)"""
+    import errno
+    import threading
+
+    from iv2trt.decode.probe_pool import _Helper
+
+    class Conn:
+        def __init__(self):
+            self.closes, self.reading, self.release = 0, threading.Event(), threading.Event()
+
+        @property
+        def closed(self):
+            return self.closes > 0
+
+        def send(self, obj):
+            if self.closed:
+                raise OSError(errno.EBADF, "handle is closed")
+
+        def recv(self):
+            if self.closed:
+                raise OSError(errno.EBADF, "read of a closed descriptor")
+            self.reading.set()
+            self.release.wait(10)
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")  # the helper was killed
+
+        def close(self):
+            if self.closed:
+                raise OSError(errno.EBADF, "Bad file descriptor")
+            self.closes += 1
+
+    class Process:
+        def __init__(self, **kwargs):
+            pass
+
+        def start(self):
+            pass
+
+        def join(self, timeout=None):
+            pass
+
+        def is_alive(self):
+            return False
+
+    parent = Conn()
+    context = type("Context", (), {"Pipe": lambda self: (parent, Conn()), "Process": lambda self, **kw: Process()})()
+    helper = _Helper(context)
+    errors: list = []
+
+    def session() -> None:
+        try:
+            helper.ask("hung.mp4")
+        except (EOFError, OSError) as exc:  # what ProbePool.probe turns into stream_error
+            errors.append(exc)
+            try:
+                helper.end(0)  # ProbePool._replace
+            except OSError as again:
+                errors.append(again)
+
+    thread = threading.Thread(target=session)
+    thread.start()
+    assert parent.reading.wait(10)
+    assert helper.end(0) and parent.closes == 0  # ProbePool.close: the reading thread still has the pipe
+    parent.release.set()
+    thread.join(10)
+    assert [type(e) for e in errors] == [ConnectionResetError] and parent.closes == 1
+    with pytest.raises(EOFError, match="stopped"):
+        helper.ask("next.mp4")  # an ended helper takes nothing more
+
+
 def test_a_pool_whose_helpers_cannot_start_probes_in_the_calling_thread(files, caplog):
     """Helpers that die as they start (a broken environment) leave the demux pass to the sessions' threads, as with
     no helper processes, instead of a wait that never ends."""

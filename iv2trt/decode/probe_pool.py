@@ -87,11 +87,16 @@ def _serve(conn) -> None:
 
 
 class _Helper:
-    """One helper process and the parent's end of its pipe."""
+    """One helper process and the parent's end of its pipe. The pipe is closed once: by `end`, or, when a thread is
+    inside `ask` then (a pool closing while a session waits on a hung file), by that thread once its read returns,
+    so no thread reads a closed (or reused) descriptor and no close races another."""
 
     def __init__(self, context):
         parent, child = context.Pipe()
         self.conn = parent
+        self._lock = threading.Lock()
+        self._busy = False   # a thread is inside ask()
+        self._ended = False  # end() ran
         self.process = context.Process(target=_serve, args=(child,), name="iv2trt-demux", daemon=True)
         self.process.start()
         child.close()
@@ -104,8 +109,18 @@ class _Helper:
             return False
 
     def ask(self, path: str):
-        self.conn.send(path)
-        return self.conn.recv()
+        with self._lock:
+            if self._ended:
+                raise EOFError("the demux helper was stopped")
+            self._busy = True
+        try:
+            self.conn.send(path)
+            return self.conn.recv()
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._ended:
+                    self._close()
 
     def stop(self) -> None:
         try:
@@ -120,8 +135,16 @@ class _Helper:
         if not stopped:
             self.process.kill()
             self.process.join(1)
-        self.conn.close()
+        with self._lock:
+            self._ended = True
+            if not self._busy:
+                self._close()
         return stopped
+
+    def _close(self) -> None:
+        """(under self._lock) Close the parent's end of the pipe, once."""
+        if not self.conn.closed:
+            self.conn.close()
 
 
 class ProbePool:
