@@ -374,6 +374,10 @@ def combined_target(name: str, auto: dict[str, Any], nvdec: dict[str, Any], cpu:
                                 f"{nvdec[k] + cpu[k]:.1f} clips/s ({share(k):.0%})" for k, label in measures)}
 
 
+# an executor row's clips/s, in the order targets are judged by: from its first result to its last, then over its run
+EXECUTOR_MEASURES = (("steady_clips_per_s", "first result to last"), ("clips_per_s", "over the executor's run"))
+
+
 def _local_row(rows: list[dict[str, Any]], decoder: str) -> dict[str, Any] | None:
     """The executors' row of the local job on one GPU (`--gpus 1`) with `decoder`: the one with the job's default
     pipelines per GPU where there is one."""
@@ -388,9 +392,7 @@ def decoders_side_by_side(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     auto, nvdec, cpu = (_local_row(rows, d) for d in ("auto", "nvdec", "cpu"))
     if auto is None or nvdec is None or cpu is None:
         return []
-    measures = [(k, label) for k, label in (("steady_clips_per_s", "first result to last"),
-                                            ("clips_per_s", "over the executor's run"))
-                if all(r.get(k) for r in (auto, nvdec, cpu))]
+    measures = [(k, label) for k, label in EXECUTOR_MEASURES if all(r.get(k) for r in (auto, nvdec, cpu))]
     return [_not_judged(combined_target(f"auto end to end >= {TARGET_E2E_OF_CEILING:.0%} of nvdec + cpu end to end "
                                         "(the job as trt_inference.py runs it, one GPU)", auto, nvdec, cpu, measures),
                         _too_short(auto, nvdec, cpu))]
@@ -426,8 +428,7 @@ def executor_targets(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
         key = "steady_clips_per_s" if ray.get("steady_clips_per_s") and one.get("steady_clips_per_s") else \
             "clips_per_s"
         ratio = ray[key] / max(one[key], 1e-9)
-        measures = [(k, label) for k, label in (("steady_clips_per_s", "first result to last"),
-                                                ("clips_per_s", "over the executor's run"),
+        measures = [(k, label) for k, label in (*EXECUTOR_MEASURES,
                                                 ("call_clips_per_s", "over the whole call, start-up included"))
                     if ray.get(k) and one.get(k)]
         out.append({"name": f"--ray on one GPU >= {TARGET_RAY_OF_LOCAL:.0%} of the local job on one GPU",
@@ -451,26 +452,21 @@ def decode_targets(pipe: dict[str, Any]) -> list[dict[str, str]]:
     # whatever the run's length, left out) where all the runs compared have it, and over the whole run
     measures = [("steady_clips_per_s", "first result to last"), ("clips_per_s", "whole run")]
     measures = [m for m in measures if all((r or {}).get(m[0]) for r in (e2e, ceilings["nvdec"], ceilings["cpu"]))]
-    judged = measures[0][0]
     short = _too_short(e2e, ceilings["nvdec"], ceilings["cpu"])
     share = combined_target(f"auto end to end >= {TARGET_E2E_OF_CEILING:.0%} of the nvdec-alone + cpu-alone "
                             "ceilings", e2e, ceilings["nvdec"], ceilings["cpu"], measures)
     out = [_not_judged(share, short)]
     if w["window_seconds"] == 2.0 and pipe["frames"] == 8:
         name = f"end to end >= {TARGET_E2E_CLIPS_PER_S:.0f} clips/s (8-frame clips, 2 s windows, auto)"
+        run, run_measures, clips = e2e, measures, ""
         job = _local_row(pipe.get("executors") or [], "auto")
         if job is not None:  # the job as the CLI runs it, as long as --executor-repeat made it
-            key = "steady_clips_per_s" if job.get("steady_clips_per_s") else "clips_per_s"
-            floor = {"name": f"{name}, the job as trt_inference.py runs it",
-                     "status": "met" if job[key] >= TARGET_E2E_CLIPS_PER_S else "MISSED",
-                     "detail": "; ".join(f"{label}: {job[k]:.1f} clips/s" for k, label in (
-                         ("steady_clips_per_s", "first result to last"), ("clips_per_s", "over the executor's run"))
-                         if job.get(k)) + f" ({job['clips']} clips)"}
-            out.append(_not_judged(floor, _too_short(job)))
-        else:
-            floor = {"name": name, "status": "met" if e2e[judged] >= TARGET_E2E_CLIPS_PER_S else "MISSED",
-                     "detail": "; ".join(f"{label}: {e2e[k]:.1f} clips/s" for k, label in measures)}
-            out.append(_not_judged(floor, _too_short(e2e)))
+            name += ", the job as trt_inference.py runs it"
+            run, run_measures, clips = job, [m for m in EXECUTOR_MEASURES if job.get(m[0])], f" ({job['clips']} clips)"
+        out.append(_not_judged({"name": name,
+                                "status": "met" if run[run_measures[0][0]] >= TARGET_E2E_CLIPS_PER_S else "MISSED",
+                                "detail": "; ".join(f"{label}: {run[k]:.1f} clips/s" for k, label in run_measures)
+                                + clips}, _too_short(run)))
     if not w["window_seconds"] and not w["window_frames"]:
         out.append({"name": f"one clip per video: >= {TARGET_ONE_CLIP_VIDEOS_PER_S:.0f} videos/s (auto)",
                     "status": "met" if e2e["videos_per_s"] >= TARGET_ONE_CLIP_VIDEOS_PER_S else "MISSED",
