@@ -17,7 +17,8 @@ from iv2trt.decode.clips import Windowing
 from iv2trt.decode.inputs import discover
 from iv2trt.decode.samples import pattern_frames, write_video
 from iv2trt.errors import PipelineError
-from iv2trt.job.local import PipelineSpec, run_local_job, select_gpus
+from iv2trt.job.local import run_local_job
+from iv2trt.job.placement import PipelineSpec, select_gpus
 from iv2trt.job.settings import InferSettings
 from iv2trt.output.writer import load_features
 
@@ -67,7 +68,7 @@ def test_gpus_setting():
 
 
 def test_pipelines_per_gpu():
-    from iv2trt.job.local import pipeline_specs
+    from iv2trt.job.placement import pipeline_specs
 
     names = ["NVIDIA H200", "NVIDIA H200"]
     specs = pipeline_specs("all", 2, 2, names)
@@ -122,7 +123,7 @@ def test_encoder_on_cpu_is_onnxruntime_without_a_gpu_provider(monkeypatch, tmp_p
 def test_a_pipeline_process_is_fed_only_a_few_inputs_ahead_of_its_decoders():
     """The executor's count of what a pipeline process has not started: its last report, plus feeds sent after
     the feeds that report had seen (reports arrive late: feeds are in flight meanwhile)."""
-    from iv2trt.job.local import QueuedAhead
+    from iv2trt.job.pipeline_process import QueuedAhead
 
     q = QueuedAhead(most=2)
     q.fed(), q.fed()
@@ -232,7 +233,7 @@ def test_a_pipeline_that_dies_while_starting_leaves_the_job_to_the_others(tmp_pa
     specs = [PipelineSpec(None, 0.5), PipelineSpec(None, 0.5, 1)]
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=_run(s, specs)))
-    with caplog.at_level(logging.WARNING, logger="iv2trt.job.local"):
+    with caplog.at_level(logging.WARNING, logger="iv2trt.job"):
         job.start()
         deadline, victim = time.monotonic() + 60, None
         while victim is None and time.monotonic() < deadline:
@@ -248,7 +249,7 @@ def test_a_pipeline_that_dies_while_starting_leaves_the_job_to_the_others(tmp_pa
 
 def test_the_summary_takes_each_devices_pipelines_together(tmp_path, tiny_onnx, inputs, caplog, capfd):
     s = _settings(tiny_onnx, inputs, tmp_path / "out", workers=2)
-    with caplog.at_level(logging.INFO, logger="iv2trt.job.local"):
+    with caplog.at_level(logging.INFO, logger="iv2trt.job"):
         summary = _run(s, [PipelineSpec(None, 0.5), PipelineSpec(None, 0.5, 1)])
     err = capfd.readouterr().err  # the pipeline processes' lines: a device's second one does not repeat its start
     assert "[cpu] iv2trt.job.pipeline: 1 CPU decoding process" in err and "[cpu.1] iv2trt.job.pipeline" not in err

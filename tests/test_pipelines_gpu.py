@@ -25,7 +25,8 @@ from iv2trt.decode.clips import Windowing
 from iv2trt.decode.inputs import discover
 from iv2trt.decode.nvdec import nvdec_unavailable
 from iv2trt.decode.plan import NVDEC_PIPELINES_PER_GPU
-from iv2trt.job.local import PipelineSpec, run_local_job
+from iv2trt.job.local import run_local_job
+from iv2trt.job.placement import PipelineSpec
 from iv2trt.job.settings import InferSettings
 from iv2trt.output.writer import load_features
 

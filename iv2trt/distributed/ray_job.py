@@ -249,7 +249,7 @@ def run_ray_job(s, items: Sequence[InputItem], windowing, source=None, make_runn
     from ..job.factory import SettingsRunner
     from ..job.host import describe, warn_if_stolen
     from ..job.identity import complete_identity, finish_summary
-    from ..job.local import merge_summaries
+    from ..job.summary import merge_summaries
     from ..job.pipeline import JobOptions
     from ..job.stages import log_done, whole_run
     from ..output.writer import FailureLog, FeatureWriter, prepare_output
